@@ -1,0 +1,14 @@
+"""cce_inductor: Cut Cross-Entropy for unmodified models, as a torch.compile graph rewrite.
+
+Public API:
+    linear_cross_entropy(e, c, targets, ...)  the loss of e @ c.T (+ bias) without the logits
+    enable(**options) / disable()             turn the rewrite on for the default Inductor backend
+    explain(fn, *args, **kwargs)              what the rewrite finds, rewrites or skips, and why
+    torch.compile(model, backend="cce")       the rewrite as a named backend (no import needed)
+"""
+
+from .ops import linear_cross_entropy
+from .passes import disable, enable, explain
+
+__version__ = "0.1.0"
+__all__ = ["linear_cross_entropy", "enable", "disable", "explain", "__version__"]

@@ -1,0 +1,319 @@
+"""The linear-cross-entropy custom ops and the public function built on them.
+
+Layers, bottom up:
+  ``cce_inductor::lce_forward``  (e2d, c, targets1d, bias, ...) -> (loss per token, lse per token)
+  ``cce_inductor::lce_backward`` (..., lse, grad_loss, grad_lse, ...) -> (dE, dC, dbias)
+Both are ``torch.library`` custom ops with fake implementations, so torch.compile sees them as
+opaque calls (no graph break, symbolic sizes). The forward op has a registered autograd that calls
+the backward op, and an autocast rule that computes in the autocast dtype, as F.linear would.
+
+``linear_cross_entropy`` validates the arguments, flattens the leading dims, turns ``shift`` into a
+shifted view of the targets (e is never copied), picks the implementation and applies the reduction.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import Tensor
+
+from . import reference
+
+REDUCTIONS = ("none", "sum", "mean")
+IMPLS = ("auto", "torch", "triton")
+_FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _triton_kernels():
+    """The Triton kernels, or None where they cannot be imported."""
+    try:
+        from . import kernels
+    except ImportError:  # triton missing (e.g. not Linux)
+        return None
+    return kernels if kernels.AVAILABLE else None
+
+
+def _triton_runs_on(device: torch.device) -> bool:
+    if _triton_kernels() is None:
+        return False
+    return device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
+
+
+# ----------------------------------------------------------------------------- custom ops
+
+
+@torch.library.custom_op("cce_inductor::lce_forward", mutates_args=())
+def lce_forward(
+    e: Tensor,
+    c: Tensor,
+    targets: Tensor,
+    bias: Tensor | None,
+    ignore_index: int,
+    softcap: float,
+    label_smoothing: float,
+    impl: str,
+    filter_grad: bool,
+) -> tuple[Tensor, Tensor]:
+    """e (N, D), c (V, D), targets (N,), bias (V,) or None; softcap 0 means none.
+    Returns loss (N,) and lse (N,), float32. ``filter_grad`` is used by the backward only."""
+    if impl == "triton":
+        return _triton_kernels().lce_forward(e, c, bias, targets, ignore_index, softcap, label_smoothing)
+    return reference.chunked_forward(e, c, bias, targets, ignore_index, softcap, label_smoothing)
+
+
+@lce_forward.register_fake
+def _(e, c, targets, bias, ignore_index, softcap, label_smoothing, impl, filter_grad):
+    return e.new_empty(e.shape[0], dtype=torch.float32), e.new_empty(e.shape[0], dtype=torch.float32)
+
+
+@torch.library.custom_op("cce_inductor::lce_backward", mutates_args=())
+def lce_backward(
+    e: Tensor,
+    c: Tensor,
+    targets: Tensor,
+    bias: Tensor | None,
+    lse: Tensor,
+    grad_loss: Tensor,
+    grad_lse: Tensor,
+    ignore_index: int,
+    softcap: float,
+    label_smoothing: float,
+    impl: str,
+    filter_grad: bool,
+    needs_e: bool,
+    needs_c: bool,
+    needs_bias: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Gradients of sum(grad_loss * loss + grad_lse * lse); an empty tensor for each not needed."""
+    needs_bias = needs_bias and bias is not None
+    if impl == "triton":
+        grads = _triton_kernels().lce_backward(
+            e, c, bias, targets, lse, grad_loss, grad_lse, ignore_index, softcap, label_smoothing,
+            filter_grad, needs_e, needs_c, needs_bias,
+        )
+    else:
+        grads = reference.chunked_backward(
+            e, c, bias, targets, lse, grad_loss, grad_lse, ignore_index, softcap, label_smoothing,
+            needs_e, needs_c, needs_bias,
+        )
+    return tuple(g if g is not None else e.new_empty(0) for g in grads)
+
+
+@lce_backward.register_fake
+def _(e, c, targets, bias, lse, grad_loss, grad_lse, ignore_index, softcap, label_smoothing, impl,
+      filter_grad, needs_e, needs_c, needs_bias):
+    return (
+        torch.empty_like(e) if needs_e else e.new_empty(0),
+        torch.empty_like(c) if needs_c else e.new_empty(0),
+        torch.empty_like(bias) if (needs_bias and bias is not None) else e.new_empty(0),
+    )
+
+
+def _setup_context(ctx, inputs, output):
+    e, c, targets, bias, ignore_index, softcap, label_smoothing, impl, filter_grad = inputs
+    _, lse = output
+    ctx.save_for_backward(e, c, targets, bias, lse)
+    ctx.options = (ignore_index, softcap, label_smoothing, impl, filter_grad)
+
+
+def _backward(ctx, grad_loss, grad_lse):
+    e, c, targets, bias, lse = ctx.saved_tensors
+    # Upstream gradients of a sum/mean arrive as expanded stride-0 tensors: make them dense.
+    grad_loss = torch.zeros_like(lse) if grad_loss is None else grad_loss.float().contiguous()
+    grad_lse = torch.zeros_like(lse) if grad_lse is None else grad_lse.float().contiguous()
+    needs_e, needs_c, _, needs_bias = ctx.needs_input_grad[:4]
+    de, dc, dbias = lce_backward(
+        e, c, targets, bias, lse, grad_loss, grad_lse, *ctx.options, needs_e, needs_c, needs_bias
+    )
+    return (
+        de if needs_e else None,
+        dc if needs_c else None,
+        None,
+        dbias if needs_bias else None,
+        None, None, None, None, None,
+    )
+
+
+lce_forward.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _no_double_backward(ctx, *grads):
+    raise RuntimeError(
+        "cce_inductor.linear_cross_entropy does not support double backward (create_graph=True "
+        "through the loss); compute the loss with plain F.linear + F.cross_entropy for that."
+    )
+
+
+def _setup_nothing(ctx, inputs, output):
+    pass
+
+
+lce_backward.register_autograd(_no_double_backward, setup_context=_setup_nothing)
+
+
+def _register_autocast(op, device_type: str):
+    """Under autocast, cast the floating inputs to the autocast dtype in effect at the call (as
+    F.linear does) and run the op with autocast off. ``torch.library.register_autocast`` takes one
+    fixed dtype, so the rule is registered at the dispatcher directly."""
+    key_name = "Autocast" + torch._C._dispatch_key_for_device(device_type)
+    keyset = torch._C.DispatchKeySet(getattr(torch._C.DispatchKey, key_name))
+    overload = op._opoverload
+    namespace, name = overload._schema.name.split("::")
+
+    def kernel(_keyset, *args):
+        dtype = torch.get_autocast_dtype(device_type)
+        cast = tuple(a.to(dtype) if isinstance(a, Tensor) and a.is_floating_point() else a for a in args)
+        with torch._C._ExcludeDispatchKeyGuard(keyset):
+            return overload(*cast)
+
+    _LIB.impl(name, kernel, key_name, with_keyset=True)
+
+
+_LIB = torch.library.Library("cce_inductor", "FRAGMENT")
+for _device_type in ("cpu", "cuda"):
+    _register_autocast(lce_forward, _device_type)
+
+
+# ----------------------------------------------------------------------------- public function
+
+
+def _check_inputs(e, c, targets, bias, ignore_index, softcap, reduction, shift, label_smoothing, impl):
+    if not isinstance(e, Tensor) or e.dim() < 1:
+        raise ValueError(f"e must be a tensor of shape (..., D), got {getattr(e, 'shape', type(e))}")
+    if not isinstance(c, Tensor) or c.dim() != 2:
+        raise ValueError(f"c must be a tensor of shape (V, D), got {getattr(c, 'shape', type(c))}")
+    if e.shape[-1] != c.shape[1]:
+        raise ValueError(f"D of e ({e.shape[-1]}) differs from D of c ({c.shape[1]})")
+    if not isinstance(targets, Tensor) or targets.is_floating_point() or targets.is_complex() or targets.dtype == torch.bool:
+        raise TypeError(f"targets must be an integer tensor of class indices, got {getattr(targets, 'dtype', type(targets))}")
+    if tuple(targets.shape) != tuple(e.shape[:-1]):
+        raise ValueError(f"targets' shape {tuple(targets.shape)} must equal e's leading dims {tuple(e.shape[:-1])}")
+    if bias is not None and (not isinstance(bias, Tensor) or tuple(bias.shape) != (c.shape[0],)):
+        raise ValueError(f"bias must be a tensor of shape (V,) = ({c.shape[0]},), got {getattr(bias, 'shape', type(bias))}")
+    for name, t in (("e", e), ("c", c), ("bias", bias)):
+        if t is not None and t.dtype not in _FLOAT_DTYPES:
+            raise TypeError(f"{name} must be float32, bfloat16 or float16, got {t.dtype}")
+    tensors = [("e", e), ("c", c), ("targets", targets)] + ([("bias", bias)] if bias is not None else [])
+    devices = {t.device for _, t in tensors}
+    if len(devices) > 1:
+        raise ValueError("e, c, targets and bias must be on one device, got " + ", ".join(f"{n} on {t.device}" for n, t in tensors))
+    if not isinstance(ignore_index, int):
+        raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    if softcap is not None and not softcap > 0:
+        raise ValueError(f"softcap must be None or > 0, got {softcap!r}")
+    if not 0.0 <= label_smoothing <= 1.0:
+        raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing!r}")
+    if not isinstance(shift, int) or shift < 0:
+        raise ValueError(f"shift must be an int >= 0, got {shift!r}")
+    if shift and (e.dim() < 2 or shift >= e.shape[-2]):
+        raise ValueError(
+            f"shift={shift} is out of range: it needs a token dim (the second-to-last of e) longer "
+            f"than shift, e has shape {tuple(e.shape)}"
+        )
+    if impl not in IMPLS:
+        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+    if impl == "triton" and not _triton_runs_on(e.device):
+        raise ValueError(
+            f"impl='triton' needs CUDA tensors and importable Triton kernels (or TRITON_INTERPRET=1 "
+            f"on the CPU); got tensors on {e.device}"
+        )
+
+
+def _check_target_range(targets: Tensor, vocab: int, ignore_index: int):
+    """Out-of-range targets are an error where checking costs no device sync (CPU, eager)."""
+    if targets.device.type != "cpu" or torch.compiler.is_compiling() or targets.numel() == 0:
+        return
+    valid = targets[targets != ignore_index]
+    if valid.numel() and (int(valid.min()) < 0 or int(valid.max()) >= vocab):
+        bad = valid[(valid < 0) | (valid >= vocab)][0]
+        raise ValueError(f"targets must be in [0, V={vocab}) or equal ignore_index={ignore_index}; found {int(bad)}")
+
+
+def linear_cross_entropy(
+    e: Tensor,
+    c: Tensor,
+    targets: Tensor,
+    bias: Tensor | None = None,
+    *,
+    ignore_index: int = -100,
+    softcap: float | None = None,
+    reduction: str = "mean",
+    shift: int = 0,
+    label_smoothing: float = 0.0,
+    return_lse: bool = False,
+    impl: str = "auto",
+    exact: bool = False,
+):
+    """Cross-entropy of the linear classifier ``e @ c.T + bias`` without materializing the logits.
+
+    Equals ``F.cross_entropy(z.flatten(0, -2), targets.flatten(), ignore_index=ignore_index,
+    reduction=reduction, label_smoothing=label_smoothing)`` with ``z = e @ c.T + bias`` (and
+    ``z = softcap * tanh(z / softcap)`` when ``softcap`` is set), computed with float32 accumulation;
+    the loss is float32. Under ``torch.autocast`` it computes in the autocast dtype, as F.linear would.
+
+    Args:
+        e: embeddings, shape (..., D); float32, bfloat16 or float16.
+        c: classifier weight, shape (V, D), the dtype of e.
+        targets: class indices, shape e.shape[:-1], any integer dtype. Targets equal to
+            ``ignore_index`` contribute nothing. Other targets outside [0, V) raise a ValueError on the
+            CPU; on a GPU (no device sync is made to check) their token's loss is NaN.
+        bias: optional (V,), the dtype of e.
+        softcap: logit soft-capping ``cap * tanh(z / cap)`` (Gemma 2); None for none.
+        reduction: "mean" (over non-ignored targets; NaN when all are ignored, as torch),
+            "sum", or "none" (per-token losses shaped like the shifted targets, 0 where ignored).
+        shift: pair e[..., t, :] with targets[..., t + shift] along the token dim (the
+            second-to-last dim of e) -- the causal-LM label shift -- without copying e.
+        label_smoothing: as in F.cross_entropy, in [0, 1].
+        return_lse: also return the per-token log-sum-exp of the logits (e.g. for z-loss), shaped
+            like the per-token loss; it is defined at ignored positions too and is differentiable.
+        impl: "triton" (the CUDA kernels), "torch" (chunked pure torch, the CPU path) or "auto"
+            (Triton for CUDA tensors, torch otherwise).
+        exact: turn gradient filtering off. By default the Triton backward skips vocabulary tiles
+            whose softmax mass is provably below the input dtype's rounding (a bounded error, see
+            ``cce_inductor.kernels``); the torch path is always exact.
+
+    Returns:
+        The loss, or ``(loss, lse)`` with ``return_lse=True``.
+
+    Example::
+
+        >>> e = torch.randn(2, 8, 64, requires_grad=True)
+        >>> c = torch.randn(1000, 64, requires_grad=True)
+        >>> y = torch.randint(0, 1000, (2, 8))
+        >>> loss = linear_cross_entropy(e, c, y, shift=1)  # == causal-LM loss of e @ c.T
+        >>> loss.backward()
+    """
+    _check_inputs(e, c, targets, bias, ignore_index, softcap, reduction, shift, label_smoothing, impl)
+    vocab = c.shape[0]
+    _check_target_range(targets, vocab, ignore_index)
+    if impl == "auto":
+        impl = "triton" if e.device.type == "cuda" and _triton_runs_on(e.device) else "torch"
+
+    if shift:
+        pad = targets.new_full((*targets.shape[:-1], shift), ignore_index)
+        aligned = torch.cat([targets[..., shift:], pad], dim=-1)
+    else:
+        aligned = targets
+    e2d = e.reshape(-1, e.shape[-1])
+    flat_targets = aligned.reshape(-1).long()
+    loss, lse = lce_forward(
+        e2d, c, flat_targets, bias, ignore_index, float(softcap or 0.0), float(label_smoothing), impl, not exact
+    )
+
+    if reduction == "mean":
+        out = loss.sum() / (flat_targets != ignore_index).sum()
+    elif reduction == "sum":
+        out = loss.sum()
+    else:
+        out = _unshift(loss, targets.shape, shift)
+    if return_lse:
+        return out, _unshift(lse, targets.shape, shift)
+    return out
+
+
+def _unshift(per_token: Tensor, shape, shift: int) -> Tensor:
+    per_token = per_token.view(shape)
+    return per_token[..., : shape[-1] - shift] if shift else per_token
