@@ -1,0 +1,22 @@
+"""Test setup shared by every test module.
+
+Without CUDA, the Triton kernels run under Triton's interpreter on CPU tensors; the variable must be
+set before triton is imported, which is why it is set here, at collection time.
+"""
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+HAS_CUDA = torch.cuda.is_available()
+
+
+def pytest_collection_modifyitems(config, items):
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords and not HAS_CUDA:
+            item.add_marker(skip_gpu)
