@@ -56,15 +56,21 @@ def lce_forward(
     filter_grad: bool,
 ) -> tuple[Tensor, Tensor]:
     """e (N, D), c (V, D), targets (N,), bias (V,) or None; softcap 0 means none.
-    Returns loss (N,) and lse (N,), float32. ``filter_grad`` is used by the backward only."""
+    Returns loss (N,), float32, and lse (N,) in ``lse_dtype(e.dtype, impl)``. ``filter_grad`` is
+    used by the backward only."""
     if impl == "triton":
         return _triton_kernels().lce_forward(e, c, bias, targets, ignore_index, softcap, label_smoothing)
     return reference.chunked_forward(e, c, bias, targets, ignore_index, softcap, label_smoothing)
 
 
+def lse_dtype(dtype: torch.dtype, impl: str) -> torch.dtype:
+    """The torch path keeps float32 inputs' log-sum-exp in float64 (see reference._compute_dtype)."""
+    return torch.float64 if impl == "torch" and dtype == torch.float32 else torch.float32
+
+
 @lce_forward.register_fake
 def _(e, c, targets, bias, ignore_index, softcap, label_smoothing, impl, filter_grad):
-    return e.new_empty(e.shape[0], dtype=torch.float32), e.new_empty(e.shape[0], dtype=torch.float32)
+    return e.new_empty(e.shape[0], dtype=torch.float32), e.new_empty(e.shape[0], dtype=lse_dtype(e.dtype, impl))
 
 
 @torch.library.custom_op("cce_inductor::lce_backward", mutates_args=())
@@ -120,8 +126,8 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad_loss, grad_lse):
     e, c, targets, bias, lse = ctx.saved_tensors
     # Upstream gradients of a sum/mean arrive as expanded stride-0 tensors: make them dense.
-    grad_loss = torch.zeros_like(lse) if grad_loss is None else grad_loss.float().contiguous()
-    grad_lse = torch.zeros_like(lse) if grad_lse is None else grad_lse.float().contiguous()
+    grad_loss = torch.zeros_like(lse) if grad_loss is None else grad_loss.to(lse.dtype).contiguous()
+    grad_lse = torch.zeros_like(lse) if grad_lse is None else grad_lse.to(lse.dtype).contiguous()
     needs_e, needs_c, _, needs_bias = ctx.needs_input_grad[:4]
     de, dc, dbias = lce_backward(
         e, c, targets, bias, lse, grad_loss, grad_lse, *ctx.options, needs_e, needs_c, needs_bias
@@ -310,7 +316,7 @@ def linear_cross_entropy(
     else:
         out = _unshift(loss, targets.shape, shift)
     if return_lse:
-        return out, _unshift(lse, targets.shape, shift)
+        return out, _unshift(lse.float(), targets.shape, shift)
     return out
 
 

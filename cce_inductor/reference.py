@@ -61,14 +61,25 @@ def naive_linear_cross_entropy(
     return loss
 
 
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float32 for 16-bit inputs. float32 inputs are computed in float64: a confident token's
+    gradient p_y - 1 and loss log(1 + small) lose ~1e-5 of their value to float32 rounding of the
+    log-sum-exp, and this path is the accuracy reference that the kernels are held to."""
+    return torch.float64 if dtype == torch.float32 else torch.float32
+
+
 def _logits(e_chunk: Tensor, c_chunk: Tensor, b_chunk: Tensor | None, softcap: float):
-    """float32 logits of one chunk; with softcap also tanh(u / cap), which the backward needs."""
-    z = e_chunk.float() @ c_chunk.float().T  # [n, v]
+    """Logits of one chunk in the compute dtype; with softcap also d(capped)/d(uncapped) = sech^2(u / cap),
+    which the backward needs. It is computed as 4a / (1 + a)^2 with a = exp(-2|u / cap|): the
+    textbook 1 - tanh^2 cancels catastrophically where the cap saturates."""
+    dtype = _compute_dtype(e_chunk.dtype)
+    z = e_chunk.to(dtype) @ c_chunk.to(dtype).T  # [n, v]
     if b_chunk is not None:
-        z = z + b_chunk.float()
+        z = z + b_chunk.to(dtype)
     if softcap:
-        t = torch.tanh(z / softcap)
-        return softcap * t, t
+        u = z / softcap
+        a = torch.exp(-2.0 * u.abs())
+        return softcap * torch.tanh(u), 4.0 * a / (1.0 + a) ** 2
     return z, None
 
 
@@ -89,17 +100,19 @@ def chunked_forward(
     softcap: float,
     label_smoothing: float,
 ) -> tuple[Tensor, Tensor]:
-    """Per-token loss and log-sum-exp, float32, shape (N,). The loss is 0 where the target is
-    ignore_index and NaN where it is outside [0, V)."""
+    """Per-token loss (float32) and log-sum-exp (in the compute dtype: the backward needs it to
+    full precision), shape (N,). The loss is 0 where the target is ignore_index and NaN where it
+    is outside [0, V)."""
     num_tokens, vocab = e.shape[0], c.shape[0]
+    acc = dict(dtype=_compute_dtype(e.dtype), device=e.device)
     loss = torch.empty(num_tokens, dtype=torch.float32, device=e.device)
-    lse = torch.empty_like(loss)
+    lse = torch.empty(num_tokens, **acc)
     for n0, n1 in _chunks(num_tokens, TOKEN_CHUNK):
         e_chunk, t = e[n0:n1], targets[n0:n1]
-        run_max = torch.full((n1 - n0,), float("-inf"), device=e.device)
-        run_sum = torch.zeros(n1 - n0, device=e.device)
-        target_logit = torch.zeros(n1 - n0, device=e.device)
-        logit_sum = torch.zeros(n1 - n0, device=e.device)
+        run_max = torch.full((n1 - n0,), float("-inf"), **acc)
+        run_sum = torch.zeros(n1 - n0, **acc)
+        target_logit = torch.zeros(n1 - n0, **acc)
+        logit_sum = torch.zeros(n1 - n0, **acc)
         for v0, v1 in _chunks(vocab, _vocab_chunk(n1 - n0, vocab)):
             z, _ = _logits(e_chunk, c[v0:v1], None if bias is None else bias[v0:v1], softcap)
             new_max = torch.maximum(run_max, z.amax(dim=1))
@@ -119,7 +132,7 @@ def chunked_forward(
         valid = t != ignore_index
         out_of_range = valid & ((t < 0) | (t >= vocab))
         chunk_loss = torch.where(valid, chunk_loss, torch.zeros_like(chunk_loss))
-        loss[n0:n1] = torch.where(out_of_range, torch.full_like(chunk_loss, float("nan")), chunk_loss)
+        loss[n0:n1] = torch.where(out_of_range, torch.full_like(chunk_loss, float("nan")), chunk_loss).float()
         lse[n0:n1] = chunk_lse
     return loss, lse
 
@@ -142,39 +155,41 @@ def chunked_backward(
     """Gradients of sum(grad_loss * loss + grad_lse * lse) w.r.t. e, c and bias (None where not
     needed). With z the (capped) logits and p = softmax(z):
     dz = (grad_loss + grad_lse) * p - grad_loss * ((1 - ls) * onehot(y) + ls / V),
-    times (1 - tanh^2) under a softcap; dE = dz @ C, dC = dz^T @ E, dbias = sum_n dz."""
+    times sech^2(u / cap) under a softcap; dE = dz @ C, dC = dz^T @ E, dbias = sum_n dz."""
     num_tokens, vocab = e.shape[0], c.shape[0]
+    acc = dict(dtype=_compute_dtype(e.dtype), device=e.device)
     valid = targets != ignore_index
-    coef_loss = torch.where(valid, grad_loss.float(), torch.zeros_like(grad_loss, dtype=torch.float32))
-    coef_p = coef_loss + grad_lse.float()
+    coef_loss = torch.where(valid, grad_loss.to(acc["dtype"]), torch.zeros((), **acc))
+    coef_p = coef_loss + grad_lse.to(acc["dtype"])
+    lse = lse.to(acc["dtype"])
     safe_targets = torch.where(valid, targets, torch.zeros_like(targets)).clamp(0, vocab - 1)
 
     # The vocabulary is the outer loop so that each chunk of dC is finished before the next starts:
-    # float32 accumulators are one vocab chunk of dC plus dE (N x D), never V x D.
-    de = torch.zeros(e.shape, dtype=torch.float32, device=e.device) if needs_e else None
+    # the accumulators are one vocab chunk of dC plus dE (N x D), never V x D.
+    de = torch.zeros(e.shape, **acc) if needs_e else None
     dc = torch.empty_like(c) if needs_c else None
     dbias = torch.empty_like(bias) if needs_bias else None
     vocab_step = _vocab_chunk(min(num_tokens, TOKEN_CHUNK), vocab)
     for v0, v1 in _chunks(vocab, vocab_step):
-        c_chunk = c[v0:v1]
+        c_chunk = c[v0:v1].to(acc["dtype"])
         b_chunk = None if bias is None else bias[v0:v1]
-        dc_chunk = torch.zeros(v1 - v0, c.shape[1], device=e.device) if needs_c else None
-        db_chunk = torch.zeros(v1 - v0, device=e.device) if needs_bias else None
+        dc_chunk = torch.zeros(v1 - v0, c.shape[1], **acc) if needs_c else None
+        db_chunk = torch.zeros(v1 - v0, **acc) if needs_bias else None
         for n0, n1 in _chunks(num_tokens, TOKEN_CHUNK):
-            z, t = _logits(e[n0:n1], c_chunk, b_chunk, softcap)
+            z, dcap = _logits(e[n0:n1], c_chunk, b_chunk, softcap)
             g = coef_p[n0:n1, None] * torch.exp(z - lse[n0:n1, None])
             if label_smoothing:
                 g = g - coef_loss[n0:n1, None] * (label_smoothing / vocab)
             y = safe_targets[n0:n1]
             in_chunk = (y >= v0) & (y < v1)
-            onehot = torch.where(in_chunk, coef_loss[n0:n1] * (1.0 - label_smoothing), torch.zeros_like(coef_loss[n0:n1]))
+            onehot = torch.where(in_chunk, coef_loss[n0:n1] * (1.0 - label_smoothing), torch.zeros((), **acc))
             g = g.scatter_add(1, (y - v0).clamp(0, v1 - v0 - 1)[:, None], -onehot[:, None])
             if softcap:
-                g = g * (1.0 - t * t)
+                g = g * dcap
             if needs_e:
-                de[n0:n1] += g @ c_chunk.float()
+                de[n0:n1] += g @ c_chunk
             if needs_c:
-                dc_chunk += g.T @ e[n0:n1].float()
+                dc_chunk += g.T @ e[n0:n1].to(acc["dtype"])
             if needs_bias:
                 db_chunk += g.sum(0)
         if needs_c:

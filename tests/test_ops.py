@@ -1,0 +1,247 @@
+"""The op's contract on the CPU (impl="torch"): numerics against float64, registration, compile, errors."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import cce_inductor
+from cce_inductor import linear_cross_entropy
+from cce_inductor.reference import naive_linear_cross_entropy
+
+OPTIONS = dict(ignore_index=-100, softcap=None, reduction="mean", shift=0, label_smoothing=0.0, return_lse=False)
+
+
+def rel(a, b):
+    """Norm-wise relative error; 0 where both are NaN (e.g. the mean over no targets)."""
+    a, b = a.double(), b.double()
+    if torch.isnan(b).all() and torch.isnan(a).all():
+        return 0.0
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def make_case(shape, d, v, *, dtype, peaked, ignore_frac, ignore_index, bias, seed):
+    g = torch.Generator().manual_seed(seed)
+    e = torch.randn(*shape, d, generator=g, dtype=torch.float64)
+    c = torch.randn(v, d, generator=g, dtype=torch.float64) / math.sqrt(d)
+    if peaked:  # a few classes per token carry most of the mass
+        e = e * 6.0
+    b = torch.randn(v, generator=g, dtype=torch.float64) if bias else None
+    y = torch.randint(0, v, shape, generator=g)
+    y = torch.where(torch.rand(shape, generator=g) < ignore_frac, torch.full_like(y, ignore_index), y)
+    cast = lambda t: None if t is None else t.to(dtype)
+    return cast(e), cast(c), y, cast(b)
+
+
+def loss_and_grads(fn, e, c, y, b, **kw):
+    """Run fn on leaf copies; reduce (loss, lse) to one scalar with random weights; return the
+    outputs and the gradients w.r.t. every floating input."""
+    leaves = [t.detach().clone().requires_grad_() if t is not None else None for t in (e, c, b)]
+    out = fn(leaves[0], leaves[1], y, leaves[2], **kw)
+    outs = out if isinstance(out, tuple) else (out,)
+    g = torch.Generator().manual_seed(1)
+    scalar = sum((o.double() * torch.randn(o.shape, generator=g, dtype=torch.float64)).sum() for o in outs)
+    if torch.isnan(scalar):
+        return [o.detach() for o in outs], None
+    scalar.backward()
+    return [o.detach() for o in outs], [t.grad for t in leaves if t is not None]
+
+
+def torch_in_dtype(e, c, y, b, **kw):
+    """What plain torch computes with these inputs in their own dtype (no float64 upcast)."""
+    return naive_linear_cross_entropy(e, c, y, b, compute_dtype=e.dtype, **kw)
+
+
+cases = st.fixed_dictionaries(
+    {
+        "shape": st.sampled_from([(1,), (7,), (2, 5), (3, 4, 6), (1, 9)]),
+        "d": st.sampled_from([1, 5, 17, 33]),
+        "v": st.sampled_from([2, 3, 13, 97, 211]),
+        "peaked": st.booleans(),
+        "ignore_frac": st.sampled_from([0.0, 0.2]),
+        "ignore_index": st.sampled_from([-100, 1]),  # 1 is also a valid class id
+        "bias": st.booleans(),
+        "softcap": st.sampled_from([None, 2.5]),
+        "reduction": st.sampled_from(["mean", "sum", "none"]),
+        "shift": st.sampled_from([0, 1, 2]),
+        "label_smoothing": st.sampled_from([0.0, 0.1]),
+        "return_lse": st.booleans(),
+        "seed": st.integers(0, 2**16),
+    }
+)
+
+
+def _split(case):
+    case = dict(case)
+    if case["shift"] >= case["shape"][-1] or len(case["shape"]) < 2:
+        case["shift"] = 0
+    data = {k: case.pop(k) for k in ("shape", "d", "v", "peaked", "ignore_frac", "bias", "seed")}
+    data["ignore_index"] = case["ignore_index"]
+    return data, case
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(case=cases)
+def test_float32_matches_float64_reference(case):
+    data, opts = _split(case)
+    e, c, y, b = make_case(dtype=torch.float32, **data)
+    outs, grads = loss_and_grads(linear_cross_entropy, e, c, y, b, impl="torch", **opts)
+    ref_outs, ref_grads = loss_and_grads(naive_linear_cross_entropy, e.double(), c.double(), y,
+                                         None if b is None else b.double(), **opts)
+    for o, r in zip(outs, ref_outs):
+        assert o.dtype == torch.float32
+        assert o.shape == r.shape
+        torch.testing.assert_close(o.double(), r, rtol=1e-5, atol=1e-6, equal_nan=True)
+    if ref_grads is not None:
+        for g, r in zip(grads, ref_grads):
+            assert rel(g, r) < 1e-5
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(case=cases, dtype=st.sampled_from([torch.bfloat16, torch.float16]))
+def test_low_precision_no_worse_than_torch(case, dtype):
+    data, opts = _split(case)
+    data["ignore_frac"] = 0.0  # keep the mean well defined so relative errors are meaningful
+    e, c, y, b = make_case(dtype=dtype, **data)
+    up = lambda t: None if t is None else t.double()
+    ref_outs, ref_grads = loss_and_grads(naive_linear_cross_entropy, up(e), up(c), y, up(b), **opts)
+    outs, grads = loss_and_grads(linear_cross_entropy, e, c, y, b, impl="torch", **opts)
+    torch_outs, torch_grads = loss_and_grads(torch_in_dtype, e, c, y, b, **opts)
+    for o, t, r in zip(outs, torch_outs, ref_outs):
+        assert o.dtype == torch.float32
+        assert rel(o, r) <= rel(t, r) + 1e-6
+    if ref_grads is None:  # NaN loss (every target ignored): nothing to differentiate
+        return
+    for g, t, r, src in zip(grads, torch_grads, ref_grads, (e, c, b)):
+        assert g.dtype == src.dtype
+        # Ours rounds each gradient once, from float32; torch rounds the logits, the softmax and
+        # the gradient. Half an ulp of the output dtype is the least any method can be off by.
+        assert rel(g, r) <= max(rel(t, r), torch.finfo(dtype).eps / 2)
+
+
+def test_all_ignored_matches_torch():
+    e, c, y, _ = make_case((4, 3), 8, 11, dtype=torch.float32, peaked=False, ignore_frac=1.0,
+                           ignore_index=-100, bias=False, seed=0)
+    for reduction in ("mean", "sum", "none"):
+        ours = linear_cross_entropy(e, c, y, reduction=reduction)
+        ref = naive_linear_cross_entropy(e, c, y, reduction=reduction)
+        torch.testing.assert_close(ours.double(), ref, equal_nan=True)
+
+
+def test_grads_only_for_inputs_that_require_them():
+    e, c, y, b = make_case((5,), 8, 11, dtype=torch.float32, peaked=False, ignore_frac=0.0,
+                           ignore_index=-100, bias=True, seed=0)
+    c.requires_grad_()
+    linear_cross_entropy(e, c, y, b).backward()
+    assert c.grad is not None and e.grad is None and b.grad is None
+
+
+def test_double_backward_raises():
+    e = torch.randn(4, 8, requires_grad=True)
+    c = torch.randn(11, 8, requires_grad=True)
+    y = torch.randint(0, 11, (4,))
+    (ge,) = torch.autograd.grad(linear_cross_entropy(e, c, y), e, create_graph=True)
+    with pytest.raises(RuntimeError, match="double backward"):
+        ge.sum().backward()
+
+
+def test_autocast_computes_like_f_linear():
+    e = torch.randn(6, 16)
+    c = torch.randn(23, 16)
+    y = torch.randint(0, 23, (6,))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ours = linear_cross_entropy(e, c, y)
+    ref = naive_linear_cross_entropy(e.bfloat16(), c.bfloat16(), y)
+    assert ours.dtype == torch.float32
+    torch.testing.assert_close(ours.double(), ref, rtol=1e-5, atol=1e-6)
+    # Gradients flow back to the float32 leaves through the autocast cast.
+    e.requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        linear_cross_entropy(e, c, y).backward()
+    assert e.grad.dtype == torch.float32
+
+
+def test_opcheck():
+    e = torch.randn(9, 7, dtype=torch.float32, requires_grad=True)
+    c = torch.randn(13, 7, dtype=torch.float32, requires_grad=True)
+    b = torch.randn(13, requires_grad=True)
+    y = torch.randint(0, 13, (9,))
+    y[3] = -100
+    for bias in (None, b):
+        args = (e, c, y, bias, -100, 2.0, 0.1, "torch", True)
+        torch.library.opcheck(torch.ops.cce_inductor.lce_forward.default, args)
+        loss, lse = torch.ops.cce_inductor.lce_forward(*args)
+        grads = (torch.randn(9), torch.randn(9, dtype=lse.dtype))
+        bw_args = (e.detach(), c.detach(), y, None if bias is None else bias.detach(), lse.detach(), *grads,
+                   -100, 2.0, 0.1, "torch", True, True, True, bias is not None)
+        torch.library.opcheck(torch.ops.cce_inductor.lce_backward.default, bw_args)
+
+
+@pytest.mark.parametrize("dynamic", [False, True])
+def test_compiles_without_graph_break(dynamic):
+    def step(e, c, y, b):
+        return linear_cross_entropy(e, c, y, b, shift=1, softcap=3.0, label_smoothing=0.05)
+
+    torch._dynamo.reset()
+    compiled = torch.compile(step, fullgraph=True, dynamic=dynamic)
+    c = torch.randn(37, 12, requires_grad=True)
+    b = torch.randn(37, requires_grad=True)
+    for seq in (5, 9, 14):
+        e = torch.randn(2, seq, 12, requires_grad=True)
+        y = torch.randint(0, 37, (2, seq))
+        (out, grads), (ref, ref_grads) = [
+            (lambda o: (o, torch.autograd.grad(o, (e, c, b))))(f(e, c, y, b)) for f in (compiled, step)
+        ]
+        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+        for g, r in zip(grads, ref_grads):
+            assert rel(g, r) < 1e-5
+
+
+# ----------------------------------------------------------------------------- bad input
+
+E, C, Y = torch.randn(2, 3, 8), torch.randn(11, 8), torch.randint(0, 11, (2, 3))
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        (dict(e=torch.tensor(1.0)), ValueError, "e must be"),
+        (dict(c=torch.randn(11)), ValueError, "c must be"),
+        (dict(c=torch.randn(11, 9)), ValueError, "D of e"),
+        (dict(targets=Y.float()), TypeError, "targets must be an integer"),
+        (dict(targets=Y.bool()), TypeError, "targets must be an integer"),
+        (dict(targets=Y[:, :2]), ValueError, "targets' shape"),
+        (dict(bias=torch.randn(10)), ValueError, "bias must be"),
+        (dict(e=E.double(), c=C.double()), TypeError, "e must be float32"),
+        (dict(reduction="avg"), ValueError, "reduction must be"),
+        (dict(softcap=0.0), ValueError, "softcap"),
+        (dict(softcap=-1.0), ValueError, "softcap"),
+        (dict(label_smoothing=1.5), ValueError, "label_smoothing"),
+        (dict(label_smoothing=-0.1), ValueError, "label_smoothing"),
+        (dict(shift=3), ValueError, "shift=3 is out of range"),
+        (dict(shift=-1), ValueError, "shift must be"),
+        (dict(e=E[0, 0], targets=Y[0, 0], shift=1), ValueError, "shift=1 is out of range"),
+        (dict(impl="cuda"), ValueError, "impl must be"),
+        (dict(targets=torch.full((2, 3), 11)), ValueError, "targets must be in"),
+        (dict(targets=torch.full((2, 3), -5)), ValueError, "targets must be in"),
+        (dict(e=E.to("meta")), ValueError, "one device"),
+    ],
+)
+def test_bad_input_raises(kwargs, error, match):
+    args = dict(e=E, c=C, targets=Y)
+    args.update(kwargs)
+    with pytest.raises(error, match=match):
+        linear_cross_entropy(args.pop("e"), args.pop("c"), args.pop("targets"), **args)
+
+
+def test_ignore_index_outside_vocab_is_fine():
+    y = Y.clone()
+    y[0, 0] = -100
+    linear_cross_entropy(E, C, y)
+
+
+def test_public_api():
+    assert set(cce_inductor.__all__) == {"linear_cross_entropy", "enable", "disable", "explain", "__version__"}
