@@ -200,6 +200,11 @@ def _check_inputs(e, c, targets, bias, ignore_index, softcap, reduction, shift, 
     for name, t in (("e", e), ("c", c), ("bias", bias)):
         if t is not None and t.dtype not in _FLOAT_DTYPES:
             raise TypeError(f"{name} must be float32, bfloat16 or float16, got {t.dtype}")
+    autocast = e.device.type in ("cpu", "cuda") and torch.is_autocast_enabled(e.device.type)
+    if not autocast:  # autocast casts them to one dtype
+        for name, t in (("c", c), ("bias", bias)):
+            if t is not None and t.dtype != e.dtype:
+                raise TypeError(f"{name} must have e's dtype {e.dtype}, got {t.dtype} (or use torch.autocast)")
     tensors = [("e", e), ("c", c), ("targets", targets)] + ([("bias", bias)] if bias is not None else [])
     devices = {t.device for _, t in tensors}
     if len(devices) > 1:

@@ -216,6 +216,8 @@ E, C, Y = torch.randn(2, 3, 8), torch.randn(11, 8), torch.randint(0, 11, (2, 3))
         (dict(targets=Y[:, :2]), ValueError, "targets' shape"),
         (dict(bias=torch.randn(10)), ValueError, "bias must be"),
         (dict(e=E.double(), c=C.double()), TypeError, "e must be float32"),
+        (dict(c=C.bfloat16()), TypeError, "c must have e's dtype"),
+        (dict(bias=torch.randn(11, dtype=torch.float16)), TypeError, "bias must have e's dtype"),
         (dict(reduction="avg"), ValueError, "reduction must be"),
         (dict(softcap=0.0), ValueError, "softcap"),
         (dict(softcap=-1.0), ValueError, "softcap"),
