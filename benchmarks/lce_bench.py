@@ -100,7 +100,7 @@ class BenchConfig:
     slow_call_ms: float = 250.0  # above this, CUDA-event loop of min_reps calls instead of do_bench
     sweep_min_reps: int = 3  # timed calls at least in the sweep
     sweep_max_call_s: float = 2.0  # the sweep stops a method whose predicted fwd+bwd call exceeds this
-    time_budget_s: float = 450.0  # no sweep point starts after this many seconds (the shapes always run)
+    time_budget_s: float = 360.0  # no sweep point starts after this many seconds (the shapes always run)
     grad_error_max_n: int = 16384  # gradient error (needs the reference gradients) only up to this N
     stats_tokens: int = 1024  # regime statistics on the first tokens only (they are i.i.d.)
     smoke: bool = False

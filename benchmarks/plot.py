@@ -61,11 +61,11 @@ def plot(data: dict, out: str):
             ratio_pts = [(p[0], p[2]) for p in pts if p[2] is not None]
             row[1].plot([p[0] for p in ratio_pts], [p[1] for p in ratio_pts], **style)
             mem_pts = [(p[0], p[3]) for p in pts if p[3] is not None]
-            row[2].plot([p[0] for p in mem_pts], [p[1] / 2**30 for p in mem_pts], **style)
+            row[2].plot([p[0] for p in mem_pts], [p[1] / 1e9 for p in mem_pts], **style)
         if grads:
             ns = sorted(grads)
-            row[2].plot(ns, [grads[n] / 2**30 for n in ns], "k--", linewidth=1, label="dE + dC (the floor)")
-        titles = ("fwd+bwd time (ms)", "fwd+bwd time / T", "peak memory above inputs (GiB)")
+            row[2].plot(ns, [grads[n] / 1e9 for n in ns], "k--", linewidth=1, label="dE + dC (the floor)")
+        titles = ("fwd+bwd time (ms)", "fwd+bwd time / T", "peak memory above inputs (GB)")
         for ax, title in zip(row, titles):
             ax.set_xscale("log", base=2)
             ax.set_yscale("log")

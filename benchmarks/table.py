@@ -55,19 +55,20 @@ def _point_table(data: dict, rec: dict, rows: list[dict]) -> list[str]:
         f"torch {data['config']['dtype']} gradient error dE {_err(rec.get('torch_bf16_err_e'))}, "
         f"dC {_err(rec.get('torch_bf16_err_c'))}" + (f"; {rec['note']}" if rec.get("note") else "")
     )
-    lines += ["", "| method | fwd | bwd | fwd+bwd | mem fwd | mem fwd+bwd | dE err | dC err | s |",
-              "|---|---|---|---|---|---|---|---|---|"]
+    lines += ["", "| method | fwd | bwd | fwd+bwd | mem fwd | mem fwd+bwd | fwd+bwd − grads | dE err | dC err | s |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
     problems = []
     for m in rows:
         if m["status"] != "ok":
-            lines.append(f"| {m['label']} | {_status(m)} | | | | | | | |")
+            lines.append(f"| {m['label']} | {_status(m)} | | | | | | | | |")
             problems.append(f"{m['label']}: {m['reason']}")
             continue
         s = "-" if m.get("skipped_fraction") is None else f"{m['skipped_fraction']:.3f}"
+        over = "-" if m["fwdbwd_mem_bytes"] is None else fmt_bytes(m["fwdbwd_mem_bytes"] - rec["grad_bytes"])
         lines.append(
             f"| {m['label']} | {fmt_time(m['fwd_ms'], m['fwd_ratio'])} | {fmt_time(m['bwd_ms'], m['bwd_ratio'])} | "
             f"{fmt_time(m['fwdbwd_ms'], m['fwdbwd_ratio'])} | {fmt_bytes(m['fwd_mem_bytes'])} | "
-            f"{fmt_bytes(m['fwdbwd_mem_bytes'])} | {_err(m['err_e'])} | {_err(m['err_c'])} | {s} |"
+            f"{fmt_bytes(m['fwdbwd_mem_bytes'])} | {over} | {_err(m['err_e'])} | {_err(m['err_c'])} | {s} |"
         )
     lines.append("")
     lines += [f"- {p}" for p in problems]
@@ -115,7 +116,7 @@ def markdown(data: dict) -> str:
         "",
         *([] if meta.get("complete", True) else ["**Incomplete run** (a checkpoint written before the end).", ""]),
         "Median times; (x T) = ratio to the cuBLAS logits GEMM of the same point. Memory: peak above the "
-        "inputs (fwd+bwd includes the returned gradients). Gradient error: " + meta["grad_error_metric"]
+        "inputs (fwd+bwd includes the returned gradients; 'fwd+bwd − grads' subtracts their size). Gradient error: " + meta["grad_error_metric"]
         + ". s: fraction of backward tiles skipped by filtering. 1 MB = 10^6 B.",
         "",
     ]
