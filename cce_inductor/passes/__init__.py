@@ -1,13 +1,30 @@
-"""The torch.compile graph rewrite (placeholder until the pass lands)."""
+"""The torch.compile graph rewrite: linear -> cross-entropy in unmodified code becomes the CCE op.
 
+Entry points:
+    torch.compile(model, backend="cce")    backend.cce_backend (entry point, no import needed)
+    cce_inductor.enable(**options)         enable.enable: the rewrite as Inductor's pre-grad pass
+    cce_inductor.disable()
+    cce_inductor.explain(fn, *args, **kw)  explain.explain: what is found, rewritten, skipped, why
 
-def enable(**options):
-    raise NotImplementedError
+Layout: nodes.py (node predicates, metadata), matcher.py (finds sites), rewrite.py (replaces them),
+graph_pass.py (the CustomGraphPass), options.py, backend.py, enable.py, explain.py.
+"""
 
+from .backend import cce_backend
+from .enable import disable, enable
+from .explain import Explanation, explain
+from .graph_pass import CCEGraphPass
+from .options import Options
+from .rewrite import SiteReport, rewrite_graph
 
-def disable():
-    raise NotImplementedError
-
-
-def explain(fn, *args, **kwargs):
-    raise NotImplementedError
+__all__ = [
+    "cce_backend",
+    "enable",
+    "disable",
+    "explain",
+    "Explanation",
+    "CCEGraphPass",
+    "Options",
+    "SiteReport",
+    "rewrite_graph",
+]

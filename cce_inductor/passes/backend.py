@@ -1,0 +1,41 @@
+"""The ``"cce"`` torch.compile backend: rewrite, then compile with Inductor.
+
+``torch.compile(model, backend="cce")`` finds it through the ``torch_dynamo_backends`` entry point
+declared in pyproject.toml, without importing cce_inductor first. The function is deliberately not
+decorated with ``@register_backend`` (registering the same name twice fails).
+
+Options: ``torch.compile(model, backend="cce", options={...})`` -- the rewrite's own keys
+(``detach_logits``, ``exact``, ``impl``; see :class:`Options`) are taken out, every other key is an
+Inductor config patch, as with the default backend; ``mode=`` maps to Inductor's mode options.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from .options import Options
+from .rewrite import rewrite_graph
+
+
+def split_options(options: dict[str, Any] | None) -> tuple[Options, dict[str, Any]]:
+    """(the rewrite's options, Inductor config patches)."""
+    options = dict(options or {})
+    ours = {k: options.pop(k) for k in list(options) if k in Options.names()}
+    return Options.from_kwargs(**ours), options
+
+
+def cce_backend(gm: torch.fx.GraphModule, example_inputs, **kwargs):
+    """Rewrite the Dynamo graph's linear -> cross-entropy sites, then compile with Inductor."""
+    from torch._inductor.compile_fx import compile_fx
+
+    mode = kwargs.pop("mode", None)
+    options, patches = split_options(kwargs.pop("options", None))
+    if kwargs:
+        raise TypeError(f"cce backend: unexpected arguments {sorted(kwargs)}")
+    if mode not in (None, "default"):
+        patches = {**torch._inductor.list_mode_options(mode), **patches}
+    rewrite_graph(gm.graph, options)
+    gm.recompile()
+    return compile_fx(gm, example_inputs, config_patches=patches or None)

@@ -1,0 +1,624 @@
+"""Find linear -> cross-entropy sites in a Dynamo (torch-IR) graph.
+
+The matcher anchors on each loss call -- ``F.cross_entropy`` (also what ``nn.CrossEntropyLoss``
+becomes), ``F.nll_loss`` of a ``log_softmax`` and, where a torch version keeps it as one call,
+``F.linear_cross_entropy`` -- and walks back from the loss's input through what may stand between
+the loss and the projection that made the logits:
+
+* token-dim shape ops: view / reshape / flatten / unflatten / squeeze / unsqueeze / contiguous,
+  slicing and indexing of token dims, transposes and permutes that move the class dim;
+* value ops: dtype casts that lose nothing, scaling by a scalar (a temperature), one softcap
+  (``cap * tanh(z / cap)``), and a bias added right after the projection;
+
+down to the projection: ``F.linear`` / ``nn.Linear`` (with or without bias), ``x @ W.T``,
+``torch.matmul``, ``x @ W``. Anything else in between, a class ``weight=``, probability targets,
+a lossy cast or a second softcap leaves the site alone, with the reason recorded in a :class:`Skip`.
+
+The matcher only reads the graph; :mod:`.rewrite` changes it.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Union
+
+import torch
+import torch.nn.functional as F
+from torch.fx import Graph, Node
+
+from . import nodes as N
+
+REDUCTIONS = ("none", "sum", "mean")
+SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_PRECISION = {torch.float16: 1, torch.bfloat16: 1, torch.float32: 2, torch.float64: 3}
+_RESHAPES = ("reshape", "flatten", "unflatten", "squeeze", "unsqueeze")
+_MOVES = ("transpose", "t", "permute", "movedim")
+
+
+class NoMatch(Exception):
+    """Raised inside the matcher with the reason a site is left alone."""
+
+
+# A scale factor: a Python number, or (scalar node, +1 | -1) for multiplication / division.
+Factor = Union[float, tuple[Node, int]]
+
+
+@dataclass
+class ShapeStep:
+    """One token-dim shape op between the projection and the loss, replayed on the embeddings."""
+
+    node: Node
+    kind: str
+    input: Node
+    class_in: int  # position of the class dim in the op's input
+    class_out: int  # ... and in its output
+
+
+@dataclass
+class Match:
+    """A site the rewrite can replace with ``cce_inductor.linear_cross_entropy``."""
+
+    anchor: Node  # the loss call
+    kind: str  # "cross_entropy" | "nll_loss" | "linear_cross_entropy"
+    targets: Node  # class indices, as passed to the loss
+    x: Node  # embeddings entering the projection, (..., D)
+    weight: Node  # the classifier: (V, D) if weight_is_vd else (D, V)
+    weight_is_vd: bool
+    bias: Node | None
+    reduction: str
+    ignore_index: int
+    label_smoothing: Any  # float, or a scalar node
+    out_dtype: torch.dtype  # dtype of the loss call's result
+    projection: Node | None = None  # the N x V logits node (None for F.linear_cross_entropy)
+    logits: Node | None = None  # the loss's input
+    steps: list[ShapeStep] = field(default_factory=list)  # projection -> loss order
+    class_dim: int = -1  # class dim of the loss's input
+    scale: list[Factor] = field(default_factory=list)  # e is multiplied by these
+    softcap: Any = None  # float, or a scalar node
+    chain: list[Node] = field(default_factory=list)  # logits-side nodes, projection first
+    shift: int = 0  # with shift_targets: e unsliced, targets unsliced, op's shift=
+    shift_targets: Node | None = None
+    shift_reshape: bool = False  # reduction "none" under shift: flatten the per-token loss
+
+    @property
+    def vocab(self):
+        w = N.tensor_value(self.weight)
+        return w.shape[0] if self.weight_is_vd else w.shape[1]
+
+    @property
+    def hidden(self):
+        w = N.tensor_value(self.weight)
+        return w.shape[1] if self.weight_is_vd else w.shape[0]
+
+
+@dataclass
+class Skip:
+    """A loss call left alone, and why."""
+
+    anchor: Node
+    kind: str
+    reason: str
+    projection: Node | None = None
+
+
+Site = Union[Match, Skip]
+
+
+# ----------------------------------------------------------------------------- entry point
+
+
+def find_anchors(graph: Graph) -> list[Node]:
+    return [n for n in graph.nodes if any(N.is_kind(n, k) for k in N.LOSS_KINDS)]
+
+
+def match_site(anchor: Node) -> Site:
+    """Match one loss call; a :class:`Skip` with the reason where it cannot be rewritten."""
+    kind = next(k for k in N.LOSS_KINDS if N.is_kind(anchor, k))
+    walker = _Walker(anchor, kind)
+    try:
+        return walker.run()
+    except NoMatch as reason:
+        return Skip(anchor, kind, str(reason), walker.projection)
+
+
+# ----------------------------------------------------------------------------- the walk
+
+
+class _Walker:
+    def __init__(self, anchor: Node, kind: str):
+        self.anchor = anchor
+        self.kind = kind
+        self.projection: Node | None = None
+
+    # -- loss arguments
+
+    def run(self) -> Match:
+        if self.kind == "linear_cross_entropy":
+            return self._fused()
+        fn = F.cross_entropy if self.kind == "cross_entropy" else F.nll_loss
+        bound = N.bind(self.anchor, fn)
+        if bound is None:
+            raise NoMatch(f"could not bind the arguments of {self.kind}")
+        a = bound.arguments
+        if a.get("weight") is not None:
+            raise NoMatch("class weights (weight=) are not supported by the op")
+        reduction = self._reduction(a)
+        ignore_index = a.get("ignore_index", -100)
+        if not isinstance(ignore_index, int) or isinstance(ignore_index, bool):
+            raise NoMatch(f"ignore_index is not a constant int ({ignore_index!r})")
+        label_smoothing = a.get("label_smoothing", 0.0)
+        if not (isinstance(label_smoothing, (int, float)) or N.is_scalar(label_smoothing)):
+            raise NoMatch("label_smoothing is not a scalar")
+
+        logits, targets = a["input"], a["target"]
+        z, t = N.tensor_value(logits), N.tensor_value(targets)
+        if z is None or t is None:
+            raise NoMatch("the loss's input or target is not a tensor")
+        if t.is_floating_point():
+            raise NoMatch("probability (soft) targets are not supported by the op")
+        if z.dim() == 0:
+            raise NoMatch("0-d loss input")
+        class_dim = 1 if z.dim() >= 2 else 0
+        token_shape = tuple(z.shape[:class_dim]) + tuple(z.shape[class_dim + 1 :])
+        if not N.same_shape(tuple(t.shape), token_shape):
+            raise NoMatch(f"targets of shape {tuple(t.shape)} do not match the logits {tuple(z.shape)}")
+
+        m = Match(
+            anchor=self.anchor,
+            kind=self.kind,
+            targets=targets,
+            x=None,  # filled by the walk
+            weight=None,
+            weight_is_vd=True,
+            bias=None,
+            reduction=reduction,
+            ignore_index=ignore_index,
+            label_smoothing=label_smoothing,
+            out_dtype=N.tensor_value(self.anchor).dtype,
+            logits=logits,
+            class_dim=class_dim,
+        )
+        self._walk(m, logits, class_dim)
+        self._check_projection(m)
+        _find_shift(m)
+        return m
+
+    def _reduction(self, a) -> str:
+        if a.get("size_average") is not None or a.get("reduce") is not None:
+            from torch.nn import _reduction
+
+            reduction = _reduction.legacy_get_string(a.get("size_average"), a.get("reduce"), emit_warning=False)
+        else:
+            reduction = a.get("reduction", "mean")
+        if reduction not in REDUCTIONS:
+            raise NoMatch(f"reduction {reduction!r} is not a constant of {REDUCTIONS}")
+        return reduction
+
+    def _fused(self) -> Match:
+        """``F.linear_cross_entropy(input, linear_weight, target, *, linear_bias, ...)`` as one call."""
+        bound = N.bind(self.anchor, F.linear_cross_entropy)
+        if bound is None:
+            raise NoMatch("could not bind the arguments of linear_cross_entropy")
+        a = bound.arguments
+        if a.get("weight") is not None:
+            raise NoMatch("class weights (weight=) are not supported by the op")
+        x, w, t, b = a["input"], a["linear_weight"], a["target"], a.get("linear_bias")
+        wv, tv = N.tensor_value(w), N.tensor_value(t)
+        if wv is None or wv.dim() != 2:
+            raise NoMatch("linear_weight is not a 2-D tensor")
+        if tv is None or tv.is_floating_point():
+            raise NoMatch("probability (soft) targets are not supported by the op")
+        if b is not None and (N.tensor_value(b) is None or N.tensor_value(b).dim() != 1):
+            raise NoMatch("linear_bias is not 1-D")
+        ignore_index = a.get("ignore_index")
+        ignore_index = -100 if ignore_index is None else ignore_index
+        if not isinstance(ignore_index, int):
+            raise NoMatch(f"ignore_index is not a constant int ({ignore_index!r})")
+        reduction = a.get("reduction", "mean")
+        if reduction not in REDUCTIONS:
+            raise NoMatch(f"reduction {reduction!r} is not a constant of {REDUCTIONS}")
+        m = Match(
+            anchor=self.anchor, kind=self.kind, targets=t, x=x, weight=w, weight_is_vd=True, bias=b,
+            reduction=reduction, ignore_index=ignore_index, label_smoothing=a.get("label_smoothing", 0.0),
+            out_dtype=N.tensor_value(self.anchor).dtype,
+        )
+        self._check_dtypes(m, N.tensor_value(x).dtype, [])
+        return m
+
+    # -- from the loss's input back to the projection
+
+    def _walk(self, m: Match, node: Node, class_dim: int) -> None:
+        chain: list[Node] = []
+        steps: list[ShapeStep] = []
+        values: list[tuple] = []  # ("scale", factor) | ("tanh",), loss -> projection order
+        casts: list[tuple[torch.dtype, torch.dtype]] = []
+        log_softmax = False
+        cd = class_dim
+        while True:
+            t = N.tensor_value(node)
+            if t is None:
+                raise NoMatch(f"{node.name} on the way to the projection is not a tensor")
+            chain.append(node)
+            proj = _projection(node)
+            if proj is not None:
+                break
+            if node.op in ("placeholder", "get_attr"):
+                raise NoMatch("no projection found: the logits are an input of the graph")
+            kind = N.kind_of(node)
+            inp = _tensor_input(node, kind)
+            iv = N.tensor_value(inp)
+            if iv is None:
+                raise NoMatch(f"{N.describe(node)} ({node.name}) between the projection and the loss is not supported")
+            if iv.dtype != t.dtype:
+                casts.append((iv.dtype, t.dtype))
+            if kind in _RESHAPES or kind in _MOVES or kind == "getitem":
+                ci = _class_in(node, kind, cd, iv, t)
+                steps.append(ShapeStep(node, kind, inp, ci, cd))
+                cd = ci
+            elif kind in ("identity", "cast"):
+                if not (t.is_floating_point() and t.device == iv.device and N.same_shape(t.shape, iv.shape)):
+                    raise NoMatch(f"{N.describe(node)} ({node.name}) changes more than the dtype")
+            elif kind in ("mul", "div", "neg"):
+                values.append(("scale", _factor(node, kind, inp)))
+            elif kind == "tanh":
+                values.append(("tanh",))
+            elif kind == "log_softmax":
+                if values or log_softmax:
+                    raise NoMatch(f"values are changed between log_softmax and {self.kind}")
+                dim = N.normalize_dim(N.arg(node, 1, "dim"), t.dim())
+                if dim != cd:
+                    raise NoMatch("log_softmax is not over the class dim")
+                log_softmax = True
+            elif kind == "add":
+                bias = _bias_operand(node, inp)
+                if bias is None or _projection(inp) is None or _projection(inp)[3] is not None:
+                    raise NoMatch(f"addition ({node.name}) between the projection and the loss")
+                m.bias = bias
+            else:
+                raise NoMatch(f"{N.describe(node)} ({node.name}) between the projection and the loss is not supported")
+            node = inp
+
+        self.projection = node
+        x, w, weight_is_vd, bias = proj
+        z = N.tensor_value(node)
+        if cd != z.dim() - 1:
+            raise NoMatch("the class dim of the loss is not the projection's output dim")
+        if self.kind == "nll_loss" and not log_softmax:
+            raise NoMatch("the input of nll_loss is not a log_softmax of the logits")
+        m.projection, m.x, m.weight, m.weight_is_vd = node, x, w, weight_is_vd
+        if bias is not None:
+            m.bias = bias
+        m.chain = list(reversed(chain))
+        m.steps = list(reversed(steps))
+        m.scale, m.softcap = _interpret_values(list(reversed(values)))
+        self._check_dtypes(m, z.dtype, list(reversed(casts)))
+
+    def _check_projection(self, m: Match) -> None:
+        x, w, z = N.tensor_value(m.x), N.tensor_value(m.weight), N.tensor_value(m.projection)
+        if x is None or x.dim() < 1:
+            raise NoMatch("the projection's input is not a tensor of shape (..., D)")
+        if not N.same_size(x.shape[-1], m.hidden) or not N.same_size(z.shape[-1], m.vocab):
+            raise NoMatch("the projection's shapes do not match its weight")
+        if m.bias is not None:
+            b = N.tensor_value(m.bias)
+            if b is None or b.dim() != 1 or not N.same_size(b.shape[0], m.vocab):
+                raise NoMatch("the bias is not of shape (V,)")
+        needs_grad = any(v is not None and v.requires_grad for v in (x, w, N.tensor_value(m.bias)))
+        if z.requires_grad != needs_grad:
+            raise NoMatch("the projection runs under a different grad mode than its inputs")
+
+    def _check_dtypes(self, m: Match, dtype: torch.dtype, casts) -> None:
+        if dtype not in SUPPORTED_DTYPES:
+            raise NoMatch(f"the projection computes in {dtype}; the op takes float32, bfloat16 or float16")
+        for src, dst in casts:
+            if _PRECISION.get(dst, 0) < _PRECISION.get(src, 0) or (
+                _PRECISION.get(dst) == _PRECISION.get(src) and dst != src
+            ):
+                raise NoMatch(f"the logits are cast from {src} to {dst}, which loses precision")
+
+
+# ----------------------------------------------------------------------------- pieces of the walk
+
+
+def _projection(node: Node):
+    """(x, weight, weight_is_vd, bias) when ``node`` is the projection making the logits."""
+    if N.is_kind(node, "linear"):
+        x, w, b = N.arg(node, 0, "input"), N.arg(node, 1, "weight"), N.arg(node, 2, "bias")
+        wv = N.tensor_value(w)
+        if not isinstance(x, Node) or wv is None or wv.dim() != 2:
+            return None
+        return x, w, True, b
+    if N.is_kind(node, "matmul") and len(node.args) == 2 and not node.kwargs:
+        x, wt = node.args
+        xv, wtv = N.tensor_value(x), N.tensor_value(wt)
+        if xv is None or wtv is None or wtv.dim() != 2 or xv.dim() < 1:
+            return None
+        inner = _transposed_2d(wt)
+        if inner is not None:
+            return x, inner, True, None
+        return x, wt, False, None
+    return None
+
+
+def _transposed_2d(node: Any) -> Node | None:
+    """W when ``node`` is W.t() / W.T / W.mT / W.transpose(0, 1) / W.permute(1, 0) of a 2-D W."""
+    if not isinstance(node, Node):
+        return None
+    inner = node.args[0] if node.args else None
+    if N.tensor_value(inner) is None or N.tensor_value(inner).dim() != 2:
+        return None
+    if N.is_kind(node, "t") or N.is_transpose_attr(node):
+        return inner
+    if N.is_kind(node, "transpose"):
+        dims = {N.normalize_dim(N.arg(node, 1, "dim0"), 2), N.normalize_dim(N.arg(node, 2, "dim1"), 2)}
+        return inner if dims == {0, 1} else None
+    if N.is_kind(node, "permute"):
+        dims = N.varargs(node, 1, "dims")
+        return inner if dims is not None and [N.normalize_dim(d, 2) for d in dims] == [1, 0] else None
+    return None
+
+
+def _tensor_input(node: Node, kind: str | None) -> Any:
+    """The operand of ``node`` that carries the logits."""
+    if kind in ("mul", "add"):
+        a, b = (list(node.args) + [None, None])[:2]
+        av, bv = N.tensor_value(a), N.tensor_value(b)
+        a_ok, b_ok = av is not None and av.dim() >= 1, bv is not None and bv.dim() >= 1
+        if a_ok and b_ok:
+            return a if av.dim() >= bv.dim() else b
+        return a if a_ok else b
+    if kind is None and N.is_transpose_attr(node):
+        return node.args[0]
+    if node.args:
+        return node.args[0]
+    return node.kwargs.get("input")
+
+
+def _class_in(node: Node, kind: str, co: int, iv: torch.Tensor, ov: torch.Tensor) -> int:
+    """The position of the class dim in the input of a shape op, given it in the output."""
+    n_in, n_out = iv.dim(), ov.dim()
+    if "input" in node.kwargs:
+        raise NoMatch(f"{N.describe(node)} ({node.name}) with keyword input")
+    if kind in _RESHAPES or kind == "getitem":
+        # Row-preserving ops: the class dim must be last on both sides and keep its size, and
+        # the op must not touch it.
+        if co != n_out - 1 or not N.same_size(iv.shape[-1], ov.shape[-1]):
+            raise NoMatch(f"{N.describe(node)} ({node.name}) reshapes the class dim")
+        last = n_in - 1
+        if kind == "flatten":
+            start = N.normalize_dim(N.arg(node, 1, "start_dim", 0), n_in)
+            end = N.normalize_dim(N.arg(node, 2, "end_dim", -1), n_in)
+            if start is None or end is None or end >= last and start < end:
+                raise NoMatch(f"flatten ({node.name}) merges the class dim")
+        elif kind == "unflatten":
+            if N.normalize_dim(N.arg(node, 1, "dim"), n_in) in (None, last):
+                raise NoMatch(f"unflatten ({node.name}) splits the class dim")
+        elif kind == "squeeze":
+            dims = N.varargs(node, 1, "dim")
+            if not dims or any(N.normalize_dim(d, n_in) in (None, last) for d in dims):
+                raise NoMatch(f"squeeze ({node.name}) without explicit token dims")
+        elif kind == "unsqueeze":
+            if N.normalize_dim(N.arg(node, 1, "dim"), n_out) in (None, n_out - 1):
+                raise NoMatch(f"unsqueeze ({node.name}) after the class dim")
+        elif kind == "getitem":
+            _check_index_spares_last(node.args[1], n_in)
+        return last
+    if kind == "transpose":
+        d0 = N.normalize_dim(N.arg(node, 1, "dim0"), n_in)
+        d1 = N.normalize_dim(N.arg(node, 2, "dim1"), n_in)
+        if d0 is None or d1 is None:
+            raise NoMatch(f"transpose ({node.name}) with non-constant dims")
+        return d1 if co == d0 else d0 if co == d1 else co
+    if kind == "t":
+        return co if n_in < 2 else 1 - co
+    if kind == "permute":
+        dims = N.varargs(node, 1, "dims")
+        dims = [N.normalize_dim(d, n_in) for d in dims or ()]
+        if len(dims) != n_in or None in dims:
+            raise NoMatch(f"permute ({node.name}) with non-constant dims")
+        return dims[co]
+    if kind == "movedim":
+        src, dst = N.arg(node, 1, "source"), N.arg(node, 2, "destination")
+        src = list(src) if isinstance(src, (tuple, list)) else [src]
+        dst = list(dst) if isinstance(dst, (tuple, list)) else [dst]
+        src = [N.normalize_dim(d, n_in) for d in src]
+        dst = [N.normalize_dim(d, n_in) for d in dst]
+        if None in src or None in dst:
+            raise NoMatch(f"movedim ({node.name}) with non-constant dims")
+        order = [None] * n_in
+        for s, d in zip(src, dst):
+            order[d] = s
+        rest = iter(d for d in range(n_in) if d not in src)
+        order = [o if o is not None else next(rest) for o in order]
+        return order[co]
+    raise NoMatch(f"{N.describe(node)} ({node.name}) is not a shape op")  # pragma: no cover
+
+
+def _is_full_slice(s: Any) -> bool:
+    return isinstance(s, slice) and s.start in (None, 0) and s.stop is None and s.step in (None, 1)
+
+
+def _dims_consumed(element: Any) -> int:
+    if element is None:
+        return 0
+    if isinstance(element, Node):
+        v = N.tensor_value(element)
+        if v is None:
+            return 1  # a symbolic int index
+        return v.dim() if v.dtype == torch.bool else 1
+    return 1  # int or slice
+
+
+def _index_elements(index: Any) -> list:
+    return list(index) if isinstance(index, (tuple, list)) else [index]
+
+
+def _check_index_spares_last(index: Any, ndim: int) -> None:
+    """Raise unless indexing leaves the last dim (the class dim) whole."""
+    elements = _index_elements(index)
+    for e in elements:
+        if not (e is None or e is Ellipsis or isinstance(e, (int, slice, Node))):
+            raise NoMatch(f"unsupported index {e!r} on the logits")
+    if Ellipsis in elements:
+        trailing = elements[elements.index(Ellipsis) + 1 :]
+    else:
+        consumed = sum(_dims_consumed(e) for e in elements)
+        if consumed < ndim:
+            return
+        trailing = elements
+    for e in reversed(trailing):
+        if e is None:
+            continue
+        if _dims_consumed(e) and not _is_full_slice(e):
+            raise NoMatch("indexing of the class dim of the logits")
+        return
+
+
+def _factor(node: Node, kind: str, inp: Node) -> Factor:
+    if kind == "neg":
+        return -1.0
+    if kind == "div":
+        if node.kwargs.get("rounding_mode") is not None:
+            raise NoMatch("division with a rounding mode")
+        if node.args[0] is not inp:
+            raise NoMatch(f"division by the logits ({node.name})")
+        other, exp = N.arg(node, 1, "other"), -1
+    else:
+        other = node.args[1] if node.args[0] is inp else node.args[0]
+        exp = 1
+    if isinstance(other, (int, float)) and not isinstance(other, bool):
+        if other == 0:
+            raise NoMatch("the logits are scaled by zero")
+        return float(other) ** exp
+    if isinstance(other, Node) and (N.is_scalar(other) or N.is_scalar_tensor(other)):
+        return (other, exp)
+    raise NoMatch(f"the logits are scaled by a non-scalar ({node.name})")
+
+
+def _bias_operand(node: Node, inp: Node) -> Node | None:
+    if node.kwargs.get("alpha", 1) != 1 or len(node.args) != 2:
+        return None
+    other = node.args[1] if node.args[0] is inp else node.args[0]
+    v = N.tensor_value(other)
+    if v is None or v.dim() != 1:
+        return None
+    return other
+
+
+def _interpret_values(ops: list[tuple]) -> tuple[list[Factor], Any]:
+    """From value ops in projection -> loss order, the factors e is scaled by and the softcap.
+
+    With scalings a (before) and b (after) a tanh, the logits are ``b * tanh(a * z)``; the op
+    computes ``cap * tanh(s * z / cap)`` with e scaled by s, so cap = |b| and s = a * b.
+    """
+    tanhs = [i for i, op in enumerate(ops) if op[0] == "tanh"]
+    if len(tanhs) > 1:
+        raise NoMatch("more than one tanh (softcap) on the logits")
+    factors = [op[1] for op in ops if op[0] == "scale"]
+    if not tanhs:
+        return _simplify(factors), None
+    pre = [op[1] for op in ops[: tanhs[0]]]
+    post = [op[1] for op in ops[tanhs[0] + 1 :]]
+    numbers = [f for f in post if isinstance(f, float)]
+    symbols = [f for f in post if not isinstance(f, float)]
+    if not post:
+        raise NoMatch("tanh of the logits without a softcap scale after it")
+    if not symbols:
+        b = math.prod(numbers)
+        return _simplify(pre + [b]), abs(b)
+    if len(symbols) == 1 and symbols[0][1] == 1 and math.prod(numbers) == 1.0:
+        cap = symbols[0][0]
+        v = N.value(cap)
+        if not N.is_scalar(cap) or not (N.hint(v) is not None and N.hint(v) > 0):
+            raise NoMatch("the softcap is not a positive scalar")
+        return _simplify(pre + [symbols[0]]), cap
+    raise NoMatch("unsupported softcap form")
+
+
+def _simplify(factors: list[Factor]) -> list[Factor]:
+    """Fold numbers into one and cancel a node multiplied and divided by."""
+    number = math.prod(f for f in factors if isinstance(f, float))
+    symbols: list[tuple[Node, int]] = []
+    for f in factors:
+        if isinstance(f, float):
+            continue
+        opposite = next((i for i, s in enumerate(symbols) if s[0] is f[0] and s[1] == -f[1]), None)
+        if opposite is not None:
+            symbols.pop(opposite)
+        else:
+            symbols.append(f)
+    return ([number] if number != 1.0 else []) + symbols
+
+
+# ----------------------------------------------------------------------------- label shift
+
+
+def _find_shift(m: Match) -> None:
+    """Recognize ``logits[..., :-k, :]`` with ``labels[..., k:]``: then the op gets the unsliced
+    embeddings and labels with ``shift=k`` (no copy of the sliced embeddings)."""
+    if not m.steps or m.steps[0].kind != "getitem" or any(
+        s.kind not in _RESHAPES and s.kind != "getitem" for s in m.steps[1:]
+    ) or any(s.kind == "getitem" for s in m.steps[1:]):
+        return
+    z = N.tensor_value(m.projection)
+    if z.dim() < 2 or m.class_dim != N.tensor_value(m.logits).dim() - 1:
+        return
+    k = _token_slice(m.steps[0].node.args[1], z.dim(), stop=True)
+    if k is None:
+        return
+    # targets: reshapes / contiguous / integer casts / same-device moves of y[..., k:]
+    node = m.targets
+    while not N.is_kind(node, "getitem"):
+        kind = N.kind_of(node)
+        if kind not in _RESHAPES + ("identity", "cast") or not node.args:
+            return
+        src, dst = N.tensor_value(node.args[0]), N.tensor_value(node)
+        if src is None or src.device != dst.device or src.is_floating_point() or dst.is_floating_point():
+            return
+        node = node.args[0]
+    y = node.args[0]
+    yv = N.tensor_value(y)
+    if yv is None or yv.is_floating_point() or yv.dim() != z.dim() - 1 or yv.device != z.device:
+        return
+    if _token_slice(node.args[1], yv.dim(), stop=False) != k:
+        return
+    if not N.same_shape(tuple(yv.shape), tuple(z.shape[:-1])):
+        return
+    t = N.tensor_value(m.targets)
+    sliced = N.tensor_value(node)
+    if m.reduction == "none" and not N.same_shape(tuple(t.shape), tuple(sliced.shape)):
+        if t.dim() != 1:
+            return
+        m.shift_reshape = True
+    m.shift, m.shift_targets = k, y
+
+
+def _token_slice(index: Any, ndim: int, stop: bool) -> int | None:
+    """k when ``index`` slices only the last token dim as ``:-k`` (stop=True, the logits, whose
+    last dim is the class dim) or ``k:`` (stop=False, the labels)."""
+    elements = _index_elements(index)
+    if any(e is None or isinstance(e, (int, Node)) for e in elements):
+        return None
+    dim = ndim - 2 if stop else ndim - 1
+    if Ellipsis in elements:
+        i = elements.index(Ellipsis)
+        before, after = elements[:i], elements[i + 1 :]
+        positions = list(range(len(before))) + list(range(ndim - len(after), ndim))
+        elements = before + after
+    else:
+        positions = list(range(len(elements)))
+    k = None
+    for pos, e in zip(positions, elements):
+        if pos == dim:
+            if not isinstance(e, slice) or e.step not in (None, 1):
+                return None
+            if stop and e.start in (None, 0) and isinstance(e.stop, int) and e.stop < 0:
+                k = -e.stop
+            elif not stop and e.stop is None and isinstance(e.start, int) and e.start > 0:
+                k = e.start
+            else:
+                return None
+        elif not _is_full_slice(e):
+            return None
+    return k

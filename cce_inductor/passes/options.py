@@ -1,0 +1,49 @@
+"""Options of the rewrite, shared by the backend, enable() and explain()."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+
+IMPLS = ("auto", "torch", "triton")
+
+
+@dataclass(frozen=True)
+class Options:
+    """What the rewrite does at each site.
+
+    Attributes:
+        detach_logits: logits the compiled region returns (the projection's output, or a cast /
+            reshape / softcap of it on the way to the loss) are returned as ``logits.detach()``:
+            the same values, but ``requires_grad=False`` and no ``grad_fn``, so the backward gets
+            no N x V gradient for them and saves nothing for them. Gradients can then no longer
+            flow through the returned logits (a loss computed from them outside the compiled
+            region does not reach the model). Uses inside the compiled region are unchanged.
+            Off by default: returned logits keep their exact semantics.
+        exact: pass ``exact=True`` to the op (no gradient filtering in the Triton backward).
+        impl: the op's ``impl=``: "auto" (Triton on CUDA, torch otherwise), "triton" or "torch".
+    """
+
+    detach_logits: bool = False
+    exact: bool = False
+    impl: str = "auto"
+
+    def __post_init__(self):
+        for name in ("detach_logits", "exact"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"cce option {name} must be a bool, got {getattr(self, name)!r}")
+        if self.impl not in IMPLS:
+            raise ValueError(f"cce option impl must be one of {IMPLS}, got {self.impl!r}")
+
+    @classmethod
+    def names(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in fields(cls))
+
+    @classmethod
+    def from_kwargs(cls, **kwargs) -> "Options":
+        unknown = sorted(set(kwargs) - set(cls.names()))
+        if unknown:
+            raise TypeError(f"unknown cce option(s) {unknown}; known: {list(cls.names())}")
+        return cls(**kwargs)
+
+    def as_dict(self) -> dict:
+        return asdict(self)

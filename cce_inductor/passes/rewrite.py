@@ -1,0 +1,496 @@
+"""Replace each matched linear -> cross-entropy site by a call of ``cce_inductor.linear_cross_entropy``.
+
+For a site matched by :mod:`.matcher`, the token-dim shape ops that stood between the projection
+and the loss are replayed on the embeddings (N x D) instead of the logits (N x V); scalings become a
+scaling of the embeddings (and bias), a softcap becomes the op's ``softcap=``, a label shift the
+op's ``shift=``; lossless casts disappear (the op accumulates in float32 and returns a float32 loss,
+cast back to the loss call's dtype where that differs). Every size stays symbolic: sizes are either
+copied from the graph, read with ``size()`` nodes, or left to ``-1``. The loss call is replaced,
+then the nodes that fed only it are removed (dead-code elimination limited to them).
+
+Logits with other users (returned from the graph, argmax, ...) stay; the report says which.
+"""
+
+from __future__ import annotations
+
+import logging
+import operator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch.fx import Graph, Node
+from torch.fx.node import map_arg
+
+from ..ops import linear_cross_entropy
+from . import nodes as N
+from .matcher import Match, NoMatch, Skip, find_anchors, match_site
+from .options import Options
+
+log = logging.getLogger("cce_inductor")
+
+
+@dataclass
+class Remaining:
+    """An N x V tensor of a site that stays in the graph after the rewrite."""
+
+    node: str
+    shape: tuple | None
+    dtype: str
+    nbytes: int | None
+    why: str
+
+
+@dataclass
+class SiteReport:
+    """What happened at one loss call."""
+
+    anchor: str
+    kind: str
+    location: str
+    status: str  # "rewritten" | "skipped"
+    reason: str = ""
+    tokens: int | None = None
+    hidden: int | None = None
+    vocab: int | None = None
+    logits_dtype: str = ""
+    details: dict = field(default_factory=dict)
+    bytes_avoided: int | None = None  # N x V bytes no longer in the graph (estimate)
+    remaining: list[Remaining] = field(default_factory=list)
+
+    def summary(self) -> str:
+        where = f" at {self.location}" if self.location else ""
+        head = f"{self.kind} ({self.anchor}){where}: {self.status}"
+        if self.status == "skipped":
+            return f"{head} -- {self.reason}"
+        return head
+
+
+# ----------------------------------------------------------------------------- graph level
+
+
+def rewrite_graph(graph: Graph, options: Options | None = None) -> list[SiteReport]:
+    """Rewrite every matched site of ``graph`` in place; one report per loss call."""
+    options = options or Options()
+    reports: list[tuple[SiteReport, Match | None]] = []
+    for anchor in find_anchors(graph):
+        site = match_site(anchor)
+        if isinstance(site, Match):
+            try:
+                report = _apply(graph, site, options)
+            except NoMatch as reason:
+                site = Skip(anchor, site.kind, str(reason), site.projection)
+            else:
+                reports.append((report, site))
+                continue
+        reports.append((_skip_report(site), None))
+    for report, match in reports:
+        if match is not None:
+            _account(graph, report, match, options)
+    for report, _ in reports:
+        _log(report)
+    return [r for r, _ in reports]
+
+
+def _log(report: SiteReport) -> None:
+    log.info("cce: %s", report.summary())
+    for rem in report.remaining:
+        log.info("cce:   N x V tensor %s %s stays: %s", rem.node, rem.shape, rem.why)
+
+
+# ----------------------------------------------------------------------------- one site
+
+
+class _Builder:
+    """Creates nodes before the loss call, remembering them to undo on failure."""
+
+    def __init__(self, graph: Graph, anchor: Node):
+        self.graph = graph
+        self.anchor = anchor
+        self.created: list[Node] = []
+
+    def method(self, name: str, *args, **kwargs) -> Node:
+        return self._add(self.graph.call_method(name, args, kwargs))
+
+    def function(self, fn, *args, **kwargs) -> Node:
+        return self._add(self.graph.call_function(fn, args, kwargs))
+
+    def _add(self, node: Node) -> Node:
+        for key in ("stack_trace", "nn_module_stack"):
+            if key in self.anchor.meta:
+                node.meta[key] = self.anchor.meta[key]
+        self.created.append(node)
+        return node
+
+    def undo(self) -> None:
+        for node in reversed(self.created):
+            self.graph.erase_node(node)
+
+
+def _apply(graph: Graph, m: Match, options: Options) -> SiteReport:
+    anchor = m.anchor
+    b = _Builder(graph, anchor)
+    try:
+        with graph.inserting_before(anchor):
+            exits = _enter_projection_autocast(b, m)
+            if m.shift:
+                e, targets = m.x, m.shift_targets
+            else:
+                e, targets = _replay_on_embeddings(b, m), m.targets
+            e = _scale(b, e, m.scale)
+            bias = _scale(b, m.bias, m.scale) if m.bias is not None else None
+            weight = m.weight if m.weight_is_vd else b.method("t", m.weight)
+            kwargs: dict[str, Any] = {"ignore_index": m.ignore_index, "reduction": m.reduction}
+            if m.softcap is not None:
+                kwargs["softcap"] = m.softcap
+            if m.shift:
+                kwargs["shift"] = m.shift
+            if not (isinstance(m.label_smoothing, (int, float)) and m.label_smoothing == 0):
+                kwargs["label_smoothing"] = m.label_smoothing
+            kwargs["impl"] = options.impl
+            kwargs["exact"] = options.exact
+            out = b.function(linear_cross_entropy, e, weight, targets, bias, **kwargs)
+            if m.shift_reshape:
+                out = b.method("reshape", out, -1)
+            if m.out_dtype != torch.float32:
+                out = b.method("to", out, m.out_dtype)
+            for enter in reversed(exits):
+                b.function(N.AUTOCAST_EXIT, enter)
+    except NoMatch:
+        b.undo()
+        raise
+    _propagate_meta(b.created)
+
+    report = _site_report(m, "rewritten")
+    report.details = _details(m)
+    report.bytes_avoided = _chain_bytes(m, set(m.chain)) + _loss_workspace_bytes(m)
+    inputs = anchor.all_input_nodes
+    anchor.replace_all_uses_with(out)
+    graph.erase_node(anchor)
+    _prune(graph, inputs)
+    return report
+
+
+def _replay_on_embeddings(b: _Builder, m: Match) -> Node:
+    """Apply the logits' token-dim shape ops to the embeddings: e has the loss input's layout with
+    the class dim (V) replaced by the hidden dim (D), moved last."""
+    hidden = _hidden_size(b, m)
+    counterpart: dict[Node, Node] = {m.projection: m.x}
+    class_pos: dict[Node, int] = {m.projection: N.tensor_value(m.projection).dim() - 1}
+    steps = {s.node: s for s in m.steps}
+    cur = m.x
+    for prev, node in zip(m.chain, m.chain[1:]):
+        step = steps.get(node)
+        if step is None:  # a value op, a cast or contiguous: the layout is unchanged
+            counterpart[node], class_pos[node] = cur, class_pos[prev]
+            continue
+        remap = _size_remapper(b, counterpart, class_pos, hidden)
+        if step.kind == "reshape":
+            shape = N.varargs(node, 1, "shape")
+            cur = b.method("reshape", cur, *[remap(s) for s in shape[:-1]], hidden)
+        elif step.kind == "t":
+            if N.is_transpose_attr(node) and node.args[1] == "mT":
+                cur = b.method("transpose", cur, -2, -1)
+            else:
+                cur = b.method("t", cur)
+        elif node.op == "call_method":
+            cur = b.method(node.target, cur, *map_arg(tuple(node.args[1:]), remap), **map_arg(dict(node.kwargs), remap))
+        else:
+            cur = b.function(node.target, cur, *map_arg(tuple(node.args[1:]), remap), **map_arg(dict(node.kwargs), remap))
+        counterpart[node], class_pos[node] = cur, step.class_out
+    if m.class_dim != N.tensor_value(m.logits).dim() - 1:
+        cur = b.method("movedim", cur, m.class_dim, -1)
+    return cur
+
+
+def _hidden_size(b: _Builder, m: Match):
+    d = m.hidden
+    if isinstance(d, int):
+        return d
+    return b.method("size", m.weight, 1 if m.weight_is_vd else 0)
+
+
+def _size_remapper(b: _Builder, counterpart: dict, class_pos: dict, hidden):
+    """Arguments that read a size of the logits read it from the embeddings instead, so that the
+    logits are not kept alive for their shape."""
+
+    def remap(arg: Node):
+        if N.is_kind(arg, "size") and len(arg.args) >= 2 and arg.args[0] in counterpart:
+            src = arg.args[0]
+            dim = N.normalize_dim(arg.args[1], N.tensor_value(src).dim())
+            if dim is None:
+                return arg
+            if dim == class_pos[src]:
+                raise NoMatch("a reshape reads the vocabulary size from the logits")
+            return b.method("size", counterpart[src], dim)
+        if arg in counterpart:
+            raise NoMatch(f"{arg.name} is used as an argument of a shape op")
+        return arg
+
+    return remap
+
+
+def _scale(b: _Builder, t: Node, factors) -> Node:
+    for f in factors:
+        if isinstance(f, float):
+            t = b.function(operator.mul, t, f)
+        else:
+            node, exp = f
+            t = b.function(operator.mul if exp == 1 else operator.truediv, t, node)
+    return t
+
+
+# ----------------------------------------------------------------------------- autocast
+
+
+def _autocast_stack(graph: Graph, target: Node) -> tuple[Node, ...]:
+    stack: list[Node] = []
+    for node in graph.nodes:
+        if node is target:
+            return tuple(stack)
+        if N.is_kind(node, "autocast_enter"):
+            stack.append(node)
+        elif N.is_kind(node, "autocast_exit") and node.args and node.args[0] in stack:
+            stack.remove(node.args[0])
+    return tuple(stack)
+
+
+def _enter_projection_autocast(b: _Builder, m: Match) -> list[Node]:
+    """Where the projection ran under another autocast state than the loss (``with autocast():``
+    around the model, the loss outside), run the op under the projection's state, as F.linear
+    was: re-enter the projection's autocast regions (and disable those only the loss is in)."""
+    if m.projection is None:
+        return []
+    at_proj = _autocast_stack(b.graph, m.projection)
+    at_loss = _autocast_stack(b.graph, m.anchor)
+    if at_proj == at_loss:
+        return []
+    if not (at_proj or at_loss):
+        return []
+    template = (at_proj or at_loss)[0]
+    devices_proj = {n.args[0] for n in at_proj}
+    enters = []
+    for node in at_proj:
+        enters.append(b.function(node.target, *node.args, **node.kwargs))
+    for device in dict.fromkeys(n.args[0] for n in at_loss):
+        if device not in devices_proj:
+            enters.append(b.function(template.target, device, None, False, None))
+    return enters
+
+
+# ----------------------------------------------------------------------------- cleanup and metadata
+
+
+def _prune(graph: Graph, roots) -> None:
+    """Erase nodes left without users by the rewrite (only those reachable from ``roots``)."""
+    work = list(roots)
+    while work:
+        node = work.pop()
+        if getattr(node, "_erased", False) or node.op in ("placeholder", "output", "get_attr"):
+            continue
+        if node.users or node.is_impure():
+            continue
+        inputs = node.all_input_nodes
+        graph.erase_node(node)
+        work.extend(inputs)
+
+
+def _propagate_meta(created: list[Node]) -> None:
+    """Best effort: give new nodes an ``example_value`` by running them on the fake values, for
+    passes that run after this one. Nothing downstream in Inductor depends on it."""
+    fake_mode = None
+    for node in created:
+        for inp in node.all_input_nodes:
+            v = N.tensor_value(inp)
+            fake_mode = fake_mode or getattr(v, "fake_mode", None)
+    if fake_mode is None:
+        return
+    for node in created:
+        if N.is_kind(node, "autocast_enter") or N.is_kind(node, "autocast_exit"):
+            continue
+        try:
+            args = map_arg(node.args, N.value)
+            kwargs = map_arg(node.kwargs, N.value)
+            with fake_mode:
+                if node.op == "call_method":
+                    val = getattr(args[0], node.target)(*args[1:], **kwargs)
+                else:
+                    val = node.target(*args, **kwargs)
+            node.meta["example_value"] = val
+        except Exception:  # noqa: BLE001 - metadata is optional
+            return
+
+
+# ----------------------------------------------------------------------------- accounting
+
+
+def _skip_report(site: Skip) -> SiteReport:
+    report = SiteReport(site.anchor.name, site.kind, N.location(site.anchor), "skipped", site.reason)
+    if site.projection is not None:
+        z = N.tensor_value(site.projection)
+        if z is not None and z.dim() >= 1:
+            report.vocab = N.hint(z.shape[-1])
+            report.tokens = _numel_hint(z.shape[:-1])
+            report.logits_dtype = str(z.dtype).replace("torch.", "")
+    return report
+
+
+def _site_report(m: Match, status: str) -> SiteReport:
+    report = SiteReport(m.anchor.name, m.kind, N.location(m.anchor), status)
+    x = N.tensor_value(m.x)
+    report.hidden, report.vocab = N.hint(m.hidden), N.hint(m.vocab)
+    report.tokens = _numel_hint(x.shape[:-1])
+    z = N.tensor_value(m.projection) if m.projection is not None else x
+    report.logits_dtype = str(z.dtype).replace("torch.", "")
+    return report
+
+
+def _details(m: Match) -> dict:
+    d: dict[str, Any] = {
+        "projection": N.describe(m.projection) if m.projection is not None else "F.linear_cross_entropy",
+        "bias": m.bias is not None,
+        "reduction": m.reduction,
+        "ignore_index": m.ignore_index,
+    }
+    if m.shift:
+        d["shift"] = m.shift
+    if m.softcap is not None:
+        d["softcap"] = m.softcap if not isinstance(m.softcap, Node) else m.softcap.name
+    if m.scale:
+        d["scale"] = [f if isinstance(f, float) else f"{'*' if f[1] == 1 else '/'}{f[0].name}" for f in m.scale]
+    if m.steps:
+        d["token_ops"] = [N.describe(s.node) for s in m.steps]
+    if not m.weight_is_vd:
+        d["weight_layout"] = "(D, V)"
+    return d
+
+
+def _numel_hint(shape) -> int | None:
+    total = 1
+    for s in shape:
+        h = N.hint(s)
+        if h is None:
+            return None
+        total *= int(h)
+    return total
+
+
+def _nbytes(node: Node) -> int | None:
+    v = N.tensor_value(node)
+    if v is None:
+        return None
+    n = _numel_hint(v.shape)
+    return None if n is None else n * v.element_size()
+
+
+_NON_CONTIGUOUS_VIEWS = ("getitem", "transpose", "t", "permute", "movedim")
+
+
+def _materialized(m: Match) -> list[Node]:
+    """The chain nodes that own N x V memory (an estimate from the op kinds)."""
+    out, strided = [], False
+    for prev, node in zip([None] + m.chain, m.chain):
+        kind = N.kind_of(node)
+        if prev is None:  # the projection
+            out.append(node)
+            continue
+        pv, nv = N.tensor_value(prev), N.tensor_value(node)
+        if kind in ("identity", "reshape", "flatten"):
+            if kind == "identity" and node.target == "clone" or (strided and node.target != "view"):
+                out.append(node)
+                strided = False
+        elif kind == "cast":
+            if nv.dtype != pv.dtype:
+                out.append(node)
+                strided = False
+        elif kind in _NON_CONTIGUOUS_VIEWS:
+            if kind == "getitem" and any(isinstance(e, Node) for e in _index_nodes(node)):
+                out.append(node)
+                strided = False
+            else:
+                strided = True
+        elif kind in ("squeeze", "unsqueeze", "unflatten", "detach"):
+            pass
+        else:  # value ops: scale, tanh, bias add, log_softmax
+            out.append(node)
+            strided = False
+    return out
+
+
+def _index_nodes(node: Node) -> list:
+    index = node.args[1] if len(node.args) > 1 else ()
+    elements = list(index) if isinstance(index, (tuple, list)) else [index]
+    return [e for e in elements if isinstance(e, Node) and N.tensor_value(e) is not None]
+
+
+def _chain_bytes(m: Match, subset: set) -> int | None:
+    if m.projection is None:
+        return 0
+    total = 0
+    for node in _materialized(m):
+        if node in subset:
+            nb = _nbytes(node)
+            if nb is None:
+                return None
+            total += nb
+    return total
+
+
+def _loss_workspace_bytes(m: Match) -> int:
+    """cross_entropy's own N x V: the log-softmax it saves for the backward (in its input's dtype)."""
+    if m.kind == "nll_loss":
+        return 0  # the log_softmax is a node of the chain, counted there
+    if m.logits is None:  # F.linear_cross_entropy: its logits and log-softmax, in e's dtype
+        x = N.tensor_value(m.x)
+        n = _numel_hint(x.shape[:-1])
+        v = N.hint(m.vocab)
+        return 0 if n is None or v is None else 2 * n * int(v) * x.element_size()
+    nb = _nbytes(m.logits)
+    return nb or 0
+
+
+def _account(graph: Graph, report: SiteReport, m: Match, options: Options) -> None:
+    """After all sites are rewritten: which N x V tensors of this site stay, and why; with
+    ``detach_logits``, detach the ones the graph returns."""
+    if m.projection is None:
+        return
+    live = set(graph.nodes)
+    alive = [n for n in m.chain if n in live]
+    if not alive:
+        return
+    output = next(n for n in reversed(graph.nodes) if n.op == "output")
+    alive_set = set(alive)
+    for node in alive:
+        outside = [u for u in node.users if u not in alive_set]
+        for user in outside:
+            if user is output:
+                v = N.tensor_value(node)
+                if options.detach_logits and v is not None and v.requires_grad:
+                    with graph.inserting_before(output):
+                        detached = graph.call_method("detach", (node,))
+                    detached.meta["example_value"] = v.detach() if hasattr(v, "detach") else v
+                    output.replace_input_with(node, detached)
+                    why = "returned from the compiled region, detached (detach_logits=True)"
+                elif v is not None and v.requires_grad:
+                    why = (
+                        "returned from the compiled region with requires_grad: the backward gets an "
+                        "N x V gradient for it (use detach_logits=True if you only look at the logits)"
+                    )
+                else:
+                    why = "returned from the compiled region"
+            else:
+                where = N.location(user)
+                why = f"used by {N.describe(user)} ({user.name}{', ' + where if where else ''})"
+            v = N.tensor_value(node)
+            report.remaining.append(
+                Remaining(
+                    node.name,
+                    None if v is None else tuple(N.hint(s) for s in v.shape),
+                    "" if v is None else str(v.dtype).replace("torch.", ""),
+                    _nbytes(node),
+                    why,
+                )
+            )
+    kept = _chain_bytes(m, alive_set)
+    if report.bytes_avoided is not None and kept is not None:
+        report.bytes_avoided = max(0, report.bytes_avoided - kept)
