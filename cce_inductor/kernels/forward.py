@@ -1,0 +1,216 @@
+"""Forward of cut cross-entropy: per-token log-sum-exp and loss, never the N x V logits.
+
+Algorithm (split-vocabulary online softmax, two launches, no locks):
+  1. ``_lse_partial_kernel``, 1-D grid of (token tiles) x (vocab splits), the token tile varying
+     fastest so that the programs resident together read the same classifier rows (one pass of C
+     through L2 per wave rather than per token tile). A program owns BLOCK_N tokens and a
+     contiguous run of vocab tiles; for each vocab tile it computes the logit tile
+         z = E[n] @ C[v]^T (+ bias[v]) (softcapped: cap * tanh(z / cap))     # [BLOCK_N, BLOCK_V]
+     in float32 on chip (tl.dot over D in BLOCK_D steps, inputs in their own dtype), and folds it
+     into a running max m and sum of exp(z - m) per token. The target logit z_y is taken from the
+     same tile when the target falls in it, so that loss = lse - z_y of a confident token cancels
+     consistently; with label smoothing the sum of the logits is accumulated too. Outputs per
+     program: one partial lse per token (and a partial logit sum); the target logit is written by
+     the one program whose vocab run holds the target.
+  2. ``_combine_kernel``: lse = logsumexp over the splits; loss = lse - (1 - ls) z_y - ls / V sum_j z_j,
+     0 where the target is ignore_index, NaN where it is outside [0, V).
+
+Sizes: the number of splits is picked on the host (integers only, no device sync) so that
+(token tiles x splits) fills whole waves of the GPU; the partial buffers hold splits x N floats
+(capped at 4 MiB each). All row offsets are int64 (N * D and V * D may pass 2^31).
+Limits: dots in float32 inputs are IEEE float32 (not tf32); logits are accumulated in float32.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from .common import TileConfig, dot, dot_precision, dot_upcast, forward_config, prepare_inputs, sm_count, softcap_tanh
+
+_PARTIAL_BYTES = 4 * 2**20  # cap on one partial buffer (splits x N float32)
+
+
+@triton.jit
+def _lse_partial_kernel(
+    # data
+    E, C, Bias, Targets, LsePart, LogitSumPart, TargetLogit,
+    # shapes
+    N, V, D, tiles_per_split,
+    # strides (the D stride of E and C is 1)
+    stride_en, stride_cv,
+    # constants
+    softcap,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_SMOOTHING: tl.constexpr,
+    EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    num_n_tiles = tl.cdiv(N, BLOCK_N)
+    pid_n = pid % num_n_tiles
+    pid_split = pid // num_n_tiles
+
+    offs_n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)  # [BLOCK_N]
+    mask_n = offs_n < N
+    offs_d = tl.arange(0, BLOCK_D)  # [BLOCK_D]
+    targets = tl.load(Targets + offs_n, mask=mask_n, other=-1)  # [BLOCK_N] int64
+
+    v_tile_begin = pid_split * tiles_per_split
+    v_tile_end = tl.minimum(v_tile_begin + tiles_per_split, tl.cdiv(V, BLOCK_V))
+
+    run_max = tl.full((BLOCK_N,), float("-inf"), tl.float32)
+    run_sum = tl.zeros((BLOCK_N,), tl.float32)
+    target_logit = tl.zeros((BLOCK_N,), tl.float32)
+    logit_sum = tl.zeros((BLOCK_N,), tl.float32)
+
+    e_ptrs0 = E + offs_n[:, None] * stride_en + offs_d[None, :]  # [BLOCK_N, BLOCK_D]
+    for v_tile in range(v_tile_begin, v_tile_end):
+        offs_v = (v_tile * BLOCK_V + tl.arange(0, BLOCK_V)).to(tl.int64)  # [BLOCK_V]
+        mask_v = offs_v < V
+        e_ptrs = e_ptrs0
+        c_ptrs = C + offs_v[None, :] * stride_cv + offs_d[:, None]  # [BLOCK_D, BLOCK_V]
+        acc = tl.zeros((BLOCK_N, BLOCK_V), tl.float32)
+        for d0 in range(0, D, BLOCK_D):
+            if EVEN_D:
+                e_blk = tl.load(e_ptrs, mask=mask_n[:, None], other=0.0)
+                c_blk = tl.load(c_ptrs, mask=mask_v[None, :], other=0.0)
+            else:
+                mask_d = (d0 + offs_d) < D
+                e_blk = tl.load(e_ptrs, mask=mask_n[:, None] & mask_d[None, :], other=0.0)
+                c_blk = tl.load(c_ptrs, mask=mask_v[None, :] & mask_d[:, None], other=0.0)
+            acc = dot(e_blk, c_blk, acc, DOT_PRECISION, UPCAST)
+            e_ptrs += BLOCK_D
+            c_ptrs += BLOCK_D
+
+        z = acc  # [BLOCK_N, BLOCK_V] float32 logits
+        if HAS_BIAS:
+            z += tl.load(Bias + offs_v, mask=mask_v, other=0.0).to(tl.float32)[None, :]
+        if HAS_SOFTCAP:
+            z = softcap * softcap_tanh(z, softcap)
+
+        z_valid = tl.where(mask_v[None, :], z, float("-inf"))
+        new_max = tl.maximum(run_max, tl.max(z_valid, axis=1))
+        run_sum = run_sum * tl.exp(run_max - new_max) + tl.sum(tl.exp(z_valid - new_max[:, None]), axis=1)
+        run_max = new_max
+        target_logit += tl.sum(tl.where(offs_v[None, :] == targets[:, None], z, 0.0), axis=1)
+        if HAS_SMOOTHING:
+            logit_sum += tl.sum(tl.where(mask_v[None, :], z, 0.0), axis=1)
+
+    part = pid_split.to(tl.int64) * N + offs_n
+    tl.store(LsePart + part, run_max + tl.log(run_sum), mask=mask_n)
+    if HAS_SMOOTHING:
+        tl.store(LogitSumPart + part, logit_sum, mask=mask_n)
+    owns_target = (targets >= v_tile_begin * BLOCK_V) & (targets < v_tile_end * BLOCK_V)
+    tl.store(TargetLogit + offs_n, target_logit, mask=mask_n & owns_target)
+
+
+@triton.jit
+def _combine_kernel(
+    # data
+    LsePart, LogitSumPart, TargetLogit, Targets, Loss, Lse,
+    # shapes
+    N, V, num_splits,
+    # constants
+    ignore_index, target_weight, uniform_weight,
+    BLOCK_T: tl.constexpr, BLOCK_S: tl.constexpr, HAS_SMOOTHING: tl.constexpr,
+):
+    offs_t = (tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)).to(tl.int64)  # [BLOCK_T]
+    mask_t = offs_t < N
+    run_max = tl.full((BLOCK_T,), float("-inf"), tl.float32)
+    run_sum = tl.zeros((BLOCK_T,), tl.float32)
+    logit_sum = tl.zeros((BLOCK_T,), tl.float32)
+    for s0 in range(0, num_splits, BLOCK_S):
+        offs_s = s0 + tl.arange(0, BLOCK_S)  # [BLOCK_S]
+        mask = mask_t[:, None] & (offs_s < num_splits)[None, :]
+        ptrs = offs_s[None, :].to(tl.int64) * N + offs_t[:, None]  # [BLOCK_T, BLOCK_S]
+        part = tl.load(LsePart + ptrs, mask=mask, other=float("-inf"))
+        new_max = tl.maximum(run_max, tl.max(part, axis=1))
+        new_max = tl.where(mask_t, new_max, 0.0)  # rows past N: keep the arithmetic finite
+        run_sum = run_sum * tl.exp(run_max - new_max) + tl.sum(tl.exp(part - new_max[:, None]), axis=1)
+        run_max = new_max
+        if HAS_SMOOTHING:
+            logit_sum += tl.sum(tl.load(LogitSumPart + ptrs, mask=mask, other=0.0), axis=1)
+    lse = run_max + tl.log(tl.where(mask_t, run_sum, 1.0))
+
+    targets = tl.load(Targets + offs_t, mask=mask_t, other=ignore_index)
+    valid = targets != ignore_index
+    in_range = (targets >= 0) & (targets < V)
+    target_logit = tl.load(TargetLogit + offs_t, mask=mask_t & valid & in_range, other=0.0)
+    loss = lse - target_weight * target_logit
+    if HAS_SMOOTHING:
+        loss -= uniform_weight * logit_sum
+    loss = tl.where(in_range, loss, float("nan"))
+    loss = tl.where(valid, loss, 0.0)
+    tl.store(Loss + offs_t, loss, mask=mask_t)
+    tl.store(Lse + offs_t, lse, mask=mask_t)
+
+
+@functools.lru_cache(maxsize=1024)
+def vocab_splits(n_tiles: int, v_tiles: int, sms: int, max_splits: int) -> tuple[int, int]:
+    """(vocab tiles per split, splits) that minimize the waves x tiles-per-program makespan, one
+    program per SM at a time; ties go to fewer splits (less partial memory)."""
+    best = None
+    for s in range(1, min(v_tiles, max_splits) + 1):
+        per_split = -(-v_tiles // s)
+        splits = -(-v_tiles // per_split)
+        cost = -(-(n_tiles * splits) // sms) * per_split
+        if best is None or cost < best[0]:
+            best = (cost, per_split, splits)
+    return best[1], best[2]
+
+
+def lce_forward(
+    e: Tensor,
+    c: Tensor,
+    bias: Tensor | None,
+    targets: Tensor,
+    ignore_index: int,
+    softcap: float,
+    label_smoothing: float,
+    *,
+    config: TileConfig | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Per-token loss and log-sum-exp (float32, shape (N,)); semantics of reference.chunked_forward."""
+    e, c, bias, targets = prepare_inputs(e, c, bias, targets)
+    num_tokens, dim = e.shape
+    vocab = c.shape[0]
+    loss = torch.empty(num_tokens, dtype=torch.float32, device=e.device)
+    lse = torch.empty_like(loss)
+    if num_tokens == 0:
+        return loss, lse
+    cfg = config or forward_config(e)
+    n_tiles = triton.cdiv(num_tokens, cfg.block_n)
+    v_tiles = triton.cdiv(vocab, cfg.block_v)
+    max_splits = max(1, min(1024, _PARTIAL_BYTES // (4 * num_tokens)))
+    tiles_per_split, splits = vocab_splits(n_tiles, v_tiles, sm_count(e.device), max_splits)
+
+    smoothing = label_smoothing != 0.0
+    lse_part = torch.empty(splits, num_tokens, dtype=torch.float32, device=e.device)
+    logit_sum_part = torch.empty_like(lse_part) if smoothing else lse_part
+    target_logit = torch.empty_like(loss)
+    _lse_partial_kernel[(n_tiles * splits,)](
+        e, c, bias, targets, lse_part, logit_sum_part, target_logit,
+        num_tokens, vocab, dim, tiles_per_split,
+        e.stride(0), c.stride(0),
+        float(softcap),
+        BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_D=cfg.block_d,
+        HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap != 0.0, HAS_SMOOTHING=smoothing,
+        EVEN_D=dim % cfg.block_d == 0, DOT_PRECISION=dot_precision(e.dtype), UPCAST=dot_upcast(e),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    block_t = 64
+    _combine_kernel[(triton.cdiv(num_tokens, block_t),)](
+        lse_part, logit_sum_part, target_logit, targets, loss, lse,
+        num_tokens, vocab, splits,
+        ignore_index, 1.0 - label_smoothing, label_smoothing / vocab,
+        BLOCK_T=block_t, BLOCK_S=min(64, triton.next_power_of_2(splits)), HAS_SMOOTHING=smoothing,
+        num_warps=4,
+    )
+    return loss, lse
+
+
+__all__ = ["lce_forward", "vocab_splits"]

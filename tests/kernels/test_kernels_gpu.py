@@ -1,0 +1,152 @@
+"""The Triton kernels on CUDA: the interpreter tests' properties, large shapes, the accuracy bar,
+determinism. Every test is marked ``gpu`` (skipped without CUDA)."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from cce_inductor import linear_cross_entropy, reference
+from cce_inductor.testing import make_inputs, regime_stats
+from kernel_cases import CASES, check_case
+
+pytestmark = pytest.mark.gpu
+
+kernels = pytest.importorskip("cce_inductor.kernels")
+
+
+def _rel(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
+def test_cases_match_float64(case, dtype):
+    check_case(case, dtype, "cuda")
+
+
+# ----------------------------------------------------------------------------- the accuracy bar
+
+BAR_SHAPE = (4096, 2304, 256000)  # N, D, V: Gemma 2's head at half the benchmark's tokens
+
+
+def _grads(fn, e, c, y):
+    e = e.detach().clone().requires_grad_()
+    c = c.detach().clone().requires_grad_()
+    loss = fn(e, c, y)
+    loss.backward()
+    return loss.detach().float(), e.grad.float(), c.grad.float()
+
+
+def _float32_math(e, c, y):
+    return F.cross_entropy(e.float() @ c.float().T, y)
+
+
+def _torch_bf16(e, c, y):
+    return F.cross_entropy(F.linear(e, c).float(), y)
+
+
+class _no_tf32:
+    def __enter__(self):
+        self.prev = torch.backends.cuda.matmul.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = False
+
+    def __exit__(self, *exc):
+        torch.backends.cuda.matmul.allow_tf32 = self.prev
+
+
+@pytest.fixture(scope="module", params=["uniform", "lm"])
+def bar_inputs(request):
+    n, d, v = BAR_SHAPE
+    inp = make_inputs(request.param, n, d, v, device="cuda", seed=0)
+    with _no_tf32():
+        gold = _grads(_float32_math, inp.e, inp.c, inp.targets)
+    plain = _grads(_torch_bf16, inp.e, inp.c, inp.targets)
+    print(request.param, regime_stats(inp.e[:512], inp.c))
+    return request.param, inp, gold, plain
+
+
+@pytest.mark.parametrize("exact", [True, False], ids=["exact", "filtered"])
+def test_bf16_accuracy_bar(bar_inputs, exact):
+    regime, inp, gold, plain = bar_inputs
+    ours = _grads(lambda e, c, y: linear_cross_entropy(e, c, y, impl="triton", exact=exact), inp.e, inp.c, inp.targets)
+    loss_err = _rel(ours[0], gold[0])
+    errs = {name: (_rel(ours[i], gold[i]), _rel(plain[i], gold[i])) for i, name in ((1, "dE"), (2, "dC"))}
+    print(f"{regime} exact={exact} loss {loss_err:.1e} " + " ".join(f"{k} ours {a:.2e} torch-bf16 {b:.2e}" for k, (a, b) in errs.items()))
+    assert loss_err <= 1e-3
+    for name, (err, torch_err) in errs.items():
+        assert err <= max(1.5 * torch_err, 5e-3), (regime, exact, name, err, torch_err)
+
+
+# ----------------------------------------------------------------------------- large shapes
+
+
+def _check_against_chunked(e, c, y, grad_tol=1e-2):
+    """Ours against the pure-torch chunked path (float32 math on the same bf16 inputs)."""
+    loss, lse = kernels.lce_forward(e, c, None, y, -100, 0.0, 0.0)
+    ref_loss, ref_lse = reference.chunked_forward(e, c, None, y, -100, 0.0, 0.0)
+    assert _rel(lse, ref_lse) <= 1e-5 and _rel(loss, ref_loss) <= 1e-4
+    tail = slice(-100, None)  # the last rows: wrong 32-bit offsets would land here
+    assert _rel(loss[tail], ref_loss[tail]) <= 1e-4
+    g = torch.rand(e.shape[0], device=e.device)
+    zero = torch.zeros_like(g)
+    de, dc, _ = kernels.lce_backward(e, c, None, y, lse, g, zero, -100, 0.0, 0.0, False, True, True, False)
+    ref_de, ref_dc, _ = reference.chunked_backward(e, c, None, y, ref_lse.float(), g, zero, -100, 0.0, 0.0,
+                                                   True, True, False)
+    assert _rel(de, ref_de) <= grad_tol and _rel(dc, ref_dc) <= grad_tol
+    assert _rel(de[tail], ref_de[tail]) <= grad_tol and _rel(dc[-1000:], ref_dc[-1000:]) <= grad_tol
+
+
+def test_n_times_v_past_2_pow_31():
+    n, d, v = 8500, 128, 256000
+    assert n * v > 2**31
+    g = torch.Generator(device="cuda").manual_seed(0)
+    e = torch.randn(n, d, device="cuda", generator=g).bfloat16()
+    c = (torch.randn(v, d, device="cuda", generator=g) / math.sqrt(d) * 3).bfloat16()
+    y = torch.randint(0, v, (n,), device="cuda", generator=g)
+    _check_against_chunked(e, c, y)
+
+
+def test_v_times_d_past_2_pow_31():
+    n, d, v = 64, 8200, 2**18
+    assert v * d > 2**31
+    g = torch.Generator(device="cuda").manual_seed(1)
+    e = (torch.randn(n, d, device="cuda", generator=g) / math.sqrt(d)).bfloat16()
+    c = torch.randn(v, d, device="cuda", generator=g).bfloat16()
+    y = torch.randint(0, v, (n,), device="cuda", generator=g)
+    y[-1] = v - 1  # the last row of C
+    _check_against_chunked(e, c, y)
+    del c
+    torch.cuda.empty_cache()
+
+
+# ----------------------------------------------------------------------------- determinism, filter
+
+
+def test_determinism():
+    """The forward has no atomics: bitwise equal. The backward sums float32 atomics in a
+    run-dependent order: equal up to float32 rounding of the accumulators (then rounded to bf16)."""
+    inp = make_inputs("lm", 2048, 1024, 32768, device="cuda", seed=2)
+
+    def step():
+        e = inp.e.detach().clone().requires_grad_()
+        c = inp.c.detach().clone().requires_grad_()
+        loss = linear_cross_entropy(e, c, inp.targets, impl="triton", exact=True)
+        loss.backward()
+        return loss.detach(), e.grad, c.grad
+
+    first, second = step(), step()
+    assert torch.equal(first[0], second[0])
+    for a, b in zip(first[1:], second[1:]):
+        assert _rel(a, b) <= 1e-3
+    print("backward bitwise equal:", all(torch.equal(a, b) for a, b in zip(first[1:], second[1:])))
+
+
+def test_filter_skips_only_where_the_softmax_allows():
+    uniform = make_inputs("uniform", 2048, 512, 65536, device="cuda", seed=3)
+    assert kernels.skipped_fraction(uniform.e, uniform.c, uniform.targets) == 0.0
+    lm = make_inputs("lm", 2048, 512, 65536, device="cuda", seed=3)
+    s = kernels.skipped_fraction(lm.e, lm.c, lm.targets)
+    print("lm skipped fraction", s)
+    assert s > 0.0
