@@ -20,10 +20,15 @@ def _rel(a, b):
     return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
 def test_cases_match_float64(case, dtype):
     check_case(case, dtype, "cuda")
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c.name in ("plain", "everything")], ids=lambda c: c.name)
+def test_float16_cases(case):
+    check_case(case, torch.float16, "cuda")
 
 
 # ----------------------------------------------------------------------------- the accuracy bar
