@@ -219,7 +219,7 @@ def describe(node: Node) -> str:
         target = node.target
         name = getattr(target, "__name__", None) or str(target)
         module = getattr(target, "__module__", "") or ""
-        if module.startswith("torch.nn.functional"):
+        if module.startswith("torch.nn.functional") or module == "torch._C._nn":
             return f"F.{name}"
         if module == "_operator":
             return f"operator.{name}"

@@ -163,7 +163,8 @@ def _apply(graph: Graph, m: Match, options: Options) -> SiteReport:
 
     report = _site_report(m, "rewritten")
     report.details = _details(m)
-    report.bytes_avoided = _chain_bytes(m, set(m.chain)) + _loss_workspace_bytes(m)
+    chain, workspace = _chain_bytes(m, set(m.chain)), _loss_workspace_bytes(m)
+    report.bytes_avoided = None if chain is None or workspace is None else chain + workspace
     inputs = anchor.all_input_nodes
     anchor.replace_all_uses_with(out)
     graph.erase_node(anchor)
@@ -436,7 +437,7 @@ def _chain_bytes(m: Match, subset: set) -> int | None:
     return total
 
 
-def _loss_workspace_bytes(m: Match) -> int:
+def _loss_workspace_bytes(m: Match) -> int | None:
     """cross_entropy's own N x V: the log-softmax it saves for the backward (in its input's dtype)."""
     if m.kind == "nll_loss":
         return 0  # the log_softmax is a node of the chain, counted there
@@ -444,9 +445,8 @@ def _loss_workspace_bytes(m: Match) -> int:
         x = N.tensor_value(m.x)
         n = _numel_hint(x.shape[:-1])
         v = N.hint(m.vocab)
-        return 0 if n is None or v is None else 2 * n * int(v) * x.element_size()
-    nb = _nbytes(m.logits)
-    return nb or 0
+        return None if n is None or v is None else 2 * n * int(v) * x.element_size()
+    return _nbytes(m.logits)
 
 
 def _account(graph: Graph, report: SiteReport, m: Match, options: Options) -> None:
