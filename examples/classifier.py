@@ -1,0 +1,84 @@
+"""A classifier with tens of thousands of classes: nn.Linear + nn.CrossEntropyLoss, compiled with backend="cce".
+
+    python examples/classifier.py            # 100,000 classes, batch 8192 on a GPU; 50,000 classes, batch 256 on the CPU
+    python examples/classifier.py --small
+
+Extreme classification (products, entities, face identities) has the same N x V problem as a
+language model's head. The model below is a plain nn.Sequential; the loss is nn.CrossEntropyLoss
+with label smoothing. The data is synthetic: each class has a random prototype, and an example is
+its class's prototype plus noise.
+"""
+
+import argparse
+
+import torch
+import torch.nn as nn
+
+import cce_inductor
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--small", action="store_true", help="the CPU size (automatic without a GPU)")
+    parser.add_argument("--steps", type=int, default=5)
+    args = parser.parse_args(argv)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    small = args.small or device == "cpu"
+    classes, features, dim, batch = (50_000, 64, 64, 256) if small else (100_000, 512, 1024, 8192)
+
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Linear(features, dim), nn.GELU(), nn.LayerNorm(dim),
+        nn.Linear(dim, dim), nn.GELU(), nn.LayerNorm(dim),
+        nn.Linear(dim, classes),  # the classifier head, with bias
+    ).to(device)
+    criterion = nn.CrossEntropyLoss(label_smoothing=0.1)
+    prototypes = torch.randn(classes, features, device=device)
+
+    def batch_of_data(step):
+        gen = torch.Generator(device=device).manual_seed(step)
+        y = torch.randint(0, classes, (batch,), device=device, generator=gen)
+        x = prototypes[y] + 0.5 * torch.randn(batch, features, device=device, generator=gen)
+        return x, y
+
+    def train_loss(x, y):  # the training step's loss: model and criterion as they are
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda"):
+            return criterion(model(x), y)
+
+    x, y = batch_of_data(0)
+    report = cce_inductor.explain(train_loss, x, y)
+    print(report, flush=True)
+
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+
+    def train_step(step_fn, step) -> float:
+        loss = step_fn(*batch_of_data(step))
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss.item()
+
+    step_fn = torch.compile(train_loss, backend="cce")
+    losses = []
+    for step in range(args.steps):
+        losses.append(train_step(step_fn, step))
+        print(f"step {step}: loss {losses[-1]:.4f}", flush=True)
+    print(f"{batch} x {classes:,} logits never materialized: explain() estimates "
+          f"{report.bytes_avoided / 2**20:,.0f} MiB of N x V tensors avoided per step", flush=True)
+
+    result = {"report": report, "losses": losses}
+    if device == "cuda":  # peak memory of a step above weights and optimizer state, against plain torch.compile
+        result["peak_bytes"] = {}
+        for name, fn in (("torch.compile", torch.compile(train_loss)), ('backend="cce"', step_fn)):
+            train_step(fn, 0)  # compiles
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            before = torch.cuda.memory_allocated()
+            train_step(fn, 0)
+            result["peak_bytes"][name] = torch.cuda.max_memory_allocated() - before
+            print(f"peak memory of a training step, {name}: {result['peak_bytes'][name] / 2**30:.2f} GiB", flush=True)
+    return result
+
+
+if __name__ == "__main__":
+    main()

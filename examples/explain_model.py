@@ -1,0 +1,73 @@
+"""Reading cce_inductor.explain(): what the rewrite found in a model, what it rewrote or left alone, and why.
+
+    python examples/explain_model.py            # Gemma-2-2B's head (V = 256000) on a GPU, a tiny Gemma 2 on the CPU
+    python examples/explain_model.py --small
+
+explain(fn, *args, **kwargs) compiles fn on the given inputs with the rewrite and returns a report:
+each cross-entropy site, the chain between it and the projection (slices, casts, softcapping), what
+was done with it, the shapes, and the N x V bytes no longer materialized. Three cases:
+  1. a Hugging Face Gemma 2 training step that returns the loss: rewritten (shift, softcap, tied weights);
+  2. the same model called as it is, which also returns the logits: rewritten, but the logits escape;
+  3. a class-weighted loss (F.cross_entropy(..., weight=w)): left alone, with the reason.
+"""
+
+import argparse
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from transformers import Gemma2Config, Gemma2ForCausalLM
+
+import cce_inductor
+
+
+class WeightedClassifier(nn.Module):
+    """A head whose loss weighs classes: the op has no class weights, so the rewrite must skip it."""
+
+    def __init__(self, dim: int, classes: int):
+        super().__init__()
+        self.head = nn.Linear(dim, classes)
+        self.register_buffer("class_weight", torch.rand(classes) + 0.5)
+
+    def forward(self, x, y):
+        return F.cross_entropy(self.head(x), y, weight=self.class_weight)
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--small", action="store_true", help="the CPU size (automatic without a GPU)")
+    args = parser.parse_args(argv)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    small = args.small or device == "cpu"
+    # Gemma 2 (2B)'s head: hidden 2304, vocabulary 256000, final logit softcapping 30 (2 of its 26 layers).
+    vocab, hidden, layers, batch, seq = (4096, 64, 1, 2, 32) if small else (256000, 2304, 2, 2, 1024)
+    config = Gemma2Config(vocab_size=vocab, hidden_size=hidden, intermediate_size=4 * hidden,
+                          num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                          head_dim=hidden // 4, final_logit_softcapping=30.0, use_cache=False)
+    torch.manual_seed(0)
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    model = Gemma2ForCausalLM(config).to(device, dtype)
+    input_ids = torch.randint(0, vocab, (batch, seq), device=device)
+
+    def training_loss(input_ids):
+        return model(input_ids=input_ids, labels=input_ids).loss
+
+    reports = {}
+    print("=== 1. explain(training_loss, input_ids): a Gemma 2 training step returning the loss\n", flush=True)
+    reports["loss"] = cce_inductor.explain(training_loss, input_ids)
+    print(reports["loss"], flush=True)
+
+    print("\n=== 2. explain(model, input_ids=..., labels=...): the model's output also holds the logits\n", flush=True)
+    reports["model"] = cce_inductor.explain(model, input_ids=input_ids, labels=input_ids)
+    print(reports["model"], flush=True)
+
+    print("\n=== 3. explain(classifier, x, y): a class-weighted cross-entropy\n", flush=True)
+    classifier = WeightedClassifier(hidden, vocab).to(device, dtype)
+    x = torch.randn(batch * seq, hidden, device=device, dtype=dtype)
+    reports["weighted"] = cce_inductor.explain(classifier, x, torch.randint(0, vocab, (batch * seq,), device=device))
+    print(reports["weighted"], flush=True)
+    return reports
+
+
+if __name__ == "__main__":
+    main()

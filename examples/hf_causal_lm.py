@@ -1,0 +1,84 @@
+"""A Hugging Face causal-LM training loop compiled with backend="cce"; the model's code is untouched.
+
+    python examples/hf_causal_lm.py            # Llama-3.2-1B-like (V = 128256) on a GPU, a tiny Llama on the CPU
+    python examples/hf_causal_lm.py --small
+
+The model is transformers' own LlamaForCausalLM from a config (random weights; nothing is
+downloaded). The batch is what a data collator makes: right padding, an attention mask, labels with
+-100 at the padding. `model(input_ids=..., attention_mask=..., labels=...)` computes the loss inside
+the model (HF's ForCausalLMLoss: label shift, float32 upcast, cross_entropy, ignore_index=-100); the
+rewrite finds it there.
+
+A Hugging Face model also returns its logits. A loop that never uses them can say so with
+detach_logits=True: the returned logits keep their values but carry no gradient, so nothing N x V
+is kept for the backward. (With HF Trainer, whose accelerate backend list is fixed, use
+cce_inductor.enable(detach_logits=True) around trainer.train() instead of backend="cce".)
+"""
+
+import argparse
+
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+import cce_inductor
+
+
+def collated_batch(vocab: int, batch: int, seq: int, step: int, device: str) -> dict:
+    """Random token rows of different lengths, right-padded as a DataCollator would."""
+    gen = torch.Generator().manual_seed(step)
+    input_ids = torch.randint(0, vocab, (batch, seq), generator=gen)
+    lengths = torch.randint(seq // 2, seq + 1, (batch,), generator=gen)
+    attention_mask = (torch.arange(seq) < lengths[:, None]).long()
+    input_ids = input_ids.masked_fill(attention_mask == 0, 0)
+    labels = input_ids.masked_fill(attention_mask == 0, -100)
+    return {k: v.to(device) for k, v in dict(input_ids=input_ids, attention_mask=attention_mask, labels=labels).items()}
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--small", action="store_true", help="the CPU size (automatic without a GPU)")
+    parser.add_argument("--steps", type=int, default=4)
+    args = parser.parse_args(argv)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    small = args.small or device == "cpu"
+    if small:
+        config = LlamaConfig(vocab_size=8192, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                             num_attention_heads=4, num_key_value_heads=2, use_cache=False)
+        batch, seq = 4, 64
+    else:  # Llama-3.2-1B's shape: 16 layers, hidden 2048, vocabulary 128256, tied embeddings
+        config = LlamaConfig(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+                             num_attention_heads=32, num_key_value_heads=8, head_dim=64,
+                             tie_word_embeddings=True, rope_theta=500000.0, use_cache=False)
+        batch, seq = 4, 2048
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config).to(device)
+    model.train()
+
+    options = {"detach_logits": True}  # this loop never backpropagates through outputs.logits
+    with cce_inductor.enable(**options):  # explain() reports with the options in effect
+        report = cce_inductor.explain(model, **collated_batch(config.vocab_size, batch, seq, 0, device))
+    print(report, flush=True)
+
+    compiled = torch.compile(model, backend="cce", options=options)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-4, weight_decay=0.1)
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    losses = []
+    for step in range(args.steps):
+        batch_inputs = collated_batch(config.vocab_size, batch, seq, step, device)
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda"):
+            outputs = compiled(**batch_inputs)
+        outputs.loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(outputs.loss.item())
+        print(f"step {step}: loss {losses[-1]:.4f}, logits returned {tuple(outputs.logits.shape)} "
+              f"(requires_grad={outputs.logits.requires_grad})", flush=True)
+    if device == "cuda":
+        print(f"peak memory: {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB", flush=True)
+    return {"report": report, "losses": losses, "logits_require_grad": outputs.logits.requires_grad}
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,189 @@
+"""nanoGPT: a model whose forward returns (logits, loss) -- the escape report, and how to get the full savings.
+
+    python examples/nanogpt.py            # GPT-2 small (124M) on a GPU, a tiny GPT on the CPU
+    python examples/nanogpt.py --small
+
+The model is written the way karpathy/nanoGPT's model.py writes it: tied embeddings and a forward
+that returns both the logits and the loss. Because the logits leave the compiled graph, the rewrite
+must keep them (exact semantics): the loss still goes through the CCE op, but the N x V logits are
+computed and, as they require grad, autograd feeds an N x V zero gradient back. explain() says so.
+Two ways to the full savings, with the model untouched:
+  a. compile a training step that returns only the loss (the logits then never leave the graph);
+  b. cce_inductor.enable(detach_logits=True): the returned logits are computed without grad, for
+     users who only look at them (their values are unchanged; backward through them is not possible).
+"""
+
+import argparse
+import copy
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import cce_inductor
+
+
+# ----------------------------------------------------------------------------- the model, as nanoGPT has it
+
+
+@dataclass
+class GPTConfig:
+    block_size: int = 1024
+    vocab_size: int = 50304
+    n_layer: int = 12
+    n_head: int = 12
+    n_embd: int = 768
+    bias: bool = True
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.n_head = config.n_head
+
+    def forward(self, x):
+        B, T, C = x.size()
+        q, k, v = self.c_attn(x).split(C, dim=2)
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.c_proj(y.transpose(1, 2).contiguous().view(B, T, C))
+
+
+class Block(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.attn = CausalSelfAttention(config)
+        self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.mlp = nn.Sequential(nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias), nn.GELU(),
+                                 nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias))
+
+    def forward(self, x):
+        x = x + self.attn(self.ln_1(x))
+        return x + self.mlp(self.ln_2(x))
+
+
+class GPT(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(config.vocab_size, config.n_embd),
+            wpe=nn.Embedding(config.block_size, config.n_embd),
+            h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
+            ln_f=nn.LayerNorm(config.n_embd, bias=config.bias),
+        ))
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.transformer.wte.weight = self.lm_head.weight  # weight tying
+        for name, p in self.named_parameters():
+            std = 0.02 / math.sqrt(2 * config.n_layer) if name.endswith("c_proj.weight") else 0.02
+            if p.dim() == 2:
+                nn.init.normal_(p, mean=0.0, std=std)
+
+    def forward(self, idx, targets=None):
+        pos = torch.arange(0, idx.size(1), dtype=torch.long, device=idx.device)
+        x = self.transformer.wte(idx) + self.transformer.wpe(pos)
+        for block in self.transformer.h:
+            x = block(x)
+        x = self.transformer.ln_f(x)
+        if targets is not None:
+            logits = self.lm_head(x)
+            loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1)
+        else:
+            logits = self.lm_head(x[:, [-1], :])  # inference: only the last position
+            loss = None
+        return logits, loss
+
+
+# ----------------------------------------------------------------------------- the example
+
+
+def peak_step_memory(step_fn, params, idx, targets) -> int:
+    """Peak CUDA memory of a training step (forward, backward, AdamW) above weights and optimizer state."""
+    opt = torch.optim.AdamW(params, lr=6e-4)
+
+    def step():
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            out = step_fn(idx, targets)
+        loss = out[1] if isinstance(out, tuple) else out
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    step()  # compiles, allocates the AdamW state
+    step()
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    step()
+    return torch.cuda.max_memory_allocated() - before
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--small", action="store_true", help="the CPU size (automatic without a GPU)")
+    parser.add_argument("--steps", type=int, default=3)
+    args = parser.parse_args(argv)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    small = args.small or device == "cpu"
+    config = GPTConfig(block_size=64, vocab_size=8192, n_layer=2, n_head=2, n_embd=64) if small else GPTConfig()
+    batch = 4 if small else 12
+    torch.manual_seed(0)
+    model = GPT(config).to(device)
+    idx = torch.randint(0, config.vocab_size, (batch, config.block_size), device=device)
+    targets = torch.randint(0, config.vocab_size, (batch, config.block_size), device=device)
+
+    def train_loss(idx, targets):  # way (a): the training step returns only the loss
+        _, loss = model(idx, targets)
+        return loss
+
+    print("1. explain(model, idx, targets): the forward returns the logits, so they escape", flush=True)
+    escaping = cce_inductor.explain(model, idx, targets)
+    print(escaping, flush=True)
+    print("\n2a. explain(train_loss, idx, targets): a step that returns only the loss", flush=True)
+    loss_only = cce_inductor.explain(train_loss, idx, targets)
+    print(loss_only, flush=True)
+    print("\n2b. explain(model, idx, targets) under cce_inductor.enable(detach_logits=True)", flush=True)
+    with cce_inductor.enable(detach_logits=True):
+        detached = cce_inductor.explain(model, idx, targets)
+    print(detached, flush=True)
+
+    print(f'\n3. Training with way (a), torch.compile(train_loss, backend="cce") on {device}:', flush=True)
+    init = copy.deepcopy(model.state_dict())
+    step_fn = torch.compile(train_loss, backend="cce")
+    opt = torch.optim.AdamW(model.parameters(), lr=6e-4)
+    losses = []
+    for i in range(args.steps):
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda"):
+            loss = step_fn(idx, targets)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+        print(f"  step {i}: loss {losses[-1]:.4f}", flush=True)
+    result = {"escaping": escaping, "loss_only": loss_only, "detached": detached, "losses": losses}
+
+    if device == "cuda":
+        print(f"\n4. Peak memory of a training step (batch {batch} x {config.block_size}, bf16 autocast), "
+              "above weights and optimizer state:", flush=True)
+        peaks = {}
+        for name, fn, options in (
+            ("torch.compile(model)", None, None),
+            ('torch.compile(model, backend="cce"): logits escape', model, {}),
+            ('(a) torch.compile(train_loss, backend="cce")', train_loss, {}),
+            ('(b) backend="cce", options={"detach_logits": True}', model, {"detach_logits": True}),
+        ):
+            torch.compiler.reset()
+            model.load_state_dict(init)
+            compiled = torch.compile(model) if fn is None else torch.compile(fn, backend="cce", options=options)
+            peaks[name] = peak_step_memory(compiled, model.parameters(), idx, targets)
+            print(f"   {name:52s} {peaks[name] / 2**30:6.2f} GiB", flush=True)
+        result["peak_bytes"] = peaks
+    return result
+
+
+if __name__ == "__main__":
+    main()
