@@ -29,8 +29,8 @@ SHAPES = [(8192, 2304, 256000), (8192, 4096, 128256)]
 # --configs: alternatives to the fixed configs of kernels/common.py (the first of each is the default)
 FORWARD_CONFIGS = [TileConfig(128, 256, 64, 8, 3), TileConfig(128, 256, 64, 8, 4), TileConfig(128, 128, 64, 8, 4),
                    TileConfig(256, 128, 64, 8, 3)]
-BACKWARD_CONFIGS = [TileConfig(128, 128, 64, 8, 3), TileConfig(128, 128, 64, 8, 2), TileConfig(128, 128, 32, 8, 4),
-                    TileConfig(64, 128, 64, 4, 3), TileConfig(128, 128, 64, 8, 3, group_n=16)]
+BACKWARD_CONFIGS = [TileConfig(128, 128, 64, 8, 3), TileConfig(128, 128, 64, 8, 3, stagger_d=True),
+                    TileConfig(128, 128, 64, 8, 3, group_n=32, stagger_d=True), TileConfig(128, 128, 128, 8, 2)]
 
 
 def _rel(a, b):
@@ -103,18 +103,48 @@ def config_sweep(n, d, v):
                 fn = lambda: lce_backward(e, c, None, y, lse, g, zero, -100, 0.0, 0.0, False, True, True, False, config=cfg)  # noqa: E731
             try:
                 t = do_bench(fn, warmup=50, rep=400, return_mode="median")
+                out = fn()
+                if cfg == configs[0]:
+                    first = out
+                # the same lse / gradients as the default config (up to the atomics' order)
+                pairs = zip(out[:2], first[:2]) if kind == "backward" else [(out[1], first[1])]
+                diff = max(_rel(a, b) for a, b in pairs)
             except Exception as exc:  # a config that does not fit this GPU
-                t = float("nan")
+                t, diff = float("nan"), float("nan")
                 print(kind, cfg, "failed:", str(exc)[:200])
-            rows.append(dict(kind=kind, config=list(cfg.__dict__.values()), ms=t, T=t / t_gemm))
-            print(kind, cfg, f"{t:.2f} ms = {t / t_gemm:.2f} T", flush=True)
+            rows.append(dict(kind=kind, config=list(cfg.__dict__.values()), ms=t, T=t / t_gemm, diff_vs_default=diff))
+            print(kind, cfg, f"{t:.2f} ms = {t / t_gemm:.2f} T, diff vs default {diff:.1e}", flush=True)
     return dict(shape=[n, d, v], T_ms=t_gemm, rows=rows)
+
+
+def filter_growth(d=2304, v=256000, ns=(4096, 8192, 16384, 32768), epss=(2.0**-2, 2.0**-3)):
+    """The filter's own error (filtered vs exact gradients of our kernels) and s as N grows, LM-like."""
+    rows = []
+    for n in ns:
+        inp = make_inputs("lm", n, d, v, device="cuda", seed=5)
+        e, c, y = inp.e, inp.c, inp.targets
+        _, lse = lce_forward(e, c, None, y, -100, 0.0, 0.0)
+        g = torch.full_like(lse, 1.0 / n)
+        zero = torch.zeros_like(lse)
+        exact = lce_backward(e, c, None, y, lse, g, zero, -100, 0.0, 0.0, False, True, True, False)
+        for eps in epss:
+            counts = torch.zeros(2, dtype=torch.int32, device="cuda")
+            filt = lce_backward(e, c, None, y, lse, g, zero, -100, 0.0, 0.0, True, True, True, False,
+                                filter_eps=eps, tile_counts=counts)
+            computed, skipped = counts.tolist()
+            row = dict(n=n, eps=eps, s=skipped / (computed + skipped), dE=_rel(filt[0], exact[0]), dC=_rel(filt[1], exact[1]))
+            rows.append(row)
+            print("filter", row, flush=True)
+        del inp, e, c, exact, filt
+        torch.cuda.empty_cache()
+    return rows
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=None)
     parser.add_argument("--configs", action="store_true", help="also time the candidate tile configs")
+    parser.add_argument("--filter-growth", action="store_true", help="also the filter's error as N grows")
     args = parser.parse_args(argv)
     result = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
                   date=datetime.datetime.now(datetime.timezone.utc).isoformat(), rows=[])
@@ -129,6 +159,11 @@ def main(argv=None):
             torch.cuda.empty_cache()
     if args.configs:
         result["config_sweep"] = [config_sweep(*SHAPES[0])]
+        if args.out:
+            with open(args.out, "w") as f:
+                json.dump(result, f, indent=1)
+    if args.filter_growth:
+        result["filter_growth"] = filter_growth()
         if args.out:
             with open(args.out, "w") as f:
                 json.dump(result, f, indent=1)

@@ -79,6 +79,7 @@ def _backward_kernel(
     HAS_ORDER: tl.constexpr, DC_ROW_BY_ID: tl.constexpr, FILTER: tl.constexpr,
     COUNT_TILES: tl.constexpr, NEEDS_E: tl.constexpr, NEEDS_C: tl.constexpr,
     NEEDS_BIAS: tl.constexpr, EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    STAGGER_D: tl.constexpr,
 ):
     # ---- which tile: GROUP_N token tiles sweep this launch's vocab tiles together
     pid = tl.program_id(0)
@@ -170,7 +171,12 @@ def _backward_kernel(
         dc_ptrs = dC + dc_rows[:, None] * stride_dcv + offs_d[None, :]  # [BLOCK_V, BLOCK_D]
         cg_ptrs = C + ids_v[:, None] * stride_cv + offs_d[None, :]  # [BLOCK_V, BLOCK_D]
         eg_ptrs = E + offs_n[:, None] * stride_en + offs_d[None, :]  # [BLOCK_N, BLOCK_D]
-        for d0 in range(0, D, BLOCK_D):
+        num_d = tl.cdiv(D, BLOCK_D)
+        # STAGGER_D: programs that share dE rows (or dC rows) start at different slices of D, so
+        # that their atomics do not queue on the same addresses at the same time.
+        d_first = (pid_v + 7 * pid_n) % num_d if STAGGER_D else 0
+        for i in range(0, num_d):
+            d0 = ((d_first + i) % num_d) * BLOCK_D
             if EVEN_D:
                 mask_ed = mask_n[:, None]
                 mask_cd = mask_v[:, None]
@@ -179,17 +185,13 @@ def _backward_kernel(
                 mask_ed = mask_n[:, None] & mask_d[None, :]
                 mask_cd = mask_v[:, None] & mask_d[None, :]
             if NEEDS_E:
-                c_blk = tl.load(cg_ptrs, mask=mask_cd, other=0.0)
+                c_blk = tl.load(cg_ptrs + d0, mask=mask_cd, other=0.0)
                 de = dot(dz_in, c_blk, None, DOT_PRECISION, UPCAST)  # [BLOCK_N, BLOCK_D]
-                tl.atomic_add(de_ptrs, de, mask=mask_ed, sem="relaxed")
+                tl.atomic_add(de_ptrs + d0, de, mask=mask_ed, sem="relaxed")
             if NEEDS_C:
-                e_blk = tl.load(eg_ptrs, mask=mask_ed, other=0.0)
+                e_blk = tl.load(eg_ptrs + d0, mask=mask_ed, other=0.0)
                 dc = dot(tl.trans(dz_in), e_blk, None, DOT_PRECISION, UPCAST)  # [BLOCK_V, BLOCK_D]
-                tl.atomic_add(dc_ptrs, dc, mask=mask_cd, sem="relaxed")
-            de_ptrs += BLOCK_D
-            dc_ptrs += BLOCK_D
-            cg_ptrs += BLOCK_D
-            eg_ptrs += BLOCK_D
+                tl.atomic_add(dc_ptrs + d0, dc, mask=mask_cd, sem="relaxed")
 
 
 def default_vocab_order(e: Tensor, c: Tensor) -> Tensor:
@@ -294,7 +296,7 @@ def lce_backward(
             HAS_ORDER=order is not None, DC_ROW_BY_ID=dc_direct is not None, FILTER=bool(filter_grad),
             COUNT_TILES=tile_counts is not None, NEEDS_E=needs_e, NEEDS_C=needs_c,
             NEEDS_BIAS=needs_bias, EVEN_D=dim % cfg.block_d == 0, DOT_PRECISION=dot_precision(e.dtype), UPCAST=dot_upcast(e),
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            STAGGER_D=cfg.stagger_d, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
         if needs_c and dc_direct is None:
             if order is None:

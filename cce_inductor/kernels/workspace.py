@@ -1,0 +1,248 @@
+"""The workspace path: a reduced loss and its gradients formed in one pass over a bounded logits buffer.
+
+Used by ``linear_cross_entropy(..., max_workspace_bytes=B)`` when the loss is reduced ("mean" or
+"sum") and no lse is returned: the only upstream gradient is then one scalar g, so the gradients of
+L = sum_i w_i loss_i (w_i = 1 for "sum", 1 / #non-ignored for "mean", 0 where ignored) can be formed
+in the forward and merely scaled by g in the backward. How Liger's fused linear cross-entropy and
+QuACK's work; it costs three GEMMs (floor 3T) instead of a recompute's four, for B bytes of memory.
+
+Algorithm, tokens in chunks of M rows (``workspace_rows``), one M x V buffer Z reused by every chunk:
+  1. Z = E[chunk] @ C^T (+ bias)                         cuBLAS, in the input dtype  # [M, V]
+  2. ``_fused_rows_kernel``, one program per row (grid-stride over the rows, about one program per
+     SM). Sweep 1 (vocabulary blocks in order) reads the row: z = softcap * tanh(u / softcap) (when
+     set), online max and sum of exp(z - max) -> lse; the target logit z_y is read from the same row,
+     and with label smoothing the sum of the logits. Loss per row as the rest of the op:
+     lse - (1 - ls) z_y - (ls / V) sum_j z_j; 0 where the target is ignore_index, NaN where it is
+     outside [0, V). Sweep 2 (blocks in reverse order, so that the most recently read blocks are
+     still in L2) overwrites the row in place with
+         dz_j = w_i * (softmax_j - (1 - ls) [j == y] - ls / V)   (* sech^2(u_j / cap) under softcap)
+     computed in float32 (sech^2 as 4a / (1 + a)^2 with a = exp(-2|u / cap|): the textbook
+     1 - tanh^2 cancels where the cap saturates) and stored in Z's dtype.
+  3. dE[chunk] = Z @ C (cuBLAS, written into dE);  dC += Z^T @ E[chunk] (cuBLAS addmm into dC, in
+     C's dtype: cuBLAS accumulates each chunk in float32 and rounds the running sum once per chunk);
+     dbias += Z.sum(0) (a float32 accumulator of V floats; an extra read of Z, only with a bias).
+Each GEMM is skipped when its gradient is not needed; without any, the kernel only computes the loss.
+
+Memory: Z (at most B bytes; at least one row), the gradients themselves, O(N + V) floats.
+Time (counting, H100 bf16): three GEMMs of N x V x D (3T) plus three passes of Z through HBM in the
+row kernel (read, read, write: 6 bytes per logit for 16-bit Z, fewer where the second read hits L2)
+plus one read-modify-write of dC per chunk after the first in the addmm epilogue.
+Limits: float32 inputs go through cuBLAS with torch's own TF32 setting; the logits are rounded to the
+input dtype before the softmax (as a plain bf16 torch computation); V < 2^31 (row offsets are int64).
+``scale_`` multiplies the gradients by the upstream scalar in the backward: float32 math, one
+rounding, and no memory traffic at all when the scalar is 1 (read on the device, no host sync).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from .common import prepare_inputs, sm_count
+
+# Row kernel on a GPU: 32 KB of the row per block load (16384 16-bit or 8192 float32 logits, 32 or
+# 16 per thread with 16 warps), one program per SM, each walking rows with a grid stride -- the
+# row's second sweep then finds its recent blocks in L2 (132 rows x 256 KB at V = 128256 fit).
+_GPU_BLOCK_BYTES = 32 * 1024
+_GPU_WARPS = 16
+# Interpreter: tiny blocks, so that small test rows span several blocks and the masked tail.
+_INTERPRETER_BLOCK_V = 16
+_INTERPRETER_PROGRAMS = 3
+# Chunk sizes are rounded up to a multiple of this where the budget allows (GEMM tiles, alignment).
+_ROW_ALIGN = 128
+
+
+def workspace_rows(num_tokens: int, vocab: int, element_size: int, max_workspace_bytes: int) -> int:
+    """Tokens per chunk: as many as fit in ``max_workspace_bytes`` (at least one), spread evenly over
+    the chunks that needs, rounded up to a multiple of 128 where that still fits.
+    E.g. (8192, 256000, bf16, 1 GiB): 2097 fit -> 4 chunks of 2048."""
+    if num_tokens <= 0:
+        return 0
+    fit = max(1, max_workspace_bytes // (vocab * element_size))
+    chunks = -(-num_tokens // fit)
+    rows = -(-num_tokens // chunks)
+    aligned = min(num_tokens, -(-rows // _ROW_ALIGN) * _ROW_ALIGN)
+    return aligned if aligned <= fit else rows
+
+
+@triton.jit
+def _capped(u, softcap, HAS_SOFTCAP: tl.constexpr):
+    """(z, dz/du): z = softcap * tanh(u / softcap) and sech^2(u / softcap) from one exp2; (u, 1) without."""
+    if HAS_SOFTCAP:
+        a = tl.exp2(-2.8853900817779268 * tl.abs(u / softcap))  # exp(-2|u| / cap), in (0, 1]
+        r = 1.0 / (1.0 + a)
+        t = (1.0 - a) * r  # tanh(|u| / cap)
+        return softcap * tl.where(u < 0, -t, t), 4.0 * a * r * r
+    else:
+        return u, 1.0
+
+
+@triton.jit
+def _fused_rows_kernel(
+    # data
+    Z, Targets, Weight, Loss,
+    # shapes
+    M, V, stride_zm,
+    # constants
+    ignore_index, softcap, target_weight, uniform_weight,
+    BLOCK_V: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_SMOOTHING: tl.constexpr, WRITE_GRAD: tl.constexpr,
+):
+    pid = tl.program_id(0).to(tl.int64)
+    num_programs = tl.num_programs(0)
+    num_blocks = tl.cdiv(V, BLOCK_V)
+    weight = tl.load(Weight)  # w of a non-ignored row: 1 (sum) or 1 / #non-ignored (mean)
+    for i in range(0, tl.cdiv(M - tl.program_id(0), num_programs)):
+        row = pid + i * num_programs  # int64
+        z_row = Z + row * stride_zm
+        target = tl.load(Targets + row)
+        valid = target != ignore_index
+        in_range = (target >= 0) & (target < V)
+
+        # Sweep 1: lse (online max and sum of exp) and, with label smoothing, the sum of the logits.
+        run_max = tl.full((), float("-inf"), tl.float32)
+        run_sum = tl.zeros((), tl.float32)
+        logit_sum = tl.zeros((), tl.float32)
+        for b in range(0, num_blocks):
+            offs_v = b * BLOCK_V + tl.arange(0, BLOCK_V)  # [BLOCK_V]
+            mask_v = offs_v < V
+            u = tl.load(z_row + offs_v, mask=mask_v, other=0.0).to(tl.float32)
+            z, _ = _capped(u, softcap, HAS_SOFTCAP)
+            z = tl.where(mask_v, z, float("-inf"))
+            new_max = tl.maximum(run_max, tl.max(z, axis=0))
+            run_sum = run_sum * tl.exp(run_max - new_max) + tl.sum(tl.exp(z - new_max), axis=0)
+            run_max = new_max
+            if HAS_SMOOTHING:
+                logit_sum += tl.sum(tl.where(mask_v, z, 0.0), axis=0)
+        lse = run_max + tl.log(run_sum)
+
+        # The target logit from the same stored value as the sweep saw.
+        safe_target = tl.where(valid & in_range, target, 0)
+        z_target, _ = _capped(tl.load(z_row + safe_target).to(tl.float32), softcap, HAS_SOFTCAP)
+        loss = lse - target_weight * z_target
+        if HAS_SMOOTHING:
+            loss -= uniform_weight * logit_sum
+        loss = tl.where(in_range, loss, float("nan"))
+        tl.store(Loss + row, tl.where(valid, loss, 0.0))
+
+        # Sweep 2, last block first: overwrite the row with w * (p - (1 - ls) onehot - ls / V).
+        if WRITE_GRAD:
+            for b in range(0, num_blocks):
+                offs_v = (num_blocks - 1 - b) * BLOCK_V + tl.arange(0, BLOCK_V)  # [BLOCK_V]
+                mask_v = offs_v < V
+                u = tl.load(z_row + offs_v, mask=mask_v, other=0.0).to(tl.float32)
+                z, slope = _capped(u, softcap, HAS_SOFTCAP)
+                g = tl.exp(z - lse) - uniform_weight
+                g = tl.where(offs_v == target, g - target_weight, g) * weight
+                if HAS_SOFTCAP:
+                    g = g * slope
+                g = tl.where(valid, g, 0.0)  # ignored rows: exactly 0 (their logits are overwritten too)
+                tl.store(z_row + offs_v, g.to(Z.dtype.element_ty), mask=mask_v)
+
+
+@triton.jit
+def _scale_kernel(X, Scale, numel, BLOCK: tl.constexpr):
+    """X *= Scale[0] in float32, grid-stride; nothing is read or written when the scale is 1."""
+    scale = tl.load(Scale).to(tl.float32)
+    if scale != 1.0:
+        pid = tl.program_id(0).to(tl.int64)
+        num_programs = tl.num_programs(0)
+        for i in range(0, tl.cdiv(numel - pid * BLOCK, num_programs * BLOCK)):
+            offs = (pid + i * num_programs) * BLOCK + tl.arange(0, BLOCK)  # [BLOCK] int64
+            mask = offs < numel
+            x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
+            tl.store(X + offs, (x * scale).to(X.dtype.element_ty), mask=mask)
+
+
+def _launch_rows(z: Tensor, targets: Tensor, weight: Tensor, loss: Tensor, ignore_index: int, softcap: float,
+                 label_smoothing: float, write_grad: bool):
+    rows, vocab = z.shape
+    if z.device.type == "cuda":
+        block_v = min(triton.next_power_of_2(vocab), _GPU_BLOCK_BYTES // z.element_size())
+        programs, warps = min(rows, sm_count(z.device)), _GPU_WARPS
+    else:
+        block_v, programs, warps = _INTERPRETER_BLOCK_V, min(rows, _INTERPRETER_PROGRAMS), 1
+    _fused_rows_kernel[(programs,)](
+        z, targets, weight, loss,
+        rows, vocab, z.stride(0),
+        ignore_index, float(softcap), 1.0 - label_smoothing, label_smoothing / vocab,
+        BLOCK_V=block_v, HAS_SOFTCAP=softcap != 0.0, HAS_SMOOTHING=label_smoothing != 0.0, WRITE_GRAD=write_grad,
+        num_warps=warps,
+    )
+
+
+def lce_fused_reduced(
+    e: Tensor,
+    c: Tensor,
+    bias: Tensor | None,
+    targets: Tensor,
+    ignore_index: int,
+    softcap: float,
+    label_smoothing: float,
+    mean: bool,
+    max_workspace_bytes: int,
+    needs_e: bool,
+    needs_c: bool,
+    needs_bias: bool,
+) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor | None]:
+    """(loss, dE, dC, dbias): the mean (over non-ignored targets) or sum of the per-token losses, a
+    0-dim float32 tensor, and its gradients w.r.t. e (N, D), c (V, D), bias (V,) in their dtypes
+    (None where not needed); the logits live chunk by chunk in a buffer of at most
+    ``max_workspace_bytes`` (at least one row). No host sync."""
+    e, c, bias, targets = prepare_inputs(e, c, bias, targets)
+    num_tokens, dim = e.shape
+    vocab = c.shape[0]
+    needs_bias = needs_bias and bias is not None
+    if bias is not None and bias.dtype != e.dtype:  # one dtype for addmm (the public function ensures it)
+        bias = bias.to(e.dtype)
+
+    count = (targets != ignore_index).sum()
+    weight = (1.0 / count.float()) if mean else torch.ones((), dtype=torch.float32, device=e.device)
+    loss_rows = torch.empty(num_tokens, dtype=torch.float32, device=e.device)
+    de = torch.empty(num_tokens, dim, dtype=e.dtype, device=e.device) if needs_e else None
+    dc = torch.empty(vocab, dim, dtype=c.dtype, device=e.device) if needs_c else None
+    dbias32 = torch.zeros(vocab, dtype=torch.float32, device=e.device) if needs_bias else None
+    write_grad = needs_e or needs_c or needs_bias
+
+    rows = workspace_rows(num_tokens, vocab, e.element_size(), max_workspace_bytes)
+    workspace = torch.empty(rows, vocab, dtype=e.dtype, device=e.device)
+    for n0 in range(0, num_tokens, max(rows, 1)):
+        n1 = min(num_tokens, n0 + rows)
+        z, e_chunk = workspace[: n1 - n0], e[n0:n1]
+        if bias is None:
+            torch.mm(e_chunk, c.T, out=z)
+        else:
+            torch.addmm(bias, e_chunk, c.T, out=z)
+        _launch_rows(z, targets[n0:n1], weight, loss_rows[n0:n1], ignore_index, softcap, label_smoothing,
+                     write_grad)
+        if needs_e:
+            torch.mm(z, c, out=de[n0:n1])
+        if needs_c:
+            if n0 == 0:
+                torch.mm(z.T, e_chunk, out=dc)
+            else:
+                dc.addmm_(z.T, e_chunk)
+        if needs_bias:
+            dbias32 += z.sum(0, dtype=torch.float32)
+    if needs_c and num_tokens == 0:
+        dc.zero_()
+
+    total = loss_rows.sum()
+    loss = total / count if mean else total
+    return loss, de, dc, (dbias32.to(bias.dtype) if needs_bias else None)
+
+
+def scale_(x: Tensor, scale: Tensor) -> None:
+    """In place: x *= scale (a one-element tensor on x's device), float32 math, one rounding; no
+    memory traffic when the scale is 1. x must be contiguous."""
+    if x.numel() == 0:
+        return
+    if not x.is_contiguous():
+        raise ValueError("scale_ needs a contiguous tensor")
+    block = 4096 if x.device.type == "cuda" else 64
+    programs = min(triton.cdiv(x.numel(), block), 4 * sm_count(x.device))
+    _scale_kernel[(programs,)](x, scale.reshape(1), x.numel(), BLOCK=block, num_warps=8 if x.device.type == "cuda" else 1)
+
+
+__all__ = ["lce_fused_reduced", "scale_", "workspace_rows"]
