@@ -30,7 +30,8 @@ SHAPES = [(8192, 2304, 256000), (8192, 4096, 128256)]
 FORWARD_CONFIGS = [TileConfig(128, 256, 64, 8, 3), TileConfig(128, 256, 64, 8, 4), TileConfig(128, 128, 64, 8, 4),
                    TileConfig(256, 128, 64, 8, 3)]
 BACKWARD_CONFIGS = [TileConfig(128, 128, 64, 8, 3), TileConfig(128, 128, 64, 8, 3, stagger_d=True),
-                    TileConfig(128, 128, 64, 8, 3, group_n=32, stagger_d=True), TileConfig(128, 128, 128, 8, 2)]
+                    TileConfig(128, 128, 64, 8, 3, group_n=32, stagger_d=True), TileConfig(128, 256, 64, 8, 2),
+                    TileConfig(256, 128, 64, 8, 2)]
 
 
 def _rel(a, b):
