@@ -2,17 +2,17 @@
 
 Entry points:
     torch.compile(model, backend="cce")    backend.cce_backend (entry point, no import needed)
-    cce_inductor.enable(**options)         enable.enable: the rewrite as Inductor's pre-grad pass
+    cce_inductor.enable(**options)         enabling.enable: the rewrite as Inductor's pre-grad pass
     cce_inductor.disable()
-    cce_inductor.explain(fn, *args, **kw)  explain.explain: what is found, rewritten, skipped, why
+    cce_inductor.explain(fn, *args, **kw)  explanation.explain: what is found, rewritten, skipped, why
 
 Layout: nodes.py (node predicates, metadata), matcher.py (finds sites), rewrite.py (replaces them),
-graph_pass.py (the CustomGraphPass), options.py, backend.py, enable.py, explain.py.
+graph_pass.py (the CustomGraphPass), options.py, backend.py, enabling.py, explanation.py.
 """
 
 from .backend import cce_backend
-from .enable import disable, enable
-from .explain import Explanation, explain
+from .enabling import disable, enable
+from .explanation import Explanation, explain
 from .graph_pass import CCEGraphPass
 from .options import Options
 from .rewrite import SiteReport, rewrite_graph

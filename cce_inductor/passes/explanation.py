@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .enable import active_options
+from .enabling import active_options
 from .options import Options
 from .rewrite import SiteReport, rewrite_graph
 
