@@ -18,7 +18,8 @@ time budget; --layers), so the head's share of memory is larger than in the full
 saved do not depend on depth, the ratios do. The Gemma-2-2B shape runs on transformers' Gemma 3 text
 architecture with attention softcapping off, because the Gemma 2 class has no SDPA attention (only
 eager attention, whose O(T^2) memory would dominate); its final logit softcapping (30) is kept.
-bf16 parameters and fused AdamW in bf16 (no fp32 master weights).
+bf16 parameters and fused AdamW in bf16 (no fp32 master weights). The --small CPU mode (float32, tiny
+models) only checks that the harness runs: it has no memory to measure and no limit to search.
 """
 
 from __future__ import annotations
@@ -158,12 +159,22 @@ def timed_steps(step: TrainingStep, batch: int, seq: int, reps: int) -> dict:
             "peak_bytes": torch.cuda.max_memory_allocated() if dev.type == "cuda" else None}
 
 
+def is_oom(err: Exception) -> bool:
+    """Out of memory, as the allocator, cuBLAS or a kernel launch reports it."""
+    if isinstance(err, torch.OutOfMemoryError):
+        return True
+    text = str(err)
+    return isinstance(err, RuntimeError) and ("out of memory" in text or "CUBLAS_STATUS_ALLOC_FAILED" in text)
+
+
 def fits(step: TrainingStep, batch: int, seq: int) -> bool:
     ok = True
     try:
         step(batch, seq)
         sync(step.device)
-    except torch.OutOfMemoryError:
+    except RuntimeError as err:  # torch.OutOfMemoryError is a RuntimeError
+        if not is_oom(err):
+            raise
         ok = False
     step.free()  # outside the except block: the traceback (and the tensors it holds) is gone
     return ok
@@ -211,7 +222,9 @@ def measure(shape: ModelShape, backend: str, settings: Settings, device: torch.d
         result["first_step_s"] = time.perf_counter() - t0
         print(f"  {LABELS[backend]}: first step (compile) {result['first_step_s']:.1f}s", flush=True)
         result["fixed"] = timed_steps(step, settings.batch, settings.seq, settings.reps)
-    except torch.OutOfMemoryError:
+    except RuntimeError as err:
+        if not is_oom(err):
+            raise
         result["fixed"] = None
     step.free()
     if result["fixed"] is None:
@@ -226,7 +239,9 @@ def measure(shape: ModelShape, backend: str, settings: Settings, device: torch.d
     result.update(max_batch=best, max_batch_capped=capped, probes=probes)
     try:
         result["at_max_batch"] = timed_steps(step, best, settings.seq, settings.max_batch_reps)
-    except torch.OutOfMemoryError:  # fragmentation after the search: report the batch, not its speed
+    except RuntimeError as err:  # fragmentation after the search: report the batch, not its speed
+        if not is_oom(err):
+            raise
         result["at_max_batch"] = None
     step.free()
     result["compilations"] = torch._dynamo.utils.counters["stats"]["unique_graphs"] - graphs_before
@@ -264,6 +279,19 @@ def table(record: dict) -> str:
             f"| {name} | {LABELS[r['backend']]} | {fmt_gb(f['peak_bytes'])} | {fmt_gb(f['state_bytes'])} | "
             f"{f['step_s'] * 1e3:.0f} | {f['tokens_per_s']:,.0f} | {largest} | "
             f"{'-' if m is None else format(m['tokens_per_s'], ',.0f')} |"
+        )
+    for shape in record["shapes"]:
+        runs = {r["backend"]: r for r in record["results"] if r["model"] == shape["name"] and r.get("fixed")}
+        if set(runs) != set(BACKENDS) or runs["cce"]["fixed"]["peak_bytes"] is None:
+            continue
+        plain, cce = runs["inductor"], runs["cce"]
+        tokens = record["settings"]["batch"] * seq
+        lines.append(
+            f"\n{shape['name']}: backend=\"cce\" lowers the peak by "
+            f"{fmt_gb(plain['fixed']['peak_bytes'] - cce['fixed']['peak_bytes'])} at {tokens} tokens "
+            f"(the {tokens} x {shape['vocab']} logits alone are {fmt_gb(tokens * shape['vocab'] * 2)} in bf16); "
+            f"largest batch {plain['max_batch']} -> {cce['max_batch']}{'+' if cce['max_batch_capped'] else ''}; "
+            f"tokens/s at batch {record['settings']['batch']}: x{cce['fixed']['tokens_per_s'] / plain['fixed']['tokens_per_s']:.2f}"
         )
     return "\n".join(lines)
 
@@ -303,30 +331,32 @@ def main(argv=None) -> dict:
         torch._dynamo.config.fail_on_recompile_limit_hit = True  # never fall back to eager silently
 
     device_name = torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu"
-    note = ("Random bf16 weights, fused AdamW on bf16 parameters. Layers reduced for the time budget: "
+    note = (f"Random {settings.dtype} weights, AdamW on {settings.dtype} parameters (no fp32 master weights). "
+            "Layers reduced for the time budget: "
             + ", ".join(f"{s.name} runs {s.layers} of {s.full_layers}" for s in shapes)
             + " -- the GB saved do not depend on depth, the ratios do. The Gemma-2-2B-like shape runs on "
             "transformers' Gemma 3 text architecture (SDPA attention; the Gemma 2 class has only eager/flash/"
             "flex attention) with attention softcapping off and final logit softcapping 30.")
     print(f"{device_name}; {note}", flush=True)
     t0 = time.perf_counter()
-    results = []
-    for shape in shapes:
-        print(f"{shape.name}: V={shape.vocab}, hidden {shape.hidden}, {shape.layers} layers, "
-              f"seq {settings.seq}", flush=True)
-        for backend in BACKENDS:
-            results.append(measure(shape, backend, settings, device))
-
     record = {
         "what": "peak memory and tokens/s of a whole training step (forward, backward, AdamW), "
                 "plain torch.compile vs backend='cce', and the largest batch that fits",
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "device": device_name, "versions": versions(), "command": " ".join(sys.argv), "note": note,
         "settings": dataclasses.asdict(settings), "shapes": [dataclasses.asdict(s) for s in shapes],
-        "results": results, "wall_s": time.perf_counter() - t0,
+        "results": [], "wall_s": None,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(record, indent=1))
+    for shape in shapes:
+        print(f"{shape.name}: V={shape.vocab}, hidden {shape.hidden}, {shape.layers} layers, "
+              f"seq {settings.seq}", flush=True)
+        for backend in BACKENDS:
+            record["results"].append(measure(shape, backend, settings, device))
+            record["wall_s"] = time.perf_counter() - t0
+            args.out.write_text(json.dumps(record, indent=1))  # after each run: a partial run keeps its data
+            print(f"  ({record['wall_s']:.0f}s so far)", flush=True)
+
     print(f"\nwrote {args.out} ({record['wall_s']:.0f}s)\n", flush=True)
     print(table(record), flush=True)
     return record

@@ -40,10 +40,13 @@ def main(argv=None) -> dict:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     small = args.small or device == "cpu"
     # Gemma 2 (2B)'s head: hidden 2304, vocabulary 256000, final logit softcapping 30 (2 of its 26 layers).
-    vocab, hidden, layers, batch, seq = (4096, 64, 1, 2, 32) if small else (256000, 2304, 2, 2, 1024)
+    if small:
+        vocab, hidden, layers, heads, kv_heads, head_dim, batch, seq = 4096, 64, 1, 4, 2, 16, 2, 32
+    else:
+        vocab, hidden, layers, heads, kv_heads, head_dim, batch, seq = 256000, 2304, 2, 8, 4, 256, 2, 1024
     config = Gemma2Config(vocab_size=vocab, hidden_size=hidden, intermediate_size=4 * hidden,
-                          num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
-                          head_dim=hidden // 4, final_logit_softcapping=30.0, use_cache=False)
+                          num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
+                          head_dim=head_dim, final_logit_softcapping=30.0, use_cache=False)
     torch.manual_seed(0)
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     model = Gemma2ForCausalLM(config).to(device, dtype)

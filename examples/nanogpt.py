@@ -1,7 +1,7 @@
 """nanoGPT: a model whose forward returns (logits, loss) -- the escape report, and how to get the full savings.
 
-    python examples/nanogpt.py            # GPT-2 small (124M) on a GPU, a tiny GPT on the CPU
-    python examples/nanogpt.py --small
+    python examples/nanogpt.py            # GPT-2 small (124M) on a GPU (five compilations, a few minutes)
+    python examples/nanogpt.py --small    # a tiny GPT (the default without a GPU)
 
 The model is written the way karpathy/nanoGPT's model.py writes it: tied embeddings and a forward
 that returns both the logits and the loss. Because the logits leave the compiled graph, the rewrite
@@ -9,8 +9,11 @@ must keep them (exact semantics): the loss still goes through the CCE op, but th
 computed and, as they require grad, autograd feeds an N x V zero gradient back. explain() says so.
 Two ways to the full savings, with the model untouched:
   a. compile a training step that returns only the loss (the logits then never leave the graph);
-  b. cce_inductor.enable(detach_logits=True): the returned logits are computed without grad, for
-     users who only look at them (their values are unchanged; backward through them is not possible).
+  b. detach_logits=True (torch.compile(model, backend="cce", options={"detach_logits": True}), or
+     cce_inductor.enable(detach_logits=True)): the returned logits keep their values but carry no
+     grad, for users who only look at them; the forward still computes them, the backward no longer
+     sees them.
+On a GPU the example also measures the peak memory of a training step each way.
 """
 
 import argparse

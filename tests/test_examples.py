@@ -121,3 +121,30 @@ def test_model_step_small(tmp_path):
         assert r["fixed"]["tokens_per_s"] > 0
         assert r["max_batch"] == record["settings"]["max_batch"] and r["max_batch_capped"]
         assert r["compilations"] == 1, "the batch dimension must be compiled as dynamic"
+
+
+class _FakeStep:
+    """Stands in for model_step.TrainingStep: runs out of memory above ``limit``."""
+
+    device = torch.device("cpu")
+
+    def __init__(self, limit: int, error=torch.OutOfMemoryError):
+        self.limit, self.error = limit, error
+
+    def __call__(self, batch: int, seq: int):
+        if batch > self.limit:
+            raise self.error("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    def free(self):
+        pass
+
+
+@pytest.mark.parametrize("error", [torch.OutOfMemoryError, RuntimeError], ids=["OutOfMemoryError", "RuntimeError"])
+def test_model_step_largest_batch_search(error):
+    ms = load("benchmarks/model_step.py")
+    best, capped, probes = ms.largest_batch(_FakeStep(37, error), seq=8, start=4, cap=512)
+    assert not capped and 37 - 32 // 8 <= best <= 37
+    assert all(ok == (b <= 37) for b, ok in probes)
+    assert ms.largest_batch(_FakeStep(10**6), seq=8, start=4, cap=512)[:2] == (512, True)
+    with pytest.raises(RuntimeError, match="unrelated"):
+        ms.fits(_FakeStep(0, lambda msg: RuntimeError("unrelated failure")), 8, 8)
