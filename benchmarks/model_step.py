@@ -229,6 +229,9 @@ def measure(shape: ModelShape, backend: str, settings: Settings, device: torch.d
     step.free()
     if result["fixed"] is None:
         print(f"  {LABELS[backend]}: out of memory at batch {settings.batch}", flush=True)
+        del step, model
+        torch.compiler.reset()
+        gc.collect()
         return result
 
     fixed = result["fixed"]
@@ -247,6 +250,7 @@ def measure(shape: ModelShape, backend: str, settings: Settings, device: torch.d
     result["compilations"] = torch._dynamo.utils.counters["stats"]["unique_graphs"] - graphs_before
     result["wall_s"] = time.perf_counter() - t0
     del step, model
+    torch.compiler.reset()  # compiled code may still refer to the model: free it before the next run
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()

@@ -300,6 +300,7 @@ def main(argv=None) -> dict:
     for way in args.ways:
         print(f"training: {LABELS[way]}", flush=True)
         results[way] = train_one_way(way, init_model, batches, evals, cfg, device)
+        torch.compiler.reset()  # free what compiled code still holds of this way's model
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
