@@ -181,6 +181,7 @@ class _Walker:
         )
         self._walk(m, logits, class_dim)
         self._check_projection(m)
+        _check_no_mutation_between(m.projection, self.anchor)
         _find_shift(m)
         return m
 
@@ -319,6 +320,16 @@ class _Walker:
 
 
 # ----------------------------------------------------------------------------- pieces of the walk
+
+
+def _check_no_mutation_between(first: Node, last: Node) -> None:
+    """The op reads its inputs where the loss was called, the projection read them earlier: no
+    tensor may be written in place in between (the logits included, which the rewrite drops)."""
+    node = first.next
+    while node is not last and node.op != "root":
+        if N.is_mutation(node):
+            raise NoMatch(f"{N.describe(node)} ({node.name}) writes in place between the projection and the loss")
+        node = node.next
 
 
 def _projection(node: Node):

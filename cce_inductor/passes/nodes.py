@@ -97,6 +97,29 @@ def is_transpose_attr(node: Any) -> bool:
     )
 
 
+_INPLACE_OPERATORS = (operator.setitem, operator.iadd, operator.isub, operator.imul, operator.itruediv)
+
+
+def is_mutation(node: Node) -> bool:
+    """Whether ``node`` may write to one of its inputs: an in-place method (``x.div_()``),
+    ``x[...] = v``, an augmented assignment, an ``out=`` or ``inplace=True`` call, or a mutable op."""
+    if node.op == "call_method":
+        name = str(node.target)
+        return name.endswith("_") and not name.startswith("_")
+    if node.op != "call_function":
+        return False
+    target = node.target
+    if any(target is t for t in _INPLACE_OPERATORS):
+        return True
+    if node.kwargs.get("out") is not None or node.kwargs.get("inplace") is True:
+        return True
+    schema = getattr(target, "_schema", None)
+    if schema is not None:
+        return bool(getattr(schema, "is_mutable", False))
+    name = getattr(target, "__name__", "") or ""
+    return name.endswith("_") and not name.startswith("_")
+
+
 # ----------------------------------------------------------------------------- metadata
 
 

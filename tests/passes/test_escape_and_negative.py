@@ -156,6 +156,15 @@ def _negative_added_tensor(lin, h, y):
     return lambda h, y: F.cross_entropy((lin(h) + noise).view(-1, V), y.view(-1)), "addition"
 
 
+def _negative_in_place_write(lin, h, y):
+    def fn(h, y):
+        z = lin(h)
+        z.div_(2.0)
+        return F.cross_entropy(z.view(-1, V), y.view(-1))
+
+    return fn, "writes in place"
+
+
 def _negative_lossy_cast(lin, h, y):
     return lambda h, y: F.cross_entropy(lin(h).half().view(-1, V), y.view(-1)), "loses precision"
 

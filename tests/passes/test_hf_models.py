@@ -137,8 +137,10 @@ def test_model_returning_logits_keeps_them():
     assert site.status == "rewritten" and site.remaining and "returned" in site.remaining[0].why
 
 
-def test_dynamic_sequence_lengths():
-    model = _model("llama")
+@pytest.mark.parametrize("name", ["llama", "gemma2"])
+def test_dynamic_sequence_lengths(name):
+    """dynamic=True: sizes stay symbolic (and Gemma 2's softcap becomes a symbolic float)."""
+    model = _model(name)
     params = [p for p in model.parameters() if p.requires_grad]
 
     def step(ids, labels):

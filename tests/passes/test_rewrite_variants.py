@@ -131,6 +131,18 @@ def case_hf_causal_lm_loss():
     return fn, [h, *lin.parameters()], (h, y), B * T
 
 
+def case_keep_last_tokens():
+    """h[:, -k:, :] before the head (transformers' logits_to_keep)."""
+    lin = _linear()
+    h, y = _inputs()
+
+    def fn(h, y):
+        logits = lin(h[:, -3:, :])
+        return F.cross_entropy(logits.reshape(-1, V), y[:, -3:].reshape(-1))
+
+    return fn, [h, *lin.parameters()], (h, y), B * 3
+
+
 def case_shift_logits():
     """Older causal-LM code: shift the logits, not the labels (becomes the op's shift=1)."""
     lin = _linear()
