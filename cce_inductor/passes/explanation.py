@@ -110,7 +110,7 @@ def _format_site(s: SiteReport) -> list[str]:
 
 def _analyse(gm: torch.fx.GraphModule, options: Options) -> list[SiteReport]:
     graph = copy.deepcopy(gm.graph)
-    return rewrite_graph(graph, options)
+    return rewrite_graph(graph, options, log_sites=False)
 
 
 def _capture_backend(gm: torch.fx.GraphModule, example_inputs):

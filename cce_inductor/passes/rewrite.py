@@ -69,8 +69,9 @@ class SiteReport:
 # ----------------------------------------------------------------------------- graph level
 
 
-def rewrite_graph(graph: Graph, options: Options | None = None) -> list[SiteReport]:
-    """Rewrite every matched site of ``graph`` in place; one report per loss call."""
+def rewrite_graph(graph: Graph, options: Options | None = None, log_sites: bool = True) -> list[SiteReport]:
+    """Rewrite every matched site of ``graph`` in place; one report per loss call, each also
+    logged (INFO, logger "cce_inductor") unless ``log_sites`` is False."""
     options = options or Options()
     reports: list[tuple[SiteReport, Match | None]] = []
     for anchor in find_anchors(graph):
@@ -87,8 +88,9 @@ def rewrite_graph(graph: Graph, options: Options | None = None) -> list[SiteRepo
     for report, match in reports:
         if match is not None:
             _account(graph, report, match, options)
-    for report, _ in reports:
-        _log(report)
+    if log_sites:
+        for report, _ in reports:
+            _log(report)
     return [r for r, _ in reports]
 
 
@@ -135,6 +137,8 @@ def _apply(graph: Graph, m: Match, options: Options) -> SiteReport:
             exits = _enter_projection_autocast(b, m)
             if m.shift:
                 e, targets = m.x, m.shift_targets
+            elif m.projection is None:  # F.linear_cross_entropy: its input is the embeddings
+                e, targets = m.x, m.targets
             else:
                 e, targets = _replay_on_embeddings(b, m), m.targets
             e = _scale(b, e, m.scale)

@@ -213,6 +213,17 @@ def case_scale_around_softcap():
     return fn, [h, *lin.parameters()], (h, y), B * T
 
 
+def case_upcast_to_float64():
+    """cross_entropy in float64 of float32 logits: the op's float32 loss is cast back."""
+    lin = _linear()
+    h, y = _inputs()
+
+    def fn(h, y):
+        return F.cross_entropy(lin(h).double().view(-1, V), y.view(-1))
+
+    return fn, [h, *lin.parameters()], (h, y), B * T
+
+
 def case_label_smoothing_ignore_index():
     lin = _linear()
     h, y = _inputs()
