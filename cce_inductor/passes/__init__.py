@@ -7,6 +7,7 @@ Entry points:
     cce_inductor.explain(fn, *args, **kw)  explanation.explain: what is found, rewritten, skipped, why
 
 Layout: nodes.py (node predicates, metadata), matcher.py (finds sites), rewrite.py (replaces them),
+report.py (what happened at each site),
 graph_pass.py (the CustomGraphPass), options.py, backend.py, enabling.py, explanation.py.
 """
 
@@ -15,7 +16,8 @@ from .enabling import disable, enable
 from .explanation import Explanation, explain
 from .graph_pass import CCEGraphPass
 from .options import Options
-from .rewrite import SiteReport, rewrite_graph
+from .report import SiteReport
+from .rewrite import rewrite_graph
 
 __all__ = [
     "cce_backend",

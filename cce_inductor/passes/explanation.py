@@ -20,7 +20,8 @@ import torch
 
 from .enabling import active_options
 from .options import Options
-from .rewrite import SiteReport, rewrite_graph
+from .report import SiteReport
+from .rewrite import rewrite_graph
 
 log = logging.getLogger("cce_inductor")
 

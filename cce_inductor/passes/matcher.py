@@ -422,7 +422,11 @@ def _class_in(node: Node, kind: str, co: int, iv: torch.Tensor, ov: torch.Tensor
             raise NoMatch(f"transpose ({node.name}) with non-constant dims")
         return d1 if co == d0 else d0 if co == d1 else co
     if kind == "t":
-        return co if n_in < 2 else 1 - co
+        if N.is_transpose_attr(node) and node.args[1] == "mT":  # swaps the last two dims
+            return {n_in - 2: n_in - 1, n_in - 1: n_in - 2}.get(co, co)
+        if N.is_transpose_attr(node):  # x.T reverses all dims
+            return n_in - 1 - co
+        return co if n_in < 2 else 1 - co  # x.t(): at most 2-D
     if kind == "permute":
         dims = N.varargs(node, 1, "dims")
         dims = [N.normalize_dim(d, n_in) for d in dims or ()]

@@ -62,6 +62,7 @@ _KINDS: dict[str, tuple[tuple, tuple[str, ...]]] = {
 }
 
 LOSS_KINDS = ("cross_entropy", "nll_loss", "linear_cross_entropy")
+AUTOCAST_ENTER = _torch_attr("amp.autocast_mode._enter_autocast")
 AUTOCAST_EXIT = _torch_attr("amp.autocast_mode._exit_autocast")
 
 

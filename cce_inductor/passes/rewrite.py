@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import logging
 import operator
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -26,44 +25,9 @@ from ..ops import linear_cross_entropy
 from . import nodes as N
 from .matcher import Match, NoMatch, Skip, find_anchors, match_site
 from .options import Options
+from .report import SiteReport, escapes, note_remaining, rewritten_report, skip_report
 
 log = logging.getLogger("cce_inductor")
-
-
-@dataclass
-class Remaining:
-    """An N x V tensor of a site that stays in the graph after the rewrite."""
-
-    node: str
-    shape: tuple | None
-    dtype: str
-    nbytes: int | None
-    why: str
-
-
-@dataclass
-class SiteReport:
-    """What happened at one loss call."""
-
-    anchor: str
-    kind: str
-    location: str
-    status: str  # "rewritten" | "skipped"
-    reason: str = ""
-    tokens: int | None = None
-    hidden: int | None = None
-    vocab: int | None = None
-    logits_dtype: str = ""
-    details: dict = field(default_factory=dict)
-    bytes_avoided: int | None = None  # N x V bytes no longer in the graph (estimate)
-    remaining: list[Remaining] = field(default_factory=list)
-
-    def summary(self) -> str:
-        where = f" at {self.location}" if self.location else ""
-        head = f"{self.kind} ({self.anchor}){where}: {self.status}"
-        if self.status == "skipped":
-            return f"{head} -- {self.reason}"
-        return head
 
 
 # ----------------------------------------------------------------------------- graph level
@@ -73,25 +37,30 @@ def rewrite_graph(graph: Graph, options: Options | None = None, log_sites: bool 
     """Rewrite every matched site of ``graph`` in place; one report per loss call, each also
     logged (INFO, logger "cce_inductor") unless ``log_sites`` is False."""
     options = options or Options()
-    reports: list[tuple[SiteReport, Match | None]] = []
+    reports: list[SiteReport] = []
+    applied: list[tuple[SiteReport, Match]] = []
     for anchor in find_anchors(graph):
         site = match_site(anchor)
         if isinstance(site, Match):
+            report = rewritten_report(site)
             try:
-                report = _apply(graph, site, options)
+                _apply(graph, site, options)
             except NoMatch as reason:
                 site = Skip(anchor, site.kind, str(reason), site.projection)
             else:
-                reports.append((report, site))
+                reports.append(report)
+                applied.append((report, site))
                 continue
-        reports.append((_skip_report(site), None))
-    for report, match in reports:
-        if match is not None:
-            _account(graph, report, match, options)
+        reports.append(skip_report(site))
+    # Only now, with every site rewritten, is it known which logits stay.
+    for report, m in applied:
+        leaks = escapes(graph, m)
+        detached = _detach_returned(graph, leaks) if options.detach_logits else set()
+        note_remaining(report, m, leaks, detached)
     if log_sites:
-        for report, _ in reports:
+        for report in reports:
             _log(report)
-    return [r for r, _ in reports]
+    return reports
 
 
 def _log(report: SiteReport) -> None:
@@ -129,7 +98,7 @@ class _Builder:
             self.graph.erase_node(node)
 
 
-def _apply(graph: Graph, m: Match, options: Options) -> SiteReport:
+def _apply(graph: Graph, m: Match, options: Options) -> None:
     anchor = m.anchor
     b = _Builder(graph, anchor)
     try:
@@ -164,16 +133,10 @@ def _apply(graph: Graph, m: Match, options: Options) -> SiteReport:
         b.undo()
         raise
     _propagate_meta(b.created)
-
-    report = _site_report(m, "rewritten")
-    report.details = _details(m)
-    chain, workspace = _chain_bytes(m, set(m.chain)), _loss_workspace_bytes(m)
-    report.bytes_avoided = None if chain is None or workspace is None else chain + workspace
     inputs = anchor.all_input_nodes
     anchor.replace_all_uses_with(out)
     graph.erase_node(anchor)
     _prune(graph, inputs)
-    return report
 
 
 def _replay_on_embeddings(b: _Builder, m: Match) -> Node:
@@ -193,11 +156,11 @@ def _replay_on_embeddings(b: _Builder, m: Match) -> Node:
         if step.kind == "reshape":
             shape = N.varargs(node, 1, "shape")
             cur = b.method("reshape", cur, *[remap(s) for s in shape[:-1]], hidden)
-        elif step.kind == "t":
-            if N.is_transpose_attr(node) and node.args[1] == "mT":
+        elif N.is_transpose_attr(node):  # x.T reverses the dims, x.mT swaps the last two
+            if node.args[1] == "mT":
                 cur = b.method("transpose", cur, -2, -1)
             else:
-                cur = b.method("t", cur)
+                cur = b.method("permute", cur, *reversed(range(N.tensor_value(node).dim())))
         elif node.op == "call_method":
             cur = b.method(node.target, cur, *map_arg(tuple(node.args[1:]), remap), **map_arg(dict(node.kwargs), remap))
         else:
@@ -272,15 +235,30 @@ def _enter_projection_autocast(b: _Builder, m: Match) -> list[Node]:
         return []
     if not (at_proj or at_loss):
         return []
-    template = (at_proj or at_loss)[0]
     devices_proj = {n.args[0] for n in at_proj}
-    enters = []
-    for node in at_proj:
-        enters.append(b.function(node.target, *node.args, **node.kwargs))
+    enters = [b.function(node.target, *node.args, **node.kwargs) for node in at_proj]
     for device in dict.fromkeys(n.args[0] for n in at_loss):
         if device not in devices_proj:
-            enters.append(b.function(template.target, device, None, False, None))
+            enters.append(b.function(N.AUTOCAST_ENTER, device, None, False, None))
     return enters
+
+
+# ----------------------------------------------------------------------------- escaping logits
+
+
+def _detach_returned(graph: Graph, leaks) -> set:
+    """detach_logits: the graph returns ``logits.detach()`` instead of logits that require grad."""
+    detached = set()
+    for node, user in leaks:
+        v = N.tensor_value(node)
+        if user.op != "output" or node in detached or v is None or not v.requires_grad:
+            continue
+        with graph.inserting_before(user):
+            new = graph.call_method("detach", (node,))
+        new.meta["example_value"] = v.detach()
+        user.replace_input_with(node, new)
+        detached.add(node)
+    return detached
 
 
 # ----------------------------------------------------------------------------- cleanup and metadata
@@ -324,177 +302,3 @@ def _propagate_meta(created: list[Node]) -> None:
             node.meta["example_value"] = val
         except Exception:  # noqa: BLE001 - metadata is optional
             return
-
-
-# ----------------------------------------------------------------------------- accounting
-
-
-def _skip_report(site: Skip) -> SiteReport:
-    report = SiteReport(site.anchor.name, site.kind, N.location(site.anchor), "skipped", site.reason)
-    if site.projection is not None:
-        z = N.tensor_value(site.projection)
-        if z is not None and z.dim() >= 1:
-            report.vocab = N.hint(z.shape[-1])
-            report.tokens = _numel_hint(z.shape[:-1])
-            report.logits_dtype = str(z.dtype).replace("torch.", "")
-    return report
-
-
-def _site_report(m: Match, status: str) -> SiteReport:
-    report = SiteReport(m.anchor.name, m.kind, N.location(m.anchor), status)
-    x = N.tensor_value(m.x)
-    report.hidden, report.vocab = N.hint(m.hidden), N.hint(m.vocab)
-    report.tokens = _numel_hint(x.shape[:-1])
-    z = N.tensor_value(m.projection) if m.projection is not None else x
-    report.logits_dtype = str(z.dtype).replace("torch.", "")
-    return report
-
-
-def _details(m: Match) -> dict:
-    d: dict[str, Any] = {
-        "projection": N.describe(m.projection) if m.projection is not None else "F.linear_cross_entropy",
-        "bias": m.bias is not None,
-        "reduction": m.reduction,
-        "ignore_index": m.ignore_index,
-    }
-    if m.shift:
-        d["shift"] = m.shift
-    if m.softcap is not None:
-        d["softcap"] = m.softcap if not isinstance(m.softcap, Node) else m.softcap.name
-    if m.scale:
-        d["scale"] = [f if isinstance(f, float) else f"{'*' if f[1] == 1 else '/'}{f[0].name}" for f in m.scale]
-    if m.steps:
-        d["token_ops"] = [N.describe(s.node) for s in m.steps]
-    if not m.weight_is_vd:
-        d["weight_layout"] = "(D, V)"
-    return d
-
-
-def _numel_hint(shape) -> int | None:
-    total = 1
-    for s in shape:
-        h = N.hint(s)
-        if h is None:
-            return None
-        total *= int(h)
-    return total
-
-
-def _nbytes(node: Node) -> int | None:
-    v = N.tensor_value(node)
-    if v is None:
-        return None
-    n = _numel_hint(v.shape)
-    return None if n is None else n * v.element_size()
-
-
-_NON_CONTIGUOUS_VIEWS = ("getitem", "transpose", "t", "permute", "movedim")
-
-
-def _materialized(m: Match) -> list[Node]:
-    """The chain nodes that own N x V memory (an estimate from the op kinds)."""
-    out, strided = [], False
-    for prev, node in zip([None] + m.chain, m.chain):
-        kind = N.kind_of(node)
-        if prev is None:  # the projection
-            out.append(node)
-            continue
-        pv, nv = N.tensor_value(prev), N.tensor_value(node)
-        if kind in ("identity", "reshape", "flatten"):
-            if kind == "identity" and node.target == "clone" or (strided and node.target != "view"):
-                out.append(node)
-                strided = False
-        elif kind == "cast":
-            if nv.dtype != pv.dtype:
-                out.append(node)
-                strided = False
-        elif kind in _NON_CONTIGUOUS_VIEWS:
-            if kind == "getitem" and any(isinstance(e, Node) for e in _index_nodes(node)):
-                out.append(node)
-                strided = False
-            else:
-                strided = True
-        elif kind in ("squeeze", "unsqueeze", "unflatten", "detach"):
-            pass
-        else:  # value ops: scale, tanh, bias add, log_softmax
-            out.append(node)
-            strided = False
-    return out
-
-
-def _index_nodes(node: Node) -> list:
-    index = node.args[1] if len(node.args) > 1 else ()
-    elements = list(index) if isinstance(index, (tuple, list)) else [index]
-    return [e for e in elements if isinstance(e, Node) and N.tensor_value(e) is not None]
-
-
-def _chain_bytes(m: Match, subset: set) -> int | None:
-    if m.projection is None:
-        return 0
-    total = 0
-    for node in _materialized(m):
-        if node in subset:
-            nb = _nbytes(node)
-            if nb is None:
-                return None
-            total += nb
-    return total
-
-
-def _loss_workspace_bytes(m: Match) -> int | None:
-    """cross_entropy's own N x V: the log-softmax it saves for the backward (in its input's dtype)."""
-    if m.kind == "nll_loss":
-        return 0  # the log_softmax is a node of the chain, counted there
-    if m.logits is None:  # F.linear_cross_entropy: its logits and log-softmax, in e's dtype
-        x = N.tensor_value(m.x)
-        n = _numel_hint(x.shape[:-1])
-        v = N.hint(m.vocab)
-        return None if n is None or v is None else 2 * n * int(v) * x.element_size()
-    return _nbytes(m.logits)
-
-
-def _account(graph: Graph, report: SiteReport, m: Match, options: Options) -> None:
-    """After all sites are rewritten: which N x V tensors of this site stay, and why; with
-    ``detach_logits``, detach the ones the graph returns."""
-    if m.projection is None:
-        return
-    live = set(graph.nodes)
-    alive = [n for n in m.chain if n in live]
-    if not alive:
-        return
-    output = next(n for n in reversed(graph.nodes) if n.op == "output")
-    alive_set = set(alive)
-    for node in alive:
-        outside = [u for u in node.users if u not in alive_set]
-        for user in outside:
-            if user is output:
-                v = N.tensor_value(node)
-                if options.detach_logits and v is not None and v.requires_grad:
-                    with graph.inserting_before(output):
-                        detached = graph.call_method("detach", (node,))
-                    detached.meta["example_value"] = v.detach() if hasattr(v, "detach") else v
-                    output.replace_input_with(node, detached)
-                    why = "returned from the compiled region, detached (detach_logits=True)"
-                elif v is not None and v.requires_grad:
-                    why = (
-                        "returned from the compiled region with requires_grad: the backward gets an "
-                        "N x V gradient for it (use detach_logits=True if you only look at the logits)"
-                    )
-                else:
-                    why = "returned from the compiled region"
-            else:
-                where = N.location(user)
-                why = f"used by {N.describe(user)} ({user.name}{', ' + where if where else ''})"
-            v = N.tensor_value(node)
-            report.remaining.append(
-                Remaining(
-                    node.name,
-                    None if v is None else tuple(N.hint(s) for s in v.shape),
-                    "" if v is None else str(v.dtype).replace("torch.", ""),
-                    _nbytes(node),
-                    why,
-                )
-            )
-    kept = _chain_bytes(m, alive_set)
-    if report.bytes_avoided is not None and kept is not None:
-        report.bytes_avoided = max(0, report.bytes_avoided - kept)
