@@ -110,8 +110,8 @@ def _format_site(s: SiteReport) -> list[str]:
 
 
 def _analyse(gm: torch.fx.GraphModule, options: Options) -> list[SiteReport]:
-    graph = copy.deepcopy(gm.graph)
-    return rewrite_graph(graph, options, log_sites=False)
+    copied = torch.fx.GraphModule(gm, copy.deepcopy(gm.graph))
+    return rewrite_graph(copied.graph, options, log_sites=False)
 
 
 def _capture_backend(gm: torch.fx.GraphModule, example_inputs):

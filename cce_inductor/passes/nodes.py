@@ -130,7 +130,20 @@ def value(node: Any) -> Any:
     if not isinstance(node, Node):
         return node
     meta = node.meta
-    return meta["example_value"] if "example_value" in meta else meta.get("val")
+    if "example_value" in meta:
+        return meta["example_value"]
+    if "val" in meta:
+        return meta["val"]
+    if node.op == "get_attr" and node.graph.owning_module is not None:
+        # parameters as attributes (torch without inlined nn modules): the real tensor
+        try:
+            return node.graph.owning_module.get_parameter(node.target)
+        except AttributeError:
+            try:
+                return node.graph.owning_module.get_buffer(node.target)
+            except AttributeError:
+                return None
+    return None
 
 
 def tensor_value(node: Any) -> torch.Tensor | None:

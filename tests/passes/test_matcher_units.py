@@ -81,3 +81,24 @@ def test_byte_formatting():
     assert _fmt_bytes(512) == "512 B"
     assert _fmt_bytes(3 * 2**30) == "3.0 GiB"
     assert _fmt_bytes(None) == "? B"
+
+
+def test_parameters_as_get_attr_nodes():
+    """Older torch (nn modules not inlined) reads parameters with get_attr: their values come
+    from the module."""
+    x, w, b, y = _inputs()
+    root = torch.nn.Module()
+    root.weight = torch.nn.Parameter(w)
+    graph = Graph()
+    xs, ys = _placeholder(graph, "x", x), _placeholder(graph, "y", y)
+    ws = graph.get_attr("weight")
+    z = graph.call_function(F.linear, (xs, ws, None))
+    z.meta["example_value"] = F.linear(x, w)
+    loss = graph.call_function(F.cross_entropy, (z, ys))
+    loss.meta["example_value"] = F.cross_entropy(x @ w.T, y)
+    graph.output(loss)
+    gm = GraphModule(root, graph)
+    (report,) = rewrite_graph(gm.graph)
+    assert report.status == "rewritten", report.reason
+    gm.recompile()
+    assert_close(gm(x, y), F.cross_entropy(x @ w.T, y))
