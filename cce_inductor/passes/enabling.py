@@ -95,9 +95,15 @@ def enable(**options) -> Enabled:
     """Turn the rewrite on for torch.compile's default (Inductor) backend.
 
     ``cce_inductor.enable()`` stays on until ``cce_inductor.disable()``; ``with
-    cce_inductor.enable(): ...`` turns it off again on leaving the block. Options: see
-    :class:`Options` (``detach_logits``, ``exact``, ``impl``). Enabling again replaces the
-    options; passes configured by others stay, and run before this one.
+    cce_inductor.enable(): ...`` turns it off again on leaving the block. Enabling again replaces
+    the options; passes configured by others stay, and run before this one.
+
+    Options (see :class:`Options`):
+        detach_logits: logits returned by the compiled region come back detached (same values,
+            ``requires_grad=False``): no N x V gradient in the backward, and no gradient through
+            them. Off by default.
+        exact: the op's ``exact=`` (no gradient filtering).
+        impl: the op's ``impl=`` ("auto", "triton", "torch").
     """
     graph_pass = CCEGraphPass(Options.from_kwargs(**options))
     previous = inductor_config.pre_grad_custom_pass
