@@ -19,6 +19,7 @@ The matcher only reads the graph; :mod:`.rewrite` changes it.
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass, field
 from typing import Any, Union
@@ -28,6 +29,8 @@ import torch.nn.functional as F
 from torch.fx import Graph, Node
 
 from . import nodes as N
+
+log = logging.getLogger("cce_inductor")
 
 REDUCTIONS = ("none", "sum", "mean")
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -120,6 +123,9 @@ def match_site(anchor: Node) -> Site:
         return walker.run()
     except NoMatch as reason:
         return Skip(anchor, kind, str(reason), walker.projection)
+    except Exception as error:  # a graph the matcher misreads must not break compilation
+        log.warning("cce: matching %s failed; the site is left alone", anchor.name, exc_info=True)
+        return Skip(anchor, kind, f"internal error while matching: {error!r}", walker.projection)
 
 
 # ----------------------------------------------------------------------------- the walk
@@ -305,6 +311,8 @@ class _Walker:
             b = N.tensor_value(m.bias)
             if b is None or b.dim() != 1 or not N.same_size(b.shape[0], m.vocab):
                 raise NoMatch("the bias is not of shape (V,)")
+            if b.dtype != w.dtype:
+                raise NoMatch(f"the bias is {b.dtype}, the weight {w.dtype}")
         needs_grad = any(v is not None and v.requires_grad for v in (x, w, N.tensor_value(m.bias)))
         if z.requires_grad != needs_grad:
             raise NoMatch("the projection runs under a different grad mode than its inputs")

@@ -132,6 +132,10 @@ def _apply(graph: Graph, m: Match, options: Options) -> None:
     except NoMatch:
         b.undo()
         raise
+    except Exception as error:  # leave the graph as it was rather than break compilation
+        b.undo()
+        log.warning("cce: rewriting %s failed; the site is left alone", anchor.name, exc_info=True)
+        raise NoMatch(f"internal error while rewriting: {error!r}") from error
     _propagate_meta(b.created)
     inputs = anchor.all_input_nodes
     anchor.replace_all_uses_with(out)
