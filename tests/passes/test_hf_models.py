@@ -17,6 +17,7 @@ transformers = pytest.importorskip("transformers")
 
 import cce_inductor  # noqa: E402
 from passes_helpers import (  # noqa: E402
+    assert_close,
     assert_grads_close,
     assert_outputs_close,
     compiled_step,
@@ -135,6 +136,24 @@ def test_model_returning_logits_keeps_them():
     assert_grads_close(grads, expected_grads, [n for n, _ in model.named_parameters()])
     (site,) = cce_inductor.explain(forward, ids, labels).sites
     assert site.status == "rewritten" and site.remaining and "returned" in site.remaining[0].why
+
+
+def test_detach_logits_on_the_model_output():
+    """detach_logits=True: the model's returned logits carry no gradient; the loss is unchanged."""
+    model = _model("llama")
+    params = [p for p in model.parameters() if p.requires_grad]
+    ids, labels = _batch()
+
+    def forward(ids, labels):
+        return model(input_ids=ids, labels=labels)
+
+    expected, expected_grads = run_step(forward, params, (ids, labels))
+    out, grads, code = compiled_step(forward, params, (ids, labels), options={"detach_logits": True})
+    assert uses_op(code)
+    assert not out.logits.requires_grad
+    assert_close(out.logits, expected.logits.detach())
+    assert_outputs_close(out, expected)
+    assert_grads_close(grads, expected_grads, [n for n, _ in model.named_parameters()])
 
 
 @pytest.mark.parametrize("name", ["llama", "gemma2"])
