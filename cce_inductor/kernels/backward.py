@@ -255,9 +255,9 @@ def lce_backward(
     semantics of reference.chunked_backward, plus filtering when ``filter_grad``.
 
     ``filter_dc``: the filter also skips the dC GEMM (no relative bound on dC; see the module
-    docstring). ``vocab_order``: None = the default policy (ordered when filtering), True/False to force, or an
-    explicit (V,) permutation of the vocabulary. ``tile_counts``: optional int32 (2,) tensor that
-    receives [tiles computed, tiles filtered] (added to its contents)."""
+    docstring). ``vocab_order``: None = ``DEFAULT_ORDER`` when filtering, True/False to force, or
+    an explicit (V,) permutation of the vocabulary. ``tile_counts``: optional int32 (2,) tensor
+    that receives [tiles computed, tiles filtered] (added to its contents)."""
     orig_e_dtype, orig_c_dtype = e.dtype, c.dtype
     e, c, bias, targets = prepare_inputs(e, c, bias, targets)
     num_tokens, dim = e.shape
@@ -324,8 +324,9 @@ def lce_backward(
             HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap != 0.0, HAS_SMOOTHING=label_smoothing != 0.0,
             HAS_ORDER=order is not None, DC_ROW_BY_ID=dc_direct is not None, FILTER=bool(filter_grad),
             COUNT_TILES=tile_counts is not None, NEEDS_E=needs_e, NEEDS_C=needs_c,
-            NEEDS_BIAS=needs_bias, EVEN_D=dim % cfg.block_d == 0, DOT_PRECISION=dot_precision(e.dtype), UPCAST=dot_upcast(e),
-            FILTER_DC=bool(filter_grad and filter_dc), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            NEEDS_BIAS=needs_bias, EVEN_D=dim % cfg.block_d == 0, DOT_PRECISION=dot_precision(e.dtype),
+            UPCAST=dot_upcast(e), FILTER_DC=bool(filter_grad and filter_dc),
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
         if needs_c and dc_direct is None:
             if order is None:
