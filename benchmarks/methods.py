@@ -157,6 +157,23 @@ def _setup_ours(exact: bool):
     return setup
 
 
+def _setup_ours_workspace(max_workspace_bytes: int):
+    def setup(env: Env) -> Prepared:
+        import cce_inductor
+
+        if env.smoke or env.device.type != "cuda":
+            raise Unavailable("max_workspace_bytes applies on the Triton path: needs CUDA")
+
+        def loss(e, c, targets):
+            return cce_inductor.linear_cross_entropy(e, c, targets, impl="triton",
+                                                     max_workspace_bytes=max_workspace_bytes)
+
+        return Prepared(loss, note=f"impl='triton', max_workspace_bytes={max_workspace_bytes} "
+                                   "(exact; gradients formed in its forward)")
+
+    return setup
+
+
 # ----------------------------------------------------------------------------- peers
 
 
@@ -205,13 +222,14 @@ METHODS: dict[str, Method] = {
         Method("torch_native", "torch F.linear_cross_entropy", _setup_torch_native),
         Method("cce_inductor", "cce_inductor (filtered)", _setup_ours(exact=False)),
         Method("cce_inductor_exact", "cce_inductor (exact)", _setup_ours(exact=True)),
+        Method("cce_inductor_workspace", "cce_inductor (workspace 1 GiB)", _setup_ours_workspace(2**30)),
         Method("cut_cross_entropy", "cut-cross-entropy (cce)", _setup_cut_cross_entropy),
         Method("liger", "liger-kernel FLCE", _setup_liger),
     )
 }
 # Slow on a CPU (compilation; many small bf16 matmuls): left out of the smoke default, runnable
 # there with --methods.
-SMOKE_EXCLUDED = ("torch_compile", "torch_compile_chunked", "torch_native")
+SMOKE_EXCLUDED = ("torch_compile", "torch_compile_chunked", "torch_native", "cce_inductor_workspace")
 
 
 def peer_versions() -> dict[str, str | None]:

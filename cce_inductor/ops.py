@@ -3,7 +3,10 @@
 Layers, bottom up:
   ``cce_inductor::lce_forward``  (e2d, c, targets1d, bias, ...) -> (loss per token, lse per token)
   ``cce_inductor::lce_backward`` (..., lse, grad_loss, grad_lse, ...) -> (dE, dC, dbias)
-Both are ``torch.library`` custom ops with fake implementations, so torch.compile sees them as
+  ``cce_inductor::lce_fused_reduced`` (e2d, c, targets1d, bias, ..., max_workspace_bytes) ->
+      (reduced loss, dE, dC, dbias): the ``max_workspace_bytes`` path (Triton only), gradients formed
+      in the forward and scaled by the upstream scalar in the backward (``lce_scale_``).
+All are ``torch.library`` custom ops with fake implementations, so torch.compile sees them as
 opaque calls (no graph break, symbolic sizes). The forward op has a registered autograd that calls
 the backward op, and an autocast rule that computes in the autocast dtype, as F.linear would.
 
@@ -181,6 +184,103 @@ for _device_type in ("cpu", "cuda"):
     _register_autocast(lce_forward, _device_type)
 
 
+# ----------------------------------------------------------------------------- workspace path
+
+
+@torch.library.custom_op("cce_inductor::lce_fused_reduced", mutates_args=())
+def lce_fused_reduced(
+    e: Tensor,
+    c: Tensor,
+    targets: Tensor,
+    bias: Tensor | None,
+    ignore_index: int,
+    softcap: float,
+    label_smoothing: float,
+    mean: bool,
+    max_workspace_bytes: int,
+    needs_e: bool,
+    needs_c: bool,
+    needs_bias: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The reduced loss (0-dim float32: mean over non-ignored targets, or sum) and its gradients
+    w.r.t. e, c, bias (an empty tensor for each not needed), formed in the forward chunk by chunk in
+    a logits buffer of at most ``max_workspace_bytes`` (see ``kernels/workspace.py``). Triton only.
+    Its backward scales the returned gradient tensors in place (no second copy of dC), so a caller of
+    the raw op must not keep them; ``linear_cross_entropy`` returns only the loss."""
+    from .kernels import workspace
+
+    out = workspace.lce_fused_reduced(e, c, bias, targets, ignore_index, softcap, label_smoothing, mean,
+                                      max_workspace_bytes, needs_e, needs_c, needs_bias)
+    return tuple(t if t is not None else e.new_empty(0) for t in out)
+
+
+@lce_fused_reduced.register_fake
+def _(e, c, targets, bias, ignore_index, softcap, label_smoothing, mean, max_workspace_bytes, needs_e, needs_c,
+      needs_bias):
+    return (
+        e.new_empty((), dtype=torch.float32),
+        torch.empty_like(e) if needs_e else e.new_empty(0),
+        torch.empty_like(c) if needs_c else e.new_empty(0),
+        torch.empty_like(bias) if (needs_bias and bias is not None) else e.new_empty(0),
+    )
+
+
+@torch.library.custom_op("cce_inductor::lce_scale_", mutates_args=("grad",))
+def lce_scale_(grad: Tensor, scale: Tensor) -> None:
+    """grad *= scale (one element) in float32 math; no memory traffic when the scale is 1."""
+    from .kernels import workspace
+
+    workspace.scale_(grad, scale)
+
+
+@lce_scale_.register_fake
+def _(grad, scale):
+    return None
+
+
+def _fused_setup_context(ctx, inputs, output):
+    _, de, dc, dbias = output
+    ctx.mark_non_differentiable(de, dc, dbias)
+    ctx.set_materialize_grads(False)
+    # Held as attributes, not saved tensors: the backward takes them, scales them in place and hands
+    # them to autograd, which can then keep them as .grad without a copy (peak: one set of gradients).
+    ctx.grads = (de, dc, dbias)
+
+
+def _fused_backward(ctx, grad_loss, *_):
+    if torch.is_grad_enabled():
+        _no_double_backward(ctx)
+    if ctx.grads is None:
+        raise RuntimeError(
+            "linear_cross_entropy(max_workspace_bytes=...) forms its gradients in the forward and hands "
+            "them over in the one backward: a second backward through the same graph (retain_graph=True) "
+            "is not supported; leave max_workspace_bytes=None for that."
+        )
+    grads, ctx.grads = ctx.grads, None
+    scale = grad_loss.reshape(1).float()  # 0-dim; dense (an expanded grad is copied here, one element)
+    out = []
+    for grad, needed in zip(grads, (ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[3])):
+        if needed and grad.numel():
+            lce_scale_(grad, scale)
+        out.append(grad if needed else None)
+    de, dc, dbias = out
+    return de, dc, None, dbias, None, None, None, None, None, None, None, None
+
+
+lce_fused_reduced.register_autograd(_fused_backward, setup_context=_fused_setup_context)
+for _device_type in ("cpu", "cuda"):
+    _register_autocast(lce_fused_reduced, _device_type)
+
+
+def _workspace_applies(e: Tensor, reduction: str, return_lse: bool, impl: str) -> bool:
+    """max_workspace_bytes is used for a reduced loss without lse on the Triton path, in bfloat16 or
+    float32: float16 gradients formed before the upstream scalar (a GradScaler's loss scale) is
+    known would underflow."""
+    autocast = e.device.type in ("cpu", "cuda") and torch.is_autocast_enabled(e.device.type)
+    dtype = torch.get_autocast_dtype(e.device.type) if autocast else e.dtype
+    return reduction != "none" and not return_lse and impl == "triton" and dtype != torch.float16
+
+
 # ----------------------------------------------------------------------------- public function
 
 
@@ -257,6 +357,7 @@ def linear_cross_entropy(
     return_lse: bool = False,
     impl: str = "auto",
     exact: bool = False,
+    max_workspace_bytes: int | None = None,
 ):
     """Cross-entropy of the linear classifier ``e @ c.T + bias`` without materializing the logits.
 
@@ -285,6 +386,18 @@ def linear_cross_entropy(
         exact: turn gradient filtering off. By default the Triton backward skips vocabulary tiles
             whose softmax mass is provably below the input dtype's rounding (a bounded error, see
             ``cce_inductor.kernels``); the torch path is always exact.
+        max_workspace_bytes: memory for speed (None: off). The Triton path may hold the logits of a
+            chunk of tokens in a buffer of at most this many bytes (at least one token's row), and
+            then forms the gradients in the forward, in the same pass as the logits: three GEMMs
+            instead of a recompute's four; always exact. The gradients are held from the forward to
+            the backward, which scales them by the upstream gradient; a second backward through the
+            same graph (retain_graph=True) and double backward raise. Used only when reduction is
+            "mean" or "sum", return_lse=False, impl resolves to "triton" and the compute dtype is
+            bfloat16 or float32 (float16 gradients formed before a GradScaler's loss scale is known
+            would underflow); otherwise ignored: the default path runs, with the same results up to
+            rounding. A positive int; anything else raises. Rounding: dC is accumulated across chunks
+            in C's dtype, one rounding per chunk (bf16: as accurate as plain torch up to ~4 chunks,
+            the error then grows like sqrt(chunks)); 1 GiB is 4 chunks of 8192 x 256000 bf16 logits.
 
     Returns:
         The loss, or ``(loss, lse)`` with ``return_lse=True``.
@@ -300,6 +413,10 @@ def linear_cross_entropy(
     _check_inputs(e, c, targets, bias, ignore_index, softcap, reduction, shift, label_smoothing, impl)
     vocab = c.shape[0]
     _check_target_range(targets, vocab, ignore_index)
+    if max_workspace_bytes is not None and (
+        not isinstance(max_workspace_bytes, int) or isinstance(max_workspace_bytes, bool) or max_workspace_bytes <= 0
+    ):
+        raise ValueError(f"max_workspace_bytes must be None or a positive int, got {max_workspace_bytes!r}")
     if impl == "auto":
         impl = "triton" if e.device.type == "cuda" and _triton_runs_on(e.device) else "torch"
 
@@ -310,6 +427,12 @@ def linear_cross_entropy(
         aligned = targets
     e2d = e.reshape(-1, e.shape[-1])
     flat_targets = aligned.reshape(-1).long()
+    if max_workspace_bytes is not None and _workspace_applies(e, reduction, return_lse, impl):
+        grad_on = torch.is_grad_enabled()
+        needs = [grad_on and t is not None and t.requires_grad for t in (e, c, bias)]
+        out, *_ = lce_fused_reduced(e2d, c, flat_targets, bias, ignore_index, float(softcap or 0.0),
+                                    float(label_smoothing), reduction == "mean", max_workspace_bytes, *needs)
+        return out
     loss, lse = lce_forward(
         e2d, c, flat_targets, bias, ignore_index, float(softcap or 0.0), float(label_smoothing), impl, not exact
     )
