@@ -285,54 +285,84 @@ def lce_backward(
         order = None
 
     f32 = torch.float32
-    de = torch.zeros(num_tokens, dim, dtype=f32, device=device) if needs_e else None
-    dbias = torch.zeros(vocab, dtype=f32, device=device) if needs_bias else None
-    # dC: straight into a float32 output (rows by id) for float32 inputs; else windowed float32 scratch.
-    if needs_c and c.dtype == f32:
-        dc = torch.zeros_like(c)
-        dc_direct, window = dc, vocab
-    elif needs_c:
-        dc = torch.empty(vocab, dim, dtype=c.dtype, device=device)
-        rows = max(cfg.block_v, window_bytes // max(1, 4 * dim) // cfg.block_v * cfg.block_v)
-        window = min(vocab, rows)
-        dc_direct = None
-        scratch = torch.empty(window, dim, dtype=f32, device=device)
-    else:
-        dc = dc_direct = None
-        window = vocab
+    dummy = lse  # stands in for absent pointers
     if tile_counts is not None and (tile_counts.dtype != torch.int32 or tile_counts.numel() < 2):
         raise ValueError("tile_counts must be an int32 tensor with 2 elements")
 
-    dummy = lse  # stands in for absent pointers
-    n_tiles = triton.cdiv(num_tokens, cfg.block_n)
-    filter_tau = filter_eps / vocab  # allotment per vocabulary entry
-    for v_begin in range(0, vocab, window):
-        v_count = min(window, vocab - v_begin)
-        if needs_c and dc_direct is None:
-            dc_buf = scratch[:v_count]
-            dc_buf.zero_()
-        else:
-            dc_buf = dc_direct if dc_direct is not None else dummy
-        _backward_kernel[(n_tiles * triton.cdiv(v_count, cfg.block_v),)](
-            e, c, bias, targets, lse, grad_loss, grad_lse, order if order is not None else dummy,
-            de if de is not None else dummy, dc_buf, dbias if dbias is not None else dummy,
-            tile_counts if tile_counts is not None else dummy,
-            num_tokens, vocab, dim, v_begin, v_count,
+    def launch(n_begin, n_count, v_begin, v_count, de_buf, dc_buf, dc_by_id, do_e, do_c, do_bias):
+        """One launch over tokens [n_begin, +n_count) x vocabulary positions [v_begin, +v_count)."""
+        rows = slice(n_begin, n_begin + n_count)
+        grid = (triton.cdiv(n_count, cfg.block_n) * triton.cdiv(v_count, cfg.block_v),)
+        _backward_kernel[grid](
+            e[rows], c, bias, targets[rows], lse[rows], grad_loss[rows], grad_lse[rows],
+            order if order is not None else dummy,
+            de_buf if do_e else dummy, dc_buf if do_c else dummy, dbias if do_bias else dummy,
+            tile_counts if tile_counts is not None and do_e else dummy,
+            n_count, vocab, dim, v_begin, v_count,
             e.stride(0), c.stride(0), dim, dim,
             ignore_index, float(softcap), 1.0 - label_smoothing, label_smoothing / vocab, filter_tau,
             BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_D=cfg.block_d, GROUP_N=cfg.group_n,
             HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap != 0.0, HAS_SMOOTHING=label_smoothing != 0.0,
-            HAS_ORDER=order is not None, DC_ROW_BY_ID=dc_direct is not None, FILTER=bool(filter_grad),
-            COUNT_TILES=tile_counts is not None, NEEDS_E=needs_e, NEEDS_C=needs_c,
-            NEEDS_BIAS=needs_bias, EVEN_D=dim % cfg.block_d == 0, DOT_PRECISION=dot_precision(e.dtype),
+            HAS_ORDER=order is not None, DC_ROW_BY_ID=dc_by_id, FILTER=bool(filter_grad),
+            COUNT_TILES=tile_counts is not None and do_e, NEEDS_E=do_e, NEEDS_C=do_c,
+            NEEDS_BIAS=do_bias, EVEN_D=dim % cfg.block_d == 0, DOT_PRECISION=dot_precision(e.dtype),
             UPCAST=dot_upcast(e), FILTER_DC=bool(filter_grad and filter_dc),
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
-        if needs_c and dc_direct is None:
-            if order is None:
-                dc[v_begin : v_begin + v_count].copy_(dc_buf)
-            else:
-                dc.index_copy_(0, order[v_begin : v_begin + v_count], dc_buf.to(c.dtype))
+
+    filter_tau = filter_eps / vocab  # allotment per vocabulary entry
+    dbias = torch.zeros(vocab, dtype=f32, device=device) if needs_bias else None
+    # dE accumulates in float32: straight into the output for float32 inputs; for 16-bit inputs in
+    # an (N, D) float32 buffer when that fits in window_bytes, else (split) in a second pass over
+    # windows of tokens, each covering the whole vocabulary, so that the extra memory stays bounded
+    # by one window whatever N and D are (at the price of recomputing the logits once more).
+    split_e = needs_e and e.dtype != f32 and 4 * num_tokens * dim > window_bytes
+    if needs_e and e.dtype == f32:
+        de = torch.zeros_like(e)
+    elif needs_e:
+        de = torch.empty(num_tokens, dim, dtype=e.dtype, device=device)
+    else:
+        de = None
+    de_acc = None if (de is None or split_e) else (de if e.dtype == f32 else torch.zeros(num_tokens, dim, dtype=f32, device=device))
+    fused_e = needs_e and not split_e
+
+    # Pass 1, over windows of the vocabulary: dC (straight into a float32 output, rows by id, for
+    # float32 inputs; else through a float32 window rounded into dC), dbias, and dE unless split.
+    if needs_c or needs_bias or fused_e:
+        if needs_c and c.dtype == f32:
+            dc = torch.zeros_like(c)
+            window, dc_direct = vocab, True
+        elif needs_c:
+            dc = torch.empty(vocab, dim, dtype=c.dtype, device=device)
+            window = min(vocab, max(cfg.block_v, window_bytes // max(1, 4 * dim) // cfg.block_v * cfg.block_v))
+            dc_direct = False
+            scratch = torch.empty(window, dim, dtype=f32, device=device)
+        else:
+            dc, window, dc_direct, scratch = None, vocab, False, None
+        for v_begin in range(0, vocab, window):
+            v_count = min(window, vocab - v_begin)
+            dc_buf = dc if dc_direct else (scratch[:v_count].zero_() if needs_c else None)
+            launch(0, num_tokens, v_begin, v_count, de_acc, dc_buf, dc_direct, fused_e, needs_c, needs_bias)
+            if needs_c and not dc_direct:
+                if order is None:
+                    dc[v_begin : v_begin + v_count].copy_(dc_buf)
+                else:
+                    dc.index_copy_(0, order[v_begin : v_begin + v_count], dc_buf.to(c.dtype))
+        if fused_e and de_acc is not de:
+            de.copy_(de_acc)
+        scratch = de_acc = None  # free the pass-1 buffers before pass 2
+    else:
+        dc = None
+
+    # Pass 2 (split only), over windows of tokens: dE through a float32 window rounded into dE.
+    if split_e:
+        rows = min(num_tokens, max(cfg.block_n, window_bytes // (4 * dim) // cfg.block_n * cfg.block_n))
+        de_window = torch.empty(rows, dim, dtype=f32, device=device)
+        for n_begin in range(0, num_tokens, rows):
+            n_count = min(rows, num_tokens - n_begin)
+            buf = de_window[:n_count].zero_()
+            launch(n_begin, n_count, 0, vocab, buf, None, False, True, False, False)
+            de[n_begin : n_begin + n_count].copy_(buf)
 
     return (
         de.to(orig_e_dtype) if needs_e else None,
