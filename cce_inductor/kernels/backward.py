@@ -15,11 +15,13 @@ groups of GROUP_N token tiles that sweep the vocabulary together (their E rows, 
      as float32 atomic adds (relaxed). The float32 sums depend on the order of the atomics: two runs
      agree to float32 rounding of the accumulators, not bit for bit.
 
-Accumulators (float32): dE is an (N, D) float32 buffer (the output itself for float32 inputs). dC,
-for 16-bit inputs, goes through a float32 window of the vocabulary (``window_bytes``, default
-32 MiB): the kernel is launched once per window of vocabulary rows and each finished window is
-rounded into the 16-bit dC, so dC's extra memory is bounded by the window whatever V is. Extra memory
-is therefore 4 * N * D bytes (+ 2 * N * D for the final cast) plus the window, never N x V or V x D.
+Accumulators (float32), bounded by ``window_bytes`` (default 32 MiB) whatever N, D and V are:
+dC for 16-bit inputs goes through a float32 window of the vocabulary: the kernel is launched once per
+window of vocabulary rows and each finished window is rounded into the 16-bit dC. dE for 16-bit
+inputs accumulates in an (N, D) float32 buffer in the same launches when that buffer fits in
+``window_bytes``; otherwise it is formed in a second pass over windows of tokens (each launch covers
+the whole vocabulary for its tokens, with dC off), which recomputes the logits once more. float32
+inputs accumulate straight into their outputs. Extra memory: one window at a time, never N x V.
 
 Cost (H100, bf16, measured 2026 with triton 3.6): the backward is bound by the L2 traffic of the
 atomics, (BLOCK_N + BLOCK_V) * D * 4 bytes per tile against 6 * BLOCK_N * BLOCK_V * D flops: about
