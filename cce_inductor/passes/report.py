@@ -56,12 +56,16 @@ class SiteReport:
 
 def skip_report(site: Skip) -> SiteReport:
     report = SiteReport(site.anchor.name, site.kind, N.location(site.anchor), "skipped", site.reason)
-    if site.projection is not None:
-        z = N.tensor_value(site.projection)
-        if z is not None and z.dim() >= 1:
-            report.vocab = N.hint(z.shape[-1])
-            report.tokens = _numel_hint(z.shape[:-1])
-            report.logits_dtype = _dtype_name(z.dtype)
+    if site.projection is not None:  # the projection's output: class dim last
+        z, class_dim = N.tensor_value(site.projection), -1
+    else:  # the loss's input: class dim 1 (or 0 when 1-D)
+        z = N.tensor_value(site.anchor.args[0]) if site.anchor.args else None
+        class_dim = 1 if z is not None and z.dim() >= 2 else 0
+    if z is not None and z.dim() >= 1:
+        dims = list(z.shape)
+        report.vocab = N.hint(dims.pop(class_dim))
+        report.tokens = _numel_hint(dims)
+        report.logits_dtype = _dtype_name(z.dtype)
     return report
 
 
