@@ -383,9 +383,11 @@ def linear_cross_entropy(
             like the per-token loss; it is defined at ignored positions too and is differentiable.
         impl: "triton" (the CUDA kernels), "torch" (chunked pure torch, the CPU path) or "auto"
             (Triton for CUDA tensors, torch otherwise).
-        exact: turn gradient filtering off. By default the Triton backward skips vocabulary tiles
-            whose softmax mass is provably below the input dtype's rounding (a bounded error, see
-            ``cce_inductor.kernels``); the torch path is always exact.
+        exact: turn gradient filtering off. By default the Triton backward skips the dE product of a
+            (token tile, vocab tile) block when every token's gradient mass in it is below
+            ``kernels.FILTER_EPS`` (1/4) times its share |tile|/V: the mass dropped from any token is
+            then < 1/4 of its gradient scale, whatever the data (a near-uniform softmax is never
+            filtered). dC and dbias are always exact. The torch path is always exact.
         max_workspace_bytes: memory for speed (None: off). The Triton path may hold the logits of a
             chunk of tokens in a buffer of at most this many bytes (at least one token's row), and
             then forms the gradients in the forward, in the same pass as the logits: three GEMMs
