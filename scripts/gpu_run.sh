@@ -24,7 +24,8 @@ status=0
 for stage in $stages; do
     echo "=== $stage"
     case $stage in
-        tests) python3 -m pytest -q -ra -m gpu tests 2>&1 | tee "$out/gpu_tests.log"; status=$((status | PIPESTATUS[0])) ;;
+        tests) timeout "${TESTS_TIMEOUT:-1200}" python3 -m pytest -q -ra --durations=15 -p no:cacheprovider -m gpu tests 2>&1 \
+                   | tee "$out/gpu_tests.log"; status=$((status | PIPESTATUS[0])) ;;
         bench) python3 -m benchmarks.lce_bench --out "$out/bench.json" 2>&1 | tee "$out/bench.log"
                python3 -m benchmarks.plot "$out/bench.json" --out "$out/bench.png" ;;
         models) python3 -m benchmarks.model_step --out "$out/model_step.json" 2>&1 | tee "$out/model_step.log" ;;
