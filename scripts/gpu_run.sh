@@ -26,9 +26,9 @@ for stage in $stages; do
     case $stage in
         tests) timeout "${TESTS_TIMEOUT:-1200}" python3 -m pytest -q -ra --durations=15 -p no:cacheprovider -m gpu tests 2>&1 \
                    | tee "$out/gpu_tests.log"; status=$((status | PIPESTATUS[0])) ;;
-        bench) python3 -m benchmarks.lce_bench --out "$out/bench.json" 2>&1 | tee "$out/bench.log"
+        bench) python3 -m benchmarks.lce_bench --out "$out/bench.json" ${BENCH_ARGS:-} 2>&1 | tee "$out/bench.log"
                python3 -m benchmarks.plot "$out/bench.json" --out "$out/bench.png" ;;
-        models) python3 -m benchmarks.model_step --out "$out/model_step.json" 2>&1 | tee "$out/model_step.log" ;;
+        models) python3 -m benchmarks.model_step --out "$out/model_step.json" ${MODEL_ARGS:-} 2>&1 | tee "$out/model_step.log" ;;
         convergence) python3 examples/convergence.py --out "$out" 2>&1 | tee "$out/convergence.log" ;;
         *) echo "unknown stage $stage"; status=1 ;;
     esac
