@@ -15,13 +15,16 @@ groups of GROUP_N token tiles that sweep the vocabulary together (their E rows, 
      as float32 atomic adds (relaxed). The float32 sums depend on the order of the atomics: two runs
      agree to float32 rounding of the accumulators, not bit for bit.
 
-Accumulators (float32), bounded by ``window_bytes`` (default 32 MiB) whatever N, D and V are:
-dC for 16-bit inputs goes through a float32 window of the vocabulary: the kernel is launched once per
-window of vocabulary rows and each finished window is rounded into the 16-bit dC. dE for 16-bit
-inputs accumulates in an (N, D) float32 buffer in the same launches when that buffer fits in
-``window_bytes``; otherwise it is formed in a second pass over windows of tokens (each launch covers
-the whole vocabulary for its tokens, with dC off), which recomputes the logits once more. float32
-inputs accumulate straight into their outputs. Extra memory: one window at a time, never N x V.
+Accumulators (float32): at most ``window_bytes`` (default 32 MiB) of scratch at any time, whatever
+N, D and V are. dC for 16-bit inputs goes through a float32 window of the vocabulary: the kernel is
+launched once per window of vocabulary rows and each finished window is rounded into the 16-bit dC.
+dE for 16-bit inputs accumulates in an (N, D) float32 buffer in the same launches when that buffer
+fits in half of ``window_bytes`` (the dC window gets the rest); otherwise it is formed in a second
+pass over windows of tokens (each launch covers the whole vocabulary for its tokens, dC off), which
+recomputes the logits once more. float32 inputs accumulate straight into their outputs.
+Measured before the scratch of the two passes was scoped apart: 67.2 MB above the gradients
+(both 32 MiB windows alive in pass 2); by construction now at most one window, ~34 MB (not yet
+re-measured on a GPU).
 
 Cost (H100, bf16, measured 2026 with triton 3.6): the backward is bound by the L2 traffic of the
 atomics, (BLOCK_N + BLOCK_V) * D * 4 bytes per tile against 6 * BLOCK_N * BLOCK_V * D flops: about
@@ -315,10 +318,12 @@ def lce_backward(
     filter_tau = filter_eps / vocab  # allotment per vocabulary entry
     dbias = torch.zeros(vocab, dtype=f32, device=device) if needs_bias else None
     # dE accumulates in float32: straight into the output for float32 inputs; for 16-bit inputs in
-    # an (N, D) float32 buffer when that fits in window_bytes, else (split) in a second pass over
-    # windows of tokens, each covering the whole vocabulary, so that the extra memory stays bounded
-    # by one window whatever N and D are (at the price of recomputing the logits once more).
-    split_e = needs_e and e.dtype != f32 and 4 * num_tokens * dim > window_bytes
+    # an (N, D) float32 buffer when that fits in half of window_bytes (the dC window takes the
+    # rest), else (split) in a second pass over windows of tokens, each covering the whole
+    # vocabulary, so that the float32 scratch held at any time stays within window_bytes whatever
+    # N, D and V are (at the price of recomputing the logits once more).
+    de_acc_bytes = 4 * num_tokens * dim if needs_e and e.dtype != f32 else 0
+    split_e = de_acc_bytes > window_bytes // 2
     if needs_e and e.dtype == f32:
         de = torch.zeros_like(e)
     elif needs_e:
@@ -328,43 +333,16 @@ def lce_backward(
     de_acc = None if (de is None or split_e) else (de if e.dtype == f32 else torch.zeros(num_tokens, dim, dtype=f32, device=device))
     fused_e = needs_e and not split_e
 
-    # Pass 1, over windows of the vocabulary: dC (straight into a float32 output, rows by id, for
-    # float32 inputs; else through a float32 window rounded into dC), dbias, and dE unless split.
+    # Pass 1, over windows of the vocabulary: dC, dbias, and dE unless split.
+    dc = None
     if needs_c or needs_bias or fused_e:
-        if needs_c and c.dtype == f32:
-            dc = torch.zeros_like(c)
-            window, dc_direct = vocab, True
-        elif needs_c:
-            dc = torch.empty(vocab, dim, dtype=c.dtype, device=device)
-            window = min(vocab, max(cfg.block_v, window_bytes // max(1, 4 * dim) // cfg.block_v * cfg.block_v))
-            dc_direct = False
-            scratch = torch.empty(window, dim, dtype=f32, device=device)
-        else:
-            dc, window, dc_direct, scratch = None, vocab, False, None
-        for v_begin in range(0, vocab, window):
-            v_count = min(window, vocab - v_begin)
-            dc_buf = dc if dc_direct else (scratch[:v_count].zero_() if needs_c else None)
-            launch(0, num_tokens, v_begin, v_count, de_acc, dc_buf, dc_direct, fused_e, needs_c, needs_bias)
-            if needs_c and not dc_direct:
-                if order is None:
-                    dc[v_begin : v_begin + v_count].copy_(dc_buf)
-                else:
-                    dc.index_copy_(0, order[v_begin : v_begin + v_count], dc_buf.to(c.dtype))
-        if fused_e and de_acc is not de:
-            de.copy_(de_acc)
-        scratch = de_acc = None  # free the pass-1 buffers before pass 2
-    else:
-        dc = None
-
+        dc_window_bytes = window_bytes - (0 if split_e else de_acc_bytes)
+        dc = _vocab_pass(launch, c, de, de_acc, num_tokens, dim, vocab, order, cfg, dc_window_bytes, fused_e,
+                         needs_c, needs_bias)
+    del de_acc  # the pass-1 buffers are gone before pass 2 allocates its window
     # Pass 2 (split only), over windows of tokens: dE through a float32 window rounded into dE.
     if split_e:
-        rows = min(num_tokens, max(cfg.block_n, window_bytes // (4 * dim) // cfg.block_n * cfg.block_n))
-        de_window = torch.empty(rows, dim, dtype=f32, device=device)
-        for n_begin in range(0, num_tokens, rows):
-            n_count = min(rows, num_tokens - n_begin)
-            buf = de_window[:n_count].zero_()
-            launch(n_begin, n_count, 0, vocab, buf, None, False, True, False, False)
-            de[n_begin : n_begin + n_count].copy_(buf)
+        _token_pass(launch, de, num_tokens, dim, vocab, cfg, window_bytes)
 
     return (
         de.to(orig_e_dtype) if needs_e else None,
@@ -378,3 +356,45 @@ def lce_backward(
 # already frequency-ranked (Zipf over ids), and ordering by the batch's mean logit scatters them.
 # Off by default; ``vocab_order=True`` turns it on.
 DEFAULT_ORDER = False
+
+
+def _vocab_pass(launch, c, de, de_acc, num_tokens, dim, vocab, order, cfg, window_bytes, fused_e, needs_c,
+                needs_bias):
+    """Launches over windows of vocabulary rows. dC goes straight into a float32 output (rows by
+    id) for float32 inputs, else through a float32 window that is rounded into the 16-bit dC after
+    each launch; dE (when fused) accumulates into de_acc, copied into de at the end. Returns dC.
+    The window lives in this function only, so it is freed before the token pass."""
+    f32 = torch.float32
+    if needs_c and c.dtype == f32:
+        dc = torch.zeros_like(c)
+        window, dc_direct, scratch = vocab, True, None
+    elif needs_c:
+        dc = torch.empty(vocab, dim, dtype=c.dtype, device=c.device)
+        window = min(vocab, max(cfg.block_v, window_bytes // max(1, 4 * dim) // cfg.block_v * cfg.block_v))
+        dc_direct, scratch = False, torch.empty(window, dim, dtype=f32, device=c.device)
+    else:
+        dc, window, dc_direct, scratch = None, vocab, False, None
+    for v_begin in range(0, vocab, window):
+        v_count = min(window, vocab - v_begin)
+        dc_buf = dc if dc_direct else (scratch[:v_count].zero_() if needs_c else None)
+        launch(0, num_tokens, v_begin, v_count, de_acc, dc_buf, dc_direct, fused_e, needs_c, needs_bias)
+        if needs_c and not dc_direct:
+            if order is None:
+                dc[v_begin : v_begin + v_count].copy_(dc_buf)
+            else:
+                dc.index_copy_(0, order[v_begin : v_begin + v_count], dc_buf.to(c.dtype))
+    if fused_e and de_acc is not de:
+        de.copy_(de_acc)
+    return dc
+
+
+def _token_pass(launch, de, num_tokens, dim, vocab, cfg, window_bytes):
+    """Launches over windows of tokens, each covering the whole vocabulary, dE only: a float32
+    window of rows rounded into the 16-bit dE after each launch."""
+    rows = min(num_tokens, max(cfg.block_n, window_bytes // (4 * dim) // cfg.block_n * cfg.block_n))
+    de_window = torch.empty(rows, dim, dtype=torch.float32, device=de.device)
+    for n_begin in range(0, num_tokens, rows):
+        n_count = min(rows, num_tokens - n_begin)
+        buf = de_window[:n_count].zero_()
+        launch(n_begin, n_count, 0, vocab, buf, None, False, True, False, False)
+        de[n_begin : n_begin + n_count].copy_(buf)
