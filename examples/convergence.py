@@ -1,7 +1,7 @@
 """Convergence: one Llama-style model trained four ways from the same init on the same batches.
 
-The ways: eager PyTorch, plain torch.compile, torch.compile with the cce pass (filtered gradient, the
-default), and the pass in exact mode (no filtering). The model is an unmodified Hugging Face
+The ways: eager PyTorch, plain torch.compile, torch.compile with the cce pass with gradient filtering
+(exact=False, opt-in), and the pass in exact mode (exact=True, the default). The model is an unmodified Hugging Face
 LlamaForCausalLM built from a config with random weights; the data is the Python standard library's
 own .py source files, tokenized with a byte-level BPE tokenizer trained here with `tokenizers`.
 Everything is offline and deterministic (sorted file list, fixed seeds).
@@ -36,7 +36,7 @@ WAYS = ("eager", "compile", "cce", "cce_exact")
 LABELS = {
     "eager": "eager",
     "compile": "torch.compile",
-    "cce": 'torch.compile, backend="cce" (filtered)',
+    "cce": 'torch.compile, backend="cce", exact=False (filtered)',
     "cce_exact": 'torch.compile, backend="cce", exact=True',
 }
 
@@ -148,7 +148,7 @@ def train_one_way(way: str, init_model, batches, evals, cfg: Config, device: tor
     elif way == "compile":
         step_fn = torch.compile(loss_fn)
     else:
-        options = {"exact": way == "cce_exact"}
+        options = {"exact": way == "cce_exact"}  # explicit: "cce" is the filtered (opt-in) mode
         step_fn = torch.compile(loss_fn, backend="cce", options=options)
         with cce_inductor.enable(**options):  # what the rewrite does to this training step
             report = cce_inductor.explain(loss_fn, batches[0].to(device))

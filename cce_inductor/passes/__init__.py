@@ -23,7 +23,7 @@ Options (``enable(**options)`` or ``torch.compile(..., backend="cce", options={.
     detach_logits  logits the compiled region *returns* come back as ``logits.detach()``: same
                    values, but no grad_fn, so no N x V gradient in the backward -- and gradients
                    no longer flow through them. For code that returns logits only to look at them.
-    exact          the op's exact= (no gradient filtering in the Triton backward)
+    exact          the op's exact= (default True: no gradient filtering; False: the bounded filter)
     impl           the op's impl= ("auto", "triton", "torch")
 
 Layout: nodes.py (node predicates, metadata), matcher.py (finds sites), rewrite.py (replaces them),

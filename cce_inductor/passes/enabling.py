@@ -102,7 +102,7 @@ def enable(**options) -> Enabled:
         detach_logits: logits returned by the compiled region come back detached (same values,
             ``requires_grad=False``): no N x V gradient in the backward, and no gradient through
             them. Off by default.
-        exact: the op's ``exact=`` (no gradient filtering).
+        exact: the op's ``exact=``: True (default) no gradient filtering, False the bounded filter.
         impl: the op's ``impl=`` ("auto", "triton", "torch").
     """
     graph_pass = CCEGraphPass(Options.from_kwargs(**options))

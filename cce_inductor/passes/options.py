@@ -19,12 +19,13 @@ class Options:
             flow through the returned logits (a loss computed from them outside the compiled
             region does not reach the model). Uses inside the compiled region are unchanged.
             Off by default: returned logits keep their exact semantics.
-        exact: pass ``exact=True`` to the op (no gradient filtering in the Triton backward).
+        exact: the op's ``exact=``; True (the default) means no gradient filtering in the Triton
+            backward, False opts in to the bounded filter (see ``linear_cross_entropy``).
         impl: the op's ``impl=``: "auto" (Triton on CUDA, torch otherwise), "triton" or "torch".
     """
 
     detach_logits: bool = False
-    exact: bool = False
+    exact: bool = True
     impl: str = "auto"
 
     def __post_init__(self):
