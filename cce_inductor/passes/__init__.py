@@ -25,6 +25,7 @@ Options (``enable(**options)`` or ``torch.compile(..., backend="cce", options={.
                    no longer flow through them. For code that returns logits only to look at them.
     exact          the op's exact= (default True: no gradient filtering; False: the bounded filter)
     impl           the op's impl= ("auto", "triton", "torch")
+    max_workspace_bytes  the op's max_workspace_bytes= (None: off; memory for speed)
 
 Layout: nodes.py (node predicates, metadata), matcher.py (finds sites), rewrite.py (replaces them),
 report.py (what happened at each site), graph_pass.py (the CustomGraphPass), options.py,

@@ -104,6 +104,7 @@ def enable(**options) -> Enabled:
             them. Off by default.
         exact: the op's ``exact=``: True (default) no gradient filtering, False the bounded filter.
         impl: the op's ``impl=`` ("auto", "triton", "torch").
+        max_workspace_bytes: the op's ``max_workspace_bytes=`` (None: off).
     """
     graph_pass = CCEGraphPass(Options.from_kwargs(**options))
     previous = inductor_config.pre_grad_custom_pass

@@ -22,16 +22,23 @@ class Options:
         exact: the op's ``exact=``; True (the default) means no gradient filtering in the Triton
             backward, False opts in to the bounded filter (see ``linear_cross_entropy``).
         impl: the op's ``impl=``: "auto" (Triton on CUDA, torch otherwise), "triton" or "torch".
+        max_workspace_bytes: the op's ``max_workspace_bytes=`` (memory for speed; None = off): a
+            bounded buffer of logits for a chunk of tokens, gradients formed in the forward. Applies
+            to reduced losses on the Triton path; elsewhere the op ignores it.
     """
 
     detach_logits: bool = False
     exact: bool = True
     impl: str = "auto"
+    max_workspace_bytes: int | None = None
 
     def __post_init__(self):
         for name in ("detach_logits", "exact"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"cce option {name} must be a bool, got {getattr(self, name)!r}")
+        budget = self.max_workspace_bytes
+        if budget is not None and (isinstance(budget, bool) or not isinstance(budget, int) or budget <= 0):
+            raise ValueError(f"cce option max_workspace_bytes must be a positive int or None, got {budget!r}")
         if self.impl not in IMPLS:
             raise ValueError(f"cce option impl must be one of {IMPLS}, got {self.impl!r}")
 
