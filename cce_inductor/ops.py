@@ -426,13 +426,14 @@ def linear_cross_entropy(
     if impl == "auto":
         impl = "triton" if e.device.type == "cuda" and _triton_runs_on(e.device) else "torch"
 
+    # int64 before padding: ignore_index (e.g. -100) may not fit a narrower dtype (uint8 wraps it
+    # into a valid class id).
+    aligned = targets.long()
     if shift:
-        pad = targets.new_full((*targets.shape[:-1], shift), ignore_index)
-        aligned = torch.cat([targets[..., shift:], pad], dim=-1)
-    else:
-        aligned = targets
+        pad = aligned.new_full((*targets.shape[:-1], shift), ignore_index)
+        aligned = torch.cat([aligned[..., shift:], pad], dim=-1)
     e2d = e.reshape(-1, e.shape[-1])
-    flat_targets = aligned.reshape(-1).long()
+    flat_targets = aligned.reshape(-1)
     if max_workspace_bytes is not None and _workspace_applies(e, reduction, return_lse, impl):
         grad_on = torch.is_grad_enabled()
         needs = [grad_on and t is not None and t.requires_grad for t in (e, c, bias)]

@@ -247,3 +247,16 @@ def test_ignore_index_outside_vocab_is_fine():
 
 def test_public_api():
     assert set(cce_inductor.__all__) == {"linear_cross_entropy", "enable", "disable", "explain", "__version__"}
+
+
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.int16, torch.int32])
+def test_shift_with_narrow_integer_targets(dtype):
+    """The label-shift padding is ignore_index: it must stay ignored whatever the targets' dtype
+    (in uint8, -100 would wrap to 156, a valid class here)."""
+    g = torch.Generator().manual_seed(0)
+    e, c = torch.randn(2, 6, 8, generator=g), torch.randn(300, 8, generator=g)
+    y = torch.randint(0, 200, (2, 6), generator=g)
+    for reduction in ("mean", "sum", "none"):
+        ours = linear_cross_entropy(e, c, y.to(dtype), shift=1, reduction=reduction)
+        ref = naive_linear_cross_entropy(e.double(), c.double(), y, shift=1, reduction=reduction)
+        torch.testing.assert_close(ours.double(), ref, rtol=1e-5, atol=1e-6)
