@@ -313,9 +313,17 @@ def _check_inputs(e, c, targets, bias, ignore_index, softcap, reduction, shift, 
         raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
-    if softcap is not None and not softcap > 0:
+    try:  # a non-number fails the comparison: name the argument rather than the operator
+        softcap_ok = softcap is None or softcap > 0
+    except TypeError:
+        raise TypeError(f"softcap must be None or a number > 0, got {softcap!r}") from None
+    if not softcap_ok:
         raise ValueError(f"softcap must be None or > 0, got {softcap!r}")
-    if not 0.0 <= label_smoothing <= 1.0:
+    try:
+        smoothing_ok = 0.0 <= label_smoothing <= 1.0
+    except TypeError:
+        raise TypeError(f"label_smoothing must be a number in [0, 1], got {label_smoothing!r}") from None
+    if not smoothing_ok:
         raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing!r}")
     if not isinstance(shift, int) or shift < 0:
         raise ValueError(f"shift must be an int >= 0, got {shift!r}")
@@ -383,7 +391,7 @@ def linear_cross_entropy(
             like the per-token loss; it is defined at ignored positions too and is differentiable.
         impl: "triton" (the CUDA kernels), "torch" (chunked pure torch, the CPU path) or "auto"
             (Triton for CUDA tensors, torch otherwise).
-        exact: True (the default): no gradient filtering. ``exact=False`` lets the Triton backward
+        exact: a bool; True (the default): no gradient filtering. ``exact=False`` lets the Triton backward
             skip the dE product of a (token tile, vocab tile) block when every token's gradient mass
             in it is below ``kernels.FILTER_EPS`` (1/4) times its share |tile|/V: the mass dropped
             from any token is then < 1/4 of its gradient scale, whatever the data (a near-uniform
@@ -419,6 +427,8 @@ def linear_cross_entropy(
     _check_inputs(e, c, targets, bias, ignore_index, softcap, reduction, shift, label_smoothing, impl)
     vocab = c.shape[0]
     _check_target_range(targets, vocab, ignore_index)
+    if not isinstance(exact, bool):  # exact=None would silently turn the gradient filter on
+        raise TypeError(f"exact must be a bool, got {exact!r}")
     if max_workspace_bytes is not None and (
         not isinstance(max_workspace_bytes, int) or isinstance(max_workspace_bytes, bool) or max_workspace_bytes <= 0
     ):
