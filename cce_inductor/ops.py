@@ -309,7 +309,7 @@ def _check_inputs(e, c, targets, bias, ignore_index, softcap, reduction, shift, 
     devices = {t.device for _, t in tensors}
     if len(devices) > 1:
         raise ValueError("e, c, targets and bias must be on one device, got " + ", ".join(f"{n} on {t.device}" for n, t in tensors))
-    if not isinstance(ignore_index, int):
+    if not isinstance(ignore_index, int) or isinstance(ignore_index, bool):
         raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
@@ -325,7 +325,7 @@ def _check_inputs(e, c, targets, bias, ignore_index, softcap, reduction, shift, 
         raise TypeError(f"label_smoothing must be a number in [0, 1], got {label_smoothing!r}") from None
     if not smoothing_ok:
         raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing!r}")
-    if not isinstance(shift, int) or shift < 0:
+    if not isinstance(shift, int) or isinstance(shift, bool) or shift < 0:
         raise ValueError(f"shift must be an int >= 0, got {shift!r}")
     if shift and (e.dim() < 2 or shift >= e.shape[-2]):
         raise ValueError(
@@ -379,7 +379,8 @@ def linear_cross_entropy(
         c: classifier weight, shape (V, D), the dtype of e.
         targets: class indices, shape e.shape[:-1], any integer dtype. Targets equal to
             ``ignore_index`` contribute nothing. Other targets outside [0, V) raise a ValueError on the
-            CPU; on a GPU (no device sync is made to check) their token's loss is NaN.
+            CPU in eager mode; on a GPU (no device sync is made to check) and under torch.compile
+            their token's loss is NaN.
         bias: optional (V,), the dtype of e.
         softcap: logit soft-capping ``cap * tanh(z / cap)`` (Gemma 2); None for none.
         reduction: "mean" (over non-ignored targets; NaN when all are ignored, as torch),
@@ -404,8 +405,9 @@ def linear_cross_entropy(
             chunk of tokens in a buffer of at most this many bytes (at least one token's row), and
             then forms the gradients in the forward, in the same pass as the logits: three GEMMs
             instead of a recompute's four; always exact. The gradients are held from the forward to
-            the backward, which scales them by the upstream gradient; a second backward through the
-            same graph (retain_graph=True) and double backward raise. Used only when reduction is
+            the backward, which scales them by the upstream gradient; in eager a second backward
+            through the same graph (retain_graph=True) and double backward raise (a compiled
+            backward may copy the gradients before scaling them). Used only when reduction is
             "mean" or "sum", return_lse=False, impl resolves to "triton" and the compute dtype is
             bfloat16 or float32 (float16 gradients formed before a GradScaler's loss scale is known
             would underflow); otherwise ignored: the default path runs, with the same results up to
@@ -429,6 +431,8 @@ def linear_cross_entropy(
     _check_target_range(targets, vocab, ignore_index)
     if not isinstance(exact, bool):  # exact=None would silently turn the gradient filter on
         raise TypeError(f"exact must be a bool, got {exact!r}")
+    if not isinstance(return_lse, bool):
+        raise TypeError(f"return_lse must be a bool, got {return_lse!r}")
     if max_workspace_bytes is not None and (
         not isinstance(max_workspace_bytes, int) or isinstance(max_workspace_bytes, bool) or max_workspace_bytes <= 0
     ):

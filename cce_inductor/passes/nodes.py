@@ -172,11 +172,6 @@ def hint(x: Any) -> Any:
     return x
 
 
-def shape_hint(t: torch.Tensor) -> tuple | None:
-    dims = tuple(hint(s) for s in t.shape)
-    return None if any(d is None for d in dims) else tuple(int(d) for d in dims)
-
-
 def same_size(a: Any, b: Any) -> bool:
     """Whether two (possibly symbolic) sizes are provably equal, without adding a guard."""
     if isinstance(a, int) and isinstance(b, int):
