@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import re
 
+import pytest
 import torch
 from torch._inductor.utils import run_and_get_code
 
@@ -13,6 +14,14 @@ import cce_inductor
 
 OP_NAMES = ("cce_inductor.lce_forward", "cce_inductor.lce_backward")
 RTOL = 1e-5
+
+
+@pytest.fixture(autouse=True)
+def fresh_dynamo():
+    """Autouse in the modules that import it: each test compiles from a clean Dynamo state."""
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
 
 
 def _loss_of(out):

@@ -19,7 +19,8 @@ import torch.nn.functional as F
 from torch._inductor.utils import run_and_get_code
 
 import cce_inductor
-from passes_helpers import (
+from passes_helpers import (  # fresh_dynamo: an autouse fixture
+    fresh_dynamo,
     assert_close,
     assert_grads_close,
     assert_outputs_close,
@@ -30,13 +31,6 @@ from passes_helpers import (
 )
 
 B, T, D, V = 2, 7, 8, 97
-
-
-@pytest.fixture(autouse=True)
-def _fresh_dynamo():
-    torch._dynamo.reset()
-    yield
-    torch._dynamo.reset()
 
 
 def _setup(bias=True, seed=0):

@@ -16,7 +16,8 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 import cce_inductor  # noqa: E402
-from passes_helpers import (  # noqa: E402
+from passes_helpers import (  # noqa: E402  (fresh_dynamo: an autouse fixture)
+    fresh_dynamo,
     assert_close,
     assert_grads_close,
     assert_outputs_close,
@@ -70,13 +71,6 @@ def _gpt2():
 
 
 MODELS = {"llama": _llama, "mistral": _mistral, "qwen2": _qwen2, "gemma2": _gemma2, "gpt2": _gpt2}
-
-
-@pytest.fixture(autouse=True)
-def _fresh_dynamo():
-    torch._dynamo.reset()
-    yield
-    torch._dynamo.reset()
 
 
 def _model(name):

@@ -15,7 +15,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import cce_inductor
-from passes_helpers import (
+from passes_helpers import (  # fresh_dynamo: an autouse fixture
+    fresh_dynamo,
     assert_grads_close,
     assert_outputs_close,
     compiled_step,
@@ -25,13 +26,6 @@ from passes_helpers import (
 )
 
 B, T, D, V = 2, 7, 8, 97
-
-
-@pytest.fixture(autouse=True)
-def _fresh_dynamo():
-    torch._dynamo.reset()
-    yield
-    torch._dynamo.reset()
 
 
 def _inputs(seed=0, t=T):
