@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # Everything a GPU run needs, in one call: install, GPU tests, benchmarks. Logs and JSON go to $1.
-#   scripts/gpu_run.sh OUT_DIR [stage ...]      stages: tests bench models convergence (default: all)
+#   scripts/gpu_run.sh OUT_DIR [stage ...]      stages: tests bench models convergence examples (default: all)
 # Peer wheels (cut-cross-entropy, liger-kernel) are taken from .whl/ when it is there; see docs/GPU.md.
 set -uo pipefail
 out=${1:?usage: scripts/gpu_run.sh OUT_DIR [stage ...]}
 shift
-stages=${*:-tests bench models convergence}
+stages=${*:-tests bench models convergence examples}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
 
@@ -30,6 +30,9 @@ for stage in $stages; do
                python3 -m benchmarks.plot "$out/bench.json" --out "$out/bench.png" ;;
         models) python3 -m benchmarks.model_step --out "$out/model_step.json" ${MODEL_ARGS:-} 2>&1 | tee "$out/model_step.log" ;;
         convergence) python3 examples/convergence.py --out "$out" 2>&1 | tee "$out/convergence.log" ;;
+        examples) for ex in quickstart hf_causal_lm nanogpt classifier explain_model; do
+                      echo "--- examples/$ex.py (GPU size)"; python3 "examples/$ex.py" || status=1
+                  done 2>&1 | tee "$out/examples.log" ;;
         *) echo "unknown stage $stage"; status=1 ;;
     esac
 done

@@ -65,7 +65,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .common import TileConfig, as_f32, backward_config, dot, dot_precision, dot_upcast, prepare_inputs, softcap_tanh
+from .common import TileConfig, as_f32, backward_config, buffered_config, dot, dot_precision, dot_upcast, prepare_inputs, softcap_tanh
 
 # Dropped gradient mass per token is < FILTER_EPS * w_i (see the module docstring); with eps < 1/2
 # a uniform softmax is never filtered. Measured on the LM-like regime (testing.make_inputs,
@@ -78,18 +78,27 @@ from .common import TileConfig, as_f32, backward_config, dot, dot_precision, dot
 FILTER_EPS = 2.0**-2
 # Vocabulary rows of the float32 dC window for 16-bit inputs.
 WINDOW_BYTES = 32 * 2**20
+# The buffered path's scratch: a (tokens x vocabulary) dz buffer in the input dtype plus the float32
+# dE accumulator of its tokens. 48 MiB keeps the backward within 64 MB of the gradients' own size.
+BUFFER_BYTES = 48 * 2**20
+# The buffered path's vocabulary chunk is at least this wide where the budget allows: the chunk is
+# the dE GEMM's reduction and the dC GEMM's row count (cuBLAS is GEMM-bound from ~2K on an H100).
+MIN_CHUNK_V = 4096
+# torch builds with a mixed-precision addmm (16-bit operands, float32 result): the buffered path's
+# dE accumulator needs it on CUDA (torch >= 2.8 or so; older builds take the atomic path).
+_HAS_ADDMM_DTYPE = "dtype_out" in torch.ops.aten.addmm.overloads()
 
 
 @triton.jit
 def _backward_kernel(
     # data
     E, C, Bias, Targets, Lse, GradLoss, GradLse, VocabOrder,
-    # outputs (float32 accumulators) and the optional tile counter
-    dE, dC, dBias, TileCounts,
+    # outputs (float32 accumulators), the optional tile counter, the dz buffer (STORE_DZ)
+    dE, dC, dBias, TileCounts, Dz,
     # shapes: the launch covers vocabulary positions [v_begin, v_begin + v_count)
     N, V, D, v_begin, v_count,
     # strides (the D stride of every matrix is 1)
-    stride_en, stride_cv, stride_den, stride_dcv,
+    stride_en, stride_cv, stride_den, stride_dcv, stride_dzn,
     # constants
     ignore_index, softcap, target_weight, uniform_weight, filter_tau,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, GROUP_N: tl.constexpr,
@@ -97,7 +106,7 @@ def _backward_kernel(
     HAS_ORDER: tl.constexpr, DC_ROW_BY_ID: tl.constexpr, FILTER: tl.constexpr,
     COUNT_TILES: tl.constexpr, NEEDS_E: tl.constexpr, NEEDS_C: tl.constexpr,
     NEEDS_BIAS: tl.constexpr, EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
-    FILTER_DC: tl.constexpr,
+    FILTER_DC: tl.constexpr, STORE_DZ: tl.constexpr,
 ):
     # ---- which tile: GROUP_N token tiles sweep this launch's vocab tiles together
     pid = tl.program_id(0)
@@ -164,34 +173,39 @@ def _backward_kernel(
     if NEEDS_BIAS:
         tl.atomic_add(dBias + ids_v, tl.sum(dz, axis=0), mask=mask_v, sem="relaxed")
 
-    # ---- filter: skip the dE GEMM (FILTER_DC: dC's too) iff every token's mass here is < tau * |tile| * w_i
-    if FILTER:
-        mass = tl.sum(tl.abs(dz), axis=1)  # [BLOCK_N]
-        scale = tl.abs(g_p) + tl.abs(g_loss)  # [BLOCK_N]
-        width = tl.minimum(v_count - pid_v * BLOCK_V, BLOCK_V)
-        over = (mass >= filter_tau * width * scale) & (mass > 0.0)  # not negligible for this token
-        keep = tl.max(over.to(tl.int32), axis=0) > 0
-        if COUNT_TILES:
-            tl.atomic_add(TileCounts + tl.where(keep, 0, 1), 1, sem="relaxed")
+    # ---- buffered mode: the tile of dz goes to the launch's buffer; cuBLAS forms dE and dC from it
+    if STORE_DZ:
+        dz_ptrs = Dz + offs_n[:, None] * stride_dzn + pos_v[None, :]
+        tl.store(dz_ptrs, dz.to(Dz.dtype.element_ty), mask=mask_nv)
     else:
-        keep = True
-        if COUNT_TILES:
-            tl.atomic_add(TileCounts, 1, sem="relaxed")
+        # ---- filter: skip the dE GEMM (FILTER_DC: dC's too) iff every token's mass here is < tau * |tile| * w_i
+        if FILTER:
+            mass = tl.sum(tl.abs(dz), axis=1)  # [BLOCK_N]
+            scale = tl.abs(g_p) + tl.abs(g_loss)  # [BLOCK_N]
+            width = tl.minimum(v_count - pid_v * BLOCK_V, BLOCK_V)
+            over = (mass >= filter_tau * width * scale) & (mass > 0.0)  # not negligible for this token
+            keep = tl.max(over.to(tl.int32), axis=0) > 0
+            if COUNT_TILES:
+                tl.atomic_add(TileCounts + tl.where(keep, 0, 1), 1, sem="relaxed")
+        else:
+            keep = True
+            if COUNT_TILES:
+                tl.atomic_add(TileCounts, 1, sem="relaxed")
 
-    # ---- 4. dE[n] += dz @ C[v], dC[v] += dz^T @ E[n], slice by slice of D
-    dz_in = dz.to(E.dtype.element_ty)
-    if DC_ROW_BY_ID:
-        dc_rows = ids_v
-    else:
-        dc_rows = pos_v
-    if keep:
-        _gradient_gemms(dz_in, E, C, dE, dC, offs_n, mask_n, ids_v, dc_rows, mask_v, D,
-                        stride_en, stride_cv, stride_den, stride_dcv,
-                        BLOCK_D, NEEDS_E, NEEDS_C, EVEN_D, DOT_PRECISION, UPCAST)
-    elif NEEDS_C and not FILTER_DC:
-        _gradient_gemms(dz_in, E, C, dE, dC, offs_n, mask_n, ids_v, dc_rows, mask_v, D,
-                        stride_en, stride_cv, stride_den, stride_dcv,
-                        BLOCK_D, False, True, EVEN_D, DOT_PRECISION, UPCAST)
+        # ---- 4. dE[n] += dz @ C[v], dC[v] += dz^T @ E[n], slice by slice of D
+        dz_in = dz.to(E.dtype.element_ty)
+        if DC_ROW_BY_ID:
+            dc_rows = ids_v
+        else:
+            dc_rows = pos_v
+        if keep:
+            _gradient_gemms(dz_in, E, C, dE, dC, offs_n, mask_n, ids_v, dc_rows, mask_v, D,
+                            stride_en, stride_cv, stride_den, stride_dcv,
+                            BLOCK_D, NEEDS_E, NEEDS_C, EVEN_D, DOT_PRECISION, UPCAST)
+        elif NEEDS_C and not FILTER_DC:
+            _gradient_gemms(dz_in, E, C, dE, dC, offs_n, mask_n, ids_v, dc_rows, mask_v, D,
+                            stride_en, stride_cv, stride_den, stride_dcv,
+                            BLOCK_D, False, True, EVEN_D, DOT_PRECISION, UPCAST)
 
 
 @triton.jit
@@ -255,6 +269,8 @@ def lce_backward(
     vocab_order: bool | Tensor | None = None,
     window_bytes: int = WINDOW_BYTES,
     tile_counts: Tensor | None = None,
+    buffered: bool | None = None,
+    buffer_bytes: int = BUFFER_BYTES,
 ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
     """Gradients of sum(grad_loss * loss + grad_lse * lse) w.r.t. e, c, bias (None where not needed);
     semantics of reference.chunked_backward, plus filtering when ``filter_grad``.
@@ -277,7 +293,7 @@ def lce_backward(
             torch.zeros_like(bias) if needs_bias else None,
         )
     lse, grad_loss, grad_lse = as_f32(lse), as_f32(grad_loss), as_f32(grad_lse)
-    cfg = config or backward_config(e)
+    tile = config or backward_config(e)
     device = e.device
 
     if isinstance(vocab_order, Tensor):
@@ -294,29 +310,43 @@ def lce_backward(
     if tile_counts is not None and (tile_counts.dtype != torch.int32 or tile_counts.numel() < 2):
         raise ValueError("tile_counts must be an int32 tensor with 2 elements")
 
-    def launch(n_begin, n_count, v_begin, v_count, de_buf, dc_buf, dc_by_id, do_e, do_c, do_bias):
-        """One launch over tokens [n_begin, +n_count) x vocabulary positions [v_begin, +v_count)."""
+    def launch(n_begin, n_count, v_begin, v_count, de_buf, dc_buf, dc_by_id, do_e, do_c, do_bias, dz_buf=None):
+        """One launch over tokens [n_begin, +n_count) x vocabulary positions [v_begin, +v_count);
+        with ``dz_buf`` ((n_count, v_count), the input dtype) the launch writes dz there instead of
+        forming gradients (the buffered path)."""
         rows = slice(n_begin, n_begin + n_count)
+        cfg = tile if dz_buf is None else buffered_config(e)
         grid = (triton.cdiv(n_count, cfg.block_n) * triton.cdiv(v_count, cfg.block_v),)
         _backward_kernel[grid](
             e[rows], c, bias, targets[rows], lse[rows], grad_loss[rows], grad_lse[rows],
             order if order is not None else dummy,
             de_buf if do_e else dummy, dc_buf if do_c else dummy, dbias if do_bias else dummy,
             tile_counts if tile_counts is not None and do_e else dummy,
+            dz_buf if dz_buf is not None else dummy,
             n_count, vocab, dim, v_begin, v_count,
-            e.stride(0), c.stride(0), dim, dim,
+            e.stride(0), c.stride(0), dim, dim, v_count,
             ignore_index, float(softcap), 1.0 - label_smoothing, label_smoothing / vocab, filter_tau,
             BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_D=cfg.block_d, GROUP_N=cfg.group_n,
             HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap != 0.0, HAS_SMOOTHING=label_smoothing != 0.0,
             HAS_ORDER=order is not None, DC_ROW_BY_ID=dc_by_id, FILTER=bool(filter_grad),
             COUNT_TILES=tile_counts is not None and do_e, NEEDS_E=do_e, NEEDS_C=do_c,
             NEEDS_BIAS=do_bias, EVEN_D=dim % cfg.block_d == 0, DOT_PRECISION=dot_precision(e.dtype),
-            UPCAST=dot_upcast(e), FILTER_DC=bool(filter_grad and filter_dc),
+            UPCAST=dot_upcast(e), FILTER_DC=bool(filter_grad and filter_dc), STORE_DZ=dz_buf is not None,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
 
     filter_tau = filter_eps / vocab  # allotment per vocabulary entry
     dbias = torch.zeros(vocab, dtype=f32, device=device) if needs_bias else None
+    if buffered is None:
+        buffered = buffered_path_applies(e, filter_grad, order) and (needs_e or needs_c)
+    if buffered:
+        de, dc = _buffered_backward(launch, e, c, num_tokens, dim, vocab, needs_e, needs_c, needs_bias,
+                                    buffer_bytes)
+        return (
+            de.to(orig_e_dtype) if needs_e else None,
+            dc.to(orig_c_dtype) if needs_c else None,
+            dbias.to(bias.dtype) if needs_bias else None,
+        )
     # dE accumulates in float32: straight into the output for float32 inputs; for 16-bit inputs in
     # an (N, D) float32 buffer when that fits in half of window_bytes (the dC window takes the
     # rest), else (split) in a second pass over windows of tokens, each covering the whole
@@ -337,12 +367,12 @@ def lce_backward(
     dc = None
     if needs_c or needs_bias or fused_e:
         dc_window_bytes = window_bytes - (0 if split_e else de_acc_bytes)
-        dc = _vocab_pass(launch, c, de, de_acc, num_tokens, dim, vocab, order, cfg, dc_window_bytes, fused_e,
+        dc = _vocab_pass(launch, c, de, de_acc, num_tokens, dim, vocab, order, tile, dc_window_bytes, fused_e,
                          needs_c, needs_bias)
     del de_acc  # the pass-1 buffers are gone before pass 2 allocates its window
     # Pass 2 (split only), over windows of tokens: dE through a float32 window rounded into dE.
     if split_e:
-        _token_pass(launch, de, num_tokens, dim, vocab, cfg, window_bytes)
+        _token_pass(launch, de, num_tokens, dim, vocab, tile, window_bytes)
 
     return (
         de.to(orig_e_dtype) if needs_e else None,
@@ -398,3 +428,81 @@ def _token_pass(launch, de, num_tokens, dim, vocab, cfg, window_bytes):
         buf = de_window[:n_count].zero_()
         launch(n_begin, n_count, 0, vocab, buf, None, False, True, False, False)
         de[n_begin : n_begin + n_count].copy_(buf)
+
+
+# ----------------------------------------------------------------------------- buffered path
+
+
+def buffered_path_applies(e: Tensor, filter_grad: bool, order) -> bool:
+    """The buffered path serves exact 16-bit gradients: float32 inputs keep the kernel's IEEE dots
+    (cuBLAS would follow torch's TF32 setting), the filter needs the in-kernel GEMMs to skip, and on
+    CUDA it needs torch's mixed-precision addmm."""
+    if e.dtype == torch.float32 or filter_grad or order is not None:
+        return False
+    return e.device.type != "cuda" or _HAS_ADDMM_DTYPE
+
+
+def buffered_shape(num_tokens: int, dim: int, vocab: int, element_size: int, buffer_bytes: int,
+                   block_n: int, block_v: int) -> tuple[int, int]:
+    """(tokens per window, vocabulary entries per chunk) for the buffered path: windows as few as the
+    budget allows at chunks of MIN_CHUNK_V entries, evenly sized, in whole tiles; the chunk then
+    takes the rest of the budget. Buffer rows*cols*element_size + accumulator 4*rows*dim stay within
+    buffer_bytes, unless one tile of each is already more.
+    E.g. (8192, 2304, 256000, bf16, 48 MiB): 3 windows of 2816 tokens, chunks of 4352."""
+    per_token = element_size * min(vocab, MIN_CHUNK_V) + 4 * dim
+    fit = max(block_n, buffer_bytes // per_token // block_n * block_n)
+    windows = -(-num_tokens // fit)
+    rows = -(-num_tokens // windows)
+    rows = min(fit, -(-rows // block_n) * block_n)
+    rows = min(rows, num_tokens)
+    cols = (buffer_bytes - 4 * rows * dim) // (element_size * rows) // block_v * block_v
+    cols = max(block_v, min(cols, -(-vocab // block_v) * block_v))
+    return rows, min(cols, vocab)
+
+
+def _add_product(acc: Tensor, a: Tensor, b: Tensor) -> None:
+    """acc += a @ b, float32 acc, 16-bit a and b: cuBLAS's mixed-precision addmm on CUDA (float32
+    accumulation, no copies); through float32 copies elsewhere (the interpreter's CPU tensors)."""
+    if acc.device.type == "cuda":
+        torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+    else:
+        acc.addmm_(a.float(), b.float())
+
+
+def _buffered_backward(launch, e, c, num_tokens, dim, vocab, needs_e, needs_c, needs_bias, buffer_bytes):
+    """Exact 16-bit gradients with GEMMs by cuBLAS, in bounded memory. For each window of tokens
+    (outer) and chunk of the vocabulary (inner), the recompute kernel writes dz (the input dtype) into
+    one buffer, then
+        dE_acc[window] += dz @ C[chunk]    (float32 accumulator of the window's tokens; dE once per window)
+        dC[chunk]     (+)= dz^T @ E[window] (cuBLAS, into the 16-bit dC: float32 inside the GEMM, the
+                                            running sum rounded once per window after the first)
+    dbias comes from the kernel's float32 atomics. One recompute of the logits (the atomic path
+    needs two once dE's float32 buffer passes its window), three GEMMs by cuBLAS, and the buffer's
+    traffic. dC's rounding: one per window (bf16: ~2^-9 each, on a sum that grows with the windows),
+    so dC's error stays within torch's own while the windows are few (3-4 at N = 8192 under the
+    default budget). Returns (dE or None, dC or None) in the input dtype."""
+    cfg = buffered_config(e)
+    rows, cols = buffered_shape(num_tokens, dim, vocab, e.element_size(), buffer_bytes, cfg.block_n, cfg.block_v)
+    buf = torch.empty(rows * cols, dtype=e.dtype, device=e.device)
+    de = torch.empty(num_tokens, dim, dtype=e.dtype, device=e.device) if needs_e else None
+    dc = torch.empty(vocab, dim, dtype=c.dtype, device=c.device) if needs_c else None
+    acc = torch.empty(rows, dim, dtype=torch.float32, device=e.device) if needs_e else None
+    for n_begin in range(0, num_tokens, rows):
+        n_count = min(rows, num_tokens - n_begin)
+        e_window = e[n_begin : n_begin + n_count]
+        acc_window = acc[:n_count].zero_() if needs_e else None
+        for v_begin in range(0, vocab, cols):
+            v_count = min(cols, vocab - v_begin)
+            dz = buf[: n_count * v_count].view(n_count, v_count)
+            launch(n_begin, n_count, v_begin, v_count, None, None, False, False, False, needs_bias, dz_buf=dz)
+            if needs_e:
+                _add_product(acc_window, dz, c[v_begin : v_begin + v_count])
+            if needs_c:
+                dc_chunk = dc[v_begin : v_begin + v_count]
+                if n_begin == 0:
+                    torch.mm(dz.T, e_window, out=dc_chunk)
+                else:
+                    dc_chunk.addmm_(dz.T, e_window)
+        if needs_e:
+            de[n_begin : n_begin + n_count].copy_(acc_window)
+    return de, dc

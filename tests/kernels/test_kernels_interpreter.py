@@ -72,9 +72,9 @@ def test_dc_windows_and_vocab_order(ordered):
     loss, lse = lce_forward(e, c, b, y, -100, 0.0, 0.0)
     gl, gs = torch.rand(37), torch.rand(37)
     args = (e, c, b, y, lse, gl, gs, -100, 0.0, 0.0, False, True, True, True)
-    one = lce_backward(*args)
+    one = lce_backward(*args, buffered=False)
     order = torch.randperm(101, generator=torch.Generator().manual_seed(3)) if ordered else False
-    several = lce_backward(*args, window_bytes=4 * 45 * 32, vocab_order=order)  # 32-row windows
+    several = lce_backward(*args, window_bytes=4 * 45 * 32, vocab_order=order, buffered=False)  # 32-row windows
     for a, b_ in zip(several, one):
         assert _rel(a, b_) < 4e-3  # float32 sums in another order, rounded to bfloat16
     gold = _reference_grads(e, c, b, y, lse, gl, gs)
@@ -90,12 +90,58 @@ def test_de_token_windows_match_one_pass(filter_grad):
     _, lse = lce_forward(e, c, b, y, -100, 0.0, 0.0)
     gl, gs = torch.rand(37), torch.rand(37)
     args = (e, c, b, y, lse, gl, gs, -100, 0.0, 0.0, filter_grad, True, True, True)
-    one = lce_backward(*args)
+    one = lce_backward(*args, buffered=False)
     counts = torch.zeros(2, dtype=torch.int32)
-    split = lce_backward(*args, window_bytes=4 * 45 * 16, tile_counts=counts)  # 16-token windows
+    split = lce_backward(*args, window_bytes=4 * 45 * 16, tile_counts=counts, buffered=False)  # 16-token windows
     assert int(counts.sum()) == 3 * 7  # every (token tile, vocab tile) block counted once
     for a, b_ in zip(split, one):
         assert _rel(a, b_) < 4e-3  # float32 sums in another order, rounded to bfloat16
+
+
+@pytest.mark.parametrize("options", [dict(), dict(softcap=3.0, label_smoothing=0.1)], ids=["plain", "softcap_smoothing"])
+@pytest.mark.parametrize("needs", [(True, True, True), (True, False, False), (False, True, False)],
+                         ids=["all", "e_only", "c_only"])
+def test_buffered_windows_and_chunks(needs, options):
+    """The buffered path (exact 16-bit gradients through a dz buffer and GEMMs): several token
+    windows and vocabulary chunks, with ragged edges, against the float64 gradients of the same
+    inputs and lse, and against the atomic path. A 16-token x 32-entry buffer plus a 16 x 45
+    float32 accumulator: 3 windows (16, 16, 5 tokens) x 4 chunks (32, 32, 32, 5 entries)."""
+    from cce_inductor.kernels.backward import buffered_shape
+
+    softcap, ls = options.get("softcap", 0.0), options.get("label_smoothing", 0.0)
+    e, c, b, y = _inputs(dtype=torch.bfloat16, bias=True, scale=2.0)
+    y[3] = -100
+    _, lse = lce_forward(e, c, b, y, -100, softcap, ls)
+    gl, gs = torch.rand(37), torch.rand(37)
+    args = (e, c, b, y, lse, gl, gs, -100, softcap, ls, False, *needs)
+    budget = 2 * 16 * 32 + 4 * 16 * 45
+    assert buffered_shape(37, 45, 101, 2, budget, 16, 16) == (16, 32)
+    grads = lce_backward(*args, buffered=True, buffer_bytes=budget)
+    atomic = lce_backward(*args, buffered=False)
+    gold = _reference_grads(e, c, b, y, lse, gl, gs, softcap=softcap, ls=ls)
+    for got, other, want, needed in zip(grads, atomic, gold, needs):
+        if not needed:
+            assert got is None
+            continue
+        assert got.dtype == torch.bfloat16
+        # dz is rounded to bfloat16 before the GEMMs (as in the atomic path and in torch's bf16
+        # backward); dC's running sum is rounded once per window
+        assert _rel(got, want) < 1e-2
+        assert _rel(got, other) < 1e-2
+
+
+def test_buffered_shape_stays_within_budget():
+    from cce_inductor.kernels.backward import BUFFER_BYTES, buffered_shape
+
+    for n, d, v in [(8192, 2304, 256000), (8192, 4096, 128256), (16384, 4096, 32768), (65536, 4096, 128256),
+                    (100, 64, 50000), (3000, 8192, 262144)]:
+        rows, cols = buffered_shape(n, d, v, 2, BUFFER_BYTES, 128, 256)
+        assert 0 < rows <= n and 0 < cols <= v
+        assert 2 * rows * cols + 4 * rows * d <= BUFFER_BYTES
+        assert rows == n or rows % 128 == 0
+    # few, even windows at the benchmark shapes
+    assert buffered_shape(8192, 2304, 256000, 2, BUFFER_BYTES, 128, 256) == (2816, 4096)
+    assert buffered_shape(8192, 4096, 128256, 2, BUFFER_BYTES, 128, 256) == (2048, 4096)
 
 
 def test_strided_rows_and_transposed_inputs():

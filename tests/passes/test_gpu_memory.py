@@ -3,8 +3,7 @@
 A Llama-style model with Llama 3's vocabulary (V = 128256) and a small hidden size, bfloat16, one
 training step ``model(input_ids=ids, labels=labels).loss`` + backward, compiled with
 ``backend="cce"`` and with plain ``torch.compile``: the peak memory above the step's start must
-fall by the size of the bfloat16 logits (N x V x 2 bytes) less the op's one bounded cost, its
-backward's float32 scratch (kernels.backward.WINDOW_BYTES, 32 MiB); and the losses agree.
+fall by at least the size of the bfloat16 logits (N x V x 2 bytes); and the losses agree.
 
 The input embedding is frozen. Measured on an H100 (2026-11-23) with it trainable, plain
 torch.compile peaked at 1.16 GB and backend="cce" at 0.26 GB: the saving (0.90 GB) was less than
@@ -72,8 +71,6 @@ def test_peak_memory_falls_by_at_least_the_logits():
         f"\npeak above start: torch.compile {plain_peak / 2**30:.2f} GiB, backend='cce' "
         f"{cce_peak / 2**30:.2f} GiB; logits (bf16) {logits_bytes / 2**30:.2f} GiB"
     )
-    from cce_inductor.kernels.backward import WINDOW_BYTES
-
-    assert plain_peak - cce_peak >= logits_bytes - WINDOW_BYTES
+    assert plain_peak - cce_peak >= logits_bytes
     assert abs(cce_loss - plain_loss) <= 2e-2 * abs(plain_loss)
     assert abs(cce_norm - plain_norm) <= 5e-2 * plain_norm
