@@ -194,7 +194,14 @@ def train_one_way(way: str, init_model, batches, evals, cfg: Config, device: tor
     model.eval()
     with torch.no_grad():
         eval_loss = sum(loss_fn(ids.to(device)).item() for ids in evals)  # eager, the same for all ways
+    skipped = None
+    if way == "cce" and device.type == "cuda":  # how much the filter skips on this model's held-out data
+        skipped = {"initial": filter_skipped_fraction(init_model.to(device), evals[0].to(device)),
+                   "trained": filter_skipped_fraction(model, evals[0].to(device))}
+        init_model.cpu()
+        print(f"  filter: fraction of backward tiles skipped, held-out batch: {skipped}", flush=True)
     return {
+        "filter_skipped_fraction": skipped,
         "losses": losses.tolist(),
         "explain": rewritten,
         "eval_loss": eval_loss / len(evals),
@@ -203,6 +210,19 @@ def train_one_way(way: str, init_model, batches, evals, cfg: Config, device: tor
         "tokens_per_s": timed_tokens / (end - timed_start),
         "peak_memory_bytes": torch.cuda.max_memory_allocated() if device.type == "cuda" else None,
     }
+
+
+@torch.no_grad()
+def filter_skipped_fraction(model, ids) -> float:
+    """Fraction s of (token, vocabulary) tiles whose gradient GEMMs the filter skips for this model's
+    head on one batch (bfloat16, as under autocast; HF's shifted labels)."""
+    from cce_inductor import kernels
+
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        hidden = model.model(input_ids=ids).last_hidden_state[:, :-1]
+    e = hidden.reshape(-1, hidden.shape[-1]).to(torch.bfloat16)
+    c = model.lm_head.weight.to(torch.bfloat16)
+    return kernels.skipped_fraction(e, c, ids[:, 1:].reshape(-1))
 
 
 # ----------------------------------------------------------------------------- report

@@ -8,6 +8,7 @@ orderings, strided rows, out-of-range targets, gradient subsets and the filter's
 
 import math
 import os
+from unittest import mock
 
 import pytest
 import torch
@@ -104,8 +105,9 @@ def test_de_token_windows_match_one_pass(filter_grad):
 def test_buffered_windows_and_chunks(needs, options):
     """The buffered path (exact 16-bit gradients through a dz buffer and GEMMs): several token
     windows and vocabulary chunks, with ragged edges, against the float64 gradients of the same
-    inputs and lse, and against the atomic path. A 16-token x 32-entry buffer plus a 16 x 45
-    float32 accumulator: 3 windows (16, 16, 5 tokens) x 4 chunks (32, 32, 32, 5 entries)."""
+    inputs and lse, and against the atomic path. Chunks of 32 entries and a budget of 16 tokens:
+    3 windows (16, 16, 5 tokens) x 4 chunks (32, 32, 32, 5 entries)."""
+    from cce_inductor.kernels import backward
     from cce_inductor.kernels.backward import buffered_shape
 
     softcap, ls = options.get("softcap", 0.0), options.get("label_smoothing", 0.0)
@@ -114,9 +116,11 @@ def test_buffered_windows_and_chunks(needs, options):
     _, lse = lce_forward(e, c, b, y, -100, softcap, ls)
     gl, gs = torch.rand(37), torch.rand(37)
     args = (e, c, b, y, lse, gl, gs, -100, softcap, ls, False, *needs)
-    budget = 2 * 16 * 32 + 4 * 16 * 45
-    assert buffered_shape(37, 45, 101, 2, budget, 16, 16) == (16, 32)
-    grads = lce_backward(*args, buffered=True, buffer_bytes=budget)
+    budget = 2 * 16 * 101 + 4 * 16 * 45
+    assert buffered_shape(37, 45, 101, 2, budget, 16, 16) == (16, 101)
+    with mock.patch.object(backward, "CHUNK_V", 32):
+        assert buffered_shape(37, 45, 101, 2, budget, 16, 16) == (16, 32)
+        grads = lce_backward(*args, buffered=True, buffer_bytes=budget)
     atomic = lce_backward(*args, buffered=False)
     gold = _reference_grads(e, c, b, y, lse, gl, gs, softcap=softcap, ls=ls)
     for got, other, want, needed in zip(grads, atomic, gold, needs):

@@ -3,7 +3,16 @@
 A Llama-style model with Llama 3's vocabulary (V = 128256) and a small hidden size, bfloat16, one
 training step ``model(input_ids=ids, labels=labels).loss`` + backward, compiled with
 ``backend="cce"`` and with plain ``torch.compile``: the peak memory above the step's start must
-fall by at least the size of the bfloat16 logits (N x V x 2 bytes); and the losses agree.
+fall by the size of the bfloat16 logits (N x V x 2 bytes) less what the op holds instead, its
+backward's bounded scratch (the dz buffer and float32 dE accumulator of kernels.backward's buffered
+path, 37.7 MB at this shape) and 2 MiB for its small tensors and the allocator's block rounding;
+and the losses agree.
+
+Why not the whole logits: plain torch.compile's peak holds exactly one N x V bfloat16 tensor (the
+logits, whose gradient Inductor writes in place) next to the same parameter gradients as the cce
+step; the cce step holds the scratch there instead. Measured on an H100 (2026-11-23, torch 2.11)
+with a 50.3 MB scratch: 1.08 GiB against 0.15 GiB, a saving of logits - 50 MB within the
+printout's rounding.
 
 The input embedding is frozen. Measured on an H100 (2026-11-23) with it trainable, plain
 torch.compile peaked at 1.16 GB and backend="cce" at 0.26 GB: the saving (0.90 GB) was less than
@@ -67,10 +76,15 @@ def test_peak_memory_falls_by_at_least_the_logits():
     plain_peak, plain_loss, plain_norm = _peak_of_step("inductor", ids, labels)
     cce_peak, cce_loss, cce_norm = _peak_of_step("cce", ids, labels)
 
+    from cce_inductor.kernels.backward import BUFFER_BYTES, buffered_shape
+
+    rows, cols = buffered_shape(B * T, HIDDEN, V, 2, BUFFER_BYTES, 128, 256)
+    scratch = rows * cols * 2 + rows * HIDDEN * 4
     print(
-        f"\npeak above start: torch.compile {plain_peak / 2**30:.2f} GiB, backend='cce' "
-        f"{cce_peak / 2**30:.2f} GiB; logits (bf16) {logits_bytes / 2**30:.2f} GiB"
+        f"\npeak above start: torch.compile {plain_peak / 1e6:.1f} MB, backend='cce' {cce_peak / 1e6:.1f} MB, "
+        f"saving {(plain_peak - cce_peak) / 1e6:.1f} MB; logits (bf16) {logits_bytes / 1e6:.1f} MB, "
+        f"op scratch {scratch / 1e6:.1f} MB"
     )
-    assert plain_peak - cce_peak >= logits_bytes
+    assert plain_peak - cce_peak >= logits_bytes - scratch - 2 * 2**20
     assert abs(cce_loss - plain_loss) <= 2e-2 * abs(plain_loss)
     assert abs(cce_norm - plain_norm) <= 5e-2 * plain_norm
