@@ -31,7 +31,7 @@ for stage in $stages; do
         models) python3 -m benchmarks.model_step --out "$out/model_step.json" ${MODEL_ARGS:-} 2>&1 | tee "$out/model_step.log" ;;
         convergence) python3 examples/convergence.py --out "$out" 2>&1 | tee "$out/convergence.log" ;;
         examples) for ex in quickstart hf_causal_lm nanogpt classifier explain_model; do
-                      echo "--- examples/$ex.py (GPU size)"; python3 "examples/$ex.py" || status=1
+                      echo "--- examples/$ex.py (GPU size)"; timeout "${EXAMPLE_TIMEOUT:-300}" python3 "examples/$ex.py" || status=1
                   done 2>&1 | tee "$out/examples.log" ;;
         *) echo "unknown stage $stage"; status=1 ;;
     esac
