@@ -394,13 +394,14 @@ def linear_cross_entropy(
             (Triton for CUDA tensors, torch otherwise).
         exact: a bool; True (the default): no gradient filtering. ``exact=False`` lets the Triton backward
             skip the dE product of a (token tile, vocab tile) block when every token's gradient mass
-            in it is below ``kernels.FILTER_EPS`` (1/4) times its share |tile|/V: the mass dropped
-            from any token is then < 1/4 of its gradient scale, whatever the data (a near-uniform
-            softmax is never filtered); dC and dbias stay exact. It is opt-in because the dropped
-            tail mass is biased, not noise: in the committed 300-step convergence run (H100) the
-            filtered training loss sat 0.02-0.04 above eager's while exact mode stayed within the
-            compile-vs-eager noise (results/h100-2026-11-23/convergence.png). The torch path is
-            always exact.
+            in it is below ``kernels.FILTER_EPS`` (1/8) times its share |tile|/V: the mass dropped
+            from any token is then < 1/8 of its gradient scale, whatever the data (a near-uniform
+            softmax is never filtered); dC and dbias stay exact. Not recommended today: the filtered
+            backward runs the older atomic kernel, slower than the exact mode's buffered path
+            (10-12 T against 5.0-5.5 T on an H100), and the dropped tail mass is biased, not noise:
+            in the committed 300-step convergence run the filtered loss strayed up to 0.015 above
+            eager's early on (results/h100-2026-11-23b/convergence.png; at 1/4 it sat 0.02-0.04
+            above). The torch path is always exact.
         max_workspace_bytes: memory for speed (None: off). The Triton path may hold the logits of a
             chunk of tokens in a buffer of at most this many bytes (at least one token's row), and
             then forms the gradients in the forward, in the same pass as the logits: three GEMMs
