@@ -288,7 +288,9 @@ def lce_backward(
     ``filter_dc``: the filter also skips the dC GEMM (no relative bound on dC; see the module
     docstring). ``vocab_order``: None = ``DEFAULT_ORDER`` when filtering, True/False to force, or
     an explicit (V,) permutation of the vocabulary. ``tile_counts``: optional int32 (2,) tensor
-    that receives [tiles computed, tiles filtered] (added to its contents)."""
+    that receives [tiles computed, tiles filtered] (added to its contents). ``buffered``: None =
+    the buffered path where ``buffered_path_applies`` (exact 16-bit), True/False to force it (for
+    tests and measurements); ``buffer_bytes`` bounds its scratch."""
     orig_e_dtype, orig_c_dtype = e.dtype, c.dtype
     e, c, bias, targets = prepare_inputs(e, c, bias, targets)
     num_tokens, dim = e.shape
@@ -349,6 +351,9 @@ def lce_backward(
     dbias = torch.zeros(vocab, dtype=f32, device=device) if needs_bias else None
     if buffered is None:
         buffered = buffered_path_applies(e, filter_grad, order) and (needs_e or needs_c)
+    elif buffered and (filter_grad or order is not None):
+        raise ValueError("the buffered path is exact and walks the vocabulary in id order: "
+                         "buffered=True needs filter_grad=False and no vocab_order")
     if buffered:
         de, dc = _buffered_backward(launch, e, c, num_tokens, dim, vocab, needs_e, needs_c, needs_bias,
                                     buffer_bytes)

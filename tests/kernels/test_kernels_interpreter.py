@@ -134,6 +134,17 @@ def test_buffered_windows_and_chunks(needs, options):
         assert _rel(got, other) < 1e-2
 
 
+def test_buffered_path_refuses_the_filter_and_an_order():
+    e, c, _, y = _inputs(dtype=torch.bfloat16)
+    _, lse = lce_forward(e, c, None, y, -100, 0.0, 0.0)
+    gl, gs = torch.rand(37), torch.zeros(37)
+    with pytest.raises(ValueError, match="buffered"):
+        lce_backward(e, c, None, y, lse, gl, gs, -100, 0.0, 0.0, True, True, True, False, buffered=True)
+    with pytest.raises(ValueError, match="buffered"):
+        lce_backward(e, c, None, y, lse, gl, gs, -100, 0.0, 0.0, False, True, True, False, buffered=True,
+                     vocab_order=torch.arange(101))
+
+
 def test_buffered_shape_stays_within_budget():
     from cce_inductor.kernels.backward import BUFFER_BYTES, buffered_shape
 
