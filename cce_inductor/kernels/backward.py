@@ -357,11 +357,22 @@ def lce_backward(
     if buffered:
         de, dc = _buffered_backward(launch, e, c, num_tokens, dim, vocab, needs_e, needs_c, needs_bias,
                                     buffer_bytes)
-        return (
-            de.to(orig_e_dtype) if needs_e else None,
-            dc.to(orig_c_dtype) if needs_c else None,
-            dbias.to(bias.dtype) if needs_bias else None,
-        )
+    else:
+        de, dc = _atomic_backward(launch, e, c, num_tokens, dim, vocab, order, tile, needs_e, needs_c,
+                                  needs_bias, window_bytes)
+    return (
+        de.to(orig_e_dtype) if needs_e else None,
+        dc.to(orig_c_dtype) if needs_c else None,
+        dbias.to(bias.dtype) if needs_bias else None,
+    )
+
+
+def _atomic_backward(launch, e, c, num_tokens, dim, vocab, order, tile, needs_e, needs_c, needs_bias,
+                     window_bytes):
+    """The atomic path: the kernel forms dE and dC with float32 atomics. Returns (dE or None, dC or
+    None) in the inputs' (common) dtype."""
+    f32 = torch.float32
+    device = e.device
     # dE accumulates in float32: straight into the output for float32 inputs; for 16-bit inputs in
     # an (N, D) float32 buffer when that fits in half of window_bytes (the dC window takes the
     # rest), else (split) in a second pass over windows of tokens, each covering the whole
@@ -388,12 +399,7 @@ def lce_backward(
     # Pass 2 (split only), over windows of tokens: dE through a float32 window rounded into dE.
     if split_e:
         _token_pass(launch, de, num_tokens, dim, vocab, tile, window_bytes)
-
-    return (
-        de.to(orig_e_dtype) if needs_e else None,
-        dc.to(orig_c_dtype) if needs_c else None,
-        dbias.to(bias.dtype) if needs_bias else None,
-    )
+    return de, dc
 
 
 # Whether filtering walks the vocabulary in default_vocab_order. Measured on the LM-like regime at
