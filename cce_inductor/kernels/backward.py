@@ -72,7 +72,10 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .common import TileConfig, as_f32, backward_config, buffered_config, dot, dot_precision, dot_upcast, prepare_inputs, softcap_tanh
+from .common import (
+    HAS_FLATTEN, TileConfig, as_f32, backward_config, buffered_config, capped_logits, dot, dot_precision, dot_upcast,
+    logit_tile, prepare_inputs, sm_count, tma_descriptor,
+)
 
 # Dropped gradient mass per token is < FILTER_EPS * w_i (see the module docstring); with eps < 1/2
 # a uniform softmax is never filtered. Measured on the LM-like regime (testing.make_inputs,
@@ -100,15 +103,122 @@ _HAS_ADDMM_DTYPE = "dtype_out" in torch.ops.aten.addmm.overloads()
 
 
 @triton.jit
+def _token_coefficients(Targets, Lse, GradLoss, GradLse, offs_n, mask_n, V, ignore_index):
+    """Per token of a tile: clamped target, g_loss (0 where ignored), g_p = g_loss + grad_lse, lse."""
+    targets = tl.load(Targets + offs_n, mask=mask_n, other=ignore_index)
+    valid = mask_n & (targets != ignore_index)
+    g_loss = tl.where(valid, tl.load(GradLoss + offs_n, mask=mask_n, other=0.0), 0.0)  # [BLOCK_N]
+    g_p = g_loss + tl.load(GradLse + offs_n, mask=mask_n, other=0.0)  # [BLOCK_N]
+    lse = tl.load(Lse + offs_n, mask=mask_n, other=0.0)  # [BLOCK_N]
+    targets = tl.minimum(tl.maximum(targets, 0), V - 1)  # out-of-range targets: as the reference
+    return targets, g_loss, g_p, lse
+
+
+@triton.jit
+def _logit_grad(z, t, lse, g_p, g_loss, targets, ids_v, mask_n, mask_v, target_weight, uniform_weight,
+                HAS_SMOOTHING: tl.constexpr, HAS_SOFTCAP: tl.constexpr):
+    """dz = g_p * p - g_loss * ((1 - ls) onehot + ls / V), times 1 - t^2 under a softcap; 0 outside
+    the tile's valid rows and columns. float32 [BLOCK_N, BLOCK_V]."""
+    mask_nv = mask_n[:, None] & mask_v[None, :]
+    p = tl.where(mask_nv, tl.exp(z - lse[:, None]), 0.0)
+    is_target = ids_v[None, :] == targets[:, None]
+    onehot = tl.where(is_target & mask_v[None, :], target_weight, 0.0)
+    if HAS_SMOOTHING:
+        onehot += tl.where(mask_v[None, :], uniform_weight, 0.0)
+    dz = g_p[:, None] * p - g_loss[:, None] * onehot
+    if HAS_SOFTCAP:
+        dz = dz * (1.0 - t * t)
+    return dz
+
+
+@triton.jit
+def _dz_kernel(
+    # data (E_desc, C_desc, Dz_desc: TMA descriptors when TMA, else E, C, Dz again)
+    E, C, E_desc, C_desc, Bias, Targets, Lse, GradLoss, GradLse, dBias, Dz, Dz_desc,
+    # shapes: tokens [0, N) of E x vocabulary rows [v_begin, v_begin + v_count) of C
+    N, V, D, v_begin, v_count, num_programs,
+    # strides (the D stride of E and C is 1)
+    stride_en, stride_cv, stride_dzn,
+    # constants
+    ignore_index, softcap, target_weight, uniform_weight,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, GROUP_N: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_SMOOTHING: tl.constexpr,
+    NEEDS_BIAS: tl.constexpr, EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    TMA: tl.constexpr, FLATTEN: tl.constexpr,
+):
+    """The buffered path's recompute: dz of every (token tile, vocab tile) of the launch into the
+    (N, v_count) buffer Dz, in the input dtype (and dbias by float32 atomics). Persistent: one
+    program per SM walks the tiles, GROUP_N token tiles sweeping the vocabulary together."""
+    num_tiles = tl.cdiv(N, BLOCK_N) * tl.cdiv(v_count, BLOCK_V)
+    # The same loop twice: tl.range(flatten=...) exists only in newer triton (see forward.py).
+    if FLATTEN:
+        for tile in tl.range(tl.program_id(0), num_tiles, num_programs, flatten=True):
+            _dz_tile(E, C, E_desc, C_desc, Bias, Targets, Lse, GradLoss, GradLse, dBias, Dz, Dz_desc, tile,
+                     N, V, D, v_begin, v_count, stride_en, stride_cv, stride_dzn,
+                     ignore_index, softcap, target_weight, uniform_weight,
+                     BLOCK_N, BLOCK_V, BLOCK_D, GROUP_N, HAS_BIAS, HAS_SOFTCAP, HAS_SMOOTHING,
+                     NEEDS_BIAS, EVEN_D, DOT_PRECISION, UPCAST, TMA)
+    else:
+        for tile in range(tl.program_id(0), num_tiles, num_programs):
+            _dz_tile(E, C, E_desc, C_desc, Bias, Targets, Lse, GradLoss, GradLse, dBias, Dz, Dz_desc, tile,
+                     N, V, D, v_begin, v_count, stride_en, stride_cv, stride_dzn,
+                     ignore_index, softcap, target_weight, uniform_weight,
+                     BLOCK_N, BLOCK_V, BLOCK_D, GROUP_N, HAS_BIAS, HAS_SOFTCAP, HAS_SMOOTHING,
+                     NEEDS_BIAS, EVEN_D, DOT_PRECISION, UPCAST, TMA)
+
+
+@triton.jit
+def _tile_position(tile, N, v_count, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, GROUP_N: tl.constexpr):
+    """(token tile, vocab tile) of a linear tile id: GROUP_N token tiles sweep the launch's vocab
+    tiles together, so that their E rows stay in L2 while C streams past."""
+    num_n_tiles = tl.cdiv(N, BLOCK_N)
+    group_width = GROUP_N * tl.cdiv(v_count, BLOCK_V)
+    first_n = (tile // group_width) * GROUP_N
+    group_size = tl.minimum(num_n_tiles - first_n, GROUP_N)
+    return first_n + (tile % group_width) % group_size, (tile % group_width) // group_size
+
+
+@triton.jit
+def _dz_tile(
+    E, C, E_desc, C_desc, Bias, Targets, Lse, GradLoss, GradLse, dBias, Dz, Dz_desc, tile,
+    N, V, D, v_begin, v_count, stride_en, stride_cv, stride_dzn,
+    ignore_index, softcap, target_weight, uniform_weight,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, GROUP_N: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_SMOOTHING: tl.constexpr,
+    NEEDS_BIAS: tl.constexpr, EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    TMA: tl.constexpr,
+):
+    pid_n, pid_v = _tile_position(tile, N, v_count, BLOCK_N, BLOCK_V, GROUP_N)
+    offs_n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)  # [BLOCK_N]
+    mask_n = offs_n < N
+    pos_v = (pid_v * BLOCK_V + tl.arange(0, BLOCK_V)).to(tl.int64)  # [BLOCK_V] position in the launch
+    mask_v = pos_v < v_count
+    ids_v = v_begin + pos_v
+    targets, g_loss, g_p, lse = _token_coefficients(Targets, Lse, GradLoss, GradLse, offs_n, mask_n, V, ignore_index)
+    z = logit_tile(E, C, E_desc, C_desc, pid_n * BLOCK_N, v_begin + pid_v * BLOCK_V, offs_n, ids_v, mask_n, mask_v,
+                   D, stride_en, stride_cv, BLOCK_N, BLOCK_V, BLOCK_D, EVEN_D, TMA, DOT_PRECISION, UPCAST)
+    z, t = capped_logits(z, Bias, ids_v, mask_v, softcap, HAS_BIAS, HAS_SOFTCAP)
+    dz = _logit_grad(z, t, lse, g_p, g_loss, targets, ids_v, mask_n, mask_v, target_weight, uniform_weight,
+                     HAS_SMOOTHING, HAS_SOFTCAP)
+    if NEEDS_BIAS:
+        tl.atomic_add(dBias + ids_v, tl.sum(dz, axis=0), mask=mask_v, sem="relaxed")
+    if TMA:  # the descriptor clips the tile at the buffer's edges
+        Dz_desc.store([pid_n * BLOCK_N, pid_v * BLOCK_V], dz.to(Dz.dtype.element_ty))
+    else:
+        tl.store(Dz + offs_n[:, None] * stride_dzn + pos_v[None, :], dz.to(Dz.dtype.element_ty),
+                 mask=mask_n[:, None] & mask_v[None, :])
+
+
+@triton.jit
 def _backward_kernel(
     # data
     E, C, Bias, Targets, Lse, GradLoss, GradLse, VocabOrder,
-    # outputs (float32 accumulators), the optional tile counter, the dz buffer (STORE_DZ)
-    dE, dC, dBias, TileCounts, Dz,
+    # outputs (float32 accumulators), the optional tile counter
+    dE, dC, dBias, TileCounts,
     # shapes: the launch covers vocabulary positions [v_begin, v_begin + v_count)
     N, V, D, v_begin, v_count,
     # strides (the D stride of every matrix is 1)
-    stride_en, stride_cv, stride_den, stride_dcv, stride_dzn,
+    stride_en, stride_cv, stride_den, stride_dcv,
     # constants
     ignore_index, softcap, target_weight, uniform_weight, filter_tau,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, GROUP_N: tl.constexpr,
@@ -116,18 +226,10 @@ def _backward_kernel(
     HAS_ORDER: tl.constexpr, DC_ROW_BY_ID: tl.constexpr, FILTER: tl.constexpr,
     COUNT_TILES: tl.constexpr, NEEDS_E: tl.constexpr, NEEDS_C: tl.constexpr,
     NEEDS_BIAS: tl.constexpr, EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
-    FILTER_DC: tl.constexpr, STORE_DZ: tl.constexpr,
+    FILTER_DC: tl.constexpr,
 ):
-    # ---- which tile: GROUP_N token tiles sweep this launch's vocab tiles together
-    pid = tl.program_id(0)
-    num_n_tiles = tl.cdiv(N, BLOCK_N)
-    num_v_tiles = tl.cdiv(v_count, BLOCK_V)
-    group_width = GROUP_N * num_v_tiles
-    first_n = (pid // group_width) * GROUP_N
-    group_size = tl.minimum(num_n_tiles - first_n, GROUP_N)
-    pid_n = first_n + (pid % group_width) % group_size
-    pid_v = (pid % group_width) // group_size
-
+    """The atomic path: one program per (token tile, vocab tile); see the module docstring."""
+    pid_n, pid_v = _tile_position(tl.program_id(0), N, v_count, BLOCK_N, BLOCK_V, GROUP_N)
     offs_n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)  # [BLOCK_N]
     mask_n = offs_n < N
     pos_v = (pid_v * BLOCK_V + tl.arange(0, BLOCK_V)).to(tl.int64)  # [BLOCK_V] position in the launch
@@ -136,86 +238,47 @@ def _backward_kernel(
         ids_v = tl.load(VocabOrder + v_begin + pos_v, mask=mask_v, other=0)  # [BLOCK_V] vocab ids
     else:
         ids_v = v_begin + pos_v
-    offs_d = tl.arange(0, BLOCK_D)  # [BLOCK_D]
+    targets, g_loss, g_p, lse = _token_coefficients(Targets, Lse, GradLoss, GradLse, offs_n, mask_n, V, ignore_index)
 
-    # ---- per-token coefficients
-    targets = tl.load(Targets + offs_n, mask=mask_n, other=ignore_index)
-    valid = mask_n & (targets != ignore_index)
-    g_loss = tl.where(valid, tl.load(GradLoss + offs_n, mask=mask_n, other=0.0), 0.0)  # [BLOCK_N]
-    g_p = g_loss + tl.load(GradLse + offs_n, mask=mask_n, other=0.0)  # [BLOCK_N]
-    lse = tl.load(Lse + offs_n, mask=mask_n, other=0.0)  # [BLOCK_N]
-    targets = tl.minimum(tl.maximum(targets, 0), V - 1)  # out-of-range targets: as the reference
-
-    # ---- 1. recompute the logit tile
-    e_ptrs = E + offs_n[:, None] * stride_en + offs_d[None, :]  # [BLOCK_N, BLOCK_D]
-    c_ptrs = C + ids_v[None, :] * stride_cv + offs_d[:, None]  # [BLOCK_D, BLOCK_V]
-    acc = tl.zeros((BLOCK_N, BLOCK_V), tl.float32)
-    for d0 in range(0, D, BLOCK_D):
-        if EVEN_D:
-            e_blk = tl.load(e_ptrs, mask=mask_n[:, None], other=0.0)
-            c_blk = tl.load(c_ptrs, mask=mask_v[None, :], other=0.0)
-        else:
-            mask_d = (d0 + offs_d) < D
-            e_blk = tl.load(e_ptrs, mask=mask_n[:, None] & mask_d[None, :], other=0.0)
-            c_blk = tl.load(c_ptrs, mask=mask_v[None, :] & mask_d[:, None], other=0.0)
-        acc = dot(e_blk, c_blk, acc, DOT_PRECISION, UPCAST)
-        e_ptrs += BLOCK_D
-        c_ptrs += BLOCK_D
-    z = acc  # [BLOCK_N, BLOCK_V]
-    if HAS_BIAS:
-        z += tl.load(Bias + ids_v, mask=mask_v, other=0.0).to(tl.float32)[None, :]
-    if HAS_SOFTCAP:
-        t = softcap_tanh(z, softcap)
-        z = softcap * t
-
-    # ---- 2. dz = g_p * p - g_loss * ((1 - ls) onehot + ls / V)
-    mask_nv = mask_n[:, None] & mask_v[None, :]
-    p = tl.where(mask_nv, tl.exp(z - lse[:, None]), 0.0)
-    is_target = ids_v[None, :] == targets[:, None]
-    onehot = tl.where(is_target & mask_v[None, :], target_weight, 0.0)
-    if HAS_SMOOTHING:
-        onehot += tl.where(mask_v[None, :], uniform_weight, 0.0)
-    dz = g_p[:, None] * p - g_loss[:, None] * onehot  # [BLOCK_N, BLOCK_V] float32
-    if HAS_SOFTCAP:
-        dz = dz * (1.0 - t * t)
+    # ---- 1-2. recompute the logit tile (pointer loads: the ids may be a permutation), dz
+    z = logit_tile(E, C, E, C, 0, 0, offs_n, ids_v, mask_n, mask_v, D, stride_en, stride_cv,
+                   BLOCK_N, BLOCK_V, BLOCK_D, EVEN_D, False, DOT_PRECISION, UPCAST)
+    z, t = capped_logits(z, Bias, ids_v, mask_v, softcap, HAS_BIAS, HAS_SOFTCAP)
+    dz = _logit_grad(z, t, lse, g_p, g_loss, targets, ids_v, mask_n, mask_v, target_weight, uniform_weight,
+                     HAS_SMOOTHING, HAS_SOFTCAP)  # [BLOCK_N, BLOCK_V] float32
 
     # ---- 3. dbias, exact
     if NEEDS_BIAS:
         tl.atomic_add(dBias + ids_v, tl.sum(dz, axis=0), mask=mask_v, sem="relaxed")
 
-    # ---- buffered mode: the tile of dz goes to the launch's buffer; cuBLAS forms dE and dC from it
-    if STORE_DZ:
-        dz_ptrs = Dz + offs_n[:, None] * stride_dzn + pos_v[None, :]
-        tl.store(dz_ptrs, dz.to(Dz.dtype.element_ty), mask=mask_nv)
+    # ---- filter: skip the dE GEMM (FILTER_DC: dC's too) iff every token's mass here is < tau * |tile| * w_i
+    if FILTER:
+        mass = tl.sum(tl.abs(dz), axis=1)  # [BLOCK_N]
+        scale = tl.abs(g_p) + tl.abs(g_loss)  # [BLOCK_N]
+        width = tl.minimum(v_count - pid_v * BLOCK_V, BLOCK_V)
+        over = (mass >= filter_tau * width * scale) & (mass > 0.0)  # not negligible for this token
+        keep = tl.max(over.to(tl.int32), axis=0) > 0
+        if COUNT_TILES:
+            tl.atomic_add(TileCounts + tl.where(keep, 0, 1), 1, sem="relaxed")
     else:
-        # ---- filter: skip the dE GEMM (FILTER_DC: dC's too) iff every token's mass here is < tau * |tile| * w_i
-        if FILTER:
-            mass = tl.sum(tl.abs(dz), axis=1)  # [BLOCK_N]
-            scale = tl.abs(g_p) + tl.abs(g_loss)  # [BLOCK_N]
-            width = tl.minimum(v_count - pid_v * BLOCK_V, BLOCK_V)
-            over = (mass >= filter_tau * width * scale) & (mass > 0.0)  # not negligible for this token
-            keep = tl.max(over.to(tl.int32), axis=0) > 0
-            if COUNT_TILES:
-                tl.atomic_add(TileCounts + tl.where(keep, 0, 1), 1, sem="relaxed")
-        else:
-            keep = True
-            if COUNT_TILES:
-                tl.atomic_add(TileCounts, 1, sem="relaxed")
+        keep = True
+        if COUNT_TILES:
+            tl.atomic_add(TileCounts, 1, sem="relaxed")
 
-        # ---- 4. dE[n] += dz @ C[v], dC[v] += dz^T @ E[n], slice by slice of D
-        dz_in = dz.to(E.dtype.element_ty)
-        if DC_ROW_BY_ID:
-            dc_rows = ids_v
-        else:
-            dc_rows = pos_v
-        if keep:
-            _gradient_gemms(dz_in, E, C, dE, dC, offs_n, mask_n, ids_v, dc_rows, mask_v, D,
-                            stride_en, stride_cv, stride_den, stride_dcv,
-                            BLOCK_D, NEEDS_E, NEEDS_C, EVEN_D, DOT_PRECISION, UPCAST)
-        elif NEEDS_C and not FILTER_DC:
-            _gradient_gemms(dz_in, E, C, dE, dC, offs_n, mask_n, ids_v, dc_rows, mask_v, D,
-                            stride_en, stride_cv, stride_den, stride_dcv,
-                            BLOCK_D, False, True, EVEN_D, DOT_PRECISION, UPCAST)
+    # ---- 4. dE[n] += dz @ C[v], dC[v] += dz^T @ E[n], slice by slice of D
+    dz_in = dz.to(E.dtype.element_ty)
+    if DC_ROW_BY_ID:
+        dc_rows = ids_v
+    else:
+        dc_rows = pos_v
+    if keep:
+        _gradient_gemms(dz_in, E, C, dE, dC, offs_n, mask_n, ids_v, dc_rows, mask_v, D,
+                        stride_en, stride_cv, stride_den, stride_dcv,
+                        BLOCK_D, NEEDS_E, NEEDS_C, EVEN_D, DOT_PRECISION, UPCAST)
+    elif NEEDS_C and not FILTER_DC:
+        _gradient_gemms(dz_in, E, C, dE, dC, offs_n, mask_n, ids_v, dc_rows, mask_v, D,
+                        stride_en, stride_cv, stride_den, stride_dcv,
+                        BLOCK_D, False, True, EVEN_D, DOT_PRECISION, UPCAST)
 
 
 @triton.jit
@@ -322,28 +385,49 @@ def lce_backward(
     if tile_counts is not None and (tile_counts.dtype != torch.int32 or tile_counts.numel() < 2):
         raise ValueError("tile_counts must be an int32 tensor with 2 elements")
 
-    def launch(n_begin, n_count, v_begin, v_count, de_buf, dc_buf, dc_by_id, do_e, do_c, do_bias, dz_buf=None):
-        """One launch over tokens [n_begin, +n_count) x vocabulary positions [v_begin, +v_count);
-        with ``dz_buf`` ((n_count, v_count), the input dtype) the launch writes dz there instead of
-        forming gradients (the buffered path)."""
+    def launch(n_begin, n_count, v_begin, v_count, de_buf, dc_buf, dc_by_id, do_e, do_c, do_bias):
+        """One launch of the atomic kernel over tokens [n_begin, +n_count) x vocabulary positions
+        [v_begin, +v_count)."""
         rows = slice(n_begin, n_begin + n_count)
-        cfg = tile if dz_buf is None else buffered_config(e)
-        grid = (triton.cdiv(n_count, cfg.block_n) * triton.cdiv(v_count, cfg.block_v),)
+        grid = (triton.cdiv(n_count, tile.block_n) * triton.cdiv(v_count, tile.block_v),)
         _backward_kernel[grid](
             e[rows], c, bias, targets[rows], lse[rows], grad_loss[rows], grad_lse[rows],
             order if order is not None else dummy,
             de_buf if do_e else dummy, dc_buf if do_c else dummy, dbias if do_bias else dummy,
             tile_counts if tile_counts is not None and do_e else dummy,
-            dz_buf if dz_buf is not None else dummy,
             n_count, vocab, dim, v_begin, v_count,
-            e.stride(0), c.stride(0), dim, dim, v_count,
+            e.stride(0), c.stride(0), dim, dim,
             ignore_index, float(softcap), 1.0 - label_smoothing, label_smoothing / vocab, filter_tau,
-            BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_D=cfg.block_d, GROUP_N=cfg.group_n,
+            BLOCK_N=tile.block_n, BLOCK_V=tile.block_v, BLOCK_D=tile.block_d, GROUP_N=tile.group_n,
             HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap != 0.0, HAS_SMOOTHING=label_smoothing != 0.0,
             HAS_ORDER=order is not None, DC_ROW_BY_ID=dc_by_id, FILTER=bool(filter_grad),
             COUNT_TILES=tile_counts is not None and do_e, NEEDS_E=do_e, NEEDS_C=do_c,
-            NEEDS_BIAS=do_bias, EVEN_D=dim % cfg.block_d == 0, DOT_PRECISION=dot_precision(e.dtype),
-            UPCAST=dot_upcast(e), FILTER_DC=bool(filter_grad and filter_dc), STORE_DZ=dz_buf is not None,
+            NEEDS_BIAS=do_bias, EVEN_D=dim % tile.block_d == 0, DOT_PRECISION=dot_precision(e.dtype),
+            UPCAST=dot_upcast(e), FILTER_DC=bool(filter_grad and filter_dc),
+            num_warps=tile.num_warps, num_stages=tile.num_stages,
+        )
+
+    def launch_dz(n_begin, n_count, v_begin, v_count, dz_buf):
+        """One launch of the dz kernel: dz of tokens [n_begin, +n_count) x vocabulary rows
+        [v_begin, +v_count) into dz_buf ((n_count, v_count), the input dtype, unit column stride)."""
+        cfg = buffered_config(e)
+        rows = slice(n_begin, n_begin + n_count)
+        descs = (tma_descriptor(e[rows], [cfg.block_n, cfg.block_d], cfg),
+                 tma_descriptor(c, [cfg.block_v, cfg.block_d], cfg),
+                 tma_descriptor(dz_buf, [cfg.block_n, cfg.block_v], cfg))
+        tma = all(d is not None for d in descs)
+        tiles = triton.cdiv(n_count, cfg.block_n) * triton.cdiv(v_count, cfg.block_v)
+        programs = min(tiles, sm_count(device))
+        _dz_kernel[(programs,)](
+            e[rows], c, descs[0] if tma else e, descs[1] if tma else c, bias, targets[rows], lse[rows],
+            grad_loss[rows], grad_lse[rows], dbias if needs_bias else dummy, dz_buf, descs[2] if tma else dz_buf,
+            n_count, vocab, dim, v_begin, v_count, programs,
+            e.stride(0), c.stride(0), dz_buf.stride(0),
+            ignore_index, float(softcap), 1.0 - label_smoothing, label_smoothing / vocab,
+            BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_D=cfg.block_d, GROUP_N=cfg.group_n,
+            HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap != 0.0, HAS_SMOOTHING=label_smoothing != 0.0,
+            NEEDS_BIAS=needs_bias, EVEN_D=dim % cfg.block_d == 0, DOT_PRECISION=dot_precision(e.dtype),
+            UPCAST=dot_upcast(e), TMA=tma, FLATTEN=tma and HAS_FLATTEN,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
 
@@ -355,8 +439,7 @@ def lce_backward(
         raise ValueError("the buffered path is exact and walks the vocabulary in id order: "
                          "buffered=True needs filter_grad=False and no vocab_order")
     if buffered:
-        de, dc = _buffered_backward(launch, e, c, num_tokens, dim, vocab, needs_e, needs_c, needs_bias,
-                                    buffer_bytes)
+        de, dc = _buffered_backward(launch_dz, e, c, num_tokens, dim, vocab, needs_e, needs_c, buffer_bytes)
     else:
         de, dc = _atomic_backward(launch, e, c, num_tokens, dim, vocab, order, tile, needs_e, needs_c,
                                   needs_bias, window_bytes)
@@ -472,12 +555,18 @@ def buffered_shape(num_tokens: int, dim: int, vocab: int, element_size: int, buf
     the GEMMs faster, and fewer windows would need more.
     E.g. (8192, 2304, 256000, bf16, 48 MiB): 3 windows of 2816 tokens, chunks of 4096."""
     cols = min(vocab, CHUNK_V)
-    per_token = element_size * cols + 4 * dim
+    per_token = element_size * buffer_row_stride(cols) + 4 * dim
     fit = max(block_n, buffer_bytes // per_token // block_n * block_n)
     windows = -(-num_tokens // fit)
     rows = -(-num_tokens // windows)
     rows = min(fit, -(-rows // block_n) * block_n, num_tokens)
     return rows, cols
+
+
+def buffer_row_stride(cols: int) -> int:
+    """The dz buffer's row stride: cols rounded up to 8 elements, so that every row starts 16-byte
+    aligned (TMA stores need it; cuBLAS takes the padded leading dimension as it is)."""
+    return -(-cols // 8) * 8
 
 
 def _add_product(acc: Tensor, a: Tensor, b: Tensor) -> None:
@@ -489,7 +578,7 @@ def _add_product(acc: Tensor, a: Tensor, b: Tensor) -> None:
         acc.addmm_(a.float(), b.float())
 
 
-def _buffered_backward(launch, e, c, num_tokens, dim, vocab, needs_e, needs_c, needs_bias, buffer_bytes):
+def _buffered_backward(launch_dz, e, c, num_tokens, dim, vocab, needs_e, needs_c, buffer_bytes):
     """Exact 16-bit gradients with GEMMs by cuBLAS, in bounded memory. For each window of tokens
     (outer) and chunk of the vocabulary (inner), the recompute kernel writes dz (the input dtype) into
     one buffer, then
@@ -503,7 +592,8 @@ def _buffered_backward(launch, e, c, num_tokens, dim, vocab, needs_e, needs_c, n
     default budget). Returns (dE or None, dC or None) in the input dtype."""
     cfg = buffered_config(e)
     rows, cols = buffered_shape(num_tokens, dim, vocab, e.element_size(), buffer_bytes, cfg.block_n, cfg.block_v)
-    buf = torch.empty(rows * cols, dtype=e.dtype, device=e.device)
+    ld = buffer_row_stride(cols)
+    buf = torch.empty(rows * ld, dtype=e.dtype, device=e.device)
     dc = torch.empty(vocab, dim, dtype=c.dtype, device=c.device) if needs_c else None
     acc = torch.empty(rows, dim, dtype=torch.float32, device=e.device) if needs_e else None
     de = None  # allocated once the first window is done (after the buffer is freed, for one window)
@@ -513,8 +603,8 @@ def _buffered_backward(launch, e, c, num_tokens, dim, vocab, needs_e, needs_c, n
         acc_window = acc[:n_count].zero_() if needs_e else None
         for v_begin in range(0, vocab, cols):
             v_count = min(cols, vocab - v_begin)
-            dz = buf[: n_count * v_count].view(n_count, v_count)
-            launch(n_begin, n_count, v_begin, v_count, None, None, False, False, False, needs_bias, dz_buf=dz)
+            dz = buf[: n_count * ld].view(n_count, ld)[:, :v_count]
+            launch_dz(n_begin, n_count, v_begin, v_count, dz)
             if needs_e:
                 _add_product(acc_window, dz, c[v_begin : v_begin + v_count])
             if needs_c:

@@ -9,12 +9,22 @@ span several tiles in every dimension and the masked edges are exercised.
 from __future__ import annotations
 
 import functools
+import inspect
 from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+
+try:  # host-side TMA descriptors (triton >= 3.4); older triton loads tiles through pointers
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:  # pragma: no cover - depends on the installed triton
+    TensorDescriptor = None
+
+# tl.range(..., flatten=True): the loop over tiles folded into the loop over D by the pipeliner, so the
+# next tile's loads are in flight during this tile's epilogue (triton >= 3.3).
+HAS_FLATTEN = "flatten" in inspect.signature(tl.range.__init__).parameters
 
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -27,19 +37,25 @@ class TileConfig:
     num_warps: int
     num_stages: int
     group_n: int = 8  # backward: token tiles that sweep the vocabulary together (L2 reuse)
+    tma: bool = False  # load E and C tiles through TMA descriptors where the GPU and the inputs allow
 
 
 # Hopper-sized tiles for 16-bit inputs: the forward is one GEMM with a cheap epilogue (128 x 256
-# accumulator, 8 warps, 3 stages of (128 + 256) x 64 x 2 B = 144 KB of shared memory; 4 stages and
-# 128 x 128 / 256 x 128 tiles measured within noise, 1.47-1.67 T at 8192 x 2304 x 256000); the backward
-# holds the logit tile, its 16-bit gradient and two gradient-GEMM tiles at once, so it uses 128 x 128.
-_GPU_FORWARD_16 = TileConfig(block_n=128, block_v=256, block_d=64, num_warps=8, num_stages=3)
+# accumulator, 8 warps, 3 stages of (128 + 256) x 64 x 2 B = 144 KB of shared memory, plus 64 KB for
+# the buffered backward's TMA store of its dz tile). Measured on an H100 with triton 3.6
+# (benchmarks/gemm_core_variants.py, minimal epilogue, in units of the cuBLAS GEMM): TMA loads with
+# the tile loop flattened 1.00 / 1.08 T at 8192 x 2304 x 256000 / 8192 x 4096 x 128256, pointer loads
+# 1.15 / 1.23 T, pointer loads flattened 2.2 T; 4 stages and 128 x 128 tiles slower with TMA.
+# The atomic backward holds the logit tile, its 16-bit gradient and two gradient-GEMM tiles at
+# once, so it uses 128 x 128 (and pointer loads: its vocabulary may be walked through an index).
+_GPU_FORWARD_16 = TileConfig(block_n=128, block_v=256, block_d=64, num_warps=8, num_stages=3, tma=True)
 _GPU_BACKWARD_16 = TileConfig(block_n=128, block_v=128, block_d=64, num_warps=8, num_stages=3)
 # float32 inputs run the dots in IEEE float32 (no tf32): FMA-bound, smaller tiles, less shared memory.
 _GPU_FORWARD_32 = TileConfig(block_n=64, block_v=128, block_d=32, num_warps=8, num_stages=2)
 _GPU_BACKWARD_32 = TileConfig(block_n=64, block_v=64, block_d=32, num_warps=4, num_stages=2)
-# Interpreter: tiny tiles (tl.dot accepts any size there), one "SM".
-_INTERPRETER = TileConfig(block_n=16, block_v=16, block_d=16, num_warps=1, num_stages=1, group_n=2)
+# Interpreter: tiny tiles (tl.dot accepts any size there), one "SM"; TMA descriptors as on Hopper
+# (the interpreter emulates them), so that CI runs the path the GPU runs.
+_INTERPRETER = TileConfig(block_n=16, block_v=16, block_d=16, num_warps=1, num_stages=1, group_n=2, tma=True)
 
 
 def forward_config(e: Tensor) -> TileConfig:
@@ -58,6 +74,22 @@ def backward_config(e: Tensor) -> TileConfig:
     if e.device.type != "cuda":
         return _INTERPRETER
     return _GPU_BACKWARD_32 if e.dtype == torch.float32 else _GPU_BACKWARD_16
+
+
+def tma_descriptor(t: Tensor, block_shape: list[int], cfg: TileConfig):
+    """A host-side TMA descriptor of the 2-D tensor ``t`` (tiles of ``block_shape``, zero-filled
+    outside ``t``), or None where the tiles go through pointers instead: the config does not ask for
+    TMA, triton has no host descriptors, the GPU is older than Hopper, the dtype is float32 (its
+    configs use pointer loads and IEEE dots), or the alignment TMA needs (16-byte base and row
+    stride, unit last stride) does not hold -- e.g. rows of an odd length D."""
+    if not cfg.tma or TensorDescriptor is None or t.dtype == torch.float32 or t.dim() != 2 or 0 in t.shape:
+        return None
+    if t.device.type == "cuda" and torch.cuda.get_device_capability(t.device)[0] < 9:
+        return None
+    size = t.element_size()
+    if t.stride(1) != 1 or (t.stride(0) * size) % 16 or t.data_ptr() % 16:
+        return None
+    return TensorDescriptor(t, list(t.shape), list(t.stride()), list(block_shape))
 
 
 def dot_precision(dtype: torch.dtype) -> str:
@@ -121,6 +153,51 @@ def dot(a, b, acc, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
     if UPCAST:
         return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
     return tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+
+
+@triton.jit
+def logit_tile(
+    E, C, E_desc, C_desc, n0, v0, offs_n, ids_v, mask_n, mask_v, D, stride_en, stride_cv,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
+    TMA: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+):
+    """The float32 logit tile E[n] @ C[v]^T, [BLOCK_N, BLOCK_V], accumulated over D in BLOCK_D steps;
+    the forward and both backward kernels compute it here. TMA: tiles at rows n0 of E and v0 of C
+    through the descriptors (zero outside the tensors); else through pointers at rows offs_n of E
+    and ids_v of C (int64; ids_v may be any vocabulary ids), masked by mask_n / mask_v (and D)."""
+    acc = tl.zeros((BLOCK_N, BLOCK_V), tl.float32)
+    if TMA:
+        for d0 in range(0, D, BLOCK_D):
+            acc = dot(E_desc.load([n0, d0]), C_desc.load([v0, d0]).T, acc, DOT_PRECISION, UPCAST)
+    else:
+        offs_d = tl.arange(0, BLOCK_D)  # [BLOCK_D]
+        e_ptrs = E + offs_n[:, None] * stride_en + offs_d[None, :]  # [BLOCK_N, BLOCK_D]
+        c_ptrs = C + ids_v[None, :] * stride_cv + offs_d[:, None]  # [BLOCK_D, BLOCK_V]
+        for d0 in range(0, D, BLOCK_D):
+            if EVEN_D:
+                e_blk = tl.load(e_ptrs, mask=mask_n[:, None], other=0.0)
+                c_blk = tl.load(c_ptrs, mask=mask_v[None, :], other=0.0)
+            else:
+                mask_d = (d0 + offs_d) < D
+                e_blk = tl.load(e_ptrs, mask=mask_n[:, None] & mask_d[None, :], other=0.0)
+                c_blk = tl.load(c_ptrs, mask=mask_v[None, :] & mask_d[:, None], other=0.0)
+            acc = dot(e_blk, c_blk, acc, DOT_PRECISION, UPCAST)
+            e_ptrs += BLOCK_D
+            c_ptrs += BLOCK_D
+    return acc
+
+
+@triton.jit
+def capped_logits(z, Bias, ids_v, mask_v, softcap, HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr):
+    """(z + bias[v], then cap * tanh(z / cap)) and the tanh (for the backward's derivative; 0 when
+    there is no softcap)."""
+    if HAS_BIAS:
+        z += tl.load(Bias + ids_v, mask=mask_v, other=0.0).to(tl.float32)[None, :]
+    t = 0.0
+    if HAS_SOFTCAP:
+        t = softcap_tanh(z, softcap)
+        z = softcap * t
+    return z, t
 
 
 @triton.jit

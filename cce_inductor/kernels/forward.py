@@ -6,7 +6,9 @@ Algorithm (split-vocabulary online softmax, two launches, no locks):
      through L2 per wave rather than per token tile). A program owns BLOCK_N tokens and a
      contiguous run of vocab tiles; for each vocab tile it computes the logit tile
          z = E[n] @ C[v]^T (+ bias[v]) (softcapped: cap * tanh(z / cap))     # [BLOCK_N, BLOCK_V]
-     in float32 on chip (tl.dot over D in BLOCK_D steps, inputs in their own dtype), and folds it
+     in float32 on chip (``common.logit_tile``: tl.dot over D in BLOCK_D steps, inputs in their own
+     dtype; on Hopper the E and C tiles come through TMA descriptors and the loop over vocab tiles is
+     flattened into the loop over D, so the next tile's loads overlap this tile's epilogue), and folds it
      into a running max m and sum of exp(z - m) per token. The target logit z_y is taken from the
      same tile when the target falls in it, so that loss = lse - z_y of a confident token cancels
      consistently; with label smoothing the sum of the logits is accumulated too. Outputs per
@@ -30,15 +32,18 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .common import TileConfig, dot, dot_precision, dot_upcast, forward_config, prepare_inputs, sm_count, softcap_tanh
+from .common import (
+    HAS_FLATTEN, TileConfig, capped_logits, dot_precision, dot_upcast, forward_config, logit_tile, prepare_inputs,
+    sm_count, tma_descriptor,
+)
 
 _PARTIAL_BYTES = 4 * 2**20  # cap on one partial buffer (splits x N float32)
 
 
 @triton.jit
 def _lse_partial_kernel(
-    # data
-    E, C, Bias, Targets, LsePart, LogitSumPart, TargetLogit,
+    # data (E_desc, C_desc: TMA descriptors of E and C when TMA, else E and C again)
+    E, C, E_desc, C_desc, Bias, Targets, LsePart, LogitSumPart, TargetLogit,
     # shapes
     N, V, D, tiles_per_split,
     # strides (the D stride of E and C is 1)
@@ -48,6 +53,7 @@ def _lse_partial_kernel(
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_SMOOTHING: tl.constexpr,
     EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    TMA: tl.constexpr, FLATTEN: tl.constexpr,
 ):
     pid = tl.program_id(0)
     num_n_tiles = tl.cdiv(N, BLOCK_N)
@@ -56,7 +62,6 @@ def _lse_partial_kernel(
 
     offs_n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)  # [BLOCK_N]
     mask_n = offs_n < N
-    offs_d = tl.arange(0, BLOCK_D)  # [BLOCK_D]
     targets = tl.load(Targets + offs_n, mask=mask_n, other=-1)  # [BLOCK_N] int64
 
     v_tile_begin = pid_split * tiles_per_split
@@ -66,39 +71,20 @@ def _lse_partial_kernel(
     run_sum = tl.zeros((BLOCK_N,), tl.float32)
     target_logit = tl.zeros((BLOCK_N,), tl.float32)
     logit_sum = tl.zeros((BLOCK_N,), tl.float32)
-
-    e_ptrs0 = E + offs_n[:, None] * stride_en + offs_d[None, :]  # [BLOCK_N, BLOCK_D]
-    for v_tile in range(v_tile_begin, v_tile_end):
-        offs_v = (v_tile * BLOCK_V + tl.arange(0, BLOCK_V)).to(tl.int64)  # [BLOCK_V]
-        mask_v = offs_v < V
-        e_ptrs = e_ptrs0
-        c_ptrs = C + offs_v[None, :] * stride_cv + offs_d[:, None]  # [BLOCK_D, BLOCK_V]
-        acc = tl.zeros((BLOCK_N, BLOCK_V), tl.float32)
-        for d0 in range(0, D, BLOCK_D):
-            if EVEN_D:
-                e_blk = tl.load(e_ptrs, mask=mask_n[:, None], other=0.0)
-                c_blk = tl.load(c_ptrs, mask=mask_v[None, :], other=0.0)
-            else:
-                mask_d = (d0 + offs_d) < D
-                e_blk = tl.load(e_ptrs, mask=mask_n[:, None] & mask_d[None, :], other=0.0)
-                c_blk = tl.load(c_ptrs, mask=mask_v[None, :] & mask_d[:, None], other=0.0)
-            acc = dot(e_blk, c_blk, acc, DOT_PRECISION, UPCAST)
-            e_ptrs += BLOCK_D
-            c_ptrs += BLOCK_D
-
-        z = acc  # [BLOCK_N, BLOCK_V] float32 logits
-        if HAS_BIAS:
-            z += tl.load(Bias + offs_v, mask=mask_v, other=0.0).to(tl.float32)[None, :]
-        if HAS_SOFTCAP:
-            z = softcap * softcap_tanh(z, softcap)
-
-        z_valid = tl.where(mask_v[None, :], z, float("-inf"))
-        new_max = tl.maximum(run_max, tl.max(z_valid, axis=1))
-        run_sum = run_sum * tl.exp(run_max - new_max) + tl.sum(tl.exp(z_valid - new_max[:, None]), axis=1)
-        run_max = new_max
-        target_logit += tl.sum(tl.where(offs_v[None, :] == targets[:, None], z, 0.0), axis=1)
-        if HAS_SMOOTHING:
-            logit_sum += tl.sum(tl.where(mask_v[None, :], z, 0.0), axis=1)
+    # The same loop twice: tl.range(flatten=...) exists only in newer triton, and a constexpr branch
+    # not taken is never compiled.
+    if FLATTEN:
+        for v_tile in tl.range(v_tile_begin, v_tile_end, flatten=True):
+            run_max, run_sum, target_logit, logit_sum = _fold_tile(
+                E, C, E_desc, C_desc, Bias, pid_n * BLOCK_N, offs_n, mask_n, targets, v_tile, V, D,
+                stride_en, stride_cv, softcap, run_max, run_sum, target_logit, logit_sum,
+                BLOCK_N, BLOCK_V, BLOCK_D, HAS_BIAS, HAS_SOFTCAP, HAS_SMOOTHING, EVEN_D, DOT_PRECISION, UPCAST, TMA)
+    else:
+        for v_tile in range(v_tile_begin, v_tile_end):
+            run_max, run_sum, target_logit, logit_sum = _fold_tile(
+                E, C, E_desc, C_desc, Bias, pid_n * BLOCK_N, offs_n, mask_n, targets, v_tile, V, D,
+                stride_en, stride_cv, softcap, run_max, run_sum, target_logit, logit_sum,
+                BLOCK_N, BLOCK_V, BLOCK_D, HAS_BIAS, HAS_SOFTCAP, HAS_SMOOTHING, EVEN_D, DOT_PRECISION, UPCAST, TMA)
 
     part = pid_split.to(tl.int64) * N + offs_n
     tl.store(LsePart + part, run_max + tl.log(run_sum), mask=mask_n)
@@ -106,6 +92,37 @@ def _lse_partial_kernel(
         tl.store(LogitSumPart + part, logit_sum, mask=mask_n)
     owns_target = (targets >= v_tile_begin * BLOCK_V) & (targets < v_tile_end * BLOCK_V)
     tl.store(TargetLogit + offs_n, target_logit, mask=mask_n & owns_target)
+
+
+@triton.jit
+def _fold_tile(
+    E, C, E_desc, C_desc, Bias, n0, offs_n, mask_n, targets, v_tile, V, D,
+    stride_en, stride_cv, softcap, run_max, run_sum, target_logit, logit_sum,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_SMOOTHING: tl.constexpr,
+    EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, TMA: tl.constexpr,
+):
+    """Fold one vocab tile into the running max, sum of exp, target logit and logit sum."""
+    v0 = v_tile * BLOCK_V
+    offs_v = (v0 + tl.arange(0, BLOCK_V)).to(tl.int64)  # [BLOCK_V]
+    mask_v = offs_v < V
+    z = logit_tile(E, C, E_desc, C_desc, n0, v0, offs_n, offs_v, mask_n, mask_v, D, stride_en, stride_cv,
+                   BLOCK_N, BLOCK_V, BLOCK_D, EVEN_D, TMA, DOT_PRECISION, UPCAST)  # [BLOCK_N, BLOCK_V] float32
+    z, _ = capped_logits(z, Bias, offs_v, mask_v, softcap, HAS_BIAS, HAS_SOFTCAP)
+
+    z_valid = tl.where(mask_v[None, :], z, float("-inf"))
+    new_max = tl.maximum(run_max, tl.max(z_valid, axis=1))
+    run_sum = run_sum * tl.exp(run_max - new_max) + tl.sum(tl.exp(z_valid - new_max[:, None]), axis=1)
+    # The target logit comes from the tile itself (so that lse - z_y of a confident token cancels
+    # to the rounding of one tile), but the full-tile compare runs only in the few tiles that hold
+    # some token's target (at most BLOCK_N of the V / BLOCK_V tiles).
+    hit = (targets >= v0) & (targets < v0 + BLOCK_V)  # [BLOCK_N]
+    if tl.max(hit.to(tl.int32), axis=0) > 0:
+        cols = tl.where(hit, targets - v0, -1).to(tl.int32)  # [BLOCK_N] the target's column here, or -1
+        target_logit += tl.sum(tl.where(tl.arange(0, BLOCK_V)[None, :] == cols[:, None], z, 0.0), axis=1)
+    if HAS_SMOOTHING:
+        logit_sum += tl.sum(tl.where(mask_v[None, :], z, 0.0), axis=1)
+    return new_max, run_sum, target_logit, logit_sum
 
 
 @triton.jit
@@ -192,14 +209,18 @@ def lce_forward(
     lse_part = torch.empty(splits, num_tokens, dtype=torch.float32, device=e.device)
     logit_sum_part = torch.empty_like(lse_part) if smoothing else lse_part
     target_logit = torch.empty_like(loss)
+    e_desc = tma_descriptor(e, [cfg.block_n, cfg.block_d], cfg)
+    c_desc = tma_descriptor(c, [cfg.block_v, cfg.block_d], cfg)
+    tma = e_desc is not None and c_desc is not None
     _lse_partial_kernel[(n_tiles * splits,)](
-        e, c, bias, targets, lse_part, logit_sum_part, target_logit,
+        e, c, e_desc if tma else e, c_desc if tma else c, bias, targets, lse_part, logit_sum_part, target_logit,
         num_tokens, vocab, dim, tiles_per_split,
         e.stride(0), c.stride(0),
         float(softcap),
         BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_D=cfg.block_d,
         HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap != 0.0, HAS_SMOOTHING=smoothing,
         EVEN_D=dim % cfg.block_d == 0, DOT_PRECISION=dot_precision(e.dtype), UPCAST=dot_upcast(e),
+        TMA=tma, FLATTEN=tma and HAS_FLATTEN,  # flattened pointer loads measured 2x slower
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     block_t = 64

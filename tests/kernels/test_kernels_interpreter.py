@@ -134,6 +134,43 @@ def test_buffered_windows_and_chunks(needs, options):
         assert _rel(got, other) < 1e-2
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_tma_and_pointer_loads_agree(dtype):
+    """16-bit rows of a length that TMA can address (D = 40: 16-byte aligned rows, a ragged last
+    D step of the 16-wide tiles) go through TMA descriptors in the forward and in the buffered
+    backward's dz kernel -- the path an H100 runs; pointer loads (tma=False) are the fallback.
+    Both against float64, with bias, softcap, smoothing and an ignored token, over several windows,
+    chunks (one narrower than a tile, stored through the padded buffer) and partial tiles."""
+    import dataclasses
+
+    from cce_inductor.kernels import backward, common
+
+    e, c, b, y = _inputs(n=37, d=40, v=101, dtype=dtype, bias=True, scale=2.0)
+    y[5] = -100
+    cfg = common.forward_config(e)
+    assert cfg.tma and common.tma_descriptor(e, [16, 16], cfg) is not None
+    assert common.tma_descriptor(torch.zeros(37, 45, dtype=dtype), [16, 16], cfg) is None  # 90-byte rows: pointers
+    softcap, ls = 3.0, 0.1
+    gl, gs = torch.rand(37), torch.rand(37)
+    results = {}
+    for tma in (True, False):
+        with mock.patch.object(common, "_INTERPRETER", dataclasses.replace(common._INTERPRETER, tma=tma)), \
+                mock.patch.object(backward, "CHUNK_V", 40):
+            loss, lse = lce_forward(e, c, b, y, -100, softcap, ls)
+            grads = lce_backward(e, c, b, y, lse, gl, gs, -100, softcap, ls, False, True, True, True,
+                                 buffered=True, buffer_bytes=2 * 16 * 40 + 4 * 16 * 40)
+        results[tma] = (loss, lse, *grads)
+    gold_loss, gold_lse = reference.chunked_forward(e.double(), c.double(), b.double(), y, -100, softcap, ls)
+    gold = _reference_grads(e, c, b, y, results[True][1], gl, gs, softcap=softcap, ls=ls)
+    for tma, (loss, lse, de, dc, db) in results.items():
+        assert torch.allclose(loss.double(), gold_loss.double(), rtol=1e-5, atol=1e-5), tma
+        assert torch.allclose(lse.double(), gold_lse.double(), rtol=1e-5, atol=1e-5), tma
+        for got, want in zip((de, dc, db), gold):
+            assert _rel(got, want) < 1e-2, tma  # dz rounded to 16 bits before the GEMMs, as torch's
+    for got, other in zip(results[True], results[False]):
+        assert _rel(got, other) < 1e-2
+
+
 def test_buffered_path_refuses_the_filter_and_an_order():
     e, c, _, y = _inputs(dtype=torch.bfloat16)
     _, lse = lce_forward(e, c, None, y, -100, 0.0, 0.0)
