@@ -142,7 +142,14 @@ def forward_variants(n, d, v, configs):
     gemm_ms = do_bench(lambda: e @ c.T, warmup=25, rep=200, return_mode="median")
     _, lse_ref = lce_forward(e, c, None, y, -100, 0.0, 0.0)
     print(f"forward N={n} D={d} V={v}: T = {gemm_ms:.3f} ms", flush=True)
-    _report("package lce_forward", lambda: lce_forward(e, c, None, y, -100, 0.0, 0.0), gemm_ms, lambda: None)
+    from cce_inductor.kernels import forward as package_forward
+
+    default = package_forward.FLATTEN_FORWARD
+    for flat in (False, True):  # the package's kernel, its loop over vocab tiles flattened or not
+        package_forward.FLATTEN_FORWARD = flat
+        _report(f"package lce_forward flatten={flat}", lambda: lce_forward(e, c, None, y, -100, 0.0, 0.0),
+                gemm_ms, lambda: None)
+    package_forward.FLATTEN_FORWARD = default
     for bn, bv, bd, warps, stages in configs:
         per_split, splits = vocab_splits(triton.cdiv(n, bn), triton.cdiv(v, bv), sm_count(e.device), 1024)
         part = torch.empty(splits, n, device="cuda")

@@ -38,6 +38,9 @@ from .common import (
 )
 
 _PARTIAL_BYTES = 4 * 2**20  # cap on one partial buffer (splits x N float32)
+# Flatten the loop over vocab tiles (TMA loads only). Flattened, the target compare runs on every
+# tile; not flattened, only on tiles that hold a target. See docs/PERF_NOTES.md for the measurement.
+FLATTEN_FORWARD = False
 
 
 @triton.jit
@@ -78,13 +81,13 @@ def _lse_partial_kernel(
             run_max, run_sum, target_logit, logit_sum = _fold_tile(
                 E, C, E_desc, C_desc, Bias, pid_n * BLOCK_N, offs_n, mask_n, targets, v_tile, V, D,
                 stride_en, stride_cv, softcap, run_max, run_sum, target_logit, logit_sum,
-                BLOCK_N, BLOCK_V, BLOCK_D, HAS_BIAS, HAS_SOFTCAP, HAS_SMOOTHING, EVEN_D, DOT_PRECISION, UPCAST, TMA)
+                BLOCK_N, BLOCK_V, BLOCK_D, HAS_BIAS, HAS_SOFTCAP, HAS_SMOOTHING, EVEN_D, DOT_PRECISION, UPCAST, TMA, FLATTEN)
     else:
         for v_tile in range(v_tile_begin, v_tile_end):
             run_max, run_sum, target_logit, logit_sum = _fold_tile(
                 E, C, E_desc, C_desc, Bias, pid_n * BLOCK_N, offs_n, mask_n, targets, v_tile, V, D,
                 stride_en, stride_cv, softcap, run_max, run_sum, target_logit, logit_sum,
-                BLOCK_N, BLOCK_V, BLOCK_D, HAS_BIAS, HAS_SOFTCAP, HAS_SMOOTHING, EVEN_D, DOT_PRECISION, UPCAST, TMA)
+                BLOCK_N, BLOCK_V, BLOCK_D, HAS_BIAS, HAS_SOFTCAP, HAS_SMOOTHING, EVEN_D, DOT_PRECISION, UPCAST, TMA, FLATTEN)
 
     part = pid_split.to(tl.int64) * N + offs_n
     tl.store(LsePart + part, run_max + tl.log(run_sum), mask=mask_n)
@@ -101,6 +104,7 @@ def _fold_tile(
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_SMOOTHING: tl.constexpr,
     EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, TMA: tl.constexpr,
+    FLATTEN: tl.constexpr,
 ):
     """Fold one vocab tile into the running max, sum of exp, target logit and logit sum."""
     v0 = v_tile * BLOCK_V
@@ -115,10 +119,13 @@ def _fold_tile(
     run_sum = run_sum * tl.exp(run_max - new_max) + tl.sum(tl.exp(z_valid - new_max[:, None]), axis=1)
     # The target logit comes from the tile itself (so that lse - z_y of a confident token cancels
     # to the rounding of one tile), but the full-tile compare runs only in the few tiles that hold
-    # some token's target (at most BLOCK_N of the V / BLOCK_V tiles).
+    # some token's target (at most BLOCK_N of the V / BLOCK_V tiles) -- except in a flattened loop,
+    # where triton 3.6's flattening rejects a data-dependent branch.
     hit = (targets >= v0) & (targets < v0 + BLOCK_V)  # [BLOCK_N]
-    if tl.max(hit.to(tl.int32), axis=0) > 0:
-        cols = tl.where(hit, targets - v0, -1).to(tl.int32)  # [BLOCK_N] the target's column here, or -1
+    cols = tl.where(hit, targets - v0, -1).to(tl.int32)  # [BLOCK_N] the target's column here, or -1
+    if FLATTEN:
+        target_logit += tl.sum(tl.where(tl.arange(0, BLOCK_V)[None, :] == cols[:, None], z, 0.0), axis=1)
+    elif tl.max(hit.to(tl.int32), axis=0) > 0:
         target_logit += tl.sum(tl.where(tl.arange(0, BLOCK_V)[None, :] == cols[:, None], z, 0.0), axis=1)
     if HAS_SMOOTHING:
         logit_sum += tl.sum(tl.where(mask_v[None, :], z, 0.0), axis=1)
@@ -220,7 +227,7 @@ def lce_forward(
         BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_D=cfg.block_d,
         HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap != 0.0, HAS_SMOOTHING=smoothing,
         EVEN_D=dim % cfg.block_d == 0, DOT_PRECISION=dot_precision(e.dtype), UPCAST=dot_upcast(e),
-        TMA=tma, FLATTEN=tma and HAS_FLATTEN,  # flattened pointer loads measured 2x slower
+        TMA=tma, FLATTEN=tma and HAS_FLATTEN and FLATTEN_FORWARD,  # flattened pointer loads measured 2x slower
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     block_t = 64
