@@ -39,8 +39,9 @@ from .common import (
 
 _PARTIAL_BYTES = 4 * 2**20  # cap on one partial buffer (splits x N float32)
 # Flatten the loop over vocab tiles (TMA loads only). Flattened, the target compare runs on every
-# tile; not flattened, only on tiles that hold a target. See docs/PERF_NOTES.md for the measurement.
-FLATTEN_FORWARD = False
+# tile; not flattened, only on tiles that hold a target. Measured (H100, triton 3.6, bf16, forward
+# alone): flattened 1.10 / 1.15 T, not flattened 1.17 / 1.37 T at 8192 x 2304 x 256000 / 8192 x 4096 x 128256.
+FLATTEN_FORWARD = True
 
 
 @triton.jit

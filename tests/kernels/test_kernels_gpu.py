@@ -182,6 +182,9 @@ def test_filter_skips_only_where_the_softmax_allows():
     uniform = make_inputs("uniform", 2048, 512, 65536, device="cuda", seed=3)
     assert kernels.skipped_fraction(uniform.e, uniform.c, uniform.targets) == 0.0
     lm = make_inputs("lm", 2048, 512, 65536, device="cuda", seed=3)
-    s = kernels.skipped_fraction(lm.e, lm.c, lm.targets)
+    # At D = 512 this generator's softmax is flatter than at the benchmark's shapes: the filter's
+    # eps = 1/8 skips almost nothing there (the rule simulated in float32 on the CPU: s = 0.0006).
+    # Logits scaled by 1.5 are peaked enough (simulated s = 0.53).
+    s = kernels.skipped_fraction(lm.e * 1.5, lm.c, lm.targets)
     print("lm skipped fraction", s)
     assert s > 0.0
