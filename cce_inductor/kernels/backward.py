@@ -1,11 +1,12 @@
 """Backward of cut cross-entropy: dE, dC, dbias from recomputed logit tiles, with bounded filtering.
 
-Two paths share the recompute kernel (``_backward_kernel``):
-  * buffered (16-bit inputs, exact; ``_buffered_backward``): the kernel writes each tile's dz into a
-    bounded buffer and cuBLAS forms dE and dC from it -- the default, measured 3.6-3.9 T for the
-    backward on an H100 (T = the cuBLAS logits GEMM);
+Two paths share the logit tile (``common.logit_tile``) and the gradient of the logits (``_logit_grad``):
+  * buffered (16-bit inputs, exact; ``_buffered_backward``): a persistent kernel (``_dz_kernel``; on
+    Hopper TMA loads and stores, its tile loop flattened) writes each tile's dz into a bounded
+    buffer and cuBLAS forms dE and dC from it -- the default, measured 3.25-3.62 T for the backward
+    on an H100 (T = the cuBLAS logits GEMM; results/h100-2026-11-23c);
   * atomic (float32 inputs, the filter, torch builds without a mixed-precision addmm): the kernel
-    forms dE and dC itself with float32 atomics, as described below -- ~10-11 T.
+    ``_backward_kernel`` forms dE and dC itself with float32 atomics, as described below -- ~10-11 T.
 
 Gradient of sum_i (grad_loss_i * loss_i + grad_lse_i * lse_i) w.r.t. the (capped) logits z:
     dz_ij = (g_i + grad_lse_i) * p_ij - g_i * ((1 - ls) * [j == y_i] + ls / V),   p = softmax(z),
@@ -95,7 +96,8 @@ WINDOW_BYTES = 32 * 2**20
 # dE accumulator of its tokens. 48 MiB keeps the backward within 64 MB of the gradients' own size.
 BUFFER_BYTES = 48 * 2**20
 # The buffered path's vocabulary chunk: the dE GEMM's reduction and the dC GEMM's row count, wide
-# enough for cuBLAS to run near its peak (measured: backward 3.6-3.9 T at 4096, H100).
+# enough for cuBLAS to run near its peak (measured with the earlier recompute kernel: backward 3.6-3.9 T
+# at 4096, H100; a 16384-wide chunk made the dz kernel ~4% faster, benchmarks/gemm_core_variants.py).
 CHUNK_V = 4096
 # torch builds with a mixed-precision addmm (16-bit operands, float32 result): the buffered path's
 # dE accumulator needs it on CUDA (torch >= 2.8 or so; older builds take the atomic path).
