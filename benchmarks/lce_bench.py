@@ -30,6 +30,8 @@ import argparse
 import dataclasses
 import datetime
 import gc
+import glob
+import hashlib
 import json
 import math
 import os
@@ -619,6 +621,7 @@ class _Runner:
             "triton": triton_version,
             "cce_inductor": cce_inductor.__version__,
             "git_commit": _git_commit(),
+            "source_digest": source_digest(),
             "peers": peer_versions(),
             "methods": self.availability,
             "grad_error_metric": GRAD_ERROR_METRIC,
@@ -627,6 +630,19 @@ class _Runner:
                       "CUDA events around backward() after an untimed forward for bwd",
             "wall_s": round(time.perf_counter() - self.t_start, 1),
         }
+
+
+def source_digest() -> str:
+    """sha256 (first 12 hex digits) of the package's sources, path and contents of every
+    cce_inductor/**/*.py in sorted order: names the code measured even where the copy that ran has
+    no or a stale git checkout (``python -m benchmarks.lce_bench --source-digest`` prints it here)."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    digest = hashlib.sha256()
+    for path in sorted(glob.glob(os.path.join(root, "cce_inductor", "**", "*.py"), recursive=True)):
+        digest.update(os.path.relpath(path, root).replace(os.sep, "/").encode())
+        with open(path, "rb") as f:
+            digest.update(f.read())
+    return digest.hexdigest()[:12]
 
 
 def _git_commit() -> str | None:
@@ -720,6 +736,7 @@ def config_from_args(argv=None) -> tuple[BenchConfig, argparse.Namespace]:
     p.add_argument("--sweep-regimes", nargs="+", choices=REGIMES)
     p.add_argument("--quick", action="store_true", help="fewer repetitions")
     p.add_argument("--smoke", action="store_true", help="CPU: tiny shapes, our torch path, peers skipped")
+    p.add_argument("--source-digest", action="store_true", help="print the package sources' digest and exit")
     p.add_argument("--device", help="default: cuda (cpu with --smoke)")
     p.add_argument("--dtype", choices=tuple(DTYPES), default="bfloat16")
     p.add_argument("--seed", type=int, default=0)
@@ -729,6 +746,9 @@ def config_from_args(argv=None) -> tuple[BenchConfig, argparse.Namespace]:
                    help="calls slower than this are timed with a CUDA-event loop instead of do_bench")
     args = p.parse_args(argv)
 
+    if args.source_digest:
+        print(source_digest())
+        raise SystemExit(0)
     known = SHAPES + SMOKE_SHAPES
     base_shapes = SMOKE_SHAPES if args.smoke else SHAPES
     shapes = tuple(_parse_shape(s, known) for s in args.shapes) if args.shapes else base_shapes

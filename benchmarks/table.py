@@ -111,7 +111,7 @@ def markdown(data: dict) -> str:
         f"## cce_inductor benchmark: {meta['device']}, torch {meta['torch']}, triton {meta['triton']}, "
         f"{cfg['dtype']}, {meta['date']}",
         "",
-        f"`{meta['command']}` (commit {meta.get('git_commit') or '?'}; peers: "
+        f"`{meta['command']}` (commit {meta.get('git_commit') or '?'}, sources {meta.get('source_digest') or '?'}; peers: "
         + ", ".join(f"{k} {v or 'not installed'}" for k, v in meta["peers"].items()) + ")",
         "",
         *([] if meta.get("complete", True) else ["**Incomplete run** (a checkpoint written before the end).", ""]),

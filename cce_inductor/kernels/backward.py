@@ -409,14 +409,19 @@ def lce_backward(
             num_warps=tile.num_warps, num_stages=tile.num_stages,
         )
 
+    dz_cfg = buffered_config(e)
+    c_desc = tma_descriptor(c, [dz_cfg.block_v, dz_cfg.block_d], dz_cfg)  # one per call: C is the same
+    e_descs = {}  # one per window of tokens
+
     def launch_dz(n_begin, n_count, v_begin, v_count, dz_buf):
         """One launch of the dz kernel: dz of tokens [n_begin, +n_count) x vocabulary rows
         [v_begin, +v_count) into dz_buf ((n_count, v_count), the input dtype, unit column stride)."""
-        cfg = buffered_config(e)
+        cfg = dz_cfg
         rows = slice(n_begin, n_begin + n_count)
-        descs = (tma_descriptor(e[rows], [cfg.block_n, cfg.block_d], cfg),
-                 tma_descriptor(c, [cfg.block_v, cfg.block_d], cfg),
-                 tma_descriptor(dz_buf, [cfg.block_n, cfg.block_v], cfg))
+        if (n_begin, n_count) not in e_descs:
+            e_descs.clear()
+            e_descs[n_begin, n_count] = tma_descriptor(e[rows], [cfg.block_n, cfg.block_d], cfg)
+        descs = (e_descs[n_begin, n_count], c_desc, tma_descriptor(dz_buf, [cfg.block_n, cfg.block_v], cfg))
         tma = all(d is not None for d in descs)
         tiles = triton.cdiv(n_count, cfg.block_n) * triton.cdiv(v_count, cfg.block_v)
         programs = min(tiles, sm_count(device))

@@ -84,7 +84,7 @@ def tma_descriptor(t: Tensor, block_shape: list[int], cfg: TileConfig):
     stride, unit last stride) does not hold -- e.g. rows of an odd length D."""
     if not cfg.tma or TensorDescriptor is None or t.dtype == torch.float32 or t.dim() != 2 or 0 in t.shape:
         return None
-    if t.device.type == "cuda" and torch.cuda.get_device_capability(t.device)[0] < 9:
+    if t.device.type == "cuda" and _capability(_device_index(t.device)) < 9:
         return None
     size = t.element_size()
     if t.stride(1) != 1 or (t.stride(0) * size) % 16 or t.data_ptr() % 16:
@@ -104,14 +104,23 @@ def dot_upcast(t: Tensor) -> bool:
 
 
 @functools.lru_cache(maxsize=None)
+def _capability(device_index: int) -> int:
+    return torch.cuda.get_device_capability(device_index)[0]
+
+
+@functools.lru_cache(maxsize=None)
 def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _device_index(device: torch.device) -> int:
+    return device.index if device.index is not None else torch.cuda.current_device()
 
 
 def sm_count(device: torch.device) -> int:
     if device.type != "cuda":
         return 4
-    return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    return _sm_count(_device_index(device))
 
 
 def prepare_inputs(e: Tensor, c: Tensor, bias: Tensor | None, targets: Tensor):
