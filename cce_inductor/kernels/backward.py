@@ -409,35 +409,6 @@ def lce_backward(
             num_warps=tile.num_warps, num_stages=tile.num_stages,
         )
 
-    dz_cfg = buffered_config(e)
-    c_desc = tma_descriptor(c, [dz_cfg.block_v, dz_cfg.block_d], dz_cfg)  # one per call: C is the same
-    e_descs = {}  # one per window of tokens
-
-    def launch_dz(n_begin, n_count, v_begin, v_count, dz_buf):
-        """One launch of the dz kernel: dz of tokens [n_begin, +n_count) x vocabulary rows
-        [v_begin, +v_count) into dz_buf ((n_count, v_count), the input dtype, unit column stride)."""
-        cfg = dz_cfg
-        rows = slice(n_begin, n_begin + n_count)
-        if (n_begin, n_count) not in e_descs:
-            e_descs.clear()
-            e_descs[n_begin, n_count] = tma_descriptor(e[rows], [cfg.block_n, cfg.block_d], cfg)
-        descs = (e_descs[n_begin, n_count], c_desc, tma_descriptor(dz_buf, [cfg.block_n, cfg.block_v], cfg))
-        tma = all(d is not None for d in descs)
-        tiles = triton.cdiv(n_count, cfg.block_n) * triton.cdiv(v_count, cfg.block_v)
-        programs = min(tiles, sm_count(device))
-        _dz_kernel[(programs,)](
-            e[rows], c, descs[0] if tma else e, descs[1] if tma else c, bias, targets[rows], lse[rows],
-            grad_loss[rows], grad_lse[rows], dbias if needs_bias else dummy, dz_buf, descs[2] if tma else dz_buf,
-            n_count, vocab, dim, v_begin, v_count, programs,
-            e.stride(0), c.stride(0), dz_buf.stride(0),
-            ignore_index, float(softcap), 1.0 - label_smoothing, label_smoothing / vocab,
-            BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_D=cfg.block_d, GROUP_N=cfg.group_n,
-            HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap != 0.0, HAS_SMOOTHING=label_smoothing != 0.0,
-            NEEDS_BIAS=needs_bias, EVEN_D=dim % cfg.block_d == 0, DOT_PRECISION=dot_precision(e.dtype),
-            UPCAST=dot_upcast(e), TMA=tma, FLATTEN=tma and HAS_FLATTEN,
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-        )
-
     filter_tau = filter_eps / vocab  # allotment per vocabulary entry
     dbias = torch.zeros(vocab, dtype=f32, device=device) if needs_bias else None
     if buffered is None:
@@ -446,6 +417,34 @@ def lce_backward(
         raise ValueError("the buffered path is exact and walks the vocabulary in id order: "
                          "buffered=True needs filter_grad=False and no vocab_order")
     if buffered:
+        cfg = buffered_config(e)
+        c_desc = tma_descriptor(c, [cfg.block_v, cfg.block_d], cfg)  # one per call: C is the same
+        e_descs = {}  # one per window of tokens
+
+        def launch_dz(n_begin, n_count, v_begin, v_count, dz_buf):
+            """One launch of the dz kernel: dz of tokens [n_begin, +n_count) x vocabulary rows
+            [v_begin, +v_count) into dz_buf ((n_count, v_count), the input dtype, unit column stride)."""
+            rows = slice(n_begin, n_begin + n_count)
+            if (n_begin, n_count) not in e_descs:
+                e_descs.clear()
+                e_descs[n_begin, n_count] = tma_descriptor(e[rows], [cfg.block_n, cfg.block_d], cfg)
+            descs = (e_descs[n_begin, n_count], c_desc, tma_descriptor(dz_buf, [cfg.block_n, cfg.block_v], cfg))
+            tma = all(d is not None for d in descs)
+            tiles = triton.cdiv(n_count, cfg.block_n) * triton.cdiv(v_count, cfg.block_v)
+            programs = min(tiles, sm_count(device))
+            _dz_kernel[(programs,)](
+                e[rows], c, descs[0] if tma else e, descs[1] if tma else c, bias, targets[rows], lse[rows],
+                grad_loss[rows], grad_lse[rows], dbias if needs_bias else dummy, dz_buf, descs[2] if tma else dz_buf,
+                n_count, vocab, dim, v_begin, v_count, programs,
+                e.stride(0), c.stride(0), dz_buf.stride(0),
+                ignore_index, float(softcap), 1.0 - label_smoothing, label_smoothing / vocab,
+                BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_D=cfg.block_d, GROUP_N=cfg.group_n,
+                HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap != 0.0, HAS_SMOOTHING=label_smoothing != 0.0,
+                NEEDS_BIAS=needs_bias, EVEN_D=dim % cfg.block_d == 0, DOT_PRECISION=dot_precision(e.dtype),
+                UPCAST=dot_upcast(e), TMA=tma, FLATTEN=tma and HAS_FLATTEN,
+                num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            )
+
         de, dc = _buffered_backward(launch_dz, e, c, num_tokens, dim, vocab, needs_e, needs_c, buffer_bytes)
     else:
         de, dc = _atomic_backward(launch, e, c, num_tokens, dim, vocab, order, tile, needs_e, needs_c,
