@@ -2,10 +2,10 @@
 
     python -m benchmarks.gemm_core_variants
 
-Minimal kernels (no bias / softcap / smoothing: those are a few epilogue instructions per element)
-with the two epilogues the package needs -- the forward's online log-sum-exp over a run of vocab
+Minimal kernels around the package's logit tile (``kernels/common.logit_tile``; no bias / softcap /
+smoothing: those are a few epilogue instructions per element) with the two epilogues the package needs -- the forward's online log-sum-exp over a run of vocab
 tiles, and the buffered backward's dz tile stored to a buffer -- built four ways:
-  ptr      pointer loads, as the package's kernels do now (cp.async pipelining over D);
+  ptr      pointer loads, the package's fallback (cp.async pipelining over D);
   ptr+flat the loop over tiles flattened into the loop over D (``tl.range(flatten=True)``), so the
            next tile's loads are in flight during this tile's epilogue;
   tma      loads through host-side tensor descriptors (TMA), zero-filled out of bounds;
@@ -24,34 +24,17 @@ import triton
 import triton.language as tl
 from triton.testing import do_bench
 
-try:
-    from triton.tools.tensor_descriptor import TensorDescriptor
-except ImportError:  # older triton
-    TensorDescriptor = None
+from cce_inductor.kernels.common import TensorDescriptor, logit_tile
 
 
 @triton.jit
 def _tile(E, C, E_desc, C_desc, n0, v0, N, V, D, stride_en, stride_cv,
           BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, TMA: tl.constexpr):
-    acc = tl.zeros((BLOCK_N, BLOCK_V), tl.float32)
-    if TMA:
-        for d0 in range(0, D, BLOCK_D):
-            e_blk = E_desc.load([n0, d0])
-            c_blk = C_desc.load([v0, d0])
-            acc = tl.dot(e_blk, c_blk.T, acc)
-    else:
-        offs_n = (n0 + tl.arange(0, BLOCK_N)).to(tl.int64)
-        offs_v = (v0 + tl.arange(0, BLOCK_V)).to(tl.int64)
-        offs_d = tl.arange(0, BLOCK_D)
-        e_ptrs = E + offs_n[:, None] * stride_en + offs_d[None, :]
-        c_ptrs = C + offs_v[None, :] * stride_cv + offs_d[:, None]
-        for d0 in range(0, D, BLOCK_D):
-            e_blk = tl.load(e_ptrs, mask=(offs_n < N)[:, None], other=0.0)
-            c_blk = tl.load(c_ptrs, mask=(offs_v < V)[None, :], other=0.0)
-            acc = tl.dot(e_blk, c_blk, acc)
-            e_ptrs += BLOCK_D
-            c_ptrs += BLOCK_D
-    return acc
+    """The package's logit tile (kernels/common.py) for bf16 inputs whose D is a multiple of BLOCK_D."""
+    offs_n = (n0 + tl.arange(0, BLOCK_N)).to(tl.int64)
+    offs_v = (v0 + tl.arange(0, BLOCK_V)).to(tl.int64)
+    return logit_tile(E, C, E_desc, C_desc, n0, v0, offs_n, offs_v, offs_n < N, offs_v < V, D, stride_en, stride_cv,
+                      BLOCK_N, BLOCK_V, BLOCK_D, True, TMA, "tf32", False)
 
 
 @triton.jit
