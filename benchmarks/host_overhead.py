@@ -1,0 +1,86 @@
+"""Host time of the buffered backward: how long the CPU takes to enqueue its launches, against the GPU.
+
+    python -m benchmarks.host_overhead [--shapes N,D,V ...] [--calls 30]
+
+bf16, LM-like inputs. For each shape and for the dz kernel's TMA loads on and off: the CPU time to
+enqueue one backward (no sync inside), the wall time of one backward with the GPU finishing it,
+both per call and per (window, chunk) iteration (one dz launch and two cuBLAS GEMMs each). Where the
+enqueue time per iteration approaches the GPU's, the GPU waits for the host. Then a cProfile of the
+enqueue at the first shape (TMA on), by own time, naming the Python functions that cost the most.
+Prints only; numbers worth keeping go to docs/PERF_NOTES.md with the device.
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import dataclasses
+import io
+import pstats
+import time
+from unittest import mock
+
+import torch
+
+from cce_inductor.kernels import backward, lce_backward, lce_forward
+from cce_inductor.kernels.common import buffered_config
+from cce_inductor.testing import make_inputs
+
+DEFAULT_SHAPES = ["256,64,32768", "8192,512,32768", "8192,2304,256000"]
+
+
+def _timed(fn, calls: int) -> tuple[float, float]:
+    """(enqueue ms per call, wall ms per call with the GPU done)."""
+    fn()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    enqueued = time.perf_counter()
+    torch.cuda.synchronize()
+    done = time.perf_counter()
+    return 1e3 * (enqueued - start) / calls, 1e3 * (done - start) / calls
+
+
+def measure(n: int, d: int, v: int, calls: int, profile: bool) -> None:
+    inp = make_inputs("lm", n, d, v, device="cuda", seed=0)
+    e, c, y = inp.e, inp.c, inp.targets
+    _, lse = lce_forward(e, c, None, y, -100, 0.0, 0.0)
+    g = torch.full((n,), 1.0 / n, device="cuda")
+    zero = torch.zeros_like(g)
+    cfg = buffered_config(e)
+    rows, cols = backward.buffered_shape(n, d, v, e.element_size(), backward.BUFFER_BYTES, cfg.block_n, cfg.block_v)
+    iterations = -(-n // rows) * -(-v // cols)
+
+    def run():
+        lce_backward(e, c, None, y, lse, g, zero, -100, 0.0, 0.0, False, True, True, False, buffered=True)
+
+    for tma in (True, False):
+        with mock.patch.object(backward, "buffered_config", lambda t: dataclasses.replace(buffered_config(t), tma=tma)):
+            enqueue_ms, wall_ms = _timed(run, calls)
+            print(f"N={n} D={d} V={v} ({iterations} iterations) TMA {'on ' if tma else 'off'}: enqueue "
+                  f"{enqueue_ms:.3f} ms ({1e3 * enqueue_ms / iterations:.1f} us/iteration), wall {wall_ms:.3f} ms "
+                  f"({1e3 * wall_ms / iterations:.1f} us/iteration)", flush=True)
+    if profile:
+        profiler = cProfile.Profile()
+        profiler.enable()
+        for _ in range(calls):
+            run()
+        profiler.disable()
+        torch.cuda.synchronize()
+        text = io.StringIO()
+        pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(25)
+        print(f"cProfile of {calls} calls x {iterations} iterations (TMA on), by own time:\n{text.getvalue()}", flush=True)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shapes", nargs="+", default=DEFAULT_SHAPES, help="N,D,V triples")
+    parser.add_argument("--calls", type=int, default=30)
+    args = parser.parse_args(argv)
+    for i, shape in enumerate(args.shapes):
+        measure(*map(int, shape.split(",")), calls=args.calls, profile=i == 0)
+
+
+if __name__ == "__main__":
+    main()
