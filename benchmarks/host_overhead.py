@@ -3,9 +3,9 @@
     python -m benchmarks.host_overhead [--shapes N,D,V ...] [--calls 30]
 
 bf16, LM-like inputs. For each shape and for the dz kernel's TMA loads on and off: the CPU time to
-enqueue one backward (no sync inside), the wall time of one backward with the GPU finishing it,
-both per call and per (window, chunk) iteration (one dz launch and two cuBLAS GEMMs each). Where the
-enqueue time per iteration approaches the GPU's, the GPU waits for the host. Then a cProfile of the
+enqueue one backward (no sync inside) and its wall time with the GPU finishing it (medians, each
+call on an idle GPU), per call and per (window, chunk) iteration (one dz launch and two cuBLAS GEMMs
+each). Where the enqueue time is close to the wall time, the GPU waits for the host. Then a cProfile of the
 enqueue at the first shape (TMA on), by own time, naming the Python functions that cost the most.
 Prints only; numbers worth keeping go to docs/PERF_NOTES.md with the device.
 """
@@ -17,6 +17,7 @@ import cProfile
 import dataclasses
 import io
 import pstats
+import statistics
 import time
 from unittest import mock
 
@@ -30,16 +31,21 @@ DEFAULT_SHAPES = ["256,64,32768", "8192,512,32768", "8192,2304,256000"]
 
 
 def _timed(fn, calls: int) -> tuple[float, float]:
-    """(enqueue ms per call, wall ms per call with the GPU done)."""
+    """Medians over calls of (enqueue ms, wall ms with the GPU done) of one call, each call starting
+    on an idle GPU: one call's launches (3 per iteration, 567 at Gemma's shape) stay below the
+    driver's queue depth (about 1024), so the enqueue time is the host's own."""
     fn()
-    torch.cuda.synchronize()
-    start = time.perf_counter()
+    enqueue, wall = [], []
     for _ in range(calls):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
         fn()
-    enqueued = time.perf_counter()
-    torch.cuda.synchronize()
-    done = time.perf_counter()
-    return 1e3 * (enqueued - start) / calls, 1e3 * (done - start) / calls
+        enqueued = time.perf_counter()
+        torch.cuda.synchronize()
+        done = time.perf_counter()
+        enqueue.append(enqueued - start)
+        wall.append(done - start)
+    return 1e3 * statistics.median(enqueue), 1e3 * statistics.median(wall)
 
 
 def measure(n: int, d: int, v: int, calls: int, profile: bool) -> None:

@@ -419,33 +419,46 @@ def lce_backward(
     if buffered:
         cfg = buffered_config(e)
         c_desc = tma_descriptor(c, [cfg.block_v, cfg.block_d], cfg)  # one per call: C is the same
-        e_descs = {}  # one per window of tokens
+        sms = sm_count(device)
+        constants = dict(  # the same for every launch of the call
+            BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_D=cfg.block_d, GROUP_N=cfg.group_n,
+            HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap != 0.0, HAS_SMOOTHING=label_smoothing != 0.0,
+            NEEDS_BIAS=needs_bias, EVEN_D=dim % cfg.block_d == 0, DOT_PRECISION=dot_precision(e.dtype),
+            UPCAST=dot_upcast(e), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )
 
-        def launch_dz(n_begin, n_count, v_begin, v_count, dz_buf):
-            """One launch of the dz kernel: dz of tokens [n_begin, +n_count) x vocabulary rows
-            [v_begin, +v_count) into dz_buf ((n_count, v_count), the input dtype, unit column stride)."""
+        def window_launcher(n_begin, n_count):
+            """The dz kernel's launcher for the window of tokens [n_begin, +n_count): launch(v_begin,
+            v_count, dz_buf) writes dz of vocabulary rows [v_begin, +v_count) into dz_buf ((n_count,
+            v_count), the input dtype, unit column stride). The window's slices and E descriptor are
+            made once, a buffer view's descriptor once: the host time per launch is what feeds the
+            GPU at small heads (benchmarks/host_overhead.py)."""
             rows = slice(n_begin, n_begin + n_count)
-            if (n_begin, n_count) not in e_descs:
-                e_descs.clear()
-                e_descs[n_begin, n_count] = tma_descriptor(e[rows], [cfg.block_n, cfg.block_d], cfg)
-            descs = (e_descs[n_begin, n_count], c_desc, tma_descriptor(dz_buf, [cfg.block_n, cfg.block_v], cfg))
-            tma = all(d is not None for d in descs)
-            tiles = triton.cdiv(n_count, cfg.block_n) * triton.cdiv(v_count, cfg.block_v)
-            programs = min(tiles, sm_count(device))
-            _dz_kernel[(programs,)](
-                e[rows], c, descs[0] if tma else e, descs[1] if tma else c, bias, targets[rows], lse[rows],
-                grad_loss[rows], grad_lse[rows], dbias if needs_bias else dummy, dz_buf, descs[2] if tma else dz_buf,
-                n_count, vocab, dim, v_begin, v_count, programs,
-                e.stride(0), c.stride(0), dz_buf.stride(0),
-                ignore_index, float(softcap), 1.0 - label_smoothing, label_smoothing / vocab,
-                BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_D=cfg.block_d, GROUP_N=cfg.group_n,
-                HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap != 0.0, HAS_SMOOTHING=label_smoothing != 0.0,
-                NEEDS_BIAS=needs_bias, EVEN_D=dim % cfg.block_d == 0, DOT_PRECISION=dot_precision(e.dtype),
-                UPCAST=dot_upcast(e), TMA=tma, FLATTEN=tma and HAS_FLATTEN,
-                num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-            )
+            e_w, targets_w, lse_w, grad_loss_w, grad_lse_w = (
+                e[rows], targets[rows], lse[rows], grad_loss[rows], grad_lse[rows])
+            e_desc = tma_descriptor(e_w, [cfg.block_n, cfg.block_d], cfg)
+            dz_descs = {}
 
-        de, dc = _buffered_backward(launch_dz, e, c, num_tokens, dim, vocab, needs_e, needs_c, buffer_bytes)
+            def launch(v_begin, v_count, dz_buf):
+                key = (dz_buf.data_ptr(), v_count)
+                if key not in dz_descs:
+                    dz_descs[key] = tma_descriptor(dz_buf, [cfg.block_n, cfg.block_v], cfg)
+                dz_desc = dz_descs[key]
+                tma = e_desc is not None and c_desc is not None and dz_desc is not None
+                tiles = triton.cdiv(n_count, cfg.block_n) * triton.cdiv(v_count, cfg.block_v)
+                programs = min(tiles, sms)
+                _dz_kernel[(programs,)](
+                    e_w, c, e_desc if tma else e_w, c_desc if tma else c, bias, targets_w, lse_w,
+                    grad_loss_w, grad_lse_w, dbias if needs_bias else dummy, dz_buf, dz_desc if tma else dz_buf,
+                    n_count, vocab, dim, v_begin, v_count, programs,
+                    e.stride(0), c.stride(0), dz_buf.stride(0),
+                    ignore_index, float(softcap), 1.0 - label_smoothing, label_smoothing / vocab,
+                    TMA=tma, FLATTEN=tma and HAS_FLATTEN, **constants,
+                )
+
+            return launch
+
+        de, dc = _buffered_backward(window_launcher, e, c, num_tokens, dim, vocab, needs_e, needs_c, buffer_bytes)
     else:
         de, dc = _atomic_backward(launch, e, c, num_tokens, dim, vocab, order, tile, needs_e, needs_c,
                                   needs_bias, window_bytes)
@@ -584,7 +597,7 @@ def _add_product(acc: Tensor, a: Tensor, b: Tensor) -> None:
         acc.addmm_(a.float(), b.float())
 
 
-def _buffered_backward(launch_dz, e, c, num_tokens, dim, vocab, needs_e, needs_c, buffer_bytes):
+def _buffered_backward(window_launcher, e, c, num_tokens, dim, vocab, needs_e, needs_c, buffer_bytes):
     """Exact 16-bit gradients with GEMMs by cuBLAS, in bounded memory. For each window of tokens
     (outer) and chunk of the vocabulary (inner), the recompute kernel writes dz (the input dtype) into
     one buffer, then
@@ -595,33 +608,41 @@ def _buffered_backward(launch_dz, e, c, num_tokens, dim, vocab, needs_e, needs_c
     needs two once dE's float32 buffer passes its window), three GEMMs by cuBLAS, and the buffer's
     traffic. dC's rounding: one per window (bf16: ~2^-9 each, on a sum that grows with the windows),
     so dC's error stays within torch's own while the windows are few (3-4 at N = 8192 under the
-    default budget). Returns (dE or None, dC or None) in the input dtype."""
+    default budget). ``window_launcher(n_begin, n_count)`` returns the window's dz launcher
+    ``launch(v_begin, v_count, dz)``. The views of each chunk are made once per call, not per
+    iteration (host time; see window_launcher). Returns (dE or None, dC or None) in the input dtype."""
     cfg = buffered_config(e)
     rows, cols = buffered_shape(num_tokens, dim, vocab, e.element_size(), buffer_bytes, cfg.block_n, cfg.block_v)
     ld = buffer_row_stride(cols)
     buf = torch.empty(rows * ld, dtype=e.dtype, device=e.device)
     dc = torch.empty(vocab, dim, dtype=c.dtype, device=c.device) if needs_c else None
     acc = torch.empty(rows, dim, dtype=torch.float32, device=e.device) if needs_e else None
+    chunks = [(v_begin, min(cols, vocab - v_begin)) for v_begin in range(0, vocab, cols)]
+    c_chunks = [c[v_begin : v_begin + v_count] for v_begin, v_count in chunks]
+    dc_chunks = [dc[v_begin : v_begin + v_count] for v_begin, v_count in chunks] if needs_c else None
     de = None  # allocated once the first window is done (after the buffer is freed, for one window)
     for n_begin in range(0, num_tokens, rows):
         n_count = min(rows, num_tokens - n_begin)
         e_window = e[n_begin : n_begin + n_count]
         acc_window = acc[:n_count].zero_() if needs_e else None
-        for v_begin in range(0, vocab, cols):
-            v_count = min(cols, vocab - v_begin)
-            dz = buf[: n_count * ld].view(n_count, ld)[:, :v_count]
-            launch_dz(n_begin, n_count, v_begin, v_count, dz)
+        launch = window_launcher(n_begin, n_count)
+        window_buf = buf[: n_count * ld].view(n_count, ld)
+        dz_views = {v_count: (window_buf[:, :v_count], window_buf[:, :v_count].T) for v_count in {v_count for _, v_count in chunks}}
+        for i, (v_begin, v_count) in enumerate(chunks):
+            dz, dz_t = dz_views[v_count]
+            launch(v_begin, v_count, dz)
             if needs_e:
-                _add_product(acc_window, dz, c[v_begin : v_begin + v_count])
+                _add_product(acc_window, dz, c_chunks[i])
             if needs_c:
-                dc_chunk = dc[v_begin : v_begin + v_count]
                 if n_begin == 0:
-                    torch.mm(dz.T, e_window, out=dc_chunk)
+                    torch.mm(dz_t, e_window, out=dc_chunks[i])
                 else:
-                    dc_chunk.addmm_(dz.T, e_window)
+                    dc_chunks[i].addmm_(dz_t, e_window)
         if needs_e:
             if n_begin + n_count == num_tokens:
-                del dz, buf  # the last window: the buffer's memory is free before dE takes its own
+                # the last window: the buffer (held by its views and the launcher's descriptors) is
+                # free before dE takes its own memory
+                del dz, dz_t, dz_views, window_buf, buf, launch
             if de is None:
                 de = torch.empty(num_tokens, dim, dtype=e.dtype, device=e.device)
             de[n_begin : n_begin + n_count].copy_(acc_window)
