@@ -398,10 +398,11 @@ def linear_cross_entropy(
             from any token is then < 1/8 of its gradient scale, whatever the data (a near-uniform
             softmax is never filtered); dC and dbias stay exact. Not recommended today: the filtered
             backward runs the older atomic kernel, slower than the exact mode's buffered path
-            (10-12 T against 5.0-5.5 T on an H100), and the dropped tail mass is biased, not noise:
-            in the committed 300-step convergence run the filtered loss strayed up to 0.015 above
-            eager's early on (results/h100-2026-11-23b/convergence.png; at 1/4 it sat 0.02-0.04
-            above). The torch path is always exact.
+            (10-12 T against 4.3-5.1 T fw+bw on an H100), and the dropped tail mass is biased: in the
+            committed 300-step convergence run the filtered loss strayed up to 0.015 above eager's
+            early on, three times as far as torch.compile's rounding, though well inside the 0.13
+            that another random init moves it (results/h100-2026-11-23d/convergence.png; at 1/4
+            it sat 0.02-0.04 above). The torch path is always exact.
         max_workspace_bytes: memory for speed (None: off). The Triton path may hold the logits of a
             chunk of tokens in a buffer of at most this many bytes (at least one token's row), and
             then forms the gradients in the forward, in the same pass as the logits: three GEMMs

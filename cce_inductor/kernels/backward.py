@@ -2,9 +2,9 @@
 
 Two paths share the logit tile (``common.logit_tile``) and the gradient of the logits (``_logit_grad``):
   * buffered (16-bit inputs, exact; ``_buffered_backward``): a persistent kernel (``_dz_kernel``; on
-    Hopper TMA loads and stores, its tile loop flattened) writes each tile's dz into a bounded
-    buffer and cuBLAS forms dE and dC from it -- the default, measured 3.25-3.62 T for the backward
-    on an H100 (T = the cuBLAS logits GEMM; results/h100-2026-11-23c);
+    Hopper TMA loads and stores, its tile loop flattened except under a softcap) writes each tile's
+    dz into a bounded buffer and cuBLAS forms dE and dC from it -- the default, measured 3.30-3.76 T
+    for the backward on an H100 (T = the cuBLAS logits GEMM; results/h100-2026-11-23d);
   * atomic (float32 inputs, the filter, torch builds without a mixed-precision addmm): the kernel
     ``_backward_kernel`` forms dE and dC itself with float32 atomics, as described below -- ~10-11 T.
 
