@@ -630,7 +630,8 @@ def _buffered_backward(window_launcher, e, c, num_tokens, dim, vocab, needs_e, n
         acc_window = acc[:n_count].zero_() if needs_e else None
         launch = window_launcher(n_begin, n_count)
         window_buf = buf[: n_count * ld].view(n_count, ld)
-        dz_views = {v_count: (window_buf[:, :v_count], window_buf[:, :v_count].T) for v_count in {v_count for _, v_count in chunks}}
+        widths = {v_count for _, v_count in chunks}  # one or two: the full chunk and the last
+        dz_views = {v_count: (window_buf[:, :v_count], window_buf[:, :v_count].T) for v_count in widths}
         for i, (v_begin, v_count) in enumerate(chunks):
             dz, dz_t = dz_views[v_count]
             launch(v_begin, v_count, dz)
