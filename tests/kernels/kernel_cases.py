@@ -19,6 +19,17 @@ from cce_inductor.reference import naive_linear_cross_entropy
 
 FLOAT32_TOL = 1e-5
 LOW_PRECISION_MARGIN = 1.25
+# The GPU accuracy-bar tests' shape (N, D, V): Gemma 2's head at half the benchmark's tokens.
+BAR_SHAPE = (4096, 2304, 256000)
+
+
+def loss_and_grads(fn, e, c, y):
+    """(loss, dE, dC) in float32 of ``fn(e, c, y).backward()`` on fresh leaf copies of e and c."""
+    e = e.detach().clone().requires_grad_()
+    c = c.detach().clone().requires_grad_()
+    loss = fn(e, c, y)
+    loss.backward()
+    return loss.detach().float(), e.grad.float(), c.grad.float()
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from cce_inductor import linear_cross_entropy, reference
 from cce_inductor.testing import make_inputs, regime_stats
-from kernel_cases import CASES, check_case
+from kernel_cases import BAR_SHAPE, CASES, check_case, loss_and_grads
 
 pytestmark = pytest.mark.gpu
 
@@ -32,16 +32,6 @@ def test_float16_cases(case):
 
 
 # ----------------------------------------------------------------------------- the accuracy bar
-
-BAR_SHAPE = (4096, 2304, 256000)  # N, D, V: Gemma 2's head at half the benchmark's tokens
-
-
-def _grads(fn, e, c, y):
-    e = e.detach().clone().requires_grad_()
-    c = c.detach().clone().requires_grad_()
-    loss = fn(e, c, y)
-    loss.backward()
-    return loss.detach().float(), e.grad.float(), c.grad.float()
 
 
 def _float32_math(e, c, y):
@@ -66,8 +56,8 @@ def bar_inputs(request):
     n, d, v = BAR_SHAPE
     inp = make_inputs(request.param, n, d, v, device="cuda", seed=0)
     with _no_tf32():
-        gold = _grads(_float32_math, inp.e, inp.c, inp.targets)
-    plain = _grads(_torch_bf16, inp.e, inp.c, inp.targets)
+        gold = loss_and_grads(_float32_math, inp.e, inp.c, inp.targets)
+    plain = loss_and_grads(_torch_bf16, inp.e, inp.c, inp.targets)
     print(request.param, regime_stats(inp.e[:512], inp.c))
     return request.param, inp, gold, plain
 
@@ -75,7 +65,8 @@ def bar_inputs(request):
 @pytest.mark.parametrize("exact", [True, False], ids=["exact", "filtered"])
 def test_bf16_accuracy_bar(bar_inputs, exact):
     regime, inp, gold, plain = bar_inputs
-    ours = _grads(lambda e, c, y: linear_cross_entropy(e, c, y, impl="triton", exact=exact), inp.e, inp.c, inp.targets)
+    ours = loss_and_grads(lambda e, c, y: linear_cross_entropy(e, c, y, impl="triton", exact=exact),
+                          inp.e, inp.c, inp.targets)
     loss_err = _rel(ours[0], gold[0])
     errs = {name: (_rel(ours[i], gold[i]), _rel(plain[i], gold[i])) for i, name in ((1, "dE"), (2, "dC"))}
     print(f"{regime} exact={exact} loss {loss_err:.1e} " + " ".join(f"{k} ours {a:.2e} torch-bf16 {b:.2e}" for k, (a, b) in errs.items()))

@@ -16,7 +16,9 @@ import torch.nn.functional as F
 
 from cce_inductor import linear_cross_entropy
 from cce_inductor.reference import naive_linear_cross_entropy
-from kernel_cases import CASES, LOW_PRECISION_MARGIN, Case, check_case, errors, make_inputs, rel
+from kernel_cases import (
+    BAR_SHAPE, CASES, LOW_PRECISION_MARGIN, Case, check_case, errors, loss_and_grads, make_inputs, rel,
+)
 
 kernels = pytest.importorskip("cce_inductor.kernels")
 if not kernels.AVAILABLE:  # pragma: no cover
@@ -355,16 +357,6 @@ def test_gpu_cases_match_float64(case, rows, dtype, spy):
     assert spy
 
 
-BAR_SHAPE = (4096, 2304, 256000)  # as in test_kernels_gpu: Gemma 2's head at half the benchmark's tokens
-
-
-def _grads(fn, e, c, y):
-    e = e.detach().clone().requires_grad_()
-    c = c.detach().clone().requires_grad_()
-    loss = fn(e, c, y)
-    loss.backward()
-    return loss.detach().float(), e.grad.float(), c.grad.float()
-
 
 @gpu
 @pytest.mark.parametrize("regime", ["uniform", "lm"])
@@ -378,11 +370,11 @@ def test_gpu_bf16_accuracy_bar(regime):
     prev = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = False
     try:
-        gold = _grads(lambda e, c, y: F.cross_entropy(e.float() @ c.float().T, y), inp.e, inp.c, inp.targets)
+        gold = loss_and_grads(lambda e, c, y: F.cross_entropy(e.float() @ c.float().T, y), inp.e, inp.c, inp.targets)
     finally:
         torch.backends.cuda.matmul.allow_tf32 = prev
-    plain = _grads(lambda e, c, y: F.cross_entropy(F.linear(e, c).float(), y), inp.e, inp.c, inp.targets)
-    ours = _grads(lambda e, c, y: linear_cross_entropy(e, c, y, impl="triton", max_workspace_bytes=GIB),
+    plain = loss_and_grads(lambda e, c, y: F.cross_entropy(F.linear(e, c).float(), y), inp.e, inp.c, inp.targets)
+    ours = loss_and_grads(lambda e, c, y: linear_cross_entropy(e, c, y, impl="triton", max_workspace_bytes=GIB),
                   inp.e, inp.c, inp.targets)
     loss_err = rel(ours[0], gold[0])
     errs = {name: (rel(ours[i], gold[i]), rel(plain[i], gold[i])) for i, name in ((1, "dE"), (2, "dC"))}
@@ -403,8 +395,9 @@ def test_gpu_workspace_past_2_pow_31_elements():
     y = torch.randint(0, v, (n,), device="cuda", generator=g)
     y[-1] = v - 1
     assert workspace.workspace_rows(n, v, 2, 5 * GIB) * v > 2**31
-    ours = _grads(lambda e, c, y: linear_cross_entropy(e, c, y, impl="triton", max_workspace_bytes=5 * GIB), e, c, y)
-    ref = _grads(lambda e, c, y: linear_cross_entropy(e, c, y, impl="torch"), e, c, y)
+    ours = loss_and_grads(lambda e, c, y: linear_cross_entropy(e, c, y, impl="triton", max_workspace_bytes=5 * GIB),
+                          e, c, y)
+    ref = loss_and_grads(lambda e, c, y: linear_cross_entropy(e, c, y, impl="torch"), e, c, y)
     assert rel(ours[0], ref[0]) <= 1e-4
     assert rel(ours[1], ref[1]) <= 1e-2 and rel(ours[2], ref[2]) <= 1e-2
     assert rel(ours[1][-100:], ref[1][-100:]) <= 1e-2  # the last rows: wrong 32-bit offsets land here
