@@ -18,7 +18,7 @@ import torch
 from triton.testing import do_bench
 
 from cce_inductor.kernels import backward, forward, lce_backward, lce_forward
-from cce_inductor.kernels.common import forward_config
+from cce_inductor.kernels.common import buffered_config, forward_config
 from cce_inductor.testing import make_inputs
 
 
@@ -35,8 +35,10 @@ def main(argv=None) -> None:
     gemm_ms = do_bench(lambda: e @ c.T)
     print(f"N={n} D={d} V={v}: T (e @ c.T) {gemm_ms:.2f} ms", flush=True)
     for tma in (True, False):
-        config = lambda t, tma=tma: dataclasses.replace(forward_config(t), tma=tma)  # noqa: E731
-        with mock.patch.object(forward, "forward_config", config), mock.patch.object(backward, "buffered_config", config):
+        forward_cfg = lambda t, tma=tma: dataclasses.replace(forward_config(t), tma=tma)  # noqa: E731
+        buffered_cfg = lambda t, tma=tma: dataclasses.replace(buffered_config(t), tma=tma)  # noqa: E731
+        with mock.patch.object(forward, "forward_config", forward_cfg), \
+                mock.patch.object(backward, "buffered_config", buffered_cfg):
             for softcap in (0.0, args.softcap):
                 _, lse = lce_forward(e, c, None, y, -100, softcap, 0.0)
                 fwd = do_bench(lambda: lce_forward(e, c, None, y, -100, softcap, 0.0))
