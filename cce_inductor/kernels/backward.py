@@ -75,7 +75,7 @@ from torch import Tensor
 
 from .common import (
     HAS_FLATTEN, TileConfig, as_f32, backward_config, buffered_config, capped_logits, dot, dot_precision, dot_upcast,
-    logit_tile, prepare_inputs, sm_count, tma_descriptor,
+    filtered_de_config, logit_tile, prepare_inputs, sm_count, tma_descriptor,
 )
 
 # Dropped gradient mass per token is < FILTER_EPS * w_i (see the module docstring); with eps < 1/2
@@ -134,39 +134,51 @@ def _logit_grad(z, t, lse, g_p, g_loss, targets, ids_v, mask_n, mask_v, target_w
 
 
 @triton.jit
+def _filter_keep(dz, g_p, g_loss, width, filter_tau):
+    """The filter's rule for one tile of dz (float32 [BLOCK_N, BLOCK_V], ``width`` valid vocabulary
+    columns): keep it unless every token's mass there is < filter_tau * width * w_i."""
+    mass = tl.sum(tl.abs(dz), axis=1)  # [BLOCK_N]
+    scale = tl.abs(g_p) + tl.abs(g_loss)  # [BLOCK_N]
+    over = (mass >= filter_tau * width * scale) & (mass > 0.0)  # not negligible for this token
+    return tl.max(over.to(tl.int32), axis=0) > 0
+
+
+@triton.jit
 def _dz_kernel(
     # data (E_desc, C_desc, Dz_desc: TMA descriptors when TMA, else E, C, Dz again)
-    E, C, E_desc, C_desc, Bias, Targets, Lse, GradLoss, GradLse, dBias, Dz, Dz_desc,
+    E, C, E_desc, C_desc, Bias, Targets, Lse, GradLoss, GradLse, dBias, Dz, Dz_desc, Keep, TileCounts,
     # shapes: tokens [0, N) of E x vocabulary rows [v_begin, v_begin + v_count) of C
     N, V, D, v_begin, v_count, num_programs,
     # strides (the D stride of E and C is 1)
     stride_en, stride_cv, stride_dzn,
     # constants
-    ignore_index, softcap, target_weight, uniform_weight,
+    ignore_index, softcap, target_weight, uniform_weight, filter_tau,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, GROUP_N: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_SMOOTHING: tl.constexpr,
     NEEDS_BIAS: tl.constexpr, EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
-    TMA: tl.constexpr, FLATTEN: tl.constexpr,
+    TMA: tl.constexpr, FLATTEN: tl.constexpr, FILTER: tl.constexpr, COUNT_TILES: tl.constexpr,
 ):
     """The buffered path's recompute: dz of every (token tile, vocab tile) of the launch into the
     (N, v_count) buffer Dz, in the input dtype (and dbias by float32 atomics). Persistent: one
-    program per SM walks the tiles, GROUP_N token tiles sweeping the vocabulary together."""
+    program per SM walks the tiles, GROUP_N token tiles sweeping the vocabulary together.
+    FILTER: each tile's keep flag (the filter's rule) goes to Keep[token tile, vocab tile] (int8), for
+    the filtered dE GEMM; dz itself is stored whole (dC is not filtered)."""
     num_tiles = tl.cdiv(N, BLOCK_N) * tl.cdiv(v_count, BLOCK_V)
     # The same loop twice: tl.range(flatten=...) exists only in newer triton (see forward.py).
     if FLATTEN:
         for tile in tl.range(tl.program_id(0), num_tiles, num_programs, flatten=True):
-            _dz_tile(E, C, E_desc, C_desc, Bias, Targets, Lse, GradLoss, GradLse, dBias, Dz, Dz_desc, tile,
-                     N, V, D, v_begin, v_count, stride_en, stride_cv, stride_dzn,
-                     ignore_index, softcap, target_weight, uniform_weight,
+            _dz_tile(E, C, E_desc, C_desc, Bias, Targets, Lse, GradLoss, GradLse, dBias, Dz, Dz_desc, Keep,
+                     TileCounts, tile, N, V, D, v_begin, v_count, stride_en, stride_cv, stride_dzn,
+                     ignore_index, softcap, target_weight, uniform_weight, filter_tau,
                      BLOCK_N, BLOCK_V, BLOCK_D, GROUP_N, HAS_BIAS, HAS_SOFTCAP, HAS_SMOOTHING,
-                     NEEDS_BIAS, EVEN_D, DOT_PRECISION, UPCAST, TMA)
+                     NEEDS_BIAS, EVEN_D, DOT_PRECISION, UPCAST, TMA, FILTER, COUNT_TILES)
     else:
         for tile in range(tl.program_id(0), num_tiles, num_programs):
-            _dz_tile(E, C, E_desc, C_desc, Bias, Targets, Lse, GradLoss, GradLse, dBias, Dz, Dz_desc, tile,
-                     N, V, D, v_begin, v_count, stride_en, stride_cv, stride_dzn,
-                     ignore_index, softcap, target_weight, uniform_weight,
+            _dz_tile(E, C, E_desc, C_desc, Bias, Targets, Lse, GradLoss, GradLse, dBias, Dz, Dz_desc, Keep,
+                     TileCounts, tile, N, V, D, v_begin, v_count, stride_en, stride_cv, stride_dzn,
+                     ignore_index, softcap, target_weight, uniform_weight, filter_tau,
                      BLOCK_N, BLOCK_V, BLOCK_D, GROUP_N, HAS_BIAS, HAS_SOFTCAP, HAS_SMOOTHING,
-                     NEEDS_BIAS, EVEN_D, DOT_PRECISION, UPCAST, TMA)
+                     NEEDS_BIAS, EVEN_D, DOT_PRECISION, UPCAST, TMA, FILTER, COUNT_TILES)
 
 
 @triton.jit
@@ -182,13 +194,13 @@ def _tile_position(tile, N, v_count, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexp
 
 @triton.jit
 def _dz_tile(
-    E, C, E_desc, C_desc, Bias, Targets, Lse, GradLoss, GradLse, dBias, Dz, Dz_desc, tile,
+    E, C, E_desc, C_desc, Bias, Targets, Lse, GradLoss, GradLse, dBias, Dz, Dz_desc, Keep, TileCounts, tile,
     N, V, D, v_begin, v_count, stride_en, stride_cv, stride_dzn,
-    ignore_index, softcap, target_weight, uniform_weight,
+    ignore_index, softcap, target_weight, uniform_weight, filter_tau,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, GROUP_N: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_SMOOTHING: tl.constexpr,
     NEEDS_BIAS: tl.constexpr, EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
-    TMA: tl.constexpr,
+    TMA: tl.constexpr, FILTER: tl.constexpr, COUNT_TILES: tl.constexpr,
 ):
     pid_n, pid_v = _tile_position(tile, N, v_count, BLOCK_N, BLOCK_V, GROUP_N)
     offs_n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)  # [BLOCK_N]
@@ -204,11 +216,64 @@ def _dz_tile(
                      HAS_SMOOTHING, HAS_SOFTCAP)
     if NEEDS_BIAS:
         tl.atomic_add(dBias + ids_v, tl.sum(dz, axis=0), mask=mask_v, sem="relaxed")
+    if FILTER:
+        keep = _filter_keep(dz, g_p, g_loss, tl.minimum(v_count - pid_v * BLOCK_V, BLOCK_V), filter_tau)
+        tl.store(Keep + pid_n * tl.cdiv(v_count, BLOCK_V) + pid_v, keep.to(tl.int8))
+        if COUNT_TILES:
+            tl.atomic_add(TileCounts + tl.where(keep, 0, 1), 1, sem="relaxed")
     if TMA:  # the descriptor clips the tile at the buffer's edges
         Dz_desc.store([pid_n * BLOCK_N, pid_v * BLOCK_V], dz.to(Dz.dtype.element_ty))
     else:
         tl.store(Dz + offs_n[:, None] * stride_dzn + pos_v[None, :], dz.to(Dz.dtype.element_ty),
                  mask=mask_n[:, None] & mask_v[None, :])
+
+
+@triton.jit
+def _filtered_de_kernel(
+    # data (Dz_desc, C_desc: TMA descriptors when TMA, else Dz, C again); Acc: float32 (n_count, D)
+    Dz, C, Dz_desc, C_desc, Keep, Acc,
+    # shapes: the chunk covers vocabulary rows [v_begin, v_begin + v_count) of C
+    n_count, D, v_begin, v_count,
+    stride_dzn, stride_cv, stride_accn,
+    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr, TILE_V: tl.constexpr,
+    KEEP_WIDTH: tl.constexpr, TMA: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+):
+    """The filtered path's dE GEMM of one chunk: Acc[n, d] += sum over the kept vocab tiles t of
+    dz[n, t] @ C[t, d], one program per (token tile, D tile); the token tile's keep flags (Keep,
+    one row of TILE_V-wide vocab tiles, as the dz kernel wrote them) decide which K steps run.
+    The loop runs only over kept steps, with no branch in its body (so it stays pipelined): the
+    i-th kept tile is the number of tiles whose running count of kept tiles is <= i."""
+    num_d_tiles = tl.cdiv(D, BLOCK_D)
+    pid_n = tl.program_id(0) // num_d_tiles
+    pid_d = tl.program_id(0) % num_d_tiles
+    num_v_tiles = tl.cdiv(v_count, TILE_V)
+    slots = tl.arange(0, KEEP_WIDTH)
+    keep = tl.load(Keep + pid_n * num_v_tiles + slots, mask=slots < num_v_tiles, other=0).to(tl.int32)
+    kept_before_or_at = tl.cumsum(keep, axis=0)  # [KEEP_WIDTH]
+    STEPS: tl.constexpr = TILE_V // BLOCK_K  # K steps per vocab tile
+    n0 = pid_n * BLOCK_N
+    d0 = pid_d * BLOCK_D
+    offs_n = (n0 + tl.arange(0, BLOCK_N)).to(tl.int64)
+    offs_d = d0 + tl.arange(0, BLOCK_D)
+    offs_k = tl.arange(0, BLOCK_K)
+    acc = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
+    for i in range(tl.sum(keep, axis=0) * STEPS):
+        tile = tl.sum((kept_before_or_at <= i // STEPS).to(tl.int32), axis=0)
+        k0 = tile * TILE_V + (i % STEPS) * BLOCK_K  # column of the chunk
+        if TMA:  # zero outside the buffer's v_count columns (and C's rows): no masks
+            a = Dz_desc.load([n0, k0])
+            b = C_desc.load([v_begin + k0, d0])
+        else:
+            ks = (k0 + offs_k).to(tl.int64)
+            mask_k = ks < v_count
+            a = tl.load(Dz + offs_n[:, None] * stride_dzn + ks[None, :],
+                        mask=(offs_n[:, None] < n_count) & mask_k[None, :], other=0.0)
+            b = tl.load(C + (v_begin + ks)[:, None] * stride_cv + offs_d[None, :],
+                        mask=mask_k[:, None] & (offs_d[None, :] < D), other=0.0)
+        acc = dot(a, b, acc, DOT_PRECISION, UPCAST)
+    acc_ptrs = Acc + offs_n[:, None] * stride_accn + offs_d[None, :]
+    mask = (offs_n[:, None] < n_count) & (offs_d[None, :] < D)
+    tl.store(acc_ptrs, tl.load(acc_ptrs, mask=mask, other=0.0) + acc, mask=mask)
 
 
 @triton.jit
@@ -255,11 +320,7 @@ def _backward_kernel(
 
     # ---- filter: skip the dE GEMM (FILTER_DC: dC's too) iff every token's mass here is < tau * |tile| * w_i
     if FILTER:
-        mass = tl.sum(tl.abs(dz), axis=1)  # [BLOCK_N]
-        scale = tl.abs(g_p) + tl.abs(g_loss)  # [BLOCK_N]
-        width = tl.minimum(v_count - pid_v * BLOCK_V, BLOCK_V)
-        over = (mass >= filter_tau * width * scale) & (mass > 0.0)  # not negligible for this token
-        keep = tl.max(over.to(tl.int32), axis=0) > 0
+        keep = _filter_keep(dz, g_p, g_loss, tl.minimum(v_count - pid_v * BLOCK_V, BLOCK_V), filter_tau)
         if COUNT_TILES:
             tl.atomic_add(TileCounts + tl.where(keep, 0, 1), 1, sem="relaxed")
     else:
@@ -412,14 +473,17 @@ def lce_backward(
     filter_tau = filter_eps / vocab  # allotment per vocabulary entry
     dbias = torch.zeros(vocab, dtype=f32, device=device) if needs_bias else None
     if buffered is None:
-        buffered = buffered_path_applies(e, filter_grad, order) and (needs_e or needs_c)
-    elif buffered and (filter_grad or order is not None):
-        raise ValueError("the buffered path is exact and walks the vocabulary in id order: "
-                         "buffered=True needs filter_grad=False and no vocab_order")
+        buffered = buffered_path_applies(e, order, filter_grad and filter_dc) and (needs_e or needs_c)
+    elif buffered and (order is not None or (filter_grad and filter_dc)):
+        raise ValueError("the buffered path walks the vocabulary in id order and never filters dC: "
+                         "buffered=True needs no vocab_order and filter_dc=False")
     if buffered:
         cfg = buffered_config(e)
         c_desc = tma_descriptor(c, [cfg.block_v, cfg.block_d], cfg)  # one per call: C is the same
         sms = sm_count(device)
+        filtered = bool(filter_grad) and needs_e  # the filter skips dE's GEMM only
+        de_cfg = filtered_de_config(e)
+        c_desc_de = tma_descriptor(c, [de_cfg.block_v, de_cfg.block_d], de_cfg) if filtered else None
         # The tile loop is flattened except under a softcap. Measured (H100, triton 3.6, bf16, LM-like
         # 8192 x 2304 x 256000, backward; benchmarks/softcap_cost.py): no softcap 49.7 ms flattened,
         # 52.3 ms not; softcap 30: 71.3 ms flattened, 56.4 ms not, 59.5 ms with pointer loads.
@@ -440,26 +504,46 @@ def lce_backward(
             e_w, targets_w, lse_w, grad_loss_w, grad_lse_w = (
                 e[rows], targets[rows], lse[rows], grad_loss[rows], grad_lse[rows])
             e_desc = tma_descriptor(e_w, [cfg.block_n, cfg.block_d], cfg)
-            dz_descs = {}
+            dz_descs, keeps = {}, {}
 
             def launch(v_begin, v_count, dz_buf):
                 key = (dz_buf.data_ptr(), v_count)
                 if key not in dz_descs:
-                    dz_descs[key] = tma_descriptor(dz_buf, [cfg.block_n, cfg.block_v], cfg)
-                dz_desc = dz_descs[key]
+                    dz_descs[key] = (tma_descriptor(dz_buf, [cfg.block_n, cfg.block_v], cfg),
+                                     tma_descriptor(dz_buf, [de_cfg.block_n, de_cfg.block_v], de_cfg)
+                                     if filtered else None)
+                    keeps[v_count] = torch.empty(triton.cdiv(n_count, cfg.block_n) * triton.cdiv(v_count, cfg.block_v),
+                                                 dtype=torch.int8, device=device) if filtered else dummy
+                dz_desc = dz_descs[key][0]
                 tma = e_desc is not None and c_desc is not None and dz_desc is not None
                 tiles = triton.cdiv(n_count, cfg.block_n) * triton.cdiv(v_count, cfg.block_v)
                 programs = min(tiles, sms)
                 _dz_kernel[(programs,)](
                     e_w, c, e_desc if tma else e_w, c_desc if tma else c, bias, targets_w, lse_w,
                     grad_loss_w, grad_lse_w, dbias if needs_bias else dummy, dz_buf, dz_desc if tma else dz_buf,
+                    keeps[v_count], tile_counts if tile_counts is not None else dummy,
                     n_count, vocab, dim, v_begin, v_count, programs,
                     e.stride(0), c.stride(0), dz_buf.stride(0),
-                    ignore_index, float(softcap), 1.0 - label_smoothing, label_smoothing / vocab,
-                    TMA=tma, FLATTEN=tma and HAS_FLATTEN and softcap == 0.0, **constants,
+                    ignore_index, float(softcap), 1.0 - label_smoothing, label_smoothing / vocab, filter_tau,
+                    TMA=tma, FLATTEN=tma and HAS_FLATTEN and softcap == 0.0, FILTER=filtered,
+                    COUNT_TILES=tile_counts is not None and filtered, **constants,
                 )
 
-            return launch
+            def add_de(acc_window, v_begin, v_count, dz_buf):
+                """acc_window += dz_buf @ C[chunk] over the tiles the filter kept."""
+                dz_desc = dz_descs[(dz_buf.data_ptr(), v_count)][1]
+                tma = dz_desc is not None and c_desc_de is not None
+                grid = (triton.cdiv(n_count, de_cfg.block_n) * triton.cdiv(dim, de_cfg.block_d),)
+                _filtered_de_kernel[grid](
+                    dz_buf, c, dz_desc if tma else dz_buf, c_desc_de if tma else c, keeps[v_count], acc_window,
+                    n_count, dim, v_begin, v_count, dz_buf.stride(0), c.stride(0), acc_window.stride(0),
+                    BLOCK_N=de_cfg.block_n, BLOCK_D=de_cfg.block_d, BLOCK_K=de_cfg.block_v, TILE_V=cfg.block_v,
+                    KEEP_WIDTH=triton.next_power_of_2(triton.cdiv(v_count, cfg.block_v)), TMA=tma,
+                    DOT_PRECISION=dot_precision(e.dtype), UPCAST=dot_upcast(e),
+                    num_warps=de_cfg.num_warps, num_stages=de_cfg.num_stages,
+                )
+
+            return launch, (add_de if filtered else None)
 
         de, dc = _buffered_backward(window_launcher, e, c, num_tokens, dim, vocab, needs_e, needs_c, buffer_bytes)
     else:
@@ -559,30 +643,51 @@ def _token_pass(launch, de, num_tokens, dim, vocab, cfg, window_bytes):
 # ----------------------------------------------------------------------------- buffered path
 
 
-def buffered_path_applies(e: Tensor, filter_grad: bool, order) -> bool:
-    """The buffered path serves exact 16-bit gradients: float32 inputs keep the kernel's IEEE dots
-    (cuBLAS would follow torch's TF32 setting), the filter needs the in-kernel GEMMs to skip, and on
-    CUDA it needs torch's mixed-precision addmm."""
-    if e.dtype == torch.float32 or filter_grad or order is not None:
+def buffered_path_applies(e: Tensor, order, filter_dc: bool = False) -> bool:
+    """The buffered path serves 16-bit gradients, exact or with dE filtered: float32 inputs keep the
+    kernel's IEEE dots (cuBLAS would follow torch's TF32 setting), a vocabulary order and a filtered
+    dC need the atomic kernel, and on CUDA it needs torch's mixed-precision addmm."""
+    if e.dtype == torch.float32 or order is not None or filter_dc:
         return False
     return e.device.type != "cuda" or _HAS_ADDMM_DTYPE
 
 
 def buffered_shape(num_tokens: int, dim: int, vocab: int, element_size: int, buffer_bytes: int,
-                   block_n: int, block_v: int) -> tuple[int, int]:
+                   block_n: int, block_v: int, sms: int | None = None) -> tuple[int, int]:
     """(tokens per window, vocabulary entries per chunk) for the buffered path: chunks of CHUNK_V
     entries (all of V when smaller), windows as few as the budget then allows, evenly sized, in
     whole tiles. Buffer rows*cols*element_size + accumulator 4*rows*dim stay within buffer_bytes,
     unless one tile of each is already more. No more scratch than that: a wider chunk would not make
     the GEMMs faster, and fewer windows would need more.
-    E.g. (8192, 2304, 256000, bf16, 48 MiB): 3 windows of 2816 tokens, chunks of 4096."""
+    With ``sms`` (and WAVE_ALIGNED_CHUNKS) the chunk may be narrowed, down to CHUNK_V / 2 in whole
+    tiles, to the width whose dz launches over V run the fewest waves of ``sms`` persistent programs.
+    E.g. (8192, 2304, 256000, bf16, 48 MiB): 3 windows of 2816 tokens, chunks of 4096 -- 352 tiles
+    per launch on 132 SMs, 2.67 waves run as 3; with sms=132 chunks of 3072 (264 tiles, 2 waves)."""
     cols = min(vocab, CHUNK_V)
     per_token = element_size * buffer_row_stride(cols) + 4 * dim
     fit = max(block_n, buffer_bytes // per_token // block_n * block_n)
     windows = -(-num_tokens // fit)
     rows = -(-num_tokens // windows)
     rows = min(fit, -(-rows // block_n) * block_n, num_tokens)
+    if sms and WAVE_ALIGNED_CHUNKS and vocab > cols:
+        cols = _wave_aligned_width(-(-rows // block_n), vocab, block_v, sms)
     return rows, cols
+
+
+# Whether buffered_shape narrows the chunk to fill whole waves (a switch for measurements).
+WAVE_ALIGNED_CHUNKS = True
+
+
+def _wave_aligned_width(token_tiles: int, vocab: int, block_v: int, sms: int) -> int:
+    """The chunk width in [CHUNK_V / 2, CHUNK_V], whole tiles, whose launches over the vocabulary
+    need the fewest waves of sms programs (ties: the widest, i.e. the fewest launches)."""
+    def waves(width):
+        full, last = divmod(vocab, width)
+        per_launch = lambda cols: -(-token_tiles * -(-cols // block_v) // sms)  # noqa: E731
+        return full * per_launch(width) + (per_launch(last) if last else 0)
+
+    widths = range(CHUNK_V // block_v * block_v, CHUNK_V // 2 - 1, -block_v)
+    return min(widths, key=lambda width: (waves(width), -width))
 
 
 def buffer_row_stride(cols: int) -> int:
@@ -615,7 +720,8 @@ def _buffered_backward(window_launcher, e, c, num_tokens, dim, vocab, needs_e, n
     ``launch(v_begin, v_count, dz)``. The views of each chunk are made once per call, not per
     iteration (host time; see window_launcher). Returns (dE or None, dC or None) in the input dtype."""
     cfg = buffered_config(e)
-    rows, cols = buffered_shape(num_tokens, dim, vocab, e.element_size(), buffer_bytes, cfg.block_n, cfg.block_v)
+    rows, cols = buffered_shape(num_tokens, dim, vocab, e.element_size(), buffer_bytes, cfg.block_n, cfg.block_v,
+                                sm_count(e.device))
     ld = buffer_row_stride(cols)
     buf = torch.empty(rows * ld, dtype=e.dtype, device=e.device)
     dc = torch.empty(vocab, dim, dtype=c.dtype, device=c.device) if needs_c else None
@@ -628,14 +734,16 @@ def _buffered_backward(window_launcher, e, c, num_tokens, dim, vocab, needs_e, n
         n_count = min(rows, num_tokens - n_begin)
         e_window = e[n_begin : n_begin + n_count]
         acc_window = acc[:n_count].zero_() if needs_e else None
-        launch = window_launcher(n_begin, n_count)
+        launch, add_filtered_de = window_launcher(n_begin, n_count)
         window_buf = buf[: n_count * ld].view(n_count, ld)
         widths = {v_count for _, v_count in chunks}  # one or two: the full chunk and the last
         dz_views = {v_count: (window_buf[:, :v_count], window_buf[:, :v_count].T) for v_count in widths}
         for i, (v_begin, v_count) in enumerate(chunks):
             dz, dz_t = dz_views[v_count]
             launch(v_begin, v_count, dz)
-            if needs_e:
+            if needs_e and add_filtered_de is not None:
+                add_filtered_de(acc_window, v_begin, v_count, dz)
+            elif needs_e:
                 _add_product(acc_window, dz, c_chunks[i])
             if needs_c:
                 if n_begin == 0:
@@ -646,7 +754,7 @@ def _buffered_backward(window_launcher, e, c, num_tokens, dim, vocab, needs_e, n
             if n_begin + n_count == num_tokens:
                 # the last window: the buffer (held by its views and the launcher's descriptors) is
                 # free before dE takes its own memory
-                del dz, dz_t, dz_views, window_buf, buf, launch
+                del dz, dz_t, dz_views, window_buf, buf, launch, add_filtered_de
             if de is None:
                 de = torch.empty(num_tokens, dim, dtype=e.dtype, device=e.device)
             de[n_begin : n_begin + n_count].copy_(acc_window)

@@ -70,6 +70,17 @@ def buffered_config(e: Tensor) -> TileConfig:
     return forward_config(e)
 
 
+# The filtered buffered backward's dE GEMM (dz @ C over the kept vocabulary tiles): block_n tokens x
+# block_d columns of D per program, block_v vocabulary entries per K step. Not measured yet.
+_GPU_FILTERED_DE_16 = TileConfig(block_n=128, block_v=64, block_d=128, num_warps=8, num_stages=4, tma=True)
+
+
+def filtered_de_config(e: Tensor) -> TileConfig:
+    if e.device.type != "cuda":
+        return _INTERPRETER
+    return _GPU_FILTERED_DE_16
+
+
 def backward_config(e: Tensor) -> TileConfig:
     if e.device.type != "cuda":
         return _INTERPRETER
