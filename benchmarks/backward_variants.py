@@ -1,14 +1,13 @@
-"""The buffered backward's variants side by side: chunk widths that fill whole waves, and the filter.
+"""The filtered buffered backward side by side with the exact one, and its dE GEMM's tile configs.
 
-    python -m benchmarks.backward_variants [--shapes N,D,V ...] [--regimes lm uniform]
+    python -m benchmarks.backward_variants [--shapes N,D,V ...] [--regimes lm uniform] [--configs]
 
 bf16. Per shape and data regime, median times (``do_bench``) of the backward in units of T = the
-cuBLAS logits GEMM measured first in the same process:
-  * exact, chunks of CHUNK_V and chunks narrowed to fill whole waves (backward.WAVE_ALIGNED_CHUNKS);
-  * filtered (dE's GEMM over the kept tiles only, ``_filtered_de_kernel``) at filter_eps = 0 (every
-    tile kept: the Triton GEMM against cuBLAS's), the default FILTER_EPS, 2^-2, and 1e9 (every tile
-    skipped: the filtered path's floor), each with the fraction s of tiles skipped.
-Prints only; numbers worth keeping go to docs/PERF_NOTES.md with the device.
+cuBLAS logits GEMM measured first in the same process: exact (dE by cuBLAS), then filtered (dE by
+``_filtered_de_kernel`` over the kept tiles) at filter_eps = 0 (every tile kept: the Triton GEMM
+against cuBLAS's), the default FILTER_EPS, 2^-2, and 1e9 (every tile skipped: the filtered path's
+floor), each with the fraction s of tiles skipped. ``--configs``: the eps = 0 point for each
+candidate config of the dE GEMM. Prints only; numbers worth keeping go to docs/PERF_NOTES.md.
 """
 
 from __future__ import annotations
@@ -20,15 +19,25 @@ import torch
 from triton.testing import do_bench
 
 from cce_inductor.kernels import FILTER_EPS, backward, lce_backward, lce_forward
+from cce_inductor.kernels.common import TileConfig, filtered_de_config
 from cce_inductor.testing import make_inputs
 
 SHAPES = ("8192,2304,256000", "8192,4096,128256")
+# (tokens, vocabulary per K step, D per program) x warps x stages; tokens = the dz kernel's tile
+DE_CONFIGS = [
+    TileConfig(block_n=128, block_v=64, block_d=128, num_warps=8, num_stages=4, tma=True),
+    TileConfig(block_n=128, block_v=64, block_d=256, num_warps=8, num_stages=3, tma=True),
+    TileConfig(block_n=128, block_v=64, block_d=128, num_warps=4, num_stages=4, tma=True),
+    TileConfig(block_n=128, block_v=128, block_d=128, num_warps=8, num_stages=3, tma=True),
+    TileConfig(block_n=128, block_v=64, block_d=256, num_warps=8, num_stages=4, tma=True),
+]
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shapes", nargs="+", default=list(SHAPES), help="N,D,V each")
     parser.add_argument("--regimes", nargs="+", default=["lm", "uniform"], choices=("lm", "uniform"))
+    parser.add_argument("--configs", action="store_true", help="also each candidate config of the dE GEMM")
     args = parser.parse_args(argv)
     for shape in args.shapes:
         n, d, v = map(int, shape.split(","))
@@ -46,21 +55,26 @@ def main(argv=None) -> None:
                                            filter_grad, True, True, False, **options)
                 return do_bench(run, return_mode="median")
 
-            def show(label, ms, extra=""):
-                print(f"  {label:<34} {ms:7.2f} ms  {ms / gemm_ms:5.2f} T{extra}", flush=True)
-
-            with mock.patch.object(backward, "WAVE_ALIGNED_CHUNKS", False):
-                show("exact, chunks of CHUNK_V", backward_ms(False))
             exact_ms = backward_ms(False)
-            show("exact, wave-aligned chunks", exact_ms)
+
+            def show(label, ms, extra=""):
+                print(f"  {label:<44} {ms:7.2f} ms  {ms / gemm_ms:5.2f} T  ({ms / exact_ms:.3f} x exact){extra}",
+                      flush=True)
+
+            show("exact", exact_ms)
             for eps in (0.0, FILTER_EPS, 2.0**-2, 1e9):
                 counts = torch.zeros(2, dtype=torch.int32, device="cuda")
                 lce_backward(e, c, None, y, lse, g, zero, -100, 0.0, 0.0, True, True, True, False,
                              filter_eps=eps, tile_counts=counts)
                 kept, skipped = counts.tolist()
-                ms = backward_ms(True, filter_eps=eps)
-                show(f"filtered, eps {eps:g}", ms, f"  s {skipped / max(1, kept + skipped):.3f}  "
-                     f"({ms / exact_ms:.3f} x exact)")
+                show(f"filtered, eps {eps:g}", backward_ms(True, filter_eps=eps),
+                     f"  s {skipped / max(1, kept + skipped):.3f}")
+            if args.configs:
+                for cfg in DE_CONFIGS:
+                    with mock.patch.object(backward, "filtered_de_config", lambda t, cfg=cfg: cfg):
+                        label = (f"filtered, eps 0, dE {cfg.block_n}x{cfg.block_d} k{cfg.block_v} "
+                                 f"w{cfg.num_warps} s{cfg.num_stages}{' *' if cfg == filtered_de_config(e) else ''}")
+                        show(label, backward_ms(True, filter_eps=0.0))
 
 
 if __name__ == "__main__":

@@ -99,6 +99,9 @@ BUFFER_BYTES = 48 * 2**20
 # enough for cuBLAS to run near its peak (measured with the earlier recompute kernel: backward 3.6-3.9 T
 # at 4096, H100; a 16384-wide chunk made the dz kernel ~4% faster, benchmarks/gemm_core_variants.py).
 CHUNK_V = 4096
+# At most this many vocab tiles per chunk: the filtered dE GEMM packs the list of a token tile's kept
+# vocab tiles into one int64, 4 bits per entry. 16 x 256 = CHUNK_V on the GPU.
+MAX_CHUNK_TILES = 16
 # torch builds with a mixed-precision addmm (16-bit operands, float32 result): the buffered path's
 # dE accumulator needs it on CUDA (torch >= 2.8 or so; older builds take the atomic path).
 _HAS_ADDMM_DTYPE = "dtype_out" in torch.ops.aten.addmm.overloads()
@@ -241,15 +244,17 @@ def _filtered_de_kernel(
     """The filtered path's dE GEMM of one chunk: Acc[n, d] += sum over the kept vocab tiles t of
     dz[n, t] @ C[t, d], one program per (token tile, D tile); the token tile's keep flags (Keep,
     one row of TILE_V-wide vocab tiles, as the dz kernel wrote them) decide which K steps run.
-    The loop runs only over kept steps, with no branch in its body (so it stays pipelined): the
-    i-th kept tile is the number of tiles whose running count of kept tiles is <= i."""
+    The loop runs over the kept steps only, with no branch and no reduction in its body (so it
+    stays pipelined): the kept tiles' indices are packed into one int64 first, 4 bits each, in
+    order (hence at most 16 vocab tiles per chunk, MAX_CHUNK_TILES)."""
     num_d_tiles = tl.cdiv(D, BLOCK_D)
     pid_n = tl.program_id(0) // num_d_tiles
     pid_d = tl.program_id(0) % num_d_tiles
     num_v_tiles = tl.cdiv(v_count, TILE_V)
     slots = tl.arange(0, KEEP_WIDTH)
     keep = tl.load(Keep + pid_n * num_v_tiles + slots, mask=slots < num_v_tiles, other=0).to(tl.int32)
-    kept_before_or_at = tl.cumsum(keep, axis=0)  # [KEEP_WIDTH]
+    position = tl.cumsum(keep, axis=0) - 1  # [KEEP_WIDTH] place of each kept tile in the list
+    packed = tl.sum(tl.where(keep != 0, slots.to(tl.int64) << (4 * position.to(tl.int64)), 0), axis=0)
     STEPS: tl.constexpr = TILE_V // BLOCK_K  # K steps per vocab tile
     n0 = pid_n * BLOCK_N
     d0 = pid_d * BLOCK_D
@@ -258,7 +263,7 @@ def _filtered_de_kernel(
     offs_k = tl.arange(0, BLOCK_K)
     acc = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
     for i in range(tl.sum(keep, axis=0) * STEPS):
-        tile = tl.sum((kept_before_or_at <= i // STEPS).to(tl.int32), axis=0)
+        tile = ((packed >> (4 * (i // STEPS))) & 15).to(tl.int32)
         k0 = tile * TILE_V + (i % STEPS) * BLOCK_K  # column of the chunk
         if TMA:  # zero outside the buffer's v_count columns (and C's rows): no masks
             a = Dz_desc.load([n0, k0])
@@ -483,6 +488,7 @@ def lce_backward(
         sms = sm_count(device)
         filtered = bool(filter_grad) and needs_e  # the filter skips dE's GEMM only
         de_cfg = filtered_de_config(e)
+        assert de_cfg.block_n == cfg.block_n, "the dE GEMM's token tiles are the dz kernel's (one keep flag each)"
         c_desc_de = tma_descriptor(c, [de_cfg.block_v, de_cfg.block_d], de_cfg) if filtered else None
         # The tile loop is flattened except under a softcap. Measured (H100, triton 3.6, bf16, LM-like
         # 8192 x 2304 x 256000, backward; benchmarks/softcap_cost.py): no softcap 49.7 ms flattened,
@@ -653,41 +659,21 @@ def buffered_path_applies(e: Tensor, order, filter_dc: bool = False) -> bool:
 
 
 def buffered_shape(num_tokens: int, dim: int, vocab: int, element_size: int, buffer_bytes: int,
-                   block_n: int, block_v: int, sms: int | None = None) -> tuple[int, int]:
+                   block_n: int, block_v: int) -> tuple[int, int]:
     """(tokens per window, vocabulary entries per chunk) for the buffered path: chunks of CHUNK_V
     entries (all of V when smaller), windows as few as the budget then allows, evenly sized, in
     whole tiles. Buffer rows*cols*element_size + accumulator 4*rows*dim stay within buffer_bytes,
     unless one tile of each is already more. No more scratch than that: a wider chunk would not make
     the GEMMs faster, and fewer windows would need more.
-    With ``sms`` (and WAVE_ALIGNED_CHUNKS) the chunk may be narrowed, down to CHUNK_V / 2 in whole
-    tiles, to the width whose dz launches over V run the fewest waves of ``sms`` persistent programs.
-    E.g. (8192, 2304, 256000, bf16, 48 MiB): 3 windows of 2816 tokens, chunks of 4096 -- 352 tiles
-    per launch on 132 SMs, 2.67 waves run as 3; with sms=132 chunks of 3072 (264 tiles, 2 waves)."""
-    cols = min(vocab, CHUNK_V)
+    Chunks hold at most MAX_CHUNK_TILES vocab tiles (the filtered dE GEMM's packed list of kept tiles).
+    E.g. (8192, 2304, 256000, bf16, 48 MiB): 3 windows of 2816 tokens, chunks of 4096."""
+    cols = min(vocab, CHUNK_V, MAX_CHUNK_TILES * block_v)
     per_token = element_size * buffer_row_stride(cols) + 4 * dim
     fit = max(block_n, buffer_bytes // per_token // block_n * block_n)
     windows = -(-num_tokens // fit)
     rows = -(-num_tokens // windows)
     rows = min(fit, -(-rows // block_n) * block_n, num_tokens)
-    if sms and WAVE_ALIGNED_CHUNKS and vocab > cols:
-        cols = _wave_aligned_width(-(-rows // block_n), vocab, block_v, sms)
     return rows, cols
-
-
-# Whether buffered_shape narrows the chunk to fill whole waves (a switch for measurements).
-WAVE_ALIGNED_CHUNKS = True
-
-
-def _wave_aligned_width(token_tiles: int, vocab: int, block_v: int, sms: int) -> int:
-    """The chunk width in [CHUNK_V / 2, CHUNK_V], whole tiles, whose launches over the vocabulary
-    need the fewest waves of sms programs (ties: the widest, i.e. the fewest launches)."""
-    def waves(width):
-        full, last = divmod(vocab, width)
-        per_launch = lambda cols: -(-token_tiles * -(-cols // block_v) // sms)  # noqa: E731
-        return full * per_launch(width) + (per_launch(last) if last else 0)
-
-    widths = range(CHUNK_V // block_v * block_v, CHUNK_V // 2 - 1, -block_v)
-    return min(widths, key=lambda width: (waves(width), -width))
 
 
 def buffer_row_stride(cols: int) -> int:
@@ -720,8 +706,7 @@ def _buffered_backward(window_launcher, e, c, num_tokens, dim, vocab, needs_e, n
     ``launch(v_begin, v_count, dz)``. The views of each chunk are made once per call, not per
     iteration (host time; see window_launcher). Returns (dE or None, dC or None) in the input dtype."""
     cfg = buffered_config(e)
-    rows, cols = buffered_shape(num_tokens, dim, vocab, e.element_size(), buffer_bytes, cfg.block_n, cfg.block_v,
-                                sm_count(e.device))
+    rows, cols = buffered_shape(num_tokens, dim, vocab, e.element_size(), buffer_bytes, cfg.block_n, cfg.block_v)
     ld = buffer_row_stride(cols)
     buf = torch.empty(rows * ld, dtype=e.dtype, device=e.device)
     dc = torch.empty(vocab, dim, dtype=c.dtype, device=c.device) if needs_c else None

@@ -171,17 +171,19 @@ def test_tma_and_pointer_loads_agree(dtype):
         assert _rel(got, other) < 1e-2
 
 
+@pytest.mark.parametrize("v, chunk", [(160, 48), (300, 4096)], ids=["chunks_of_3_tiles", "chunks_of_16_tiles"])
 @pytest.mark.parametrize("needs", [(True, True, True), (True, False, False)], ids=["all", "e_only"])
-def test_filtered_buffered_path_drops_what_the_atomic_filter_drops(needs):
+def test_filtered_buffered_path_drops_what_the_atomic_filter_drops(needs, v, chunk):
     """Filtering in the buffered path: the dz kernel flags each tile by the filter's rule and the
     filtered dE GEMM runs over the kept tiles only. Peaked softmax, a bias, an ignored token, 3
-    windows of tokens x 4 ragged chunks of the vocabulary: the same tiles are skipped as by the
-    atomic kernel (the interpreter's tiles are the same for both), the dropped part of dE
-    (filtered - exact) is the same, and dC and dbias are not filtered. float32 inputs forced
-    through the buffered path, so that both paths agree to float32 rounding."""
+    windows of tokens x ragged chunks of the vocabulary (4 of 48 entries; or 256 + 44, the first
+    holding MAX_CHUNK_TILES tiles, so the packed list of kept tiles uses all 64 bits): the same
+    tiles are skipped as by the atomic kernel (the interpreter's tiles are the same for both), the
+    dropped part of dE (filtered - exact) is the same, and dC and dbias are not filtered. float32
+    inputs forced through the buffered path, so that both paths agree to float32 rounding."""
     from cce_inductor.kernels import backward
 
-    n, v = 40, 160
+    n = 40
     e, c, b, y = _inputs(n=n, v=v, scale=30.0, bias=True)
     y = (e @ c.T + b).argmax(1)
     y[3] = -100
@@ -190,13 +192,13 @@ def test_filtered_buffered_path_drops_what_the_atomic_filter_drops(needs):
     gl, gs = torch.rand(n, generator=gen), torch.rand(n, generator=gen) * 0.1
     args = (e, c, b, y, lse, gl, gs, -100, 0.0, 0.0)
     counts = {path: torch.zeros(2, dtype=torch.int32) for path in ("buffered", "atomic")}
-    with mock.patch.object(backward, "CHUNK_V", 48):
-        buffered = lce_backward(*args, True, *needs, buffered=True, buffer_bytes=4 * 16 * (48 + 45),
-                                tile_counts=counts["buffered"])
-        exact = lce_backward(*args, False, *needs, buffered=True, buffer_bytes=4 * 16 * (48 + 45))
+    budget = 4 * 16 * (min(chunk, 256) + 45)  # windows of 16 tokens
+    with mock.patch.object(backward, "CHUNK_V", chunk):
+        buffered = lce_backward(*args, True, *needs, buffered=True, buffer_bytes=budget, tile_counts=counts["buffered"])
+        exact = lce_backward(*args, False, *needs, buffered=True, buffer_bytes=budget)
     atomic = lce_backward(*args, True, *needs, buffered=False, tile_counts=counts["atomic"])
     assert counts["buffered"].tolist() == counts["atomic"].tolist()
-    assert sum(counts["buffered"].tolist()) == 3 * 10 and counts["buffered"][1] > 0
+    assert sum(counts["buffered"].tolist()) == 3 * -(-v // 16) and counts["buffered"][1] > 0
     dropped = buffered[0] - exact[0]
     assert dropped.norm() > 0 and _rel(dropped, atomic[0] - exact[0]) < 1e-4
     for got, want in zip(buffered[1:], exact[1:]):  # dC, dbias: exact
@@ -248,25 +250,8 @@ def test_buffered_shape_stays_within_budget():
     # few, even windows at the benchmark shapes
     assert buffered_shape(8192, 2304, 256000, 2, BUFFER_BYTES, 128, 256) == (2816, 4096)
     assert buffered_shape(8192, 4096, 128256, 2, BUFFER_BYTES, 128, 256) == (2048, 4096)
-
-
-def test_wave_aligned_chunks_fill_whole_waves():
-    """On 132 SMs the Gemma shape's 22 token tiles x 16 vocab tiles (352 per launch) run 3 waves for
-    2.67; chunks of 3072 run 264 tiles in 2. Where CHUNK_V fills its waves already it stays."""
-    from cce_inductor.kernels.backward import BUFFER_BYTES, CHUNK_V, _wave_aligned_width, buffered_shape
-
-    assert buffered_shape(8192, 2304, 256000, 2, BUFFER_BYTES, 128, 256, sms=132) == (2816, 3072)
-    assert buffered_shape(8192, 4096, 128256, 2, BUFFER_BYTES, 128, 256, sms=132) == (2048, 4096)
-    assert buffered_shape(100, 64, 3000, 2, BUFFER_BYTES, 128, 256, sms=132) == (100, 3000)  # V <= CHUNK_V
-
-    def waves(width, token_tiles=22, vocab=256000, sms=132):
-        return sum(-(-token_tiles * -(-min(width, vocab - v0) // 256) // sms) for v0 in range(0, vocab, width))
-
-    for token_tiles, vocab, sms in [(22, 256000, 132), (16, 128256, 132), (7, 50000, 108), (1, 9000, 4)]:
-        width = _wave_aligned_width(token_tiles, vocab, 256, sms)
-        assert CHUNK_V // 2 <= width <= CHUNK_V and width % 256 == 0
-        assert waves(width, token_tiles, vocab, sms) <= waves(CHUNK_V, token_tiles, vocab, sms)
-    assert waves(3072) == 167 < waves(CHUNK_V) == 188  # the ideal: 22 * 1000 / 132 = 166.7
+    # at most MAX_CHUNK_TILES vocab tiles per chunk (the filtered dE GEMM's packed list)
+    assert buffered_shape(100, 64, 3000, 2, BUFFER_BYTES, 16, 16) == (100, 16 * 16)
 
 
 def test_strided_rows_and_transposed_inputs():
