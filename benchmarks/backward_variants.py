@@ -23,13 +23,17 @@ from cce_inductor.kernels.common import TileConfig, filtered_de_config
 from cce_inductor.testing import make_inputs
 
 SHAPES = ("8192,2304,256000", "8192,4096,128256")
-# (tokens, vocabulary per K step, D per program) x warps x stages; tokens = the dz kernel's tile
+# (tokens, vocabulary per K step, D per program) x warps x stages; tokens = the dz kernel's tile.
+# Shared memory per program: stages x (tokens + D) x K x 2 B; under ~113 KB two programs share an SM,
+# so one's accumulator read-modify-write overlaps the other's main loop.
 DE_CONFIGS = [
     TileConfig(block_n=128, block_v=64, block_d=128, num_warps=8, num_stages=4, tma=True),
-    TileConfig(block_n=128, block_v=64, block_d=256, num_warps=8, num_stages=3, tma=True),
-    TileConfig(block_n=128, block_v=64, block_d=128, num_warps=4, num_stages=4, tma=True),
-    TileConfig(block_n=128, block_v=128, block_d=128, num_warps=8, num_stages=3, tma=True),
     TileConfig(block_n=128, block_v=64, block_d=256, num_warps=8, num_stages=4, tma=True),
+    TileConfig(block_n=128, block_v=64, block_d=128, num_warps=4, num_stages=3, tma=True),
+    TileConfig(block_n=128, block_v=64, block_d=128, num_warps=8, num_stages=3, tma=True),
+    TileConfig(block_n=128, block_v=32, block_d=128, num_warps=4, num_stages=4, tma=True),
+    TileConfig(block_n=128, block_v=64, block_d=64, num_warps=4, num_stages=4, tma=True),
+    TileConfig(block_n=128, block_v=32, block_d=256, num_warps=8, num_stages=4, tma=True),
 ]
 
 
@@ -38,6 +42,8 @@ def main(argv=None) -> None:
     parser.add_argument("--shapes", nargs="+", default=list(SHAPES), help="N,D,V each")
     parser.add_argument("--regimes", nargs="+", default=["lm", "uniform"], choices=("lm", "uniform"))
     parser.add_argument("--configs", action="store_true", help="also each candidate config of the dE GEMM")
+    parser.add_argument("--profile-eps", nargs="*", type=float, default=[],
+                        help="profile the filtered backward's kernels at these filter_eps")
     args = parser.parse_args(argv)
     for shape in args.shapes:
         n, d, v = map(int, shape.split(","))
@@ -75,6 +81,16 @@ def main(argv=None) -> None:
                         label = (f"filtered, eps 0, dE {cfg.block_n}x{cfg.block_d} k{cfg.block_v} "
                                  f"w{cfg.num_warps} s{cfg.num_stages}{' *' if cfg == filtered_de_config(e) else ''}")
                         show(label, backward_ms(True, filter_eps=0.0))
+            for eps in args.profile_eps:
+                run = lambda: lce_backward(e, c, None, y, lse, g, zero, -100, 0.0, 0.0,  # noqa: E731
+                                           True, True, True, False, filter_eps=eps)
+                run()
+                torch.cuda.synchronize()
+                with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+                    run()
+                    torch.cuda.synchronize()
+                print(f"  profile, filtered, eps {eps:g}:")
+                print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=6))
 
 
 if __name__ == "__main__":
