@@ -29,11 +29,8 @@ SHAPES = ("8192,2304,256000", "8192,4096,128256")
 DE_CONFIGS = [
     TileConfig(block_n=128, block_v=64, block_d=128, num_warps=8, num_stages=4, tma=True),
     TileConfig(block_n=128, block_v=64, block_d=256, num_warps=8, num_stages=4, tma=True),
+    TileConfig(block_n=128, block_v=64, block_d=256, num_warps=8, num_stages=3, tma=True),
     TileConfig(block_n=128, block_v=64, block_d=128, num_warps=4, num_stages=3, tma=True),
-    TileConfig(block_n=128, block_v=64, block_d=128, num_warps=8, num_stages=3, tma=True),
-    TileConfig(block_n=128, block_v=32, block_d=128, num_warps=4, num_stages=4, tma=True),
-    TileConfig(block_n=128, block_v=64, block_d=64, num_warps=4, num_stages=4, tma=True),
-    TileConfig(block_n=128, block_v=32, block_d=256, num_warps=8, num_stages=4, tma=True),
 ]
 
 
@@ -81,6 +78,9 @@ def main(argv=None) -> None:
                         label = (f"filtered, eps 0, dE {cfg.block_n}x{cfg.block_d} k{cfg.block_v} "
                                  f"w{cfg.num_warps} s{cfg.num_stages}{' *' if cfg == filtered_de_config(e) else ''}")
                         show(label, backward_ms(True, filter_eps=0.0))
+                        with mock.patch.object(backward, "FILTERED_DE_PERSISTENT", not backward.FILTERED_DE_PERSISTENT):
+                            show(label + (" one program per tile" if backward.FILTERED_DE_PERSISTENT else " persistent"),
+                                 backward_ms(True, filter_eps=0.0))
             for eps in args.profile_eps:
                 run = lambda: lce_backward(e, c, None, y, lse, g, zero, -100, 0.0, 0.0,  # noqa: E731
                                            True, True, True, False, filter_eps=eps)

@@ -102,6 +102,9 @@ CHUNK_V = 4096
 # At most this many vocab tiles per chunk: the filtered dE GEMM packs the list of a token tile's kept
 # vocab tiles into one int64, 4 bits per entry. 16 x 256 = CHUNK_V on the GPU.
 MAX_CHUNK_TILES = 16
+# The filtered dE GEMM as a persistent kernel with its tile loop flattened (else one program per
+# output tile). Not measured yet.
+FILTERED_DE_PERSISTENT = True
 # torch builds with a mixed-precision addmm (16-bit operands, float32 result): the buffered path's
 # dE accumulator needs it on CUDA (torch >= 2.8 or so; older builds take the atomic path).
 _HAS_ADDMM_DTYPE = "dtype_out" in torch.ops.aten.addmm.overloads()
@@ -236,20 +239,43 @@ def _filtered_de_kernel(
     # data (Dz_desc, C_desc: TMA descriptors when TMA, else Dz, C again); Acc: float32 (n_count, D)
     Dz, C, Dz_desc, C_desc, Keep, Acc,
     # shapes: the chunk covers vocabulary rows [v_begin, v_begin + v_count) of C
-    n_count, D, v_begin, v_count,
+    n_count, D, v_begin, v_count, num_programs,
     stride_dzn, stride_cv, stride_accn,
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr, TILE_V: tl.constexpr,
     KEEP_WIDTH: tl.constexpr, TMA: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    FLATTEN: tl.constexpr,
 ):
     """The filtered path's dE GEMM of one chunk: Acc[n, d] += sum over the kept vocab tiles t of
-    dz[n, t] @ C[t, d], one program per (token tile, D tile); the token tile's keep flags (Keep,
-    one row of TILE_V-wide vocab tiles, as the dz kernel wrote them) decide which K steps run.
-    The loop runs over the kept steps only, with no branch and no reduction in its body (so it
-    stays pipelined): the kept tiles' indices are packed into one int64 first, 4 bits each, in
-    order (hence at most 16 vocab tiles per chunk, MAX_CHUNK_TILES)."""
+    dz[n, t] @ C[t, d] for every (token tile, D tile); the token tile's keep flags (Keep, one row
+    of TILE_V-wide vocab tiles, as the dz kernel wrote them) decide which K steps run. Persistent
+    (num_programs programs walk the output tiles, D fastest, so a token tile's dz rows stay in L2);
+    FLATTEN folds the tile loop into the K loop, so the next tile's loads overlap this one's
+    read-modify-write of Acc."""
+    num_tiles = tl.cdiv(n_count, BLOCK_N) * tl.cdiv(D, BLOCK_D)
+    if FLATTEN:
+        for tile in tl.range(tl.program_id(0), num_tiles, num_programs, flatten=True):
+            _filtered_de_tile(Dz, C, Dz_desc, C_desc, Keep, Acc, tile, n_count, D, v_begin, v_count,
+                              stride_dzn, stride_cv, stride_accn, BLOCK_N, BLOCK_D, BLOCK_K, TILE_V,
+                              KEEP_WIDTH, TMA, DOT_PRECISION, UPCAST)
+    else:
+        for tile in range(tl.program_id(0), num_tiles, num_programs):
+            _filtered_de_tile(Dz, C, Dz_desc, C_desc, Keep, Acc, tile, n_count, D, v_begin, v_count,
+                              stride_dzn, stride_cv, stride_accn, BLOCK_N, BLOCK_D, BLOCK_K, TILE_V,
+                              KEEP_WIDTH, TMA, DOT_PRECISION, UPCAST)
+
+
+@triton.jit
+def _filtered_de_tile(
+    Dz, C, Dz_desc, C_desc, Keep, Acc, tile, n_count, D, v_begin, v_count, stride_dzn, stride_cv, stride_accn,
+    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr, TILE_V: tl.constexpr,
+    KEEP_WIDTH: tl.constexpr, TMA: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+):
+    """One output tile. The K loop runs over the kept steps only, with no branch and no reduction in
+    its body (so it stays pipelined): the kept tiles' indices are packed into one int64 first, 4
+    bits each, in order (hence at most 16 vocab tiles per chunk, MAX_CHUNK_TILES)."""
     num_d_tiles = tl.cdiv(D, BLOCK_D)
-    pid_n = tl.program_id(0) // num_d_tiles
-    pid_d = tl.program_id(0) % num_d_tiles
+    pid_n = tile // num_d_tiles
+    pid_d = tile % num_d_tiles
     num_v_tiles = tl.cdiv(v_count, TILE_V)
     slots = tl.arange(0, KEEP_WIDTH)
     keep = tl.load(Keep + pid_n * num_v_tiles + slots, mask=slots < num_v_tiles, other=0).to(tl.int32)
@@ -263,8 +289,8 @@ def _filtered_de_kernel(
     offs_k = tl.arange(0, BLOCK_K)
     acc = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
     for i in range(tl.sum(keep, axis=0) * STEPS):
-        tile = ((packed >> (4 * (i // STEPS))) & 15).to(tl.int32)
-        k0 = tile * TILE_V + (i % STEPS) * BLOCK_K  # column of the chunk
+        vocab_tile = ((packed >> (4 * (i // STEPS))) & 15).to(tl.int32)
+        k0 = vocab_tile * TILE_V + (i % STEPS) * BLOCK_K  # column of the chunk
         if TMA:  # zero outside the buffer's v_count columns (and C's rows): no masks
             a = Dz_desc.load([n0, k0])
             b = C_desc.load([v_begin + k0, d0])
@@ -539,13 +565,15 @@ def lce_backward(
                 """acc_window += dz_buf @ C[chunk] over the tiles the filter kept."""
                 dz_desc = dz_descs[(dz_buf.data_ptr(), v_count)][1]
                 tma = dz_desc is not None and c_desc_de is not None
-                grid = (triton.cdiv(n_count, de_cfg.block_n) * triton.cdiv(dim, de_cfg.block_d),)
-                _filtered_de_kernel[grid](
+                tiles = triton.cdiv(n_count, de_cfg.block_n) * triton.cdiv(dim, de_cfg.block_d)
+                programs = min(tiles, sms) if FILTERED_DE_PERSISTENT else tiles
+                _filtered_de_kernel[(programs,)](
                     dz_buf, c, dz_desc if tma else dz_buf, c_desc_de if tma else c, keeps[v_count], acc_window,
-                    n_count, dim, v_begin, v_count, dz_buf.stride(0), c.stride(0), acc_window.stride(0),
+                    n_count, dim, v_begin, v_count, programs, dz_buf.stride(0), c.stride(0), acc_window.stride(0),
                     BLOCK_N=de_cfg.block_n, BLOCK_D=de_cfg.block_d, BLOCK_K=de_cfg.block_v, TILE_V=cfg.block_v,
                     KEEP_WIDTH=triton.next_power_of_2(triton.cdiv(v_count, cfg.block_v)), TMA=tma,
                     DOT_PRECISION=dot_precision(e.dtype), UPCAST=dot_upcast(e),
+                    FLATTEN=tma and HAS_FLATTEN and FILTERED_DE_PERSISTENT,
                     num_warps=de_cfg.num_warps, num_stages=de_cfg.num_stages,
                 )
 
