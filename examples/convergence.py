@@ -23,6 +23,7 @@ import dataclasses
 import datetime
 import gc
 import hashlib
+import importlib.util
 import json
 import math
 import pathlib
@@ -333,9 +334,11 @@ def main(argv=None) -> dict:
             torch.cuda.empty_cache()
         record["wall_s"] = time.perf_counter() - t0
         (args.out / "convergence.json").write_text(json.dumps(record, indent=1))  # a partial run keeps its data
-    if "eager" in results:
+    if "eager" in results and importlib.util.find_spec("matplotlib") is not None:  # the plot's one dependency
         plot(results, args.out / "convergence.png",
              f"LlamaForCausalLM {n_params / 1e6:.1f}M params, vocab {vocab}, {cfg.steps} steps, {device_name}")
+    elif "eager" in results:
+        print("no plot: matplotlib is not installed (pip install -e '.[bench]'); the data is in convergence.json")
 
     if "eager" in results:  # how far each curve is from eager's (compile vs eager = rounding; reseeded = run-to-run)
         base, base_ema = results["eager"]["losses"], ema(results["eager"]["losses"])

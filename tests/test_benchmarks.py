@@ -94,6 +94,7 @@ def test_smoke_prints_the_table_last(smoke):
 
 
 def test_plot_writes_a_png(smoke, tmp_path):
+    pytest.importorskip("matplotlib")  # the plot's one dependency, in the "bench" extra, not "test"
     _, _, json_path = smoke
     out = tmp_path / "bench.png"
     plot.main([str(json_path), "--out", str(out)])

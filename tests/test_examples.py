@@ -83,7 +83,8 @@ def test_explain_model():
 
 def test_convergence_small(tmp_path):
     record = load("examples/convergence.py").main(["--small", "--out", str(tmp_path)])
-    assert (tmp_path / "convergence.png").stat().st_size > 0
+    if importlib.util.find_spec("matplotlib") is not None:  # the plot needs the "bench" extra
+        assert (tmp_path / "convergence.png").stat().st_size > 0
     assert json.loads((tmp_path / "convergence.json").read_text())["results"].keys() == record["results"].keys()
     results = record["results"]
     assert set(results) == {"eager", "compile", "cce", "cce_exact", "eager_reseeded"}
