@@ -1,13 +1,17 @@
-"""The filtered buffered backward side by side with the exact one, and its dE GEMM's tile configs.
+"""The buffered backward's variants side by side: window sizes, filtering, the dE GEMM's tile configs.
 
-    python -m benchmarks.backward_variants [--shapes N,D,V ...] [--regimes lm uniform] [--configs]
+    python -m benchmarks.backward_variants [--shapes N,D,V ...] [--regimes lm uniform] [--windows]
+                                           [--no-filtered] [--configs]
 
 bf16. Per shape and data regime, median times (``do_bench``) of the backward in units of T = the
 cuBLAS logits GEMM measured first in the same process: exact (dE by cuBLAS), then filtered (dE by
 ``_filtered_de_kernel`` over the kept tiles) at filter_eps = 0 (every tile kept: the Triton GEMM
 against cuBLAS's), the default FILTER_EPS, 2^-2, and 1e9 (every tile skipped: the filtered path's
-floor), each with the fraction s of tiles skipped. ``--configs``: the eps = 0 point for each
-candidate config of the dE GEMM. Prints only; numbers worth keeping go to docs/PERF_NOTES.md.
+floor), each with the fraction s of tiles skipped. ``--windows``: the exact backward with the
+fewest, evenly sized windows of tokens (WAVE_ALIGNED_WINDOWS off) against the default windows sized
+to fill the dz kernel's waves, with each one's window size and the default's kernels by time
+(torch.profiler). ``--configs``: the eps = 0 point for each candidate config of the dE GEMM. Prints
+only; numbers worth keeping go to docs/PERF_NOTES.md.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ import torch
 from triton.testing import do_bench
 
 from cce_inductor.kernels import FILTER_EPS, backward, lce_backward, lce_forward
-from cce_inductor.kernels.common import TileConfig, filtered_de_config
+from cce_inductor.kernels.common import TileConfig, buffered_config, filtered_de_config, sm_count
 from cce_inductor.testing import make_inputs
 
 SHAPES = ("8192,2304,256000", "8192,4096,128256")
@@ -38,6 +42,9 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shapes", nargs="+", default=list(SHAPES), help="N,D,V each")
     parser.add_argument("--regimes", nargs="+", default=["lm", "uniform"], choices=("lm", "uniform"))
+    parser.add_argument("--windows", action="store_true", help="also the exact backward with evenly sized windows")
+    parser.add_argument("--filtered", action=argparse.BooleanOptionalAction, default=True,
+                        help="the filtered points (on by default)")
     parser.add_argument("--configs", action="store_true", help="also each candidate config of the dE GEMM")
     parser.add_argument("--profile-eps", nargs="*", type=float, default=[],
                         help="profile the filtered backward's kernels at these filter_eps")
@@ -64,8 +71,13 @@ def main(argv=None) -> None:
                 print(f"  {label:<44} {ms:7.2f} ms  {ms / gemm_ms:5.2f} T  ({ms / exact_ms:.3f} x exact){extra}",
                       flush=True)
 
-            show("exact", exact_ms)
-            for eps in (0.0, FILTER_EPS, 2.0**-2, 1e9):
+            show("exact", exact_ms, f"  windows of {_window_rows(e, c)} tokens")
+            if args.windows:
+                with mock.patch.object(backward, "WAVE_ALIGNED_WINDOWS", False):
+                    show("exact, evenly sized windows", backward_ms(False), f"  windows of {_window_rows(e, c)} tokens")
+                _profile(lambda: lce_backward(e, c, None, y, lse, g, zero, -100, 0.0, 0.0, False, True, True, False),
+                         "exact")
+            for eps in (0.0, FILTER_EPS, 2.0**-2, 1e9) if args.filtered else ():
                 counts = torch.zeros(2, dtype=torch.int32, device="cuda")
                 lce_backward(e, c, None, y, lse, g, zero, -100, 0.0, 0.0, True, True, True, False,
                              filter_eps=eps, tile_counts=counts)
@@ -82,15 +94,28 @@ def main(argv=None) -> None:
                             show(label + (" one program per tile" if backward.FILTERED_DE_PERSISTENT else " persistent"),
                                  backward_ms(True, filter_eps=0.0))
             for eps in args.profile_eps:
-                run = lambda: lce_backward(e, c, None, y, lse, g, zero, -100, 0.0, 0.0,  # noqa: E731
-                                           True, True, True, False, filter_eps=eps)
-                run()
-                torch.cuda.synchronize()
-                with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-                    run()
-                    torch.cuda.synchronize()
-                print(f"  profile, filtered, eps {eps:g}:")
-                print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=6))
+                _profile(lambda eps=eps: lce_backward(e, c, None, y, lse, g, zero, -100, 0.0, 0.0,
+                                                      True, True, True, False, filter_eps=eps),
+                         f"filtered, eps {eps:g}")
+
+
+def _window_rows(e, c) -> int:
+    """Tokens per window of the buffered backward on these inputs, as it chooses them."""
+    cfg = buffered_config(e)
+    return backward.buffered_shape(e.shape[0], e.shape[1], c.shape[0], e.element_size(), backward.BUFFER_BYTES,
+                                   cfg.block_n, cfg.block_v,
+                                   sms=sm_count(e.device) if backward.WAVE_ALIGNED_WINDOWS else None)[0]
+
+
+def _profile(run, label: str) -> None:
+    """The CUDA kernels of one call of ``run`` by total time."""
+    run()
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        run()
+        torch.cuda.synchronize()
+    print(f"  profile, {label}:")
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=6), flush=True)
 
 
 if __name__ == "__main__":

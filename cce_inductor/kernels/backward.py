@@ -99,6 +99,9 @@ BUFFER_BYTES = 48 * 2**20
 # enough for cuBLAS to run near its peak (measured with the earlier recompute kernel: backward 3.6-3.9 T
 # at 4096, H100; a 16384-wide chunk made the dz kernel ~4% faster, benchmarks/gemm_core_variants.py).
 CHUNK_V = 4096
+# Window sizes chosen so that the dz kernel's launches fill whole waves of SMs (see buffered_shape);
+# False: the fewest, evenly sized windows (for measurements).
+WAVE_ALIGNED_WINDOWS = True
 # At most this many vocab tiles per chunk: the filtered dE GEMM packs the list of a token tile's kept
 # vocab tiles into one int64, 4 bits per entry. 16 x 256 = CHUNK_V on the GPU.
 MAX_CHUNK_TILES = 16
@@ -688,17 +691,33 @@ def buffered_path_applies(e: Tensor, order, filter_dc: bool = False) -> bool:
 
 
 def buffered_shape(num_tokens: int, dim: int, vocab: int, element_size: int, buffer_bytes: int,
-                   block_n: int, block_v: int) -> tuple[int, int]:
+                   block_n: int, block_v: int, sms: int | None = None) -> tuple[int, int]:
     """(tokens per window, vocabulary entries per chunk) for the buffered path: chunks of CHUNK_V
-    entries (all of V when smaller), windows as few as the budget then allows, evenly sized, in
-    whole tiles. Buffer rows*cols*element_size + accumulator 4*rows*dim stay within buffer_bytes,
-    unless one tile of each is already more. No more scratch than that: a wider chunk would not make
-    the GEMMs faster, and fewer windows would need more.
+    entries (all of V when smaller), windows in whole tiles. Buffer rows*cols*element_size +
+    accumulator 4*rows*dim stay within buffer_bytes, unless one tile of each is already more. No
+    more scratch than that: a wider chunk would not make the GEMMs faster.
     Chunks hold at most MAX_CHUNK_TILES vocab tiles (the filtered dE GEMM's packed list of kept tiles).
-    E.g. (8192, 2304, 256000, bf16, 48 MiB): 3 windows of 2816 tokens, chunks of 4096."""
+    ``sms`` None: windows as few as the budget allows, evenly sized. ``sms`` given (the dz kernel's
+    programs): the window size within the budget whose launches fill their waves of ``sms`` tiles
+    best -- the fewest waves per chunk over all windows, then the fewest windows (the last window
+    holds the rest). The dz kernel's time is its number of waves, a partial last wave costing a
+    whole one: measured on an H200 at 8192 x 2304 x 256000 (bf16, LM-like), 3 windows of 2816 tokens
+    (352 tiles per launch: 2.67 waves on 132 SMs, run as 3) 53.9 ms for the backward, 4 windows of
+    2048 (256 tiles: 1.94 waves) 49.5 ms (benchmarks/backward_variants.py --windows).
+    E.g. (8192, 2304, 256000, bf16, 48 MiB): 3 windows of 2816 tokens, or with sms = 132 4 of 2048."""
     cols = min(vocab, CHUNK_V, MAX_CHUNK_TILES * block_v)
     per_token = element_size * buffer_row_stride(cols) + 4 * dim
     fit = max(block_n, buffer_bytes // per_token // block_n * block_n)
+    if sms is not None and num_tokens > block_n:
+        tiles_n, tiles_v = -(-num_tokens // block_n), -(-cols // block_v)
+
+        def waves_and_windows(window_tiles):
+            full, rest = divmod(tiles_n, window_tiles)
+            waves = full * -(-window_tiles * tiles_v // sms) + -(-rest * tiles_v // sms)
+            return waves, full + (rest > 0)
+
+        best = min(range(1, min(tiles_n, fit // block_n) + 1), key=lambda t: (*waves_and_windows(t), -t))
+        return min(best * block_n, num_tokens), cols
     windows = -(-num_tokens // fit)
     rows = -(-num_tokens // windows)
     rows = min(fit, -(-rows // block_n) * block_n, num_tokens)
@@ -735,7 +754,8 @@ def _buffered_backward(window_launcher, e, c, num_tokens, dim, vocab, needs_e, n
     ``launch(v_begin, v_count, dz)``. The views of each chunk are made once per call, not per
     iteration (host time; see window_launcher). Returns (dE or None, dC or None) in the input dtype."""
     cfg = buffered_config(e)
-    rows, cols = buffered_shape(num_tokens, dim, vocab, e.element_size(), buffer_bytes, cfg.block_n, cfg.block_v)
+    rows, cols = buffered_shape(num_tokens, dim, vocab, e.element_size(), buffer_bytes, cfg.block_n, cfg.block_v,
+                                sms=sm_count(e.device) if WAVE_ALIGNED_WINDOWS else None)
     ld = buffer_row_stride(cols)
     buf = torch.empty(rows * ld, dtype=e.dtype, device=e.device)
     dc = torch.empty(vocab, dim, dtype=c.dtype, device=c.device) if needs_c else None

@@ -252,6 +252,27 @@ def test_buffered_shape_stays_within_budget():
     assert buffered_shape(8192, 4096, 128256, 2, BUFFER_BYTES, 128, 256) == (2048, 4096)
     # at most MAX_CHUNK_TILES vocab tiles per chunk (the filtered dE GEMM's packed list)
     assert buffered_shape(100, 64, 3000, 2, BUFFER_BYTES, 16, 16) == (100, 16 * 16)
+    for n, d, v in [(8192, 2304, 256000), (8192, 4096, 128256), (8192, 512, 32768), (3000, 8192, 262144), (100, 64, 50000)]:
+        rows, cols = buffered_shape(n, d, v, 2, BUFFER_BYTES, 128, 256, sms=132)
+        assert 0 < rows <= n and (rows == n or rows % 128 == 0)
+        assert 2 * rows * cols + 4 * rows * d <= BUFFER_BYTES
+
+
+def test_windows_fill_whole_waves():
+    """With the SM count given, the window size is the one whose dz launches leave the fewest idle
+    SMs: at the Gemma shape 4 windows of 16 token tiles (16 x 16 = 256 tiles: 2 waves on 132 SMs,
+    8 waves per chunk in all) rather than the budget's 3 of 22 (352 tiles: 3 waves each, 9 in all);
+    where one window fits, one window; never more than the budget."""
+    from cce_inductor.kernels.backward import BUFFER_BYTES, buffered_shape
+
+    assert buffered_shape(8192, 2304, 256000, 2, BUFFER_BYTES, 128, 256, sms=132) == (2048, 4096)
+    assert buffered_shape(8192, 4096, 128256, 2, BUFFER_BYTES, 128, 256, sms=132) == (2048, 4096)
+    assert buffered_shape(1000, 4096, 128256, 2, BUFFER_BYTES, 128, 256, sms=132) == (1000, 4096)
+    # 10 token tiles, a budget of 5, 3 vocab tiles per chunk, 6 SMs: windows of 4 tiles (4, 4, 2:
+    # 2 + 2 + 1 waves) beat the budget's even 5 + 5 (3 + 3 waves) and tie with 5 windows of 2 (1 each)
+    budget = 5 * 16 * (2 * 48 + 4 * 8)
+    assert buffered_shape(10 * 16, 8, 48, 2, budget, 16, 16) == (80, 48)
+    assert buffered_shape(10 * 16, 8, 48, 2, budget, 16, 16, sms=6) == (64, 48)
 
 
 def test_strided_rows_and_transposed_inputs():
