@@ -3,10 +3,13 @@
 Two paths share the logit tile (``common.logit_tile``) and the gradient of the logits (``_logit_grad``):
   * buffered (16-bit inputs, exact; ``_buffered_backward``): a persistent kernel (``_dz_kernel``; on
     Hopper TMA loads and stores, its tile loop flattened except under a softcap) writes each tile's
-    dz into a bounded buffer and cuBLAS forms dE and dC from it -- the default, measured 3.30-3.76 T
-    for the backward on an H100 (T = the cuBLAS logits GEMM; results/h100-2026-11-23d);
-  * atomic (float32 inputs, the filter, torch builds without a mixed-precision addmm): the kernel
-    ``_backward_kernel`` forms dE and dC itself with float32 atomics, as described below -- ~10-11 T.
+    dz into a bounded buffer and cuBLAS forms dE and dC from it -- the default, measured 3.27-3.64 T
+    for the backward on an H200 (T = the cuBLAS logits GEMM; results/h200-2026-12-01), 3.30-3.76 T on
+    an H100 before the windows were sized to the SMs (results/h100-2026-11-23d); with the filter, a
+    Triton GEMM (``_filtered_de_kernel``) forms dE over the tiles the filter keeps;
+  * atomic (float32 inputs, a filtered dC, a vocabulary order, torch builds without a mixed-precision
+    addmm): the kernel ``_backward_kernel`` forms dE and dC itself with float32 atomics, as described
+    below -- ~10-11 T.
 
 Gradient of sum_i (grad_loss_i * loss_i + grad_lse_i * lse_i) w.r.t. the (capped) logits z:
     dz_ij = (g_i + grad_lse_i) * p_ij - g_i * ((1 - ls) * [j == y_i] + ls / V),   p = softmax(z),
@@ -750,7 +753,7 @@ def _buffered_backward(window_launcher, e, c, num_tokens, dim, vocab, needs_e, n
     dbias comes from the kernel's float32 atomics. One recompute of the logits (the atomic path
     needs two once dE's float32 buffer passes its window), three GEMMs by cuBLAS, and the buffer's
     traffic. dC's rounding: one per window (bf16: ~2^-9 each, on a sum that grows with the windows),
-    so dC's error stays within torch's own while the windows are few (3-4 at N = 8192 under the
+    so dC's error stays within torch's own while the windows are few (4 at N = 8192 under the
     default budget). ``window_launcher(n_begin, n_count)`` returns the window's dz launcher
     ``launch(v_begin, v_count, dz)``. The views of each chunk are made once per call, not per
     iteration (host time; see window_launcher). Returns (dE or None, dC or None) in the input dtype."""
