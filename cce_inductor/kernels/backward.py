@@ -703,11 +703,12 @@ def buffered_shape(num_tokens: int, dim: int, vocab: int, element_size: int, buf
     ``sms`` None: windows as few as the budget allows, evenly sized. ``sms`` given (the dz kernel's
     programs): the window size within the budget whose launches fill their waves of ``sms`` tiles
     best -- the fewest waves per chunk over all windows, then the fewest windows (the last window
-    holds the rest). The dz kernel's time is its number of waves, a partial last wave costing a
-    whole one: measured on an H200 at 8192 x 2304 x 256000 (bf16, LM-like), 3 windows of 2816 tokens
-    (352 tiles per launch: 2.67 waves on 132 SMs, run as 3) 53.4 ms for the backward, 4 windows of
-    2048 (256 tiles: 1.94 waves) 48.9 ms (benchmarks/backward_variants.py --windows;
-    results/h200-2026-12-01/windows_variants.log).
+    holds the rest). The model: a launch takes as long as its number of waves, a partial last wave
+    costing a whole one. Measured on an H200 at 8192 x 2304 x 256000 (bf16; benchmarks/
+    backward_variants.py --windows, results/h200-2026-12-01/windows_variants*.log): 3 windows of
+    2816 tokens (352 tiles per launch: 2.67 waves on 132 SMs, run as 3) against 4 of 2048 (256
+    tiles: 1.94 waves), backward 53.4 / 52.5 -> 48.9 / 49.0 ms on LM-like data (two runs), 49.2 ->
+    48.6 ms on uniform data -- more than the model predicts on the one, less on the other.
     E.g. (8192, 2304, 256000, bf16, 48 MiB): 3 windows of 2816 tokens, or with sms = 132 4 of 2048."""
     cols = min(vocab, CHUNK_V, MAX_CHUNK_TILES * block_v)
     per_token = element_size * buffer_row_stride(cols) + 4 * dim
