@@ -397,8 +397,9 @@ def linear_cross_entropy(
             in it is below ``kernels.FILTER_EPS`` (1/8) times its share |tile|/V: the mass dropped
             from any token is then < 1/8 of its gradient scale, whatever the data (a near-uniform
             softmax is never filtered); dC and dbias stay exact. Not recommended today: the filtered
-            backward runs the older atomic kernel, slower than the exact mode's buffered path
-            (10-12 T against 4.3-5.1 T fw+bw on an H100), and the dropped tail mass is biased: in the
+            backward (a Triton dE GEMM over the kept tiles) is slower than the exact mode's unless it
+            skips much (4.2-5.4 T against 4.1-4.9 T fw+bw on an H200; faster only at the Llama shape
+            on LM-like data, results/h200-2026-12-01), and the dropped tail mass is biased: in the
             committed 300-step convergence run the filtered loss strayed up to 0.015 above eager's
             early on, three times as far as torch.compile's rounding, though well inside the 0.13
             that another random init moves it (results/h100-2026-11-23d/convergence.png; at 1/4
