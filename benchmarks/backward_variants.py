@@ -23,7 +23,7 @@ import torch
 from triton.testing import do_bench
 
 from cce_inductor.kernels import FILTER_EPS, backward, lce_backward, lce_forward
-from cce_inductor.kernels.common import TileConfig, buffered_config, filtered_de_config, sm_count
+from cce_inductor.kernels.common import TileConfig, filtered_de_config
 from cce_inductor.testing import make_inputs
 
 SHAPES = ("8192,2304,256000", "8192,4096,128256")
@@ -71,10 +71,13 @@ def main(argv=None) -> None:
                 print(f"  {label:<44} {ms:7.2f} ms  {ms / gemm_ms:5.2f} T  ({ms / exact_ms:.3f} x exact){extra}",
                       flush=True)
 
-            show("exact", exact_ms, f"  windows of {_window_rows(e, c)} tokens")
+            def windows():
+                return f"  windows of {backward.buffered_window(e, v)[0]} tokens"
+
+            show("exact", exact_ms, windows())
             if args.windows:
                 with mock.patch.object(backward, "WAVE_ALIGNED_WINDOWS", False):
-                    show("exact, evenly sized windows", backward_ms(False), f"  windows of {_window_rows(e, c)} tokens")
+                    show("exact, evenly sized windows", backward_ms(False), windows())
                 _profile(lambda: lce_backward(e, c, None, y, lse, g, zero, -100, 0.0, 0.0, False, True, True, False),
                          "exact")
             for eps in (0.0, FILTER_EPS, 2.0**-2, 1e9) if args.filtered else ():
@@ -97,14 +100,6 @@ def main(argv=None) -> None:
                 _profile(lambda eps=eps: lce_backward(e, c, None, y, lse, g, zero, -100, 0.0, 0.0,
                                                       True, True, True, False, filter_eps=eps),
                          f"filtered, eps {eps:g}")
-
-
-def _window_rows(e, c) -> int:
-    """Tokens per window of the buffered backward on these inputs, as it chooses them."""
-    cfg = buffered_config(e)
-    return backward.buffered_shape(e.shape[0], e.shape[1], c.shape[0], e.element_size(), backward.BUFFER_BYTES,
-                                   cfg.block_n, cfg.block_v,
-                                   sms=sm_count(e.device) if backward.WAVE_ALIGNED_WINDOWS else None)[0]
 
 
 def _profile(run, label: str) -> None:

@@ -24,7 +24,7 @@ from unittest import mock
 import torch
 
 from cce_inductor.kernels import backward, lce_backward, lce_forward
-from cce_inductor.kernels.common import buffered_config, sm_count
+from cce_inductor.kernels.common import buffered_config
 from cce_inductor.testing import make_inputs
 
 DEFAULT_SHAPES = ["256,64,32768", "8192,512,32768", "8192,2304,256000"]
@@ -54,9 +54,7 @@ def measure(n: int, d: int, v: int, calls: int, profile: bool) -> None:
     _, lse = lce_forward(e, c, None, y, -100, 0.0, 0.0)
     g = torch.full((n,), 1.0 / n, device="cuda")
     zero = torch.zeros_like(g)
-    cfg = buffered_config(e)
-    rows, cols = backward.buffered_shape(n, d, v, e.element_size(), backward.BUFFER_BYTES, cfg.block_n, cfg.block_v,
-                                         sms=sm_count(e.device) if backward.WAVE_ALIGNED_WINDOWS else None)
+    rows, cols = backward.buffered_window(e, v)
     iterations = -(-n // rows) * -(-v // cols)
 
     def run():

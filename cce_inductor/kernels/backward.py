@@ -729,6 +729,15 @@ def buffered_shape(num_tokens: int, dim: int, vocab: int, element_size: int, buf
     return rows, cols
 
 
+def buffered_window(e: Tensor, vocab: int, buffer_bytes: int = BUFFER_BYTES) -> tuple[int, int]:
+    """(tokens per window, vocabulary entries per chunk) as the buffered path chooses them for
+    (N, D) = e.shape, its dtype and device (``buffered_shape``; windows fit to the device's SMs where
+    WAVE_ALIGNED_WINDOWS)."""
+    cfg = buffered_config(e)
+    return buffered_shape(e.shape[0], e.shape[1], vocab, e.element_size(), buffer_bytes, cfg.block_n, cfg.block_v,
+                          sms=sm_count(e.device) if WAVE_ALIGNED_WINDOWS else None)
+
+
 def buffer_row_stride(cols: int) -> int:
     """The dz buffer's row stride: cols rounded up to 8 elements, so that every row starts 16-byte
     aligned (TMA stores need it; cuBLAS takes the padded leading dimension as it is)."""
@@ -758,9 +767,7 @@ def _buffered_backward(window_launcher, e, c, num_tokens, dim, vocab, needs_e, n
     default budget). ``window_launcher(n_begin, n_count)`` returns the window's dz launcher
     ``launch(v_begin, v_count, dz)``. The views of each chunk are made once per call, not per
     iteration (host time; see window_launcher). Returns (dE or None, dC or None) in the input dtype."""
-    cfg = buffered_config(e)
-    rows, cols = buffered_shape(num_tokens, dim, vocab, e.element_size(), buffer_bytes, cfg.block_n, cfg.block_v,
-                                sms=sm_count(e.device) if WAVE_ALIGNED_WINDOWS else None)
+    rows, cols = buffered_window(e, vocab, buffer_bytes)
     ld = buffer_row_stride(cols)
     buf = torch.empty(rows * ld, dtype=e.dtype, device=e.device)
     dc = torch.empty(vocab, dim, dtype=c.dtype, device=c.device) if needs_c else None
