@@ -713,7 +713,9 @@ def buffered_shape(num_tokens: int, dim: int, vocab: int, element_size: int, buf
     cols = min(vocab, CHUNK_V, MAX_CHUNK_TILES * block_v)
     per_token = element_size * buffer_row_stride(cols) + 4 * dim
     fit = max(block_n, buffer_bytes // per_token // block_n * block_n)
-    if sms is not None and num_tokens > block_n:
+    if sms is not None and num_tokens > fit:
+        # (one window that fits is already best: no split has fewer waves or fewer windows; the
+        # search below runs over at most fit // block_n sizes, and only for several windows)
         tiles_n, tiles_v = -(-num_tokens // block_n), -(-cols // block_v)
 
         def waves_and_windows(window_tiles):
