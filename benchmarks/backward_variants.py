@@ -7,7 +7,8 @@ bf16. Per shape and data regime, median times (``do_bench``) of the backward in 
 cuBLAS logits GEMM measured first in the same process: exact (dE by cuBLAS), then filtered (dE by
 ``_filtered_de_kernel`` over the kept tiles) at filter_eps = 0 (every tile kept: the Triton GEMM
 against cuBLAS's), the default FILTER_EPS, 2^-2, and 1e9 (every tile skipped: the filtered path's
-floor), each with the fraction s of tiles skipped. ``--windows``: the exact backward with the
+floor), each with the fraction s of tiles skipped. ``--epilogue``: the exact backward with the
+dz kernel's other epilogue (LEAN_DZ_EPILOGUE flipped), then the default again. ``--windows``: the exact backward with the
 fewest, evenly sized windows of tokens (WAVE_ALIGNED_WINDOWS off) against the default windows sized
 to fill the dz kernel's waves, with each one's window size and the default's kernels by time
 (torch.profiler). ``--configs``: the eps = 0 point for each candidate config of the dE GEMM. Prints
@@ -46,6 +47,8 @@ def main(argv=None) -> None:
     parser.add_argument("--filtered", action=argparse.BooleanOptionalAction, default=True,
                         help="the filtered points (on by default)")
     parser.add_argument("--configs", action="store_true", help="also each candidate config of the dE GEMM")
+    parser.add_argument("--epilogue", action="store_true",
+                        help="also the exact backward with the dz kernel's masked epilogue (LEAN_DZ_EPILOGUE off)")
     parser.add_argument("--profile-eps", nargs="*", type=float, default=[],
                         help="profile the filtered backward's kernels at these filter_eps")
     args = parser.parse_args(argv)
@@ -75,6 +78,10 @@ def main(argv=None) -> None:
                 return f"  windows of {backward.buffered_window(e, v)[0]} tokens"
 
             show("exact", exact_ms, windows())
+            if args.epilogue:
+                with mock.patch.object(backward, "LEAN_DZ_EPILOGUE", not backward.LEAN_DZ_EPILOGUE):
+                    show(f"exact, LEAN_DZ_EPILOGUE={backward.LEAN_DZ_EPILOGUE}", backward_ms(False))
+                show("exact again", backward_ms(False))
             if args.windows:
                 with mock.patch.object(backward, "WAVE_ALIGNED_WINDOWS", False):
                     show("exact, evenly sized windows", backward_ms(False), windows())

@@ -77,7 +77,7 @@ import triton.language as tl
 from torch import Tensor
 
 from .common import (
-    HAS_FLATTEN, TileConfig, as_f32, backward_config, buffered_config, capped_logits, dot, dot_precision, dot_upcast,
+    HAS_FLATTEN, LOG2E, TileConfig, as_f32, backward_config, buffered_config, capped_logits, dot, dot_precision, dot_upcast,
     filtered_de_config, logit_tile, prepare_inputs, sm_count, tma_descriptor,
 )
 
@@ -112,34 +112,52 @@ MAX_CHUNK_TILES = 16
 # output tile). Measured (H100, bf16, LM-like, every tile kept; benchmarks/backward_variants.py):
 # backward 54.3 against 55.2 ms at 8192 x 2304 x 256000, 43.5 against 43.6 ms at 8192 x 4096 x 128256.
 FILTERED_DE_PERSISTENT = True
+# The dz epilogue without its row and column masks, with exp2 and an int32 target compare (for
+# measurement against the previous epilogue; see _logit_grad).
+LEAN_DZ_EPILOGUE = True
 # torch builds with a mixed-precision addmm (16-bit operands, float32 result): the buffered path's
 # dE accumulator needs it on CUDA (torch >= 2.8 or so; older builds take the atomic path).
 _HAS_ADDMM_DTYPE = "dtype_out" in torch.ops.aten.addmm.overloads()
 
 
 @triton.jit
-def _token_coefficients(Targets, Lse, GradLoss, GradLse, offs_n, mask_n, V, ignore_index):
-    """Per token of a tile: clamped target, g_loss (0 where ignored), g_p = g_loss + grad_lse, lse."""
+def _token_coefficients(Targets, Lse, GradLoss, GradLse, offs_n, mask_n, V, ignore_index, LEAN: tl.constexpr):
+    """Per token of a tile: clamped target, g_loss (0 where ignored), g_p = g_loss + grad_lse, lse
+    (+inf past N, so that those rows' p is 0 without a mask)."""
     targets = tl.load(Targets + offs_n, mask=mask_n, other=ignore_index)
     valid = mask_n & (targets != ignore_index)
     g_loss = tl.where(valid, tl.load(GradLoss + offs_n, mask=mask_n, other=0.0), 0.0)  # [BLOCK_N]
     g_p = g_loss + tl.load(GradLse + offs_n, mask=mask_n, other=0.0)  # [BLOCK_N]
-    lse = tl.load(Lse + offs_n, mask=mask_n, other=0.0)  # [BLOCK_N]
+    if LEAN:
+        lse = tl.load(Lse + offs_n, mask=mask_n, other=float("inf"))  # [BLOCK_N]
+    else:
+        lse = tl.load(Lse + offs_n, mask=mask_n, other=0.0)  # [BLOCK_N]
     targets = tl.minimum(tl.maximum(targets, 0), V - 1)  # out-of-range targets: as the reference
     return targets, g_loss, g_p, lse
 
 
 @triton.jit
 def _logit_grad(z, t, lse, g_p, g_loss, targets, ids_v, mask_n, mask_v, target_weight, uniform_weight,
-                HAS_SMOOTHING: tl.constexpr, HAS_SOFTCAP: tl.constexpr):
-    """dz = g_p * p - g_loss * ((1 - ls) onehot + ls / V), times 1 - t^2 under a softcap; 0 outside
-    the tile's valid rows and columns. float32 [BLOCK_N, BLOCK_V]."""
-    mask_nv = mask_n[:, None] & mask_v[None, :]
-    p = tl.where(mask_nv, tl.exp(z - lse[:, None]), 0.0)
-    is_target = ids_v[None, :] == targets[:, None]
-    onehot = tl.where(is_target & mask_v[None, :], target_weight, 0.0)
-    if HAS_SMOOTHING:
-        onehot += tl.where(mask_v[None, :], uniform_weight, 0.0)
+                HAS_SMOOTHING: tl.constexpr, HAS_SOFTCAP: tl.constexpr, LEAN: tl.constexpr):
+    """dz = g_p * p - g_loss * ((1 - ls) onehot + ls / V), times 1 - t^2 under a softcap, float32
+    [BLOCK_N, BLOCK_V]; 0 in rows past N. Columns past the launch's vocabulary hold garbage: every
+    consumer masks them (the stores, dbias, the filter's mass; the atomic path's GEMMs load zeros of
+    C and E there)."""
+    if LEAN:
+        # the row mask comes from lse = +inf (p = 0) and g = 0 past N; exp2 with log2(e) folded in
+        # (one FMA); the target compare in int32 (ids < V < 2^31)
+        p = tl.exp2(z * LOG2E - (lse * LOG2E)[:, None])
+        is_target = ids_v.to(tl.int32)[None, :] == targets.to(tl.int32)[:, None]
+        onehot = tl.where(is_target, target_weight, 0.0)
+        if HAS_SMOOTHING:
+            onehot += uniform_weight
+    else:
+        mask_nv = mask_n[:, None] & mask_v[None, :]
+        p = tl.where(mask_nv, tl.exp(z - lse[:, None]), 0.0)
+        is_target = ids_v[None, :] == targets[:, None]
+        onehot = tl.where(is_target & mask_v[None, :], target_weight, 0.0)
+        if HAS_SMOOTHING:
+            onehot += tl.where(mask_v[None, :], uniform_weight, 0.0)
     dz = g_p[:, None] * p - g_loss[:, None] * onehot
     if HAS_SOFTCAP:
         dz = dz * (1.0 - t * t)
@@ -147,10 +165,10 @@ def _logit_grad(z, t, lse, g_p, g_loss, targets, ids_v, mask_n, mask_v, target_w
 
 
 @triton.jit
-def _filter_keep(dz, g_p, g_loss, width, filter_tau):
+def _filter_keep(dz, mask_v, g_p, g_loss, width, filter_tau):
     """The filter's rule for one tile of dz (float32 [BLOCK_N, BLOCK_V], ``width`` valid vocabulary
-    columns): keep it unless every token's mass there is < filter_tau * width * w_i."""
-    mass = tl.sum(tl.abs(dz), axis=1)  # [BLOCK_N]
+    columns, mask_v): keep it unless every token's mass there is < filter_tau * width * w_i."""
+    mass = tl.sum(tl.where(mask_v[None, :], tl.abs(dz), 0.0), axis=1)  # [BLOCK_N]
     scale = tl.abs(g_p) + tl.abs(g_loss)  # [BLOCK_N]
     over = (mass >= filter_tau * width * scale) & (mass > 0.0)  # not negligible for this token
     return tl.max(over.to(tl.int32), axis=0) > 0
@@ -170,6 +188,7 @@ def _dz_kernel(
     HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_SMOOTHING: tl.constexpr,
     NEEDS_BIAS: tl.constexpr, EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     TMA: tl.constexpr, FLATTEN: tl.constexpr, FILTER: tl.constexpr, COUNT_TILES: tl.constexpr,
+    LEAN_DZ: tl.constexpr,
 ):
     """The buffered path's recompute: dz of every (token tile, vocab tile) of the launch into the
     (N, v_count) buffer Dz, in the input dtype (and dbias by float32 atomics). Persistent: one
@@ -184,14 +203,14 @@ def _dz_kernel(
                      TileCounts, tile, N, V, D, v_begin, v_count, stride_en, stride_cv, stride_dzn,
                      ignore_index, softcap, target_weight, uniform_weight, filter_tau,
                      BLOCK_N, BLOCK_V, BLOCK_D, GROUP_N, HAS_BIAS, HAS_SOFTCAP, HAS_SMOOTHING,
-                     NEEDS_BIAS, EVEN_D, DOT_PRECISION, UPCAST, TMA, FILTER, COUNT_TILES)
+                     NEEDS_BIAS, EVEN_D, DOT_PRECISION, UPCAST, TMA, FILTER, COUNT_TILES, LEAN_DZ)
     else:
         for tile in range(tl.program_id(0), num_tiles, num_programs):
             _dz_tile(E, C, E_desc, C_desc, Bias, Targets, Lse, GradLoss, GradLse, dBias, Dz, Dz_desc, Keep,
                      TileCounts, tile, N, V, D, v_begin, v_count, stride_en, stride_cv, stride_dzn,
                      ignore_index, softcap, target_weight, uniform_weight, filter_tau,
                      BLOCK_N, BLOCK_V, BLOCK_D, GROUP_N, HAS_BIAS, HAS_SOFTCAP, HAS_SMOOTHING,
-                     NEEDS_BIAS, EVEN_D, DOT_PRECISION, UPCAST, TMA, FILTER, COUNT_TILES)
+                     NEEDS_BIAS, EVEN_D, DOT_PRECISION, UPCAST, TMA, FILTER, COUNT_TILES, LEAN_DZ)
 
 
 @triton.jit
@@ -213,7 +232,7 @@ def _dz_tile(
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, GROUP_N: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_SMOOTHING: tl.constexpr,
     NEEDS_BIAS: tl.constexpr, EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
-    TMA: tl.constexpr, FILTER: tl.constexpr, COUNT_TILES: tl.constexpr,
+    TMA: tl.constexpr, FILTER: tl.constexpr, COUNT_TILES: tl.constexpr, LEAN_DZ: tl.constexpr,
 ):
     pid_n, pid_v = _tile_position(tile, N, v_count, BLOCK_N, BLOCK_V, GROUP_N)
     offs_n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)  # [BLOCK_N]
@@ -221,16 +240,17 @@ def _dz_tile(
     pos_v = (pid_v * BLOCK_V + tl.arange(0, BLOCK_V)).to(tl.int64)  # [BLOCK_V] position in the launch
     mask_v = pos_v < v_count
     ids_v = v_begin + pos_v
-    targets, g_loss, g_p, lse = _token_coefficients(Targets, Lse, GradLoss, GradLse, offs_n, mask_n, V, ignore_index)
+    targets, g_loss, g_p, lse = _token_coefficients(Targets, Lse, GradLoss, GradLse, offs_n, mask_n, V, ignore_index,
+                                                    LEAN_DZ)
     z = logit_tile(E, C, E_desc, C_desc, pid_n * BLOCK_N, v_begin + pid_v * BLOCK_V, offs_n, ids_v, mask_n, mask_v,
                    D, stride_en, stride_cv, BLOCK_N, BLOCK_V, BLOCK_D, EVEN_D, TMA, DOT_PRECISION, UPCAST)
     z, t = capped_logits(z, Bias, ids_v, mask_v, softcap, HAS_BIAS, HAS_SOFTCAP)
     dz = _logit_grad(z, t, lse, g_p, g_loss, targets, ids_v, mask_n, mask_v, target_weight, uniform_weight,
-                     HAS_SMOOTHING, HAS_SOFTCAP)
+                     HAS_SMOOTHING, HAS_SOFTCAP, LEAN_DZ)
     if NEEDS_BIAS:
         tl.atomic_add(dBias + ids_v, tl.sum(dz, axis=0), mask=mask_v, sem="relaxed")
     if FILTER:
-        keep = _filter_keep(dz, g_p, g_loss, tl.minimum(v_count - pid_v * BLOCK_V, BLOCK_V), filter_tau)
+        keep = _filter_keep(dz, mask_v, g_p, g_loss, tl.minimum(v_count - pid_v * BLOCK_V, BLOCK_V), filter_tau)
         tl.store(Keep + pid_n * tl.cdiv(v_count, BLOCK_V) + pid_v, keep.to(tl.int8))
         if COUNT_TILES:
             tl.atomic_add(TileCounts + tl.where(keep, 0, 1), 1, sem="relaxed")
@@ -331,7 +351,7 @@ def _backward_kernel(
     HAS_ORDER: tl.constexpr, DC_ROW_BY_ID: tl.constexpr, FILTER: tl.constexpr,
     COUNT_TILES: tl.constexpr, NEEDS_E: tl.constexpr, NEEDS_C: tl.constexpr,
     NEEDS_BIAS: tl.constexpr, EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
-    FILTER_DC: tl.constexpr,
+    FILTER_DC: tl.constexpr, LEAN_DZ: tl.constexpr,
 ):
     """The atomic path: one program per (token tile, vocab tile); see the module docstring."""
     pid_n, pid_v = _tile_position(tl.program_id(0), N, v_count, BLOCK_N, BLOCK_V, GROUP_N)
@@ -343,14 +363,15 @@ def _backward_kernel(
         ids_v = tl.load(VocabOrder + v_begin + pos_v, mask=mask_v, other=0)  # [BLOCK_V] vocab ids
     else:
         ids_v = v_begin + pos_v
-    targets, g_loss, g_p, lse = _token_coefficients(Targets, Lse, GradLoss, GradLse, offs_n, mask_n, V, ignore_index)
+    targets, g_loss, g_p, lse = _token_coefficients(Targets, Lse, GradLoss, GradLse, offs_n, mask_n, V, ignore_index,
+                                                    LEAN_DZ)
 
     # ---- 1-2. recompute the logit tile (pointer loads: the ids may be a permutation), dz
     z = logit_tile(E, C, E, C, 0, 0, offs_n, ids_v, mask_n, mask_v, D, stride_en, stride_cv,
                    BLOCK_N, BLOCK_V, BLOCK_D, EVEN_D, False, DOT_PRECISION, UPCAST)
     z, t = capped_logits(z, Bias, ids_v, mask_v, softcap, HAS_BIAS, HAS_SOFTCAP)
     dz = _logit_grad(z, t, lse, g_p, g_loss, targets, ids_v, mask_n, mask_v, target_weight, uniform_weight,
-                     HAS_SMOOTHING, HAS_SOFTCAP)  # [BLOCK_N, BLOCK_V] float32
+                     HAS_SMOOTHING, HAS_SOFTCAP, LEAN_DZ)  # [BLOCK_N, BLOCK_V] float32
 
     # ---- 3. dbias, exact
     if NEEDS_BIAS:
@@ -358,7 +379,7 @@ def _backward_kernel(
 
     # ---- filter: skip the dE GEMM (FILTER_DC: dC's too) iff every token's mass here is < tau * |tile| * w_i
     if FILTER:
-        keep = _filter_keep(dz, g_p, g_loss, tl.minimum(v_count - pid_v * BLOCK_V, BLOCK_V), filter_tau)
+        keep = _filter_keep(dz, mask_v, g_p, g_loss, tl.minimum(v_count - pid_v * BLOCK_V, BLOCK_V), filter_tau)
         if COUNT_TILES:
             tl.atomic_add(TileCounts + tl.where(keep, 0, 1), 1, sem="relaxed")
     else:
@@ -504,7 +525,7 @@ def lce_backward(
             HAS_ORDER=order is not None, DC_ROW_BY_ID=dc_by_id, FILTER=bool(filter_grad),
             COUNT_TILES=tile_counts is not None and do_e, NEEDS_E=do_e, NEEDS_C=do_c,
             NEEDS_BIAS=do_bias, EVEN_D=dim % tile.block_d == 0, DOT_PRECISION=dot_precision(e.dtype),
-            UPCAST=dot_upcast(e), FILTER_DC=bool(filter_grad and filter_dc),
+            UPCAST=dot_upcast(e), FILTER_DC=bool(filter_grad and filter_dc), LEAN_DZ=LEAN_DZ_EPILOGUE,
             num_warps=tile.num_warps, num_stages=tile.num_stages,
         )
 
@@ -530,7 +551,7 @@ def lce_backward(
             BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_D=cfg.block_d, GROUP_N=cfg.group_n,
             HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap != 0.0, HAS_SMOOTHING=label_smoothing != 0.0,
             NEEDS_BIAS=needs_bias, EVEN_D=dim % cfg.block_d == 0, DOT_PRECISION=dot_precision(e.dtype),
-            UPCAST=dot_upcast(e), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            UPCAST=dot_upcast(e), LEAN_DZ=LEAN_DZ_EPILOGUE, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
 
         def window_launcher(n_begin, n_count):

@@ -27,6 +27,7 @@ except ImportError:  # pragma: no cover - depends on the installed triton
 HAS_FLATTEN = "flatten" in inspect.signature(tl.range.__init__).parameters
 
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+LOG2E = tl.constexpr(1.4426950408889634)  # exp(x) = exp2(x * LOG2E)
 
 
 @dataclass(frozen=True)

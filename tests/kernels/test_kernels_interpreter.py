@@ -373,6 +373,55 @@ def test_vocab_splits_fill_the_waves():
     assert vocab_splits(1, 7, 4, 1024) == (2, 4)
 
 
+@pytest.mark.parametrize("group_n", [1, 2, 3, 100])
+def test_forward_program_groups_cover_every_tile_once(group_n):
+    """The forward's programs walk groups of group_n token tiles x all splits (the last group
+    narrower); any group size covers every (token tile, split) exactly once, so loss and lse are
+    the same bits whatever the grouping -- and match float64. N = 90: 6 token tiles of 16 (groups of
+    3 and 100 divide them unevenly or hold all); V = 101: 7 vocab tiles in 4 splits of 2."""
+    import dataclasses
+
+    from cce_inductor.kernels import common, forward
+
+    e, c, b, y = _inputs(n=90, d=45, v=101, dtype=torch.float32, bias=True, scale=2.0)
+    y[7] = -100
+    with mock.patch.object(forward, "vocab_splits", lambda *args: (2, 4)):
+        base = lce_forward(e, c, b, y, -100, 0.0, 0.0, config=dataclasses.replace(common._INTERPRETER, group_n=1))
+        got = lce_forward(e, c, b, y, -100, 0.0, 0.0, config=dataclasses.replace(common._INTERPRETER, group_n=group_n))
+    for a, want in zip(got, base):
+        assert torch.equal(a, want)
+    gold_loss, gold_lse = reference.chunked_forward(e.double(), c.double(), b.double(), y, -100, 0.0, 0.0)
+    assert torch.allclose(got[0].double(), gold_loss.double(), rtol=1e-5, atol=1e-5)
+    assert torch.allclose(got[1].double(), gold_lse.double(), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("buffered", [True, False], ids=["buffered", "atomic"])
+def test_lean_dz_epilogue_matches_the_masked_one(buffered):
+    """The dz epilogue without row and column masks (lse = +inf past N; the columns past the
+    vocabulary masked by every consumer) gives the masked epilogue's gradients: with a bias (dbias
+    sums over the tile's rows), smoothing (the uniform term fills every column), partial tiles in
+    both directions and an ignored token; the filter's mass counts valid columns only."""
+    from cce_inductor.kernels import backward
+
+    e, c, b, y = _inputs(n=37, d=45, v=101, dtype=torch.bfloat16, bias=True, scale=2.0)
+    y[3] = -100
+    gl, gs = torch.rand(37), torch.rand(37)
+    _, lse = lce_forward(e, c, b, y, -100, 0.0, 0.1)
+    results = {}
+    for lean in (True, False):
+        with mock.patch.object(backward, "LEAN_DZ_EPILOGUE", lean):
+            exact = lce_backward(e, c, b, y, lse, gl, gs, -100, 0.0, 0.1, False, True, True, True, buffered=buffered)
+            counts = torch.zeros(2, dtype=torch.int32)
+            filtered = []
+            for eps in (0.25, 2.0):  # no smoothing, so that some tiles (edge tiles among them) are skipped
+                filtered += lce_backward(e, c, b, y, lse, gl, gs, -100, 0.0, 0.0, True, True, True, True,
+                                         buffered=buffered, filter_eps=eps, tile_counts=counts)
+        results[lean] = (*exact, *filtered, counts)
+    for got, want in zip(results[True][:-1], results[False][:-1]):
+        assert _rel(got.double(), want.double()) < 2e-3  # exp2 against exp: float32 rounding, then bf16
+    assert torch.equal(results[True][-1], results[False][-1])  # the same tiles filtered
+
+
 # ----------------------------------------------------------------------------- property test
 
 from hypothesis import HealthCheck, assume, given, settings  # noqa: E402
