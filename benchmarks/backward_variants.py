@@ -8,7 +8,7 @@ cuBLAS logits GEMM measured first in the same process: exact (dE by cuBLAS), the
 ``_filtered_de_kernel`` over the kept tiles) at filter_eps = 0 (every tile kept: the Triton GEMM
 against cuBLAS's), the default FILTER_EPS, 2^-2, and 1e9 (every tile skipped: the filtered path's
 floor), each with the fraction s of tiles skipped. ``--epilogue``: the exact backward with the
-dz kernel's other epilogue (LEAN_DZ_EPILOGUE flipped), then the default again. ``--windows``: the exact backward with the
+dz kernel's lean and masked epilogues (LEAN_DZ_EPILOGUE), in interleaved rounds (benchmarks/rounds.py). ``--windows``: the exact backward with the
 fewest, evenly sized windows of tokens (WAVE_ALIGNED_WINDOWS off) against the default windows sized
 to fill the dz kernel's waves, with each one's window size and the default's kernels by time
 (torch.profiler). ``--configs``: the eps = 0 point for each candidate config of the dE GEMM. Prints
@@ -26,6 +26,8 @@ from triton.testing import do_bench
 from cce_inductor.kernels import FILTER_EPS, backward, lce_backward, lce_forward
 from cce_inductor.kernels.common import TileConfig, filtered_de_config
 from cce_inductor.testing import make_inputs
+
+from .rounds import interleaved_ms, summary
 
 SHAPES = ("8192,2304,256000", "8192,4096,128256")
 # (tokens, vocabulary per K step, D per program) x warps x stages; tokens = the dz kernel's tile.
@@ -51,6 +53,7 @@ def main(argv=None) -> None:
                         help="also the exact backward with the dz kernel's masked epilogue (LEAN_DZ_EPILOGUE off)")
     parser.add_argument("--profile-eps", nargs="*", type=float, default=[],
                         help="profile the filtered backward's kernels at these filter_eps")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds of --epilogue")
     args = parser.parse_args(argv)
     for shape in args.shapes:
         n, d, v = map(int, shape.split(","))
@@ -79,9 +82,16 @@ def main(argv=None) -> None:
 
             show("exact", exact_ms, windows())
             if args.epilogue:
-                with mock.patch.object(backward, "LEAN_DZ_EPILOGUE", not backward.LEAN_DZ_EPILOGUE):
-                    show(f"exact, LEAN_DZ_EPILOGUE={backward.LEAN_DZ_EPILOGUE}", backward_ms(False))
-                show("exact again", backward_ms(False))
+                def with_epilogue(lean):
+                    def run():
+                        with mock.patch.object(backward, "LEAN_DZ_EPILOGUE", lean):
+                            lce_backward(e, c, None, y, lse, g, zero, -100, 0.0, 0.0, False, True, True, False)
+                    return run
+
+                rounds = interleaved_ms({f"exact, LEAN_DZ_EPILOGUE={lean}": with_epilogue(lean) for lean in (True, False)},
+                                        rounds=args.rounds)
+                for label, samples in rounds.items():
+                    print(f"  {label:<44} {summary(samples, gemm_ms)}", flush=True)
             if args.windows:
                 with mock.patch.object(backward, "WAVE_ALIGNED_WINDOWS", False):
                     show("exact, evenly sized windows", backward_ms(False), windows())

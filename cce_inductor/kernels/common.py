@@ -8,6 +8,7 @@ span several tiles in every dimension and the masked edges are exercised.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import inspect
 from dataclasses import dataclass
@@ -49,7 +50,11 @@ class TileConfig:
 # 1.15 / 1.23 T, pointer loads flattened 2.2 T; 4 stages and 128 x 128 tiles slower with TMA.
 # The atomic backward holds the logit tile, its 16-bit gradient and two gradient-GEMM tiles at
 # once, so it uses 128 x 128 (and pointer loads: its vocabulary may be walked through an index).
-_GPU_FORWARD_16 = TileConfig(block_n=128, block_v=256, block_d=64, num_warps=8, num_stages=3, tma=True)
+# The forward's programs run in groups of group_n token tiles x every vocabulary split (forward.py).
+# Measured on an H200 (benchmarks/forward_variants.py, results/h200-2026-12-01b): at 32 the forward
+# averaged 1.021 T over the four goal points, against 1.054 T for all 64 token tiles (the earlier
+# order: a wave then reads all of E, 67 MB at D = 4096, past the 50 MB L2) and 1.034-1.051 T at 4-16.
+_GPU_FORWARD_16 = TileConfig(block_n=128, block_v=256, block_d=64, num_warps=8, num_stages=3, group_n=32, tma=True)
 _GPU_BACKWARD_16 = TileConfig(block_n=128, block_v=128, block_d=64, num_warps=8, num_stages=3)
 # float32 inputs run the dots in IEEE float32 (no tf32): FMA-bound, smaller tiles, less shared memory.
 _GPU_FORWARD_32 = TileConfig(block_n=64, block_v=128, block_d=32, num_warps=8, num_stages=2)
@@ -67,8 +72,11 @@ def forward_config(e: Tensor) -> TileConfig:
 
 def buffered_config(e: Tensor) -> TileConfig:
     """The buffered backward's recompute kernel: the forward's GEMM with a dz epilogue that stores
-    the tile (no gradient GEMMs in the kernel), so the forward's larger tile fits."""
-    return forward_config(e)
+    the tile (no gradient GEMMs in the kernel), so the forward's larger tile fits. Its persistent
+    programs sweep a chunk's vocab tiles in groups of 8 token tiles, as measured before the forward's
+    grouping changed (a window of 2048 tokens is 16 token tiles)."""
+    cfg = forward_config(e)
+    return cfg if e.device.type != "cuda" else dataclasses.replace(cfg, group_n=8)
 
 
 # The filtered buffered backward's dE GEMM (dz @ C over the kept vocabulary tiles): block_n tokens (the

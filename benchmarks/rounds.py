@@ -1,0 +1,30 @@
+"""Variants timed in interleaved rounds, so that a drift of the GPU's clock hits all of them alike.
+
+One ``do_bench`` of a 50 ms call at its default 100 ms is the median of two calls, and the same
+variant timed twice in one process was seen 8% apart on an H200 (results/h200-2026-12-01b/
+epilogue_variants.log). Here each round times every variant once (``rep_ms`` of calls, median),
+and a variant's figure is the median over the rounds, with the rounds' spread beside it.
+"""
+
+from __future__ import annotations
+
+import statistics
+from typing import Callable
+
+from triton.testing import do_bench
+
+
+def interleaved_ms(variants: dict[str, Callable[[], object]], rounds: int = 3,
+                   rep_ms: float = 500.0) -> dict[str, list[float]]:
+    """{label: [median ms of each round]}; every variant runs once per round, in the given order."""
+    times = {label: [] for label in variants}
+    for _ in range(rounds):
+        for label, fn in variants.items():
+            times[label].append(do_bench(fn, warmup=50, rep=rep_ms, return_mode="median"))
+    return times
+
+
+def summary(samples: list[float], unit_ms: float) -> str:
+    """'median ms, in units of unit_ms, (min-max over the rounds)'."""
+    mid = statistics.median(samples)
+    return f"{mid:7.2f} ms  {mid / unit_ms:5.3f} T  (rounds {min(samples):.2f}-{max(samples):.2f})"
