@@ -51,10 +51,12 @@ class TileConfig:
 # The atomic backward holds the logit tile, its 16-bit gradient and two gradient-GEMM tiles at
 # once, so it uses 128 x 128 (and pointer loads: its vocabulary may be walked through an index).
 # The forward's programs run in groups of group_n token tiles x every vocabulary split (forward.py).
-# Measured on an H200 (benchmarks/forward_variants.py, results/h200-2026-12-01b): at 32 the forward
-# averaged 1.021 T over the four goal points, against 1.054 T for all 64 token tiles (the earlier
-# order: a wave then reads all of E, 67 MB at D = 4096, past the 50 MB L2) and 1.034-1.051 T at 4-16.
-_GPU_FORWARD_16 = TileConfig(block_n=128, block_v=256, block_d=64, num_warps=8, num_stages=3, group_n=32, tma=True)
+# Measured on an H200 at the four goal points (benchmarks/forward_variants.py; two calls,
+# results/h200-2026-12-01b and -c, the second in interleaved rounds): 16 is within 1.02-1.06 T at
+# every point; 32 is as good on average but reached 1.075 T at 8192 x 4096 x 128256; all 64 token
+# tiles (the earlier order, under which a wave reads all of E, 67 MB at D = 4096, past the 50 MB
+# L2) 1.04-1.10 T, the slowest at every point of the second call.
+_GPU_FORWARD_16 = TileConfig(block_n=128, block_v=256, block_d=64, num_warps=8, num_stages=3, group_n=16, tma=True)
 _GPU_BACKWARD_16 = TileConfig(block_n=128, block_v=128, block_d=64, num_warps=8, num_stages=3)
 # float32 inputs run the dots in IEEE float32 (no tf32): FMA-bound, smaller tiles, less shared memory.
 _GPU_FORWARD_32 = TileConfig(block_n=64, block_v=128, block_d=32, num_warps=8, num_stages=2)
