@@ -5,7 +5,7 @@
 
 bf16, the public op ``linear_cross_entropy(e, c, targets)`` (mean, exact) with e and c requiring
 grad. Per shape and regime, in interleaved rounds (benchmarks/rounds.py): T = the cuBLAS logits
-GEMM, the forward under grad mode, forward+backward (the grads set to None before each call, as the
+GEMM (the ratios are to its fastest round, so they lean high), the forward under grad mode, forward+backward (the grads set to None before each call, as the
 benchmark's do_bench does), and their difference (the backward); then the CUDA kernels of one
 forward+backward by total time (torch.profiler). Why: in the op-level benchmark, the Gemma
 uniform point's forward+backward took ~4 ms more than its forward and backward timed apart, and the
