@@ -25,11 +25,10 @@ from triton.testing import do_bench
 
 from cce_inductor.kernels import FILTER_EPS, backward, lce_backward, lce_forward
 from cce_inductor.kernels.common import TileConfig, filtered_de_config
-from cce_inductor.testing import make_inputs
 
+from .points import add_point_arguments, points
 from .rounds import interleaved_ms, summary
 
-SHAPES = ("8192,2304,256000", "8192,4096,128256")
 # (tokens, vocabulary per K step, D per program) x warps x stages; tokens = the dz kernel's tile.
 # Shared memory per program: stages x (tokens + D) x K x 2 B; under ~113 KB two programs share an SM,
 # so one's accumulator read-modify-write overlaps the other's main loop.
@@ -43,8 +42,7 @@ DE_CONFIGS = [
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--shapes", nargs="+", default=list(SHAPES), help="N,D,V each")
-    parser.add_argument("--regimes", nargs="+", default=["lm", "uniform"], choices=("lm", "uniform"))
+    add_point_arguments(parser)
     parser.add_argument("--windows", action="store_true", help="also the exact backward with evenly sized windows")
     parser.add_argument("--filtered", action=argparse.BooleanOptionalAction, default=True,
                         help="the filtered points (on by default)")
@@ -55,68 +53,65 @@ def main(argv=None) -> None:
                         help="profile the filtered backward's kernels at these filter_eps")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds of --epilogue")
     args = parser.parse_args(argv)
-    for shape in args.shapes:
-        n, d, v = map(int, shape.split(","))
-        for regime in args.regimes:
-            inp = make_inputs(regime, n, d, v, device="cuda", seed=0)
-            e, c, y = inp.e, inp.c, inp.targets
-            g = torch.full((n,), 1.0 / n, device="cuda")
-            zero = torch.zeros_like(g)
-            _, lse = lce_forward(e, c, None, y, -100, 0.0, 0.0)
-            gemm_ms = do_bench(lambda: e @ c.T, return_mode="median")
-            print(f"N={n} D={d} V={v} {regime}: T (e @ c.T) {gemm_ms:.2f} ms", flush=True)
+    for n, d, v, regime, inp in points(args):
+        e, c, y = inp.e, inp.c, inp.targets
+        g = torch.full((n,), 1.0 / n, device="cuda")
+        zero = torch.zeros_like(g)
+        _, lse = lce_forward(e, c, None, y, -100, 0.0, 0.0)
+        gemm_ms = do_bench(lambda: e @ c.T, return_mode="median")
+        print(f"N={n} D={d} V={v} {regime}: T (e @ c.T) {gemm_ms:.2f} ms", flush=True)
 
-            def backward_ms(filter_grad, **options):
-                run = lambda: lce_backward(e, c, None, y, lse, g, zero, -100, 0.0, 0.0,  # noqa: E731
-                                           filter_grad, True, True, False, **options)
-                return do_bench(run, return_mode="median")
+        def backward_ms(filter_grad, **options):
+            run = lambda: lce_backward(e, c, None, y, lse, g, zero, -100, 0.0, 0.0,  # noqa: E731
+                                       filter_grad, True, True, False, **options)
+            return do_bench(run, return_mode="median")
 
-            exact_ms = backward_ms(False)
+        exact_ms = backward_ms(False)
 
-            def show(label, ms, extra=""):
-                print(f"  {label:<44} {ms:7.2f} ms  {ms / gemm_ms:5.2f} T  ({ms / exact_ms:.3f} x exact){extra}",
-                      flush=True)
+        def show(label, ms, extra=""):
+            print(f"  {label:<44} {ms:7.2f} ms  {ms / gemm_ms:5.2f} T  ({ms / exact_ms:.3f} x exact){extra}",
+                  flush=True)
 
-            def windows():
-                return f"  windows of {backward.buffered_window(e, v)[0]} tokens"
+        def windows():
+            return f"  windows of {backward.buffered_window(e, v)[0]} tokens"
 
-            show("exact", exact_ms, windows())
-            if args.epilogue:
-                def with_epilogue(lean):
-                    def run():
-                        with mock.patch.object(backward, "LEAN_DZ_EPILOGUE", lean):
-                            lce_backward(e, c, None, y, lse, g, zero, -100, 0.0, 0.0, False, True, True, False)
-                    return run
+        show("exact", exact_ms, windows())
+        if args.epilogue:
+            def with_epilogue(lean):
+                def run():
+                    with mock.patch.object(backward, "LEAN_DZ_EPILOGUE", lean):
+                        lce_backward(e, c, None, y, lse, g, zero, -100, 0.0, 0.0, False, True, True, False)
+                return run
 
-                rounds = interleaved_ms({f"exact, LEAN_DZ_EPILOGUE={lean}": with_epilogue(lean) for lean in (True, False)},
-                                        rounds=args.rounds)
-                for label, samples in rounds.items():
-                    print(f"  {label:<44} {summary(samples, gemm_ms)}", flush=True)
-            if args.windows:
-                with mock.patch.object(backward, "WAVE_ALIGNED_WINDOWS", False):
-                    show("exact, evenly sized windows", backward_ms(False), windows())
-                _profile(lambda: lce_backward(e, c, None, y, lse, g, zero, -100, 0.0, 0.0, False, True, True, False),
-                         "exact")
-            for eps in (0.0, FILTER_EPS, 2.0**-2, 1e9) if args.filtered else ():
-                counts = torch.zeros(2, dtype=torch.int32, device="cuda")
-                lce_backward(e, c, None, y, lse, g, zero, -100, 0.0, 0.0, True, True, True, False,
-                             filter_eps=eps, tile_counts=counts)
-                kept, skipped = counts.tolist()
-                show(f"filtered, eps {eps:g}", backward_ms(True, filter_eps=eps),
-                     f"  s {skipped / max(1, kept + skipped):.3f}")
-            if args.configs:
-                for cfg in DE_CONFIGS:
-                    with mock.patch.object(backward, "filtered_de_config", lambda t, cfg=cfg: cfg):
-                        label = (f"filtered, eps 0, dE {cfg.block_n}x{cfg.block_d} k{cfg.block_v} "
-                                 f"w{cfg.num_warps} s{cfg.num_stages}{' *' if cfg == filtered_de_config(e) else ''}")
-                        show(label, backward_ms(True, filter_eps=0.0))
-                        with mock.patch.object(backward, "FILTERED_DE_PERSISTENT", not backward.FILTERED_DE_PERSISTENT):
-                            show(label + (" one program per tile" if backward.FILTERED_DE_PERSISTENT else " persistent"),
-                                 backward_ms(True, filter_eps=0.0))
-            for eps in args.profile_eps:
-                _profile(lambda eps=eps: lce_backward(e, c, None, y, lse, g, zero, -100, 0.0, 0.0,
-                                                      True, True, True, False, filter_eps=eps),
-                         f"filtered, eps {eps:g}")
+            rounds = interleaved_ms({f"exact, LEAN_DZ_EPILOGUE={lean}": with_epilogue(lean) for lean in (True, False)},
+                                    rounds=args.rounds)
+            for label, samples in rounds.items():
+                print(f"  {label:<44} {summary(samples, gemm_ms)}", flush=True)
+        if args.windows:
+            with mock.patch.object(backward, "WAVE_ALIGNED_WINDOWS", False):
+                show("exact, evenly sized windows", backward_ms(False), windows())
+            _profile(lambda: lce_backward(e, c, None, y, lse, g, zero, -100, 0.0, 0.0, False, True, True, False),
+                     "exact")
+        for eps in (0.0, FILTER_EPS, 2.0**-2, 1e9) if args.filtered else ():
+            counts = torch.zeros(2, dtype=torch.int32, device="cuda")
+            lce_backward(e, c, None, y, lse, g, zero, -100, 0.0, 0.0, True, True, True, False,
+                         filter_eps=eps, tile_counts=counts)
+            kept, skipped = counts.tolist()
+            show(f"filtered, eps {eps:g}", backward_ms(True, filter_eps=eps),
+                 f"  s {skipped / max(1, kept + skipped):.3f}")
+        if args.configs:
+            for cfg in DE_CONFIGS:
+                with mock.patch.object(backward, "filtered_de_config", lambda t, cfg=cfg: cfg):
+                    label = (f"filtered, eps 0, dE {cfg.block_n}x{cfg.block_d} k{cfg.block_v} "
+                             f"w{cfg.num_warps} s{cfg.num_stages}{' *' if cfg == filtered_de_config(e) else ''}")
+                    show(label, backward_ms(True, filter_eps=0.0))
+                    with mock.patch.object(backward, "FILTERED_DE_PERSISTENT", not backward.FILTERED_DE_PERSISTENT):
+                        show(label + (" one program per tile" if backward.FILTERED_DE_PERSISTENT else " persistent"),
+                             backward_ms(True, filter_eps=0.0))
+        for eps in args.profile_eps:
+            _profile(lambda eps=eps: lce_backward(e, c, None, y, lse, g, zero, -100, 0.0, 0.0,
+                                                  True, True, True, False, filter_eps=eps),
+                     f"filtered, eps {eps:g}")
 
 
 def _profile(run, label: str) -> None:

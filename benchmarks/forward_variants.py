@@ -22,44 +22,39 @@ from triton.testing import do_bench
 
 from cce_inductor.kernels import lce_forward
 from cce_inductor.kernels.common import forward_config
-from cce_inductor.testing import make_inputs
 
+from .points import add_point_arguments, points
 from .rounds import interleaved_ms, summary
-
-SHAPES = ("8192,2304,256000", "8192,4096,128256")
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--shapes", nargs="+", default=list(SHAPES), help="N,D,V each")
-    parser.add_argument("--regimes", nargs="+", default=["lm", "uniform"], choices=("lm", "uniform"))
+    add_point_arguments(parser)
     parser.add_argument("--groups", nargs="+", type=int, default=[4, 8, 16, 32, 0],
                         help="token tiles per group; 0 = all of them (the earlier order)")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds (benchmarks/rounds.py)")
     args = parser.parse_args(argv)
     print(torch.cuda.get_device_name(), "torch", torch.__version__, "triton", triton.__version__, flush=True)
-    for shape in args.shapes:
-        n, d, v = map(int, shape.split(","))
-        for regime in args.regimes:
-            inp = make_inputs(regime, n, d, v, device="cuda", seed=0)
-            e, c, y = inp.e, inp.c, inp.targets
-            gemm_ms = do_bench(lambda: e @ c.T, return_mode="median")
-            base = forward_config(e)
-            n_tiles = triton.cdiv(n, base.block_n)
-            print(f"N={n} D={d} V={v} {regime}: T (e @ c.T) {gemm_ms:.2f} ms; default group {base.group_n}", flush=True)
-            runs = {}
-            for group in args.groups:
-                cfg = dataclasses.replace(base, group_n=group or n_tiles)
-                label = f"group {group}" if group else f"group {n_tiles} (all token tiles)"
-                runs[label] = lambda cfg=cfg: lce_forward(e, c, None, y, -100, 0.0, 0.0, config=cfg)
-            first = None
-            for label, run in runs.items():  # the same bits at every grouping
-                out = run()
-                if first is not None and not all(torch.equal(a, b) for a, b in zip(out, first)):
-                    print(f"  {label}: DIFFERENT BITS", flush=True)
-                first = first or out
-            for label, samples in interleaved_ms(runs, args.rounds).items():
-                print(f"  {label:<30} {summary(samples, gemm_ms)}", flush=True)
+    for n, d, v, regime, inp in points(args):
+        e, c, y = inp.e, inp.c, inp.targets
+        gemm_ms = do_bench(lambda: e @ c.T, return_mode="median")
+        base = forward_config(e)
+        n_tiles = triton.cdiv(n, base.block_n)
+        print(f"N={n} D={d} V={v} {regime}: T (e @ c.T) {gemm_ms:.2f} ms; default group {base.group_n}", flush=True)
+        runs = {}
+        for group in args.groups:
+            cfg = dataclasses.replace(base, group_n=group or n_tiles)
+            label = f"group {group}" if group else f"group {n_tiles} (all token tiles)"
+            runs[label] = lambda cfg=cfg: lce_forward(e, c, None, y, -100, 0.0, 0.0, config=cfg)
+        first = None
+        for label, run in runs.items():  # the same bits at every grouping
+            out = run()
+            if first is not None and not all(torch.equal(a, b) for a, b in zip(out, first)):
+                print(f"  {label}: DIFFERENT BITS", flush=True)
+            first = first or out
+        for label, samples in interleaved_ms(runs, args.rounds).items():
+            print(f"  {label:<30} {summary(samples, gemm_ms)}", flush=True)
+
 
 if __name__ == "__main__":
     main()

@@ -26,55 +26,49 @@ import triton
 
 from cce_inductor import linear_cross_entropy
 from cce_inductor.kernels import workspace
-from cce_inductor.testing import make_inputs
 
+from .points import add_point_arguments, points
 from .rounds import interleaved_ms, summary
-
-SHAPES = ("8192,2304,256000", "8192,4096,128256")
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--shapes", nargs="+", default=list(SHAPES), help="N,D,V each")
-    parser.add_argument("--regimes", nargs="+", default=["uniform", "lm"], choices=("lm", "uniform"))
+    add_point_arguments(parser, regimes=("uniform", "lm"))
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--workspace-programs", nargs="*", type=int, default=[])
     args = parser.parse_args(argv)
     print(torch.cuda.get_device_name(), "torch", torch.__version__, "triton", triton.__version__, flush=True)
-    for shape in args.shapes:
-        n, d, v = map(int, shape.split(","))
-        for regime in args.regimes:
-            inp = make_inputs(regime, n, d, v, device="cuda", seed=0)
-            e = inp.e.detach().requires_grad_()
-            c = inp.c.detach().requires_grad_()
-            y = inp.targets
+    for n, d, v, regime, inp in points(args):
+        e = inp.e.detach().requires_grad_()
+        c = inp.c.detach().requires_grad_()
+        y = inp.targets
 
-            def forward(**options):
-                return linear_cross_entropy(e, c, y, **options)
+        def forward(**options):
+            return linear_cross_entropy(e, c, y, **options)
 
-            def fwdbwd(**options):
-                e.grad = c.grad = None
-                forward(**options).backward()
+        def fwdbwd(**options):
+            e.grad = c.grad = None
+            forward(**options).backward()
 
-            runs = {"T (e @ c.T)": lambda: e.detach() @ c.detach().T, "forward": forward, "forward+backward": fwdbwd}
-            for programs in args.workspace_programs:
-                def ws(programs=programs):
-                    with mock.patch.object(workspace, "sm_count", lambda device: programs):
-                        fwdbwd(max_workspace_bytes=2**30)
-                runs[f"workspace 1 GiB fw+bw, {programs} row programs"] = ws
-            times = interleaved_ms(runs, args.rounds)
-            gemm_ms = min(times["T (e @ c.T)"])
-            print(f"N={n} D={d} V={v} {regime}:", flush=True)
-            for label, samples in times.items():
-                print(f"  {label:<46} {summary(samples, gemm_ms)}", flush=True)
-            fw, fb = (sorted(times[k])[len(times[k]) // 2] for k in ("forward", "forward+backward"))
-            print(f"  {'backward (difference)':<46} {fb - fw:7.2f} ms  {(fb - fw) / gemm_ms:5.3f} T", flush=True)
+        runs = {"T (e @ c.T)": lambda: e.detach() @ c.detach().T, "forward": forward, "forward+backward": fwdbwd}
+        for programs in args.workspace_programs:
+            def ws(programs=programs):
+                with mock.patch.object(workspace, "sm_count", lambda device: programs):
+                    fwdbwd(max_workspace_bytes=2**30)
+            runs[f"workspace 1 GiB fw+bw, {programs} row programs"] = ws
+        times = interleaved_ms(runs, args.rounds)
+        gemm_ms = min(times["T (e @ c.T)"])
+        print(f"N={n} D={d} V={v} {regime}:", flush=True)
+        for label, samples in times.items():
+            print(f"  {label:<46} {summary(samples, gemm_ms)}", flush=True)
+        fw, fb = (sorted(times[k])[len(times[k]) // 2] for k in ("forward", "forward+backward"))
+        print(f"  {'backward (difference)':<46} {fb - fw:7.2f} ms  {(fb - fw) / gemm_ms:5.3f} T", flush=True)
+        fwdbwd()
+        torch.cuda.synchronize()
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
             fwdbwd()
             torch.cuda.synchronize()
-            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-                fwdbwd()
-                torch.cuda.synchronize()
-            print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=12), flush=True)
+        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=12), flush=True)
 
 
 if __name__ == "__main__":
