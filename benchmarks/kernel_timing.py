@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
@@ -22,15 +23,16 @@ from triton.testing import do_bench
 
 from cce_inductor import linear_cross_entropy
 from cce_inductor.kernels import lce_backward, lce_forward, skipped_fraction
-from cce_inductor.kernels.common import TileConfig
+from cce_inductor.kernels import common
 from cce_inductor.testing import make_inputs, regime_stats
 
 SHAPES = [(8192, 2304, 256000), (8192, 4096, 128256)]
-# --configs: alternatives to the fixed configs of kernels/common.py (the first of each is the default)
-FORWARD_CONFIGS = [TileConfig(128, 256, 64, 8, 3), TileConfig(128, 256, 64, 8, 4), TileConfig(128, 128, 64, 8, 4),
-                   TileConfig(256, 128, 64, 8, 3)]
-BACKWARD_CONFIGS = [TileConfig(128, 128, 64, 8, 3), TileConfig(128, 128, 64, 8, 3, group_n=32),
-                    TileConfig(128, 256, 64, 8, 2), TileConfig(256, 128, 64, 8, 2)]
+# --configs: the fixed 16-bit GPU configs of kernels/common.py first, then alternatives to them
+_FORWARD, _BACKWARD = common._GPU_FORWARD_16, common._GPU_BACKWARD_16
+FORWARD_CONFIGS = [_FORWARD, replace(_FORWARD, num_stages=4), replace(_FORWARD, block_v=128, num_stages=4),
+                   replace(_FORWARD, block_n=256, block_v=128)]
+BACKWARD_CONFIGS = [_BACKWARD, replace(_BACKWARD, group_n=32), replace(_BACKWARD, block_v=256, num_stages=2),
+                    replace(_BACKWARD, block_n=256, num_stages=2)]
 
 
 def _rel(a, b):

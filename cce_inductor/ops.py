@@ -399,7 +399,7 @@ def linear_cross_entropy(
             softmax is never filtered); dC and dbias stay exact. Not recommended today: the filtered
             backward (a Triton dE GEMM over the kept tiles) is slower than the exact mode's unless it
             skips much (3.9-5.3 T against 3.9-4.7 T fw+bw on an H200; as fast only at the Llama
-            shape on LM-like data, results/h200-2026-12-01d), and the dropped tail mass is biased: in the
+            shape on LM-like data, beyond the run-to-run noise; results/h200-2026-12-01d), and the dropped tail mass is biased: in the
             committed 300-step convergence run the filtered loss strayed up to 0.015 above eager's
             early on, three times as far as torch.compile's rounding, though well inside the 0.13
             that another random init moves it (results/h100-2026-11-23d/convergence.png; at 1/4

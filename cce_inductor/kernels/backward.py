@@ -112,8 +112,11 @@ MAX_CHUNK_TILES = 16
 # output tile). Measured (H100, bf16, LM-like, every tile kept; benchmarks/backward_variants.py):
 # backward 54.3 against 55.2 ms at 8192 x 2304 x 256000, 43.5 against 43.6 ms at 8192 x 4096 x 128256.
 FILTERED_DE_PERSISTENT = True
-# The dz epilogue without its row and column masks, with exp2 and an int32 target compare (for
-# measurement against the previous epilogue; see _logit_grad).
+# The buffered path's dz epilogue without its row and column masks, with exp2 and an int32 target
+# compare (see _logit_grad); False: the masked epilogue, for measurement. Measured on an H200 in
+# interleaved rounds (benchmarks/backward_variants.py --epilogue, results/h200-2026-12-01c): backward
+# 49.14 / 49.04 ms against 50.28 / 50.42 ms at 8192 x 2304 x 256000 (LM-like / uniform), 41.86 / 42.93
+# against 42.73 / 43.32 ms at 8192 x 4096 x 128256. The atomic kernel always runs the masked one.
 LEAN_DZ_EPILOGUE = True
 # torch builds with a mixed-precision addmm (16-bit operands, float32 result): the buffered path's
 # dE accumulator needs it on CUDA (torch >= 2.8 or so; older builds take the atomic path).
@@ -140,12 +143,15 @@ def _token_coefficients(Targets, Lse, GradLoss, GradLse, offs_n, mask_n, V, igno
 def _logit_grad(z, t, lse, g_p, g_loss, targets, ids_v, mask_n, mask_v, target_weight, uniform_weight,
                 HAS_SMOOTHING: tl.constexpr, HAS_SOFTCAP: tl.constexpr, LEAN: tl.constexpr):
     """dz = g_p * p - g_loss * ((1 - ls) onehot + ls / V), times 1 - t^2 under a softcap, float32
-    [BLOCK_N, BLOCK_V]; 0 in rows past N. Columns past the launch's vocabulary hold garbage: every
-    consumer masks them (the stores, dbias, the filter's mass; the atomic path's GEMMs load zeros of
-    C and E there)."""
+    [BLOCK_N, BLOCK_V]; 0 in rows past N. LEAN (the buffered path's dz kernel only): columns past
+    the launch's vocabulary hold garbage, possibly inf (p = exp(-lse) there), and every consumer
+    masks them -- the stores (clipped by the descriptor or masked), dbias and the filter's mass
+    (tl.where). The atomic kernel multiplies dz by C's zero rows there (inf * 0 = NaN), so it keeps
+    the masked epilogue."""
     if LEAN:
         # the row mask comes from lse = +inf (p = 0) and g = 0 past N; exp2 with log2(e) folded in
-        # (one FMA); the target compare in int32 (ids < V < 2^31)
+        # (one FMA; the exponent rounds at ~|lse| * 2^-24, as the float32 logit itself does); the
+        # target compare in int32 (ids < V < 2^31)
         p = tl.exp2(z * LOG2E - (lse * LOG2E)[:, None])
         is_target = ids_v.to(tl.int32)[None, :] == targets.to(tl.int32)[:, None]
         onehot = tl.where(is_target, target_weight, 0.0)
@@ -351,7 +357,7 @@ def _backward_kernel(
     HAS_ORDER: tl.constexpr, DC_ROW_BY_ID: tl.constexpr, FILTER: tl.constexpr,
     COUNT_TILES: tl.constexpr, NEEDS_E: tl.constexpr, NEEDS_C: tl.constexpr,
     NEEDS_BIAS: tl.constexpr, EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
-    FILTER_DC: tl.constexpr, LEAN_DZ: tl.constexpr,
+    FILTER_DC: tl.constexpr,
 ):
     """The atomic path: one program per (token tile, vocab tile); see the module docstring."""
     pid_n, pid_v = _tile_position(tl.program_id(0), N, v_count, BLOCK_N, BLOCK_V, GROUP_N)
@@ -364,14 +370,14 @@ def _backward_kernel(
     else:
         ids_v = v_begin + pos_v
     targets, g_loss, g_p, lse = _token_coefficients(Targets, Lse, GradLoss, GradLse, offs_n, mask_n, V, ignore_index,
-                                                    LEAN_DZ)
+                                                    False)  # the masked epilogue: see _logit_grad
 
     # ---- 1-2. recompute the logit tile (pointer loads: the ids may be a permutation), dz
     z = logit_tile(E, C, E, C, 0, 0, offs_n, ids_v, mask_n, mask_v, D, stride_en, stride_cv,
                    BLOCK_N, BLOCK_V, BLOCK_D, EVEN_D, False, DOT_PRECISION, UPCAST)
     z, t = capped_logits(z, Bias, ids_v, mask_v, softcap, HAS_BIAS, HAS_SOFTCAP)
     dz = _logit_grad(z, t, lse, g_p, g_loss, targets, ids_v, mask_n, mask_v, target_weight, uniform_weight,
-                     HAS_SMOOTHING, HAS_SOFTCAP, LEAN_DZ)  # [BLOCK_N, BLOCK_V] float32
+                     HAS_SMOOTHING, HAS_SOFTCAP, False)  # [BLOCK_N, BLOCK_V] float32
 
     # ---- 3. dbias, exact
     if NEEDS_BIAS:
@@ -525,7 +531,7 @@ def lce_backward(
             HAS_ORDER=order is not None, DC_ROW_BY_ID=dc_by_id, FILTER=bool(filter_grad),
             COUNT_TILES=tile_counts is not None and do_e, NEEDS_E=do_e, NEEDS_C=do_c,
             NEEDS_BIAS=do_bias, EVEN_D=dim % tile.block_d == 0, DOT_PRECISION=dot_precision(e.dtype),
-            UPCAST=dot_upcast(e), FILTER_DC=bool(filter_grad and filter_dc), LEAN_DZ=LEAN_DZ_EPILOGUE,
+            UPCAST=dot_upcast(e), FILTER_DC=bool(filter_grad and filter_dc),
             num_warps=tile.num_warps, num_stages=tile.num_stages,
         )
 

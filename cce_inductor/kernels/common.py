@@ -38,7 +38,7 @@ class TileConfig:
     block_d: int  # reduction step over D (both the logit GEMM and the gradient GEMMs)
     num_warps: int
     num_stages: int
-    group_n: int = 8  # backward: token tiles that sweep the vocabulary together (L2 reuse)
+    group_n: int = 8  # token tiles that sweep the vocabulary together (L2 reuse), in every kernel
     tma: bool = False  # load E and C tiles through TMA descriptors where the GPU and the inputs allow
 
 
@@ -58,7 +58,9 @@ class TileConfig:
 # L2) 1.04-1.10 T, the slowest at every point of the second call.
 _GPU_FORWARD_16 = TileConfig(block_n=128, block_v=256, block_d=64, num_warps=8, num_stages=3, group_n=16, tma=True)
 _GPU_BACKWARD_16 = TileConfig(block_n=128, block_v=128, block_d=64, num_warps=8, num_stages=3)
-# float32 inputs run the dots in IEEE float32 (no tf32): FMA-bound, smaller tiles, less shared memory.
+# float32 inputs run the dots in IEEE float32 (no tf32): FMA-bound, smaller tiles, less shared memory;
+# their forward runs in the default groups of 8 token tiles (not timed: the grouping is for L2 reuse,
+# which an FMA-bound kernel needs less).
 _GPU_FORWARD_32 = TileConfig(block_n=64, block_v=128, block_d=32, num_warps=8, num_stages=2)
 _GPU_BACKWARD_32 = TileConfig(block_n=64, block_v=64, block_d=32, num_warps=4, num_stages=2)
 # Interpreter: tiny tiles (tl.dot accepts any size there), one "SM"; TMA descriptors as on Hopper

@@ -126,7 +126,8 @@ def _fold_tile(
     z_valid = tl.where(mask_v[None, :], z, float("-inf"))
     new_max = tl.maximum(run_max, tl.max(z_valid, axis=1))
     # exp(z - m) as exp2(z log2(e) - m log2(e)): one FMA per logit before the ex2 instead of a
-    # subtraction and a multiplication
+    # subtraction and a multiplication; the exponent rounds at ~|m| * 2^-24, within the float32
+    # logit's own rounding
     scaled_max = new_max * LOG2E
     run_sum = run_sum * tl.exp(run_max - new_max) + tl.sum(tl.exp2(z_valid * LOG2E - scaled_max[:, None]), axis=1)
     # The target logit comes from the tile itself (so that lse - z_y of a confident token cancels
