@@ -4,17 +4,16 @@
                                       [--workspace-programs 132 78 ...]
 
 bf16, the public op ``linear_cross_entropy(e, c, targets)`` (mean, exact) with e and c requiring
-grad. Per shape and regime, in interleaved rounds (benchmarks/rounds.py): T = the cuBLAS logits
-GEMM (the ratios are to its fastest round, so they lean high), the forward under grad mode, forward+backward (the grads set to None before each call, as the
-benchmark's do_bench does), and their difference (the backward); then the CUDA kernels of one
-forward+backward by total time (torch.profiler). Why: in the op-level benchmark, the Gemma
-uniform point's forward+backward took ~4 ms more than its forward and backward timed apart, and the
-other points did not (results/h200-2026-12-01c, -d).
-``--workspace-programs``: the workspace path (``max_workspace_bytes=2**30``) forward+backward with its
-row kernel launched on that many programs (default: one per SM), for whether fewer rows in flight
-let the row's second sweep find it in L2 (132 rows of 512 KB at V = 256000 do not fit in 50 MB).
-Prints only.
-"""
+grad. Per shape and regime, in interleaved rounds (benchmarks/rounds.py): T = the cuBLAS logits GEMM
+(the ratios are to its fastest round, so they lean high), the forward under grad mode,
+forward+backward (the grads set to None before each call, as the benchmark's do_bench does), and
+their difference (the backward); then the CUDA kernels of one forward+backward by total time
+(torch.profiler). Why: in the op-level benchmark, the Gemma uniform point's forward+backward took ~4
+ms more than its forward and backward timed apart, and the other points did not
+(results/h200-2026-12-01c, -d). ``--workspace-programs``: the workspace path
+(``max_workspace_bytes=2**30``) forward+backward with its row kernel launched on that many programs
+(default: one per SM), for whether fewer rows in flight let the row's second sweep find it in L2
+(132 rows of 512 KB at V = 256000 do not fit in 50 MB). Prints only."""
 
 from __future__ import annotations
 

@@ -77,8 +77,8 @@ import triton.language as tl
 from torch import Tensor
 
 from .common import (
-    HAS_FLATTEN, LOG2E, TileConfig, as_f32, backward_config, buffered_config, capped_logits, dot, dot_precision, dot_upcast,
-    filtered_de_config, logit_tile, prepare_inputs, sm_count, tma_descriptor,
+    HAS_FLATTEN, LOG2E, TileConfig, as_f32, backward_config, buffered_config, capped_logits, dot, dot_precision,
+    dot_upcast, filtered_de_config, logit_tile, prepare_inputs, sm_count, tma_descriptor,
 )
 
 # Dropped gradient mass per token is < FILTER_EPS * w_i (see the module docstring); with eps < 1/2

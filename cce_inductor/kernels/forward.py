@@ -5,8 +5,8 @@ Algorithm (split-vocabulary online softmax, two launches, no locks):
      tiles x every split, the token tile varying fastest within a group: the programs resident
      together read the same classifier rows (one pass of C through L2 per wave rather than per token
      tile) and no more than GROUP_N tiles of E (all of E -- 67 MB at 8192 x 4096 -- would not stay
-     in the 50 MB L2 between one vocab tile of a program and its next). A program owns BLOCK_N tokens and a
-     contiguous run of vocab tiles; for each vocab tile it computes the logit tile
+     in the 50 MB L2 between one vocab tile of a program and its next). A program owns BLOCK_N
+     tokens and a contiguous run of vocab tiles; for each vocab tile it computes the logit tile
          z = E[n] @ C[v]^T (+ bias[v]) (softcapped: cap * tanh(z / cap))     # [BLOCK_N, BLOCK_V]
      in float32 on chip (``common.logit_tile``: tl.dot over D in BLOCK_D steps, inputs in their own
      dtype; on Hopper the E and C tiles come through TMA descriptors and the loop over vocab tiles is
