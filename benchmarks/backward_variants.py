@@ -7,13 +7,13 @@ bf16. Per shape and data regime, median times (``do_bench``) of the backward in 
 cuBLAS logits GEMM measured first in the same process: exact (dE by cuBLAS), then filtered (dE by
 ``_filtered_de_kernel`` over the kept tiles) at filter_eps = 0 (every tile kept: the Triton GEMM
 against cuBLAS's), the default FILTER_EPS, 2^-2, and 1e9 (every tile skipped: the filtered path's
-floor), each with the fraction s of tiles skipped. ``--epilogue``: the exact backward with the
-dz kernel's lean and masked epilogues (LEAN_DZ_EPILOGUE), in interleaved rounds (benchmarks/rounds.py). ``--windows``: the exact backward with the
-fewest, evenly sized windows of tokens (WAVE_ALIGNED_WINDOWS off) against the default windows sized
-to fill the dz kernel's waves, with each one's window size and the default's kernels by time
-(torch.profiler). ``--configs``: the eps = 0 point for each candidate config of the dE GEMM. Prints
-only; numbers worth keeping go to docs/PERF_NOTES.md.
-"""
+floor), each with the fraction s of tiles skipped. ``--epilogue``: the exact backward with the dz
+kernel's lean and masked epilogues (LEAN_DZ_EPILOGUE), in interleaved rounds (benchmarks/rounds.py).
+``--windows``: the exact backward with the fewest, evenly sized windows of tokens
+(WAVE_ALIGNED_WINDOWS off) against the default windows sized to fill the dz kernel's waves, with
+each one's window size and the default's kernels by time (torch.profiler). ``--configs``: the eps =
+0 point for each candidate config of the dE GEMM. Prints only; numbers worth keeping go to
+docs/PERF_NOTES.md."""
 
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ from cce_inductor.kernels import FILTER_EPS, backward, lce_backward, lce_forward
 from cce_inductor.kernels.common import TileConfig, filtered_de_config
 
 from .points import add_point_arguments, points
-from .rounds import interleaved_ms, summary
+from .rounds import interleaved_ms, print_profile, summary
 
 # (tokens, vocabulary per K step, D per program) x warps x stages; tokens = the dz kernel's tile.
 # Shared memory per program: stages x (tokens + D) x K x 2 B; under ~113 KB two programs share an SM,
@@ -90,7 +90,7 @@ def main(argv=None) -> None:
         if args.windows:
             with mock.patch.object(backward, "WAVE_ALIGNED_WINDOWS", False):
                 show("exact, evenly sized windows", backward_ms(False), windows())
-            _profile(lambda: lce_backward(e, c, None, y, lse, g, zero, -100, 0.0, 0.0, False, True, True, False),
+            print_profile(lambda: lce_backward(e, c, None, y, lse, g, zero, -100, 0.0, 0.0, False, True, True, False),
                      "exact")
         for eps in (0.0, FILTER_EPS, 2.0**-2, 1e9) if args.filtered else ():
             counts = torch.zeros(2, dtype=torch.int32, device="cuda")
@@ -109,20 +109,9 @@ def main(argv=None) -> None:
                         show(label + (" one program per tile" if backward.FILTERED_DE_PERSISTENT else " persistent"),
                              backward_ms(True, filter_eps=0.0))
         for eps in args.profile_eps:
-            _profile(lambda eps=eps: lce_backward(e, c, None, y, lse, g, zero, -100, 0.0, 0.0,
+            print_profile(lambda eps=eps: lce_backward(e, c, None, y, lse, g, zero, -100, 0.0, 0.0,
                                                   True, True, True, False, filter_eps=eps),
                      f"filtered, eps {eps:g}")
-
-
-def _profile(run, label: str) -> None:
-    """The CUDA kernels of one call of ``run`` by total time."""
-    run()
-    torch.cuda.synchronize()
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        run()
-        torch.cuda.synchronize()
-    print(f"  profile, {label}:")
-    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=6), flush=True)
 
 
 if __name__ == "__main__":

@@ -28,7 +28,7 @@ from cce_inductor import linear_cross_entropy
 from cce_inductor.kernels import workspace
 
 from .points import add_point_arguments, points
-from .rounds import interleaved_ms, summary
+from .rounds import interleaved_ms, print_profile, summary
 
 
 def main(argv=None) -> None:
@@ -64,12 +64,7 @@ def main(argv=None) -> None:
             print(f"  {label:<46} {summary(samples, gemm_ms)}", flush=True)
         fw, fb = (statistics.median(times[k]) for k in ("forward", "forward+backward"))
         print(f"  {'backward (difference)':<46} {fb - fw:7.2f} ms  {(fb - fw) / gemm_ms:5.3f} T", flush=True)
-        fwdbwd()
-        torch.cuda.synchronize()
-        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-            fwdbwd()
-            torch.cuda.synchronize()
-        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=12), flush=True)
+        print_profile(fwdbwd, "forward+backward", rows=12)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""Variants timed in interleaved rounds, so that a drift of the GPU's clock hits all of them alike.
+"""Variants timed in interleaved rounds, so that a drift of the GPU's clock hits all of them alike;
+and the kernels of one call by time (``print_profile``).
 
 One ``do_bench`` of a 50 ms call at its default 100 ms is the median of two calls, and the same
 variant timed twice in one process was seen 8% apart on an H200 (results/h200-2026-12-01b/
@@ -12,6 +13,7 @@ from __future__ import annotations
 import statistics
 from typing import Callable
 
+import torch
 from triton.testing import do_bench
 
 
@@ -30,3 +32,14 @@ def summary(samples: list[float], unit_ms: float) -> str:
     """'median ms, in units of unit_ms, (min-max over the rounds)'."""
     mid = statistics.median(samples)
     return f"{mid:7.2f} ms  {mid / unit_ms:5.3f} T  (rounds {min(samples):.2f}-{max(samples):.2f})"
+
+
+def print_profile(run: Callable[[], object], label: str, rows: int = 6) -> None:
+    """The CUDA kernels of one call of ``run`` (after one untimed call) by total time."""
+    run()
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        run()
+        torch.cuda.synchronize()
+    print(f"  profile, {label}:")
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=rows), flush=True)
