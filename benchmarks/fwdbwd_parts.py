@@ -13,7 +13,10 @@ ms more than its forward and backward timed apart, and the other points did not
 (results/h200-2026-12-01c, -d). ``--workspace-programs``: the workspace path
 (``max_workspace_bytes=2**30``) forward+backward with its row kernel launched on that many programs
 (default: one per SM), for whether fewer rows in flight let the row's second sweep find it in L2
-(132 rows of 512 KB at V = 256000 do not fit in 50 MB). Prints only."""
+(132 rows of 512 KB at V = 256000 do not fit in 50 MB). ``--sustained K``: K forward+backward calls
+back to back (after K untimed ones) under the profiler, their kernels' time per call against the
+loop's time per call (CUDA events): the difference is time the GPU spent between kernels; kernels
+slower than in the single profiled call mean a lower clock under sustained load. Prints only."""
 
 from __future__ import annotations
 
@@ -36,6 +39,8 @@ def main(argv=None) -> None:
     add_point_arguments(parser, regimes=("uniform", "lm"))
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--workspace-programs", nargs="*", type=int, default=[])
+    parser.add_argument("--sustained", type=int, default=0, metavar="K",
+                        help="also profile K forward+backward calls back to back")
     args = parser.parse_args(argv)
     print(torch.cuda.get_device_name(), "torch", torch.__version__, "triton", triton.__version__, flush=True)
     for n, d, v, regime, inp in points(args):
@@ -65,6 +70,28 @@ def main(argv=None) -> None:
         fw, fb = (statistics.median(times[k]) for k in ("forward", "forward+backward"))
         print(f"  {'backward (difference)':<46} {fb - fw:7.2f} ms  {(fb - fw) / gemm_ms:5.3f} T", flush=True)
         print_profile(fwdbwd, "forward+backward", rows=12)
+        if args.sustained:
+            sustained_profile(fwdbwd, args.sustained)
+
+
+def sustained_profile(run, calls: int) -> None:
+    """Kernel time per call of ``calls`` back-to-back calls against their wall time per call."""
+    for _ in range(calls):
+        run()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        start.record()
+        for _ in range(calls):
+            run()
+        end.record()
+        torch.cuda.synchronize()
+    kernels = [ev for ev in prof.events() if ev.device_type == torch.autograd.DeviceType.CUDA]
+    busy_ms = sum(ev.time_range.elapsed_us() for ev in kernels) / 1e3 / calls
+    wall_ms = start.elapsed_time(end) / calls
+    print(f"  sustained, {calls} calls: kernels {busy_ms:.2f} ms per call, loop {wall_ms:.2f} ms per call, "
+          f"between kernels {wall_ms - busy_ms:.2f} ms", flush=True)
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=8), flush=True)
 
 
 if __name__ == "__main__":
