@@ -11,10 +11,10 @@ floor), each with the fraction s of tiles skipped. ``--epilogue``: the exact bac
 kernel's lean and masked epilogues (LEAN_DZ_EPILOGUE), in interleaved rounds (benchmarks/rounds.py).
 ``--windows``: the exact backward with the fewest, evenly sized windows of tokens
 (WAVE_ALIGNED_WINDOWS off) against the default windows sized to fill the dz kernel's waves, with
-each one's window size and the default's kernels by time (torch.profiler). ``--chunks W:MIB ...``: the
-exact backward with chunks of W vocabulary entries under a budget of MIB MiB (CHUNK_V, MAX_CHUNK_TILES
-and buffer_bytes patched; the filtered kernel's 16-tile limit does not bind the exact path), in
-interleaved rounds with the default, each with its window size. ``--configs``: the eps =
+each one's window size and the default's kernels by time (torch.profiler). ``--buffer-shapes RxW ...``: the
+exact and (unless --no-filtered) the filtered backward with windows of R tokens and chunks of W
+vocabulary entries (``buffered_window`` patched), in interleaved rounds with each one's default,
+each with its scratch. ``--configs``: the eps =
 0 point for each candidate config of the dE GEMM. Prints only; numbers worth keeping go to
 docs/PERF_NOTES.md."""
 
@@ -54,9 +54,9 @@ def main(argv=None) -> None:
                         help="also the exact backward with the dz kernel's masked epilogue (LEAN_DZ_EPILOGUE off)")
     parser.add_argument("--profile-eps", nargs="*", type=float, default=[],
                         help="profile the filtered backward's kernels at these filter_eps")
-    parser.add_argument("--chunks", nargs="*", default=[], metavar="W:MIB",
-                        help="exact backward with chunks of W vocabulary entries under MIB MiB of scratch")
-    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds of --epilogue and --chunks")
+    parser.add_argument("--buffer-shapes", nargs="*", default=[], metavar="ROWSxCOLS",
+                        help="exact backward with windows of ROWS tokens and chunks of COLS vocabulary entries")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds of --epilogue and --buffer-shapes")
     args = parser.parse_args(argv)
     for n, d, v, regime, inp in points(args):
         e, c, y = inp.e, inp.c, inp.targets
@@ -92,28 +92,29 @@ def main(argv=None) -> None:
                                     rounds=args.rounds)
             for label, samples in rounds.items():
                 print(f"  {label:<44} {summary(samples, gemm_ms)}", flush=True)
-        if args.chunks:
-            tile_v = backward.buffered_config(e).block_v
-
-            def chunked(width):
-                return mock.patch.multiple(backward, CHUNK_V=width,
-                                           MAX_CHUNK_TILES=max(backward.MAX_CHUNK_TILES, width // tile_v))
-
-            def with_chunk(width, budget):
+        if args.buffer_shapes:
+            def with_shape(shape, filter_grad):
                 def run():
-                    with chunked(width):
-                        lce_backward(e, c, None, y, lse, g, zero, -100, 0.0, 0.0, False, True, True, False,
-                                     buffer_bytes=budget)
+                    with mock.patch.object(backward, "buffered_window", lambda *args, **kwargs: shape):
+                        lce_backward(e, c, None, y, lse, g, zero, -100, 0.0, 0.0, filter_grad, True, True, False)
                 return run
 
-            variants = {"exact, default chunks and budget": with_chunk(backward.CHUNK_V, backward.BUFFER_BYTES)}
-            for text in args.chunks:
-                width, mib = (int(x) for x in text.split(":"))
-                with chunked(width):
-                    rows, cols = backward.buffered_window(e, v, mib * 2**20)
-                variants[f"exact, chunk {width}, {mib} MiB: {rows} x {cols}"] = with_chunk(width, mib * 2**20)
+            variants = {}
+            modes = {"exact": (False, dict(max_chunk_tiles=None))}
+            if args.filtered:
+                de_d_tiles = -(-d // filtered_de_config(e).block_d)
+                modes["filtered"] = (True, dict(max_chunk_tiles=backward.MAX_CHUNK_TILES, de_d_tiles=de_d_tiles))
+            for mode, (filter_grad, shape_options) in modes.items():
+                default = backward.buffered_window(e, v, **shape_options)
+                for shape in [default] + [tuple(map(int, text.split("x"))) for text in args.buffer_shapes]:
+                    rows, cols = shape
+                    if filter_grad and -(-cols // backward.buffered_config(e).block_v) > backward.MAX_CHUNK_TILES:
+                        continue
+                    scratch_mb = (rows * backward.buffer_row_stride(cols) * e.element_size() + 4 * rows * d) / 1e6
+                    label = f"{mode}, {rows} x {cols}, {scratch_mb:.1f} MB{' (default)' if shape == default else ''}"
+                    variants.setdefault(label, with_shape(shape, filter_grad))
             for label, samples in interleaved_ms(variants, rounds=args.rounds).items():
-                print(f"  {label:<44} {summary(samples, gemm_ms)}", flush=True)
+                print(f"  {label:<48} {summary(samples, gemm_ms)}", flush=True)
         if args.windows:
             with mock.patch.object(backward, "WAVE_ALIGNED_WINDOWS", False):
                 show("exact, evenly sized windows", backward_ms(False), windows())

@@ -14,8 +14,13 @@ shape, each method up to the largest N that fits (or until its calls get too slo
 budget). Results go to JSON (with device, versions, date and the command line), rewritten after
 every point so that a run cut short leaves its data; a markdown table is printed last.
 
-Timing (GPU): forward and forward+backward with ``triton.testing.do_bench(return_mode="median")``
-after a warm-up call; calls slower than ``--slow-call-ms`` get a plain CUDA-event loop of
+Timing: after every method's checks at a point (first call, memory, errors), the methods are timed
+in interleaved rounds (``rounds``, 3; one in the sweep): each method once per round, the order
+reversed every other round, and each figure is the median over the rounds (the rounds' own figures
+are kept in the JSON). Under these GEMMs an H200 runs at its power cap, with the SM clock moving
+(1.5-2.0 GHz), and one do_bench of a 60 ms call is the median of a few calls: the same call timed
+twice in one process came out 8% apart. In a round (GPU), forward and forward+backward with
+``triton.testing.do_bench(return_mode="median")`` after a warm-up call; calls slower than ``--slow-call-ms`` get a plain CUDA-event loop of
 ``min_reps`` calls instead (do_bench would spend seven calls estimating). The backward alone is timed
 with CUDA events around ``loss.backward()`` after an untimed forward, one fresh forward per call
 (compiled graphs and several peers forbid ``retain_graph``), with the L2 cache flushed before each
@@ -101,6 +106,8 @@ class BenchConfig:
     max_reps: int = 20  # of the backward event loop
     slow_call_ms: float = 250.0  # above this, CUDA-event loop of min_reps calls instead of do_bench
     sweep_min_reps: int = 3  # timed calls at least in the sweep
+    rounds: int = 3  # timing rounds per point: every method once per round (see _Runner.run_point)
+    sweep_rounds: int = 1
     sweep_max_call_s: float = 2.0  # the sweep stops a method whose predicted fwd+bwd call exceeds this
     time_budget_s: float = 360.0  # no sweep point starts after this many seconds (the shapes always run)
     grad_error_max_n: int = 16384  # gradient error (needs the reference gradients) only up to this N
@@ -156,6 +163,7 @@ class Measurement:
     skipped_fraction: float | None = None
     first_call_s: float | None = None  # wall time of the first (compiling, autotuning) call
     timers: dict = field(default_factory=dict)  # pass -> do_bench | cuda_events | perf_counter
+    rounds_ms: dict = field(default_factory=dict)  # pass -> [median ms of each round]; *_ms is their median
 
 
 @dataclass(frozen=True)
@@ -343,22 +351,21 @@ def _torch_dtype_error(point: _Point) -> tuple[float | None, float | None, str]:
     return err
 
 
-def _measure(method: Method, prepared: Prepared, point: _Point, passes, timer: _Timer, device: torch.device) -> dict:
-    """Every number of one method at one point; fills ``row`` as it goes, so a failure keeps what
-    was measured before it."""
-    row: dict = {"status": "ok", "note": prepared.note, "timers": {}}
+def _check(method: Method, prepared: Prepared, point: _Point, timer: _Timer, device: torch.device) -> dict:
+    """Everything of one method at one point but its times: the first (compiling) call, memory,
+    loss and gradient errors, the time estimates, s. Fills ``row`` as it goes, so that a failure
+    keeps what was measured before it."""
+    row: dict = {"status": "ok", "note": prepared.note, "timers": {}, "rounds_ms": {}}
     try:
-        _measure_into(row, method, prepared, point, passes, timer, device)
+        _check_into(row, method, prepared, point, device)
     except Exception as exc:  # noqa: BLE001 - recorded, and the run goes on
         row.update(status="oom" if _is_oom(exc) else "error", reason=_short(exc))
     point.e.grad = point.c.grad = None
     return row
 
 
-def _measure_into(row: dict, method: Method, prepared: Prepared, point: _Point, passes, timer: _Timer,
-                  device: torch.device):
+def _check_into(row: dict, method: Method, prepared: Prepared, point: _Point, device: torch.device):
     e, c, y = point.e, point.c, point.targets
-    grads = [e, c]
 
     def loss():
         return prepared.loss(e, c, y)
@@ -385,12 +392,12 @@ def _measure_into(row: dict, method: Method, prepared: Prepared, point: _Point, 
         t1 = time.perf_counter()
         if _is_cuda(device):
             row["fwd_mem_bytes"] = torch.cuda.max_memory_allocated(device) - base
-        est_fwd_ms = est_fwdbwd_ms = (t1 - t0) * 1e3
+        row["est_fwd_ms"] = row["est_fwdbwd_ms"] = (t1 - t0) * 1e3
         if method.has_backward:
             row["loss"] = float(out.detach())
             out.backward()
             _sync(device)
-            est_fwdbwd_ms = (time.perf_counter() - t0) * 1e3
+            row["est_fwdbwd_ms"] = (time.perf_counter() - t0) * 1e3
             if _is_cuda(device):
                 row["fwdbwd_mem_bytes"] = torch.cuda.max_memory_allocated(device) - base
             if point.ref_loss is not None:
@@ -400,15 +407,6 @@ def _measure_into(row: dict, method: Method, prepared: Prepared, point: _Point, 
         del out
         e.grad = c.grad = None
         _free(device)
-        row["est_fwdbwd_ms"] = est_fwdbwd_ms
-
-        if "fwd" in passes or not method.has_backward:
-            row["fwd_ms"], row["timers"]["fwd"] = timer.call(loss, est_fwd_ms, grads)
-        if method.has_backward and "fwdbwd" in passes:
-            row["fwdbwd_ms"], row["timers"]["fwdbwd"] = timer.call(lambda: loss().backward(), est_fwdbwd_ms, grads)
-        if method.has_backward and "bwd" in passes:
-            row["bwd_ms"], row["timers"]["bwd"] = timer.backward(loss, est_fwdbwd_ms, grads)
-        e.grad = c.grad = None
 
         if prepared.skipped_fraction is not None:
             try:
@@ -417,8 +415,43 @@ def _measure_into(row: dict, method: Method, prepared: Prepared, point: _Point, 
                 row["note"] += f"; skipped_fraction failed: {_short(exc)}"
 
 
+def _time_round(row: dict, method: Method, prepared: Prepared, point: _Point, passes, timer: _Timer,
+                device: torch.device):
+    """One round of timing of one method (after ``_check``): each pass's median ms is appended to
+    row["rounds_ms"][pass]. A failure marks the row and drops its times."""
+    e, c, y = point.e, point.c, point.targets
+    grads = [e, c]
+
+    def loss():
+        return prepared.loss(e, c, y)
+
+    try:
+        with prepared.context():
+            timed = {}
+            if "fwd" in passes or not method.has_backward:
+                timed["fwd"] = timer.call(loss, row["est_fwd_ms"], grads)
+            if method.has_backward and "fwdbwd" in passes:
+                timed["fwdbwd"] = timer.call(lambda: loss().backward(), row["est_fwdbwd_ms"], grads)
+            if method.has_backward and "bwd" in passes:
+                timed["bwd"] = timer.backward(loss, row["est_fwdbwd_ms"], grads)
+        for name, (ms, how) in timed.items():
+            row["rounds_ms"].setdefault(name, []).append(ms)
+            row["timers"][name] = how
+    except Exception as exc:  # noqa: BLE001 - recorded, and the run goes on
+        row.update(status="oom" if _is_oom(exc) else "error", reason=f"while timing: {_short(exc)}", rounds_ms={})
+    e.grad = c.grad = None
+
+
+def _finish(row: dict) -> dict:
+    """Each pass's time: the median over its rounds."""
+    for name, samples in row.get("rounds_ms", {}).items():
+        row[f"{name}_ms"] = statistics.median(samples)
+    return row
+
+
 def _measurement(shape: Shape, regime: str, method: Method, t_ms: float | None, **fields) -> Measurement:
     fields.pop("est_fwdbwd_ms", None)
+    fields.pop("est_fwd_ms", None)
     known = {f.name for f in dataclasses.fields(Measurement)}
     m = Measurement(shape=shape.name, n=shape.n, d=shape.d, v=shape.v, regime=regime, method=method.name,
                     label=method.label, **{k: v for k, v in fields.items() if k in known})
@@ -510,7 +543,8 @@ class _Runner:
                     stopped.setdefault(m.name, f"inputs failed at N={shape.n}")
             return
         free_bytes = torch.cuda.mem_get_info(device)[0] if _is_cuda(device) else None
-        t_ms = None
+        checked: dict[str, dict] = {}  # method -> its row's fields; absent: skipped (reasons below)
+        reasons: dict[str, str] = {}
         for method in self.methods:
             prepared = setups[method.name]
             reason = prepared if isinstance(prepared, str) else stopped.get(method.name)
@@ -519,14 +553,30 @@ class _Runner:
                 if reason:
                     stopped[method.name] = reason
             if reason:
-                row = _measurement(shape, regime, method, t_ms, status="skipped", reason=reason)
+                reasons[method.name] = reason
+                continue
+            checked[method.name] = _check(method, prepared, point, timer, device)
+            _free(device, collect=checked[method.name]["status"] != "ok")
+        # Timing in rounds: every method once per round, in the methods' order in even rounds and
+        # the reverse in odd ones, so that a drift of the GPU's clock (it runs at its power cap under
+        # these GEMMs) or what ran just before does not fall on one method only.
+        rounds = cfg.sweep_rounds if history is not None else cfg.rounds
+        for r in range(max(1, rounds)):
+            for method in (self.methods if r % 2 == 0 else self.methods[::-1]):
+                row = checked.get(method.name)
+                if row is None or row["status"] != "ok":
+                    continue
+                _time_round(row, method, setups[method.name], point,
+                            passes if method.has_backward else ("fwd",), timer, device)
+                _free(device, collect=row["status"] != "ok")
+        t_ms = _finish(checked["gemm"]).get("fwd_ms") if "gemm" in checked else None
+        for method in self.methods:
+            if method.name not in checked:
+                row = _measurement(shape, regime, method, t_ms, status="skipped", reason=reasons[method.name])
             else:
-                fields = _measure(method, prepared, point, passes if method.has_backward else ("fwd",), timer, device)
+                fields = _finish(checked[method.name])
                 if fields["status"] != "ok" and history is not None:
                     stopped[method.name] = f"{fields['status']} at N={shape.n}"
-                _free(device, collect=fields["status"] != "ok")
-                if method.name == "gemm":
-                    t_ms = fields.get("fwd_ms")
                 if history is not None and fields["status"] == "ok":
                     ms = fields.get("fwdbwd_ms") or fields.get("est_fwdbwd_ms") or fields.get("fwd_ms")
                     mem = fields.get("fwdbwd_mem_bytes") or fields.get("fwd_mem_bytes")
@@ -626,8 +676,10 @@ class _Runner:
             "methods": self.availability,
             "grad_error_metric": GRAD_ERROR_METRIC,
             "memory_metric": "peak allocated bytes above the allocation before the call (inputs, reference)",
-            "timing": "median ms; do_bench for fwd and fwd+bwd (CUDA-event loop above slow_call_ms), "
-                      "CUDA events around backward() after an untimed forward for bwd",
+            "timing": "median over interleaved rounds (rounds per point, sweep_rounds in the sweep; every "
+                      "method once per round, alternating order) of each round's median ms; do_bench for "
+                      "fwd and fwd+bwd (CUDA-event loop above slow_call_ms), CUDA events around backward() "
+                      "after an untimed forward for bwd",
             "wall_s": round(time.perf_counter() - self.t_start, 1),
         }
 

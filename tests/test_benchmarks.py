@@ -4,6 +4,7 @@ import importlib
 import json
 import math
 import os
+import statistics
 import sys
 
 import pytest
@@ -73,8 +74,13 @@ def test_smoke_numbers_are_sane(smoke):
         if in_main:
             assert m["fwd_ms"] > 0 and m["bwd_ms"] > 0
             assert set(m["timers"].values()) == {"perf_counter"}
-        else:  # the sweep times forward+backward only
+            for name in ("fwd", "bwd", "fwdbwd"):  # the figure is the median of the interleaved rounds
+                samples = m["rounds_ms"][name]
+                assert len(samples) == data["config"]["rounds"] == 3
+                assert m[f"{name}_ms"] == statistics.median(samples)
+        else:  # the sweep times forward+backward only, in one round
             assert m["fwd_ms"] is None and m["bwd_ms"] is None
+            assert len(m["rounds_ms"]["fwdbwd"]) == data["config"]["sweep_rounds"] == 1
         assert m["fwd_mem_bytes"] is None  # no memory statistics on the CPU
         assert math.isfinite(m["loss"]) and m["loss_rel_err"] < 1e-2
         if m["method"].startswith("cce_inductor"):  # float32 math on bf16 inputs: bf16 rounding of dE only
@@ -131,6 +137,28 @@ def test_failures_are_recorded_and_the_run_goes_on(exc, status):
     assert rows[(32, "broken")].status == "skipped" and f"{status} at N=8" in rows[(32, "broken")].reason
     assert rows[(32, "torch")].status == "ok"
     json.dumps(lce_bench.to_json(result))
+
+
+def test_a_failure_while_timing_drops_that_methods_times_only():
+    calls = {"n": 0}
+
+    def setup(env):
+        def loss(e, c, y):
+            calls["n"] += 1
+            if calls["n"] > 3:  # the first call and the checks pass; a timing round fails
+                raise RuntimeError("failed in round 1")
+            return methods._torch_loss(e, c, y)
+        return methods.Prepared(loss=loss)
+
+    registry = dict(methods.METHODS, flaky=methods.Method("flaky", "flaky", setup))
+    cfg = lce_bench.BenchConfig(
+        shapes=(lce_bench.Shape("t", 16, 8, 40),), regimes=("uniform",), methods=("flaky", "torch"), sweep=False,
+        device="cpu", smoke=True, warmup_ms=0, rep_ms=0, min_reps=1, max_reps=1,
+    )
+    rows = {m.method: m for m in lce_bench.run(cfg, registry).measurements}
+    assert rows["flaky"].status == "error" and "while timing" in rows["flaky"].reason
+    assert rows["flaky"].fwd_ms is None and rows["flaky"].loss is not None  # the checks' numbers stay
+    assert rows["torch"].status == "ok" and len(rows["torch"].rounds_ms["fwd"]) == 3
 
 
 def test_unavailable_methods_say_why():

@@ -96,17 +96,20 @@ FILTER_EPS = 2.0**-3
 # Vocabulary rows of the float32 dC window for 16-bit inputs.
 WINDOW_BYTES = 32 * 2**20
 # The buffered path's scratch: a (tokens x vocabulary) dz buffer in the input dtype plus the float32
-# dE accumulator of its tokens. 48 MiB keeps the backward within 64 MB of the gradients' own size.
-BUFFER_BYTES = 48 * 2**20
-# The buffered path's vocabulary chunk: the dE GEMM's reduction and the dC GEMM's row count, wide
-# enough for cuBLAS to run near its peak (measured with the earlier recompute kernel: backward 3.6-3.9 T
-# at 4096, H100; a 16384-wide chunk made the dz kernel ~4% faster, benchmarks/gemm_core_variants.py).
+# dE accumulator of its tokens. 56 MiB (58.7 MB) keeps the backward within 64 MB of the gradients' own
+# size; the exact path widens its chunks into it (buffered_shape: 8448 entries at 8192 x 2304 x 256000,
+# 6144 at 8192 x 4096 x 128256; it was 48 MiB with 4096-wide chunks).
+BUFFER_BYTES = 56 * 2**20
+# The buffered path's vocabulary chunk (the narrowest, and the width windows are sized for): the dE
+# GEMM's reduction and the dC GEMM's row count, wide enough for cuBLAS to run near its peak (measured
+# with the earlier recompute kernel: backward 3.6-3.9 T at 4096, H100; a 16384-wide chunk made the dz
+# kernel ~4% faster, benchmarks/gemm_core_variants.py). The exact path widens it where the budget allows.
 CHUNK_V = 4096
 # Window sizes chosen so that the dz kernel's launches fill whole waves of SMs (see buffered_shape);
 # False: the fewest, evenly sized windows (for measurements).
 WAVE_ALIGNED_WINDOWS = True
-# At most this many vocab tiles per chunk: the filtered dE GEMM packs the list of a token tile's kept
-# vocab tiles into one int64, 4 bits per entry. 16 x 256 = CHUNK_V on the GPU.
+# At most this many vocab tiles per chunk of the filtered path: its dE GEMM packs the list of a token
+# tile's kept vocab tiles into one int64, 4 bits per entry. 16 x 256 = CHUNK_V on the GPU.
 MAX_CHUNK_TILES = 16
 # The filtered dE GEMM as a persistent kernel with its tile loop flattened (else one program per
 # output tile). Measured (H100, bf16, LM-like, every tile kept; benchmarks/backward_variants.py):
@@ -613,7 +616,10 @@ def lce_backward(
 
             return launch, (add_de if filtered else None)
 
-        de, dc = _buffered_backward(window_launcher, e, c, num_tokens, dim, vocab, needs_e, needs_c, buffer_bytes)
+        shape = dict(max_chunk_tiles=MAX_CHUNK_TILES, de_d_tiles=triton.cdiv(dim, de_cfg.block_d)) if filtered else \
+            dict(max_chunk_tiles=None)
+        de, dc = _buffered_backward(window_launcher, e, c, num_tokens, dim, vocab, needs_e, needs_c, buffer_bytes,
+                                    shape)
     else:
         de, dc = _atomic_backward(launch, e, c, num_tokens, dim, vocab, order, tile, needs_e, needs_c,
                                   needs_bias, window_bytes)
@@ -721,50 +727,77 @@ def buffered_path_applies(e: Tensor, order, filter_dc: bool = False) -> bool:
 
 
 def buffered_shape(num_tokens: int, dim: int, vocab: int, element_size: int, buffer_bytes: int,
-                   block_n: int, block_v: int, sms: int | None = None) -> tuple[int, int]:
-    """(tokens per window, vocabulary entries per chunk) for the buffered path: chunks of CHUNK_V
-    entries (all of V when smaller), windows in whole tiles. Buffer rows*cols*element_size +
-    accumulator 4*rows*dim stay within buffer_bytes, unless one tile of each is already more. No
-    more scratch than that: a wider chunk would not make the GEMMs faster.
-    Chunks hold at most MAX_CHUNK_TILES vocab tiles (the filtered dE GEMM's packed list of kept tiles).
-    ``sms`` None: windows as few as the budget allows, evenly sized. ``sms`` given (the dz kernel's
-    programs): the window size within the budget whose launches fill their waves of ``sms`` tiles
-    best -- the fewest waves per chunk over all windows, then the fewest windows (the last window
-    holds the rest). The model: a launch takes as long as its number of waves, a partial last wave
-    costing a whole one. Measured on an H200 at 8192 x 2304 x 256000 (bf16; benchmarks/
-    backward_variants.py --windows, results/h200-2026-12-01/windows_variants*.log): 3 windows of
-    2816 tokens (352 tiles per launch: 2.67 waves on 132 SMs, run as 3) against 4 of 2048 (256
-    tiles: 1.94 waves), backward 53.4 / 52.5 -> 48.9 / 49.0 ms on LM-like data (two runs), 49.2 ->
-    48.6 ms on uniform data -- more than the model predicts on the one, less on the other.
-    E.g. (8192, 2304, 256000, bf16, 48 MiB): 3 windows of 2816 tokens, or with sms = 132 4 of 2048."""
-    cols = min(vocab, CHUNK_V, MAX_CHUNK_TILES * block_v)
-    per_token = element_size * buffer_row_stride(cols) + 4 * dim
+                   block_n: int, block_v: int, sms: int | None = None,
+                   max_chunk_tiles: int | None = MAX_CHUNK_TILES, de_d_tiles: int = 0) -> tuple[int, int]:
+    """(tokens per window, vocabulary entries per chunk) for the buffered path, windows in whole
+    tiles. Buffer rows*cols*element_size + accumulator 4*rows*dim stay within buffer_bytes, unless
+    one tile of each is already more. Chunks are CHUNK_V entries (all of V when smaller) or, with
+    ``sms``, wider where the budget allows; never more than ``max_chunk_tiles`` vocab tiles (the
+    filtered dE GEMM's packed list of kept tiles; None: no limit, the exact path). ``de_d_tiles``:
+    the filtered dE GEMM's output tiles per token tile (its tiles across D), launched once per
+    chunk like the dz kernel; their waves count with the dz kernel's (0: dE by cuBLAS).
+
+    ``sms`` None: CHUNK_V-wide chunks, windows as few as the budget allows, evenly sized.
+    ``sms`` given (the dz kernel's programs): the window within the budget at CHUNK_V-wide chunks
+    with the fewest waves of ``sms`` tiles over the whole call (a launch takes as long as its number
+    of waves, a partial last wave costing a whole one), then the fewest windows; then, for that
+    window, the chunk width (from CHUNK_V up to what the budget holds) with the fewest waves, then
+    the fewest bytes read and written by the GEMMs' accumulating epilogues (dE's float32 window once
+    per chunk, dC once per window after the first). The last window and chunk hold the rest.
+    Measured on an H200 (bf16; benchmarks/backward_variants.py, results/h200-2026-12-01/ and -f/):
+    at 8192 x 2304 x 256000, 4 windows of 2048 tokens against 3 of 2816 (256 against 352 tiles per
+    launch: 1.94 against 2.67 waves), backward 48.9 / 49.0 against 53.4 / 52.5 ms (LM-like, two runs);
+    chunks of 8192 against 4096 at 2048 tokens, 47.21 / 47.85 against 47.95 / 48.10 ms (LM-like /
+    uniform), and at 8192 x 4096 x 128256 40.59 / 39.92 against 42.28 / 41.40 ms (uniform / LM-like;
+    64 MiB, over the budget). E.g. (8192, 2304, 256000, bf16, 56 MiB, 128 x 256 tiles, 132 SMs): 4
+    windows of 2048 tokens and chunks of 8448; without ``sms`` 3 windows of 2816 and chunks of 4096."""
+    tile_cap = max_chunk_tiles if max_chunk_tiles is not None else -(-vocab // block_v)
+    base = min(vocab, CHUNK_V, tile_cap * block_v)
+    per_token = element_size * buffer_row_stride(base) + 4 * dim
     fit = max(block_n, buffer_bytes // per_token // block_n * block_n)
-    if sms is not None and num_tokens > fit:
-        # (one window that fits is already best: no split has fewer waves or fewer windows; the
-        # search below runs over at most fit // block_n sizes, and only for several windows)
-        tiles_n, tiles_v = -(-num_tokens // block_n), -(-cols // block_v)
+    if sms is None:
+        windows = -(-num_tokens // fit)
+        rows = -(-num_tokens // windows)
+        return min(fit, -(-rows // block_n) * block_n, num_tokens), base
+    tiles_n, tiles_v = -(-num_tokens // block_n), -(-vocab // block_v)
 
-        def waves_and_windows(window_tiles):
-            full, rest = divmod(tiles_n, window_tiles)
-            waves = full * -(-window_tiles * tiles_v // sms) + -(-rest * tiles_v // sms)
-            return waves, full + (rest > 0)
+    def waves(window_tiles, chunk_tiles):
+        def per_window(width):  # waves of one window of `width` token tiles over all chunks
+            full, rest = divmod(tiles_v, chunk_tiles)
+            de_waves = -(-width * de_d_tiles // sms)
+            return full * (-(-width * chunk_tiles // sms) + de_waves) + (-(-width * rest // sms) + de_waves) * (rest > 0)
 
-        best = min(range(1, min(tiles_n, fit // block_n) + 1), key=lambda t: (*waves_and_windows(t), -t))
-        return min(best * block_n, num_tokens), cols
-    windows = -(-num_tokens // fit)
-    rows = -(-num_tokens // windows)
-    rows = min(fit, -(-rows // block_n) * block_n, num_tokens)
-    return rows, cols
+        full, rest = divmod(tiles_n, window_tiles)
+        return full * per_window(window_tiles) + per_window(rest)
+
+    def epilogue_bytes(window_tiles, chunk_tiles):
+        windows, chunks = -(-tiles_n // window_tiles), -(-tiles_v // chunk_tiles)
+        return 8 * num_tokens * dim * chunks + 2 * element_size * vocab * dim * (windows - 1)
+
+    # The window first, at CHUNK_V-wide chunks (whole-call waves, then the fewest windows, then the
+    # larger), then the chunk's width for that window. (A joint search picks windows of 640-1536
+    # tokens for a wave or two, which the measurements above put 1-2 ms behind: the model counts the
+    # dz kernel's waves, not the cuBLAS GEMMs' loss of speed on a short window.)
+    base_tiles = -(-base // block_v)
+    window_tiles = min(range(1, max(1, min(tiles_n, fit // block_n)) + 1),
+                       key=lambda t: (waves(t, base_tiles), -(-tiles_n // t), -t))
+    rows = min(window_tiles * block_n, num_tokens)
+    room = (buffer_bytes - 4 * dim * rows) // (element_size * rows)  # buffer columns that fit
+    widest = max(base_tiles, min(tile_cap, tiles_v, room // block_v))
+    chunk_tiles = min(range(base_tiles, widest + 1),
+                      key=lambda w: (waves(window_tiles, w), epilogue_bytes(window_tiles, w)))
+    return rows, min(chunk_tiles * block_v, vocab)
 
 
-def buffered_window(e: Tensor, vocab: int, buffer_bytes: int = BUFFER_BYTES) -> tuple[int, int]:
+def buffered_window(e: Tensor, vocab: int, buffer_bytes: int = BUFFER_BYTES,
+                    max_chunk_tiles: int | None = MAX_CHUNK_TILES, de_d_tiles: int = 0) -> tuple[int, int]:
     """(tokens per window, vocabulary entries per chunk) as the buffered path chooses them for
-    (N, D) = e.shape, its dtype and device (``buffered_shape``; windows fit to the device's SMs where
-    WAVE_ALIGNED_WINDOWS)."""
+    (N, D) = e.shape, its dtype and device (``buffered_shape``; windows and chunks fit to the
+    device's SMs where WAVE_ALIGNED_WINDOWS)."""
     cfg = buffered_config(e)
     return buffered_shape(e.shape[0], e.shape[1], vocab, e.element_size(), buffer_bytes, cfg.block_n, cfg.block_v,
-                          sms=sm_count(e.device) if WAVE_ALIGNED_WINDOWS else None)
+                          sms=sm_count(e.device) if WAVE_ALIGNED_WINDOWS else None, max_chunk_tiles=max_chunk_tiles,
+                          de_d_tiles=de_d_tiles)
 
 
 def buffer_row_stride(cols: int) -> int:
@@ -782,7 +815,7 @@ def _add_product(acc: Tensor, a: Tensor, b: Tensor) -> None:
         acc.addmm_(a.float(), b.float())
 
 
-def _buffered_backward(window_launcher, e, c, num_tokens, dim, vocab, needs_e, needs_c, buffer_bytes):
+def _buffered_backward(window_launcher, e, c, num_tokens, dim, vocab, needs_e, needs_c, buffer_bytes, shape):
     """Exact 16-bit gradients with GEMMs by cuBLAS, in bounded memory. For each window of tokens
     (outer) and chunk of the vocabulary (inner), the recompute kernel writes dz (the input dtype) into
     one buffer, then
@@ -796,7 +829,7 @@ def _buffered_backward(window_launcher, e, c, num_tokens, dim, vocab, needs_e, n
     default budget). ``window_launcher(n_begin, n_count)`` returns the window's dz launcher
     ``launch(v_begin, v_count, dz)``. The views of each chunk are made once per call, not per
     iteration (host time; see window_launcher). Returns (dE or None, dC or None) in the input dtype."""
-    rows, cols = buffered_window(e, vocab, buffer_bytes)
+    rows, cols = buffered_window(e, vocab, buffer_bytes, **shape)
     ld = buffer_row_stride(cols)
     buf = torch.empty(rows * ld, dtype=e.dtype, device=e.device)
     dc = torch.empty(vocab, dim, dtype=c.dtype, device=c.device) if needs_c else None

@@ -256,27 +256,54 @@ def test_buffered_shape_stays_within_budget():
     assert buffered_shape(8192, 4096, 128256, 2, BUFFER_BYTES, 128, 256) == (2048, 4096)
     # at most MAX_CHUNK_TILES vocab tiles per chunk (the filtered dE GEMM's packed list)
     assert buffered_shape(100, 64, 3000, 2, BUFFER_BYTES, 16, 16) == (100, 16 * 16)
-    for n, d, v in [(8192, 2304, 256000), (8192, 4096, 128256), (8192, 512, 32768), (3000, 8192, 262144), (100, 64, 50000)]:
-        rows, cols = buffered_shape(n, d, v, 2, BUFFER_BYTES, 128, 256, sms=132)
-        assert 0 < rows <= n and (rows == n or rows % 128 == 0)
-        assert 2 * rows * cols + 4 * rows * d <= BUFFER_BYTES
+    for n, d, v in [(8192, 2304, 256000), (8192, 4096, 128256), (8192, 512, 32768), (3000, 8192, 262144),
+                    (100, 64, 50000), (1000, 4096, 128256)]:
+        for max_chunk_tiles in (16, None):  # filtered, exact
+            rows, cols = buffered_shape(n, d, v, 2, BUFFER_BYTES, 128, 256, sms=132, max_chunk_tiles=max_chunk_tiles)
+            assert 0 < rows <= n and (rows == n or rows % 128 == 0)
+            assert 2 * rows * cols + 4 * rows * d <= BUFFER_BYTES
+            assert cols == v or cols % 256 == 0
+            assert cols <= 16 * 256 if max_chunk_tiles else cols >= min(v, 4096)
 
 
 def test_windows_fill_whole_waves():
     """With the SM count given, the window size is the one whose dz launches leave the fewest idle
-    SMs: at the Gemma shape 4 windows of 16 token tiles (16 x 16 = 256 tiles: 2 waves on 132 SMs,
-    8 waves per chunk in all) rather than the budget's 3 of 22 (352 tiles: 3 waves each, 9 in all);
-    where one window fits, one window; never more than the budget."""
+    SMs: at the Gemma shape 4 windows of 16 token tiles (16 x 16 = 256 tiles: 2 waves on 132 SMs)
+    rather than the budget's 3 of 22 (352 tiles: 3 waves each); where one window fits, one window;
+    never more than the budget. The filtered path's chunks stay at 16 vocab tiles."""
     from cce_inductor.kernels.backward import BUFFER_BYTES, buffered_shape
 
     assert buffered_shape(8192, 2304, 256000, 2, BUFFER_BYTES, 128, 256, sms=132) == (2048, 4096)
     assert buffered_shape(8192, 4096, 128256, 2, BUFFER_BYTES, 128, 256, sms=132) == (2048, 4096)
     assert buffered_shape(1000, 4096, 128256, 2, BUFFER_BYTES, 128, 256, sms=132) == (1000, 4096)
+    # the filtered dE GEMM's own launches count: at Gemma 18 tiles of 128 x 128 per token tile; 4
+    # windows of 16 token tiles give (2 + 3) waves per chunk each, 20 in all; 3 windows of 22 (the
+    # last of 20) give (3 + 3) each, 18 in all
+    assert buffered_shape(8192, 2304, 256000, 2, BUFFER_BYTES, 128, 256, sms=132, de_d_tiles=18) == (2816, 4096)
     # 10 token tiles, a budget of 5, 3 vocab tiles per chunk, 6 SMs: windows of 4 tiles (4, 4, 2:
     # 2 + 2 + 1 waves) beat the budget's even 5 + 5 (3 + 3 waves) and tie with 5 windows of 2 (1 each)
     budget = 5 * 16 * (2 * 48 + 4 * 8)
     assert buffered_shape(10 * 16, 8, 48, 2, budget, 16, 16) == (80, 48)
     assert buffered_shape(10 * 16, 8, 48, 2, budget, 16, 16, sms=6) == (64, 48)
+
+
+def test_exact_chunks_widen_into_the_budget():
+    """The exact path (no tile limit) keeps the window and widens the chunk within the budget: the
+    fewest dz waves, then the fewest accumulator bytes. Gemma, windows of 16 token tiles over 1000
+    vocab tiles: at most 38 tiles fit (2048 x 9728 x 2 B + 2048 x 2304 x 4 B <= 56 MiB); 33 tiles
+    make 528 tiles = 4 full waves per launch, 30 launches + one of 10 tiles (2 waves) = 122 waves per
+    window against 125 at 16 tiles. Llama: at most 24 tiles (6144 entries) fit; 384 tiles = 3 waves
+    per launch, 63 per window as at 16 tiles, and fewer chunks (fewer passes over dE's float32
+    window)."""
+    from cce_inductor.kernels.backward import BUFFER_BYTES, buffered_shape
+
+    assert BUFFER_BYTES == 56 * 2**20
+    exact = dict(sms=132, max_chunk_tiles=None)
+    assert buffered_shape(8192, 2304, 256000, 2, BUFFER_BYTES, 128, 256, **exact) == (2048, 33 * 256)
+    assert buffered_shape(8192, 4096, 128256, 2, BUFFER_BYTES, 128, 256, **exact) == (2048, 24 * 256)
+    # a small budget: no wider than CHUNK_V-wide chunks allow; a vocabulary narrower than a chunk: all of it
+    assert buffered_shape(8192, 4096, 128256, 2, 48 * 2**20, 128, 256, **exact) == (2048, 4096)
+    assert buffered_shape(100, 64, 3000, 2, BUFFER_BYTES, 128, 256, **exact) == (100, 3000)
 
 
 def test_strided_rows_and_transposed_inputs():
