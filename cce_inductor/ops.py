@@ -398,12 +398,13 @@ def linear_cross_entropy(
             from any token is then < 1/8 of its gradient scale, whatever the data (a near-uniform
             softmax is never filtered); dC and dbias stay exact. Not recommended today: the filtered
             backward (a Triton dE GEMM over the kept tiles) is slower than the exact mode's unless it
-            skips much (3.9-5.3 T against 3.9-4.7 T fw+bw on an H200; as fast only at the Llama
-            shape on LM-like data, beyond the run-to-run noise; results/h200-2026-12-01d), and the dropped tail mass is biased: in the
-            committed 300-step convergence run the filtered loss strayed up to 0.015 above eager's
-            early on, three times as far as torch.compile's rounding, though well inside the 0.13
-            that another random init moves it (results/h100-2026-11-23d/convergence.png; at 1/4
-            it sat 0.02-0.04 above). The torch path is always exact.
+            skips much (4.15-4.74 T against 4.26-4.34 T fw+bw on an H200; faster only on LM-like
+            data at the Llama shape, s = 0.43, and Mistral's, s = 0.20; results/h200-2026-12-01f),
+            and the dropped tail mass is biased: in the committed 300-step convergence run the
+            filtered loss strayed up to 0.015 above eager's early on, three times as far as
+            torch.compile's rounding, though well inside the 0.13 that another random init moves it
+            (results/h100-2026-11-23d/convergence.png; at 1/4 it sat 0.02-0.04 above). The torch
+            path is always exact.
         max_workspace_bytes: memory for speed (None: off). The Triton path may hold the logits of a
             chunk of tokens in a buffer of at most this many bytes (at least one token's row), and
             then forms the gradients in the forward, in the same pass as the logits: three GEMMs

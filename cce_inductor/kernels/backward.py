@@ -3,8 +3,8 @@
 Two paths share the logit tile (``common.logit_tile``) and the gradient of the logits (``_logit_grad``):
   * buffered (16-bit inputs, exact; ``_buffered_backward``): a persistent kernel (``_dz_kernel``; on
     Hopper TMA loads and stores, its tile loop flattened except under a softcap) writes each tile's
-    dz into a bounded buffer and cuBLAS forms dE and dC from it -- the default, measured 3.12-3.49 T
-    for the backward on an H200 (T = the cuBLAS logits GEMM; results/h200-2026-12-01d), 3.30-3.76 T on
+    dz into a bounded buffer and cuBLAS forms dE and dC from it -- the default, measured 3.23-3.35 T
+    for the backward on an H200 (T = the cuBLAS logits GEMM; results/h200-2026-12-01f), 3.30-3.76 T on
     an H100 before the windows were sized to the SMs (results/h100-2026-11-23d); with the filter, a
     Triton GEMM (``_filtered_de_kernel``) forms dE over the tiles the filter keeps;
   * atomic (float32 inputs, a filtered dC, a vocabulary order, torch builds without a mixed-precision
