@@ -1,7 +1,8 @@
 """The buffered backward's variants side by side: window sizes, filtering, the dE GEMM's tile configs.
 
     python -m benchmarks.backward_variants [--shapes N,D,V ...] [--regimes lm uniform] [--windows]
-                                           [--no-filtered] [--configs]
+                                           [--no-filtered] [--configs] [--epilogue]
+                                           [--buffer-shapes RxW ...]
 
 bf16. Per shape and data regime, median times (``do_bench``) of the backward in units of T = the
 cuBLAS logits GEMM measured first in the same process: exact (dE by cuBLAS), then filtered (dE by
@@ -11,12 +12,11 @@ floor), each with the fraction s of tiles skipped. ``--epilogue``: the exact bac
 kernel's lean and masked epilogues (LEAN_DZ_EPILOGUE), in interleaved rounds (benchmarks/rounds.py).
 ``--windows``: the exact backward with the fewest, evenly sized windows of tokens
 (WAVE_ALIGNED_WINDOWS off) against the default windows sized to fill the dz kernel's waves, with
-each one's window size and the default's kernels by time (torch.profiler). ``--buffer-shapes RxW ...``: the
-exact and (unless --no-filtered) the filtered backward with windows of R tokens and chunks of W
-vocabulary entries (``buffered_window`` patched), in interleaved rounds with each one's default,
-each with its scratch. ``--configs``: the eps =
-0 point for each candidate config of the dE GEMM. Prints only; numbers worth keeping go to
-docs/PERF_NOTES.md."""
+each one's window size and the default's kernels by time (torch.profiler). ``--buffer-shapes RxW
+...``: the exact and (unless --no-filtered) the filtered backward with windows of R tokens and chunks
+of W vocabulary entries (``buffered_window`` patched), in interleaved rounds with each one's default,
+each with its scratch. ``--configs``: the eps = 0 point for each candidate config of the dE GEMM.
+Prints only; numbers worth keeping go to docs/PERF_NOTES.md."""
 
 from __future__ import annotations
 
@@ -55,7 +55,7 @@ def main(argv=None) -> None:
     parser.add_argument("--profile-eps", nargs="*", type=float, default=[],
                         help="profile the filtered backward's kernels at these filter_eps")
     parser.add_argument("--buffer-shapes", nargs="*", default=[], metavar="ROWSxCOLS",
-                        help="exact backward with windows of ROWS tokens and chunks of COLS vocabulary entries")
+                        help="exact and filtered backward with windows of ROWS tokens and chunks of COLS entries")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds of --epilogue and --buffer-shapes")
     args = parser.parse_args(argv)
     for n, d, v, regime, inp in points(args):
@@ -100,18 +100,15 @@ def main(argv=None) -> None:
                 return run
 
             variants = {}
-            modes = {"exact": (False, dict(max_chunk_tiles=None))}
-            if args.filtered:
-                de_d_tiles = -(-d // filtered_de_config(e).block_d)
-                modes["filtered"] = (True, dict(max_chunk_tiles=backward.MAX_CHUNK_TILES, de_d_tiles=de_d_tiles))
-            for mode, (filter_grad, shape_options) in modes.items():
-                default = backward.buffered_window(e, v, **shape_options)
+            for filter_grad in (False, True) if args.filtered else (False,):
+                default = backward.buffered_window(e, v, filtered=filter_grad)
                 for shape in [default] + [tuple(map(int, text.split("x"))) for text in args.buffer_shapes]:
                     rows, cols = shape
                     if filter_grad and -(-cols // backward.buffered_config(e).block_v) > backward.MAX_CHUNK_TILES:
-                        continue
+                        continue  # more vocab tiles than the filtered dE GEMM's packed list holds
                     scratch_mb = (rows * backward.buffer_row_stride(cols) * e.element_size() + 4 * rows * d) / 1e6
-                    label = f"{mode}, {rows} x {cols}, {scratch_mb:.1f} MB{' (default)' if shape == default else ''}"
+                    label = (f"{'filtered' if filter_grad else 'exact'}, {rows} x {cols}, {scratch_mb:.1f} MB"
+                             f"{' (default)' if shape == default else ''}")
                     variants.setdefault(label, with_shape(shape, filter_grad))
             for label, samples in interleaved_ms(variants, rounds=args.rounds).items():
                 print(f"  {label:<48} {summary(samples, gemm_ms)}", flush=True)

@@ -20,8 +20,9 @@ reversed every other round, and each figure is the median over the rounds (the r
 are kept in the JSON). Under these GEMMs an H200 runs at its power cap, with the SM clock moving
 (1.5-2.0 GHz), and one do_bench of a 60 ms call is the median of a few calls: the same call timed
 twice in one process came out 8% apart. In a round (GPU), forward and forward+backward with
-``triton.testing.do_bench(return_mode="median")`` after a warm-up call; calls slower than ``--slow-call-ms`` get a plain CUDA-event loop of
-``min_reps`` calls instead (do_bench would spend seven calls estimating). The backward alone is timed
+``triton.testing.do_bench(return_mode="median")`` after a warm-up call; calls slower than
+``--slow-call-ms`` get a plain CUDA-event loop of ``min_reps`` calls instead (do_bench would spend
+seven calls estimating). The backward alone is timed
 with CUDA events around ``loss.backward()`` after an untimed forward, one fresh forward per call
 (compiled graphs and several peers forbid ``retain_graph``), with the L2 cache flushed before each
 call as do_bench does. Memory: ``max_memory_allocated`` above ``memory_allocated`` before the call,

@@ -71,6 +71,8 @@ Gradient filtering (``filter_grad=True``; ``False`` is exact and skips nothing):
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -616,10 +618,8 @@ def lce_backward(
 
             return launch, (add_de if filtered else None)
 
-        shape = dict(max_chunk_tiles=MAX_CHUNK_TILES, de_d_tiles=triton.cdiv(dim, de_cfg.block_d)) if filtered else \
-            dict(max_chunk_tiles=None)
         de, dc = _buffered_backward(window_launcher, e, c, num_tokens, dim, vocab, needs_e, needs_c, buffer_bytes,
-                                    shape)
+                                    filtered)
     else:
         de, dc = _atomic_backward(launch, e, c, num_tokens, dim, vocab, order, tile, needs_e, needs_c,
                                   needs_bias, window_bytes)
@@ -726,22 +726,26 @@ def buffered_path_applies(e: Tensor, order, filter_dc: bool = False) -> bool:
     return e.device.type != "cuda" or _HAS_ADDMM_DTYPE
 
 
+# Cached: a pure function of its arguments (the module's constants come in as arguments too), and its
+# search costs up to ~0.6 ms of host time at small N, on every backward call.
+@functools.lru_cache(maxsize=256)
 def buffered_shape(num_tokens: int, dim: int, vocab: int, element_size: int, buffer_bytes: int,
                    block_n: int, block_v: int, sms: int | None = None,
-                   max_chunk_tiles: int | None = MAX_CHUNK_TILES, de_d_tiles: int = 0) -> tuple[int, int]:
+                   max_chunk_tiles: int | None = MAX_CHUNK_TILES, de_d_tiles: int = 0,
+                   chunk_v: int = CHUNK_V) -> tuple[int, int]:
     """(tokens per window, vocabulary entries per chunk) for the buffered path, windows in whole
     tiles. Buffer rows*cols*element_size + accumulator 4*rows*dim stay within buffer_bytes, unless
-    one tile of each is already more. Chunks are CHUNK_V entries (all of V when smaller) or, with
+    one tile of each is already more. Chunks are ``chunk_v`` entries (all of V when smaller) or, with
     ``sms``, wider where the budget allows; never more than ``max_chunk_tiles`` vocab tiles (the
     filtered dE GEMM's packed list of kept tiles; None: no limit, the exact path). ``de_d_tiles``:
     the filtered dE GEMM's output tiles per token tile (its tiles across D), launched once per
     chunk like the dz kernel; their waves count with the dz kernel's (0: dE by cuBLAS).
 
-    ``sms`` None: CHUNK_V-wide chunks, windows as few as the budget allows, evenly sized.
-    ``sms`` given (the dz kernel's programs): the window within the budget at CHUNK_V-wide chunks
+    ``sms`` None: ``chunk_v``-wide chunks, windows as few as the budget allows, evenly sized.
+    ``sms`` given (the dz kernel's programs): the window within the budget at ``chunk_v``-wide chunks
     with the fewest waves of ``sms`` tiles over the whole call (a launch takes as long as its number
     of waves, a partial last wave costing a whole one), then the fewest windows; then, for that
-    window, the chunk width (from CHUNK_V up to what the budget holds) with the fewest waves, then
+    window, the chunk width (from ``chunk_v`` up to what the budget holds) with the fewest waves, then
     the fewest bytes read and written by the GEMMs' accumulating epilogues (dE's float32 window once
     per chunk, dC once per window after the first). The last window and chunk hold the rest.
     Measured on an H200 (bf16; benchmarks/backward_variants.py, results/h200-2026-12-01/ and -f/):
@@ -752,7 +756,7 @@ def buffered_shape(num_tokens: int, dim: int, vocab: int, element_size: int, buf
     64 MiB, over the budget). E.g. (8192, 2304, 256000, bf16, 56 MiB, 128 x 256 tiles, 132 SMs): 4
     windows of 2048 tokens and chunks of 8448; without ``sms`` 3 windows of 2816 and chunks of 4096."""
     tile_cap = max_chunk_tiles if max_chunk_tiles is not None else -(-vocab // block_v)
-    base = min(vocab, CHUNK_V, tile_cap * block_v)
+    base = min(vocab, chunk_v, tile_cap * block_v)
     per_token = element_size * buffer_row_stride(base) + 4 * dim
     fit = max(block_n, buffer_bytes // per_token // block_n * block_n)
     if sms is None:
@@ -761,11 +765,15 @@ def buffered_shape(num_tokens: int, dim: int, vocab: int, element_size: int, buf
         return min(fit, -(-rows // block_n) * block_n, num_tokens), base
     tiles_n, tiles_v = -(-num_tokens // block_n), -(-vocab // block_v)
 
-    def waves(window_tiles, chunk_tiles):
-        def per_window(width):  # waves of one window of `width` token tiles over all chunks
+    def launch_waves(width, chunk_tiles):  # one chunk of a window of `width` token tiles
+        if width == 0 or chunk_tiles == 0:
+            return 0
+        return -(-width * chunk_tiles // sms) + -(-width * de_d_tiles // sms)
+
+    def waves(window_tiles, chunk_tiles):  # over the whole call
+        def per_window(width):
             full, rest = divmod(tiles_v, chunk_tiles)
-            de_waves = -(-width * de_d_tiles // sms)
-            return full * (-(-width * chunk_tiles // sms) + de_waves) + (-(-width * rest // sms) + de_waves) * (rest > 0)
+            return full * launch_waves(width, chunk_tiles) + launch_waves(width, rest)
 
         full, rest = divmod(tiles_n, window_tiles)
         return full * per_window(window_tiles) + per_window(rest)
@@ -774,7 +782,7 @@ def buffered_shape(num_tokens: int, dim: int, vocab: int, element_size: int, buf
         windows, chunks = -(-tiles_n // window_tiles), -(-tiles_v // chunk_tiles)
         return 8 * num_tokens * dim * chunks + 2 * element_size * vocab * dim * (windows - 1)
 
-    # The window first, at CHUNK_V-wide chunks (whole-call waves, then the fewest windows, then the
+    # The window first, at ``chunk_v``-wide chunks (whole-call waves, then the fewest windows, then the
     # larger), then the chunk's width for that window. (A joint search picks windows of 640-1536
     # tokens for a wave or two, which the measurements above put 1-2 ms behind: the model counts the
     # dz kernel's waves, not the cuBLAS GEMMs' loss of speed on a short window.)
@@ -789,15 +797,19 @@ def buffered_shape(num_tokens: int, dim: int, vocab: int, element_size: int, buf
     return rows, min(chunk_tiles * block_v, vocab)
 
 
-def buffered_window(e: Tensor, vocab: int, buffer_bytes: int = BUFFER_BYTES,
-                    max_chunk_tiles: int | None = MAX_CHUNK_TILES, de_d_tiles: int = 0) -> tuple[int, int]:
+def buffered_window(e: Tensor, vocab: int, buffer_bytes: int = BUFFER_BYTES, filtered: bool = False) -> tuple[int, int]:
     """(tokens per window, vocabulary entries per chunk) as the buffered path chooses them for
-    (N, D) = e.shape, its dtype and device (``buffered_shape``; windows and chunks fit to the
-    device's SMs where WAVE_ALIGNED_WINDOWS)."""
+    (N, D) = e.shape, its dtype and device, exact or ``filtered`` (``buffered_shape``; windows and
+    chunks fit to the device's SMs where WAVE_ALIGNED_WINDOWS; the filtered path's chunks hold at
+    most MAX_CHUNK_TILES vocab tiles, and its dE GEMM's launches count)."""
     cfg = buffered_config(e)
+    if filtered:
+        de_d_tiles = triton.cdiv(e.shape[1], filtered_de_config(e).block_d)
+        shape_options = dict(max_chunk_tiles=MAX_CHUNK_TILES, de_d_tiles=de_d_tiles)
+    else:
+        shape_options = dict(max_chunk_tiles=None)
     return buffered_shape(e.shape[0], e.shape[1], vocab, e.element_size(), buffer_bytes, cfg.block_n, cfg.block_v,
-                          sms=sm_count(e.device) if WAVE_ALIGNED_WINDOWS else None, max_chunk_tiles=max_chunk_tiles,
-                          de_d_tiles=de_d_tiles)
+                          sms=sm_count(e.device) if WAVE_ALIGNED_WINDOWS else None, chunk_v=CHUNK_V, **shape_options)
 
 
 def buffer_row_stride(cols: int) -> int:
@@ -815,7 +827,7 @@ def _add_product(acc: Tensor, a: Tensor, b: Tensor) -> None:
         acc.addmm_(a.float(), b.float())
 
 
-def _buffered_backward(window_launcher, e, c, num_tokens, dim, vocab, needs_e, needs_c, buffer_bytes, shape):
+def _buffered_backward(window_launcher, e, c, num_tokens, dim, vocab, needs_e, needs_c, buffer_bytes, filtered):
     """Exact 16-bit gradients with GEMMs by cuBLAS, in bounded memory. For each window of tokens
     (outer) and chunk of the vocabulary (inner), the recompute kernel writes dz (the input dtype) into
     one buffer, then
@@ -829,7 +841,7 @@ def _buffered_backward(window_launcher, e, c, num_tokens, dim, vocab, needs_e, n
     default budget). ``window_launcher(n_begin, n_count)`` returns the window's dz launcher
     ``launch(v_begin, v_count, dz)``. The views of each chunk are made once per call, not per
     iteration (host time; see window_launcher). Returns (dE or None, dC or None) in the input dtype."""
-    rows, cols = buffered_window(e, vocab, buffer_bytes, **shape)
+    rows, cols = buffered_window(e, vocab, buffer_bytes, filtered)
     ld = buffer_row_stride(cols)
     buf = torch.empty(rows * ld, dtype=e.dtype, device=e.device)
     dc = torch.empty(vocab, dim, dtype=c.dtype, device=c.device) if needs_c else None

@@ -108,7 +108,6 @@ def test_buffered_windows_and_chunks(needs, options):
     inputs and lse, and against the atomic path. Chunks of 32 entries and a budget of 16 tokens:
     3 windows (16, 16, 5 tokens) x 4 chunks (32, 32, 32, 5 entries)."""
     from cce_inductor.kernels import backward
-    from cce_inductor.kernels.backward import buffered_shape
 
     softcap, ls = options.get("softcap", 0.0), options.get("label_smoothing", 0.0)
     e, c, b, y = _inputs(dtype=torch.bfloat16, bias=True, scale=2.0)
@@ -116,10 +115,9 @@ def test_buffered_windows_and_chunks(needs, options):
     _, lse = lce_forward(e, c, b, y, -100, softcap, ls)
     gl, gs = torch.rand(37), torch.rand(37)
     args = (e, c, b, y, lse, gl, gs, -100, softcap, ls, False, *needs)
-    budget = 2 * 16 * 101 + 4 * 16 * 45
-    assert buffered_shape(37, 45, 101, 2, budget, 16, 16) == (16, 101)
+    budget = 2 * 16 * 32 + 4 * 16 * 45  # no room to widen the chunks (the exact path would)
     with mock.patch.object(backward, "CHUNK_V", 32):
-        assert buffered_shape(37, 45, 101, 2, budget, 16, 16) == (16, 32)
+        assert backward.buffered_window(e, 101, budget) == (16, 32)
         grads = lce_backward(*args, buffered=True, buffer_bytes=budget)
     atomic = lce_backward(*args, buffered=False)
     gold = _reference_grads(e, c, b, y, lse, gl, gs, softcap=softcap, ls=ls)
@@ -285,6 +283,20 @@ def test_windows_fill_whole_waves():
     budget = 5 * 16 * (2 * 48 + 4 * 8)
     assert buffered_shape(10 * 16, 8, 48, 2, budget, 16, 16) == (80, 48)
     assert buffered_shape(10 * 16, 8, 48, 2, budget, 16, 16, sms=6) == (64, 48)
+
+
+def test_buffered_window_reads_the_module_constants_at_each_call():
+    """buffered_shape is cached; buffered_window hands it CHUNK_V and MAX_CHUNK_TILES as arguments, so
+    a patched constant (as the tests and benchmarks/backward_variants.py patch them) is never served
+    a shape cached under another value. 64 tokens x D = 16, a budget of 64 x (2 x 32 + 4 x 16) B."""
+    from cce_inductor.kernels import backward
+
+    e = torch.empty(64, 16, dtype=torch.bfloat16)
+    budget = 64 * (2 * 32 + 4 * 16)
+    for chunk, expected in ((32, (64, 32)), (48, (48, 48)), (32, (64, 32))):
+        with mock.patch.object(backward, "CHUNK_V", chunk):
+            assert backward.buffered_window(e, 1000, budget) == expected
+            assert backward.buffered_window(e, 1000, budget, filtered=True) == expected
 
 
 def test_exact_chunks_widen_into_the_budget():
