@@ -99,14 +99,17 @@ def test_de_token_windows_match_one_pass(filter_grad):
         assert _rel(a, b_) < 4e-3  # float32 sums in another order, rounded to bfloat16
 
 
+@pytest.mark.parametrize("chunk_room", [32, 48], ids=["chunks_of_32", "widened_to_48"])
 @pytest.mark.parametrize("options", [dict(), dict(softcap=3.0, label_smoothing=0.1)], ids=["plain", "softcap_smoothing"])
 @pytest.mark.parametrize("needs", [(True, True, True), (True, False, False), (False, True, False)],
                          ids=["all", "e_only", "c_only"])
-def test_buffered_windows_and_chunks(needs, options):
+def test_buffered_windows_and_chunks(needs, options, chunk_room):
     """The buffered path (exact 16-bit gradients through a dz buffer and GEMMs): several token
     windows and vocabulary chunks, with ragged edges, against the float64 gradients of the same
-    inputs and lse, and against the atomic path. Chunks of 32 entries and a budget of 16 tokens:
-    3 windows (16, 16, 5 tokens) x 4 chunks (32, 32, 32, 5 entries)."""
+    inputs and lse, and against the atomic path. CHUNK_V = 32 and a budget of 16 tokens: 3 windows
+    (16, 16, 5 tokens) x 4 chunks (32, 32, 32, 5 entries); or, with room for 48 columns, the exact
+    path's chunks widened to 48 (3 vocab tiles of 16 per launch, one wave on the interpreter's 4
+    "SMs": 3 launches per window against 4 at 32): 3 chunks (48, 48, 5 entries)."""
     from cce_inductor.kernels import backward
 
     softcap, ls = options.get("softcap", 0.0), options.get("label_smoothing", 0.0)
@@ -115,9 +118,9 @@ def test_buffered_windows_and_chunks(needs, options):
     _, lse = lce_forward(e, c, b, y, -100, softcap, ls)
     gl, gs = torch.rand(37), torch.rand(37)
     args = (e, c, b, y, lse, gl, gs, -100, softcap, ls, False, *needs)
-    budget = 2 * 16 * 32 + 4 * 16 * 45  # no room to widen the chunks (the exact path would)
+    budget = 2 * 16 * chunk_room + 4 * 16 * 45
     with mock.patch.object(backward, "CHUNK_V", 32):
-        assert backward.buffered_window(e, 101, budget) == (16, 32)
+        assert backward.buffered_window(e, 101, budget) == (16, chunk_room)
         grads = lce_backward(*args, buffered=True, buffer_bytes=budget)
     atomic = lce_backward(*args, buffered=False)
     gold = _reference_grads(e, c, b, y, lse, gl, gs, softcap=softcap, ls=ls)
