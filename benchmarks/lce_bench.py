@@ -352,7 +352,7 @@ def _torch_dtype_error(point: _Point) -> tuple[float | None, float | None, str]:
     return err
 
 
-def _check(method: Method, prepared: Prepared, point: _Point, timer: _Timer, device: torch.device) -> dict:
+def _check(method: Method, prepared: Prepared, point: _Point, device: torch.device) -> dict:
     """Everything of one method at one point but its times: the first (compiling) call, memory,
     loss and gradient errors, the time estimates, s. Fills ``row`` as it goes, so that a failure
     keeps what was measured before it."""
@@ -443,11 +443,10 @@ def _time_round(row: dict, method: Method, prepared: Prepared, point: _Point, pa
     e.grad = c.grad = None
 
 
-def _finish(row: dict) -> dict:
+def _finish(row: dict) -> None:
     """Each pass's time: the median over its rounds."""
     for name, samples in row.get("rounds_ms", {}).items():
         row[f"{name}_ms"] = statistics.median(samples)
-    return row
 
 
 def _measurement(shape: Shape, regime: str, method: Method, t_ms: float | None, **fields) -> Measurement:
@@ -556,7 +555,7 @@ class _Runner:
             if reason:
                 reasons[method.name] = reason
                 continue
-            checked[method.name] = _check(method, prepared, point, timer, device)
+            checked[method.name] = _check(method, prepared, point, device)
             _free(device, collect=checked[method.name]["status"] != "ok")
         # Timing in rounds: every method once per round, in the methods' order in even rounds and
         # the reverse in odd ones, so that a drift of the GPU's clock (it runs at its power cap under
@@ -570,12 +569,14 @@ class _Runner:
                 _time_round(row, method, setups[method.name], point,
                             passes if method.has_backward else ("fwd",), timer, device)
                 _free(device, collect=row["status"] != "ok")
-        t_ms = _finish(checked["gemm"]).get("fwd_ms") if "gemm" in checked else None
+        for fields in checked.values():
+            _finish(fields)
+        t_ms = checked["gemm"].get("fwd_ms") if "gemm" in checked else None
         for method in self.methods:
             if method.name not in checked:
                 row = _measurement(shape, regime, method, t_ms, status="skipped", reason=reasons[method.name])
             else:
-                fields = _finish(checked[method.name])
+                fields = checked[method.name]
                 if fields["status"] != "ok" and history is not None:
                     stopped[method.name] = f"{fields['status']} at N={shape.n}"
                 if history is not None and fields["status"] == "ok":
