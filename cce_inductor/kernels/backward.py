@@ -110,9 +110,10 @@ CHUNK_V = 4096
 # Window sizes chosen so that the dz kernel's launches fill whole waves of SMs (see buffered_shape);
 # False: the fewest, evenly sized windows (for measurements).
 WAVE_ALIGNED_WINDOWS = True
-# At most this many vocab tiles per chunk of the filtered path: its dE GEMM packs the list of a token
-# tile's kept vocab tiles into one int64, 4 bits per entry. 16 x 256 = CHUNK_V on the GPU.
-MAX_CHUNK_TILES = 16
+# At most this many vocab tiles per chunk of the filtered path: its dE GEMM holds a token tile's kept
+# vocab tiles as the bits of one int64 (bit 63, the sign, unused). 63 x 256 = 16128 entries on the GPU;
+# it was 16 (4096) under an earlier 4-bit packed list.
+MAX_CHUNK_TILES = 63
 # The filtered dE GEMM as a persistent kernel with its tile loop flattened (else one program per
 # output tile). Measured (H100, bf16, LM-like, every tile kept; benchmarks/backward_variants.py):
 # backward 54.3 against 55.2 ms at 8192 x 2304 x 256000, 43.5 against 43.6 ms at 8192 x 4096 x 128256.
@@ -309,16 +310,18 @@ def _filtered_de_tile(
     KEEP_WIDTH: tl.constexpr, TMA: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):
     """One output tile. The K loop runs over the kept steps only, with no branch and no reduction in
-    its body (so it stays pipelined): the kept tiles' indices are packed into one int64 first, 4
-    bits each, in order (hence at most 16 vocab tiles per chunk, MAX_CHUNK_TILES)."""
+    its body (so it stays pipelined): the kept tiles are one int64 bitmask (bit j: vocab tile j of the
+    chunk; hence at most 63 vocab tiles per chunk, MAX_CHUNK_TILES), and on each tile's first K step
+    the loop takes the lowest bit still set. A tile with nothing kept skips the accumulator's
+    read-modify-write too (masked off: no traffic)."""
     num_d_tiles = tl.cdiv(D, BLOCK_D)
     pid_n = tile // num_d_tiles
     pid_d = tile % num_d_tiles
     num_v_tiles = tl.cdiv(v_count, TILE_V)
     slots = tl.arange(0, KEEP_WIDTH)
-    keep = tl.load(Keep + pid_n * num_v_tiles + slots, mask=slots < num_v_tiles, other=0).to(tl.int32)
-    position = tl.cumsum(keep, axis=0) - 1  # [KEEP_WIDTH] place of each kept tile in the list
-    packed = tl.sum(tl.where(keep != 0, slots.to(tl.int64) << (4 * position.to(tl.int64)), 0), axis=0)
+    keep = tl.load(Keep + pid_n * num_v_tiles + slots, mask=slots < num_v_tiles, other=0) != 0
+    kept_bits = tl.sum(tl.where(keep, tl.full([KEEP_WIDTH], 1, tl.int64) << slots.to(tl.int64), 0), axis=0)
+    num_kept = tl.sum(keep.to(tl.int32), axis=0)
     STEPS: tl.constexpr = TILE_V // BLOCK_K  # K steps per vocab tile
     n0 = pid_n * BLOCK_N
     d0 = pid_d * BLOCK_D
@@ -326,8 +329,16 @@ def _filtered_de_tile(
     offs_d = d0 + tl.arange(0, BLOCK_D)
     offs_k = tl.arange(0, BLOCK_K)
     acc = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
-    for i in range(tl.sum(keep, axis=0) * STEPS):
-        vocab_tile = ((packed >> (4 * (i // STEPS))) & 15).to(tl.int32)
+    remaining = kept_bits  # the kept tiles not yet begun
+    vocab_tile = 0
+    for i in range(num_kept * STEPS):
+        first_step = i % STEPS == 0
+        lowest = remaining & -remaining  # the next kept tile, as a bit
+        # its index: log2 of a power of two below 2^63, exact in float32 (+0.5 against an approximate
+        # log2; the maximum keeps log2(0) out of the steps that do not use it)
+        index = (tl.log2(tl.maximum(lowest, 1).to(tl.float32)) + 0.5).to(tl.int32)
+        vocab_tile = tl.where(first_step, index, vocab_tile)
+        remaining = tl.where(first_step, remaining ^ lowest, remaining)
         k0 = vocab_tile * TILE_V + (i % STEPS) * BLOCK_K  # column of the chunk
         if TMA:  # zero outside the buffer's v_count columns (and C's rows): no masks
             a = Dz_desc.load([n0, k0])
@@ -341,7 +352,7 @@ def _filtered_de_tile(
                         mask=mask_k[:, None] & (offs_d[None, :] < D), other=0.0)
         acc = dot(a, b, acc, DOT_PRECISION, UPCAST)
     acc_ptrs = Acc + offs_n[:, None] * stride_accn + offs_d[None, :]
-    mask = (offs_n[:, None] < n_count) & (offs_d[None, :] < D)
+    mask = (offs_n[:, None] < n_count) & (offs_d[None, :] < D) & (tl.full([BLOCK_D], 0, tl.int32) + num_kept > 0)[None, :]
     tl.store(acc_ptrs, tl.load(acc_ptrs, mask=mask, other=0.0) + acc, mask=mask)
 
 
@@ -737,7 +748,7 @@ def buffered_shape(num_tokens: int, dim: int, vocab: int, element_size: int, buf
     tiles. Buffer rows*cols*element_size + accumulator 4*rows*dim stay within buffer_bytes, unless
     one tile of each is already more. Chunks are ``chunk_v`` entries (all of V when smaller) or, with
     ``sms``, wider where the budget allows; never more than ``max_chunk_tiles`` vocab tiles (the
-    filtered dE GEMM's packed list of kept tiles; None: no limit, the exact path). ``de_d_tiles``:
+    filtered dE GEMM's bitmask of kept tiles; None: no limit, the exact path). ``de_d_tiles``:
     the filtered dE GEMM's output tiles per token tile (its tiles across D), launched once per
     chunk like the dz kernel; their waves count with the dz kernel's (0: dE by cuBLAS).
 

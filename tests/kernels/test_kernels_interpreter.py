@@ -172,13 +172,13 @@ def test_tma_and_pointer_loads_agree(dtype):
         assert _rel(got, other) < 1e-2
 
 
-@pytest.mark.parametrize("v, chunk", [(160, 48), (300, 4096)], ids=["chunks_of_3_tiles", "chunks_of_16_tiles"])
+@pytest.mark.parametrize("v, chunk", [(160, 48), (1052, 4096)], ids=["chunks_of_3_tiles", "chunks_of_63_tiles"])
 @pytest.mark.parametrize("needs", [(True, True, True), (True, False, False)], ids=["all", "e_only"])
 def test_filtered_buffered_path_drops_what_the_atomic_filter_drops(needs, v, chunk):
     """Filtering in the buffered path: the dz kernel flags each tile by the filter's rule and the
     filtered dE GEMM runs over the kept tiles only. Peaked softmax, a bias, an ignored token, 3
-    windows of tokens x ragged chunks of the vocabulary (4 of 48 entries; or 256 + 44, the first
-    holding MAX_CHUNK_TILES tiles, so the packed list of kept tiles uses all 64 bits): the same
+    windows of tokens x ragged chunks of the vocabulary (4 of 48 entries; or 1008 + 44, the first
+    holding MAX_CHUNK_TILES = 63 tiles, so the bitmask of kept tiles uses bits 0-62): the same
     tiles are skipped as by the atomic kernel (the interpreter's tiles are the same for both), the
     dropped part of dE (filtered - exact) is the same, and dC and dbias are not filtered. float32
     inputs forced through the buffered path, so that both paths agree to float32 rounding -- both
@@ -197,7 +197,7 @@ def test_filtered_buffered_path_drops_what_the_atomic_filter_drops(needs, v, chu
     gl, gs = torch.rand(n, generator=gen), torch.rand(n, generator=gen) * 0.1
     args = (e, c, b, y, lse, gl, gs, -100, 0.0, 0.0)
     counts = {path: torch.zeros(2, dtype=torch.int32) for path in ("buffered", "atomic")}
-    budget = 4 * 16 * (min(chunk, 256) + 45)  # windows of 16 tokens
+    budget = 4 * 16 * (min(chunk, 63 * 16) + 45)  # windows of 16 tokens
     with mock.patch.object(backward, "CHUNK_V", chunk), mock.patch.object(backward, "LEAN_DZ_EPILOGUE", False):
         buffered = lce_backward(*args, True, *needs, buffered=True, buffer_bytes=budget, tile_counts=counts["buffered"])
         exact = lce_backward(*args, False, *needs, buffered=True, buffer_bytes=budget)
@@ -244,7 +244,7 @@ def test_buffered_path_refuses_a_filtered_dc_and_an_order():
 
 
 def test_buffered_shape_stays_within_budget():
-    from cce_inductor.kernels.backward import BUFFER_BYTES, buffered_shape
+    from cce_inductor.kernels.backward import BUFFER_BYTES, MAX_CHUNK_TILES, buffered_shape
 
     for n, d, v in [(8192, 2304, 256000), (8192, 4096, 128256), (16384, 4096, 32768), (65536, 4096, 128256),
                     (100, 64, 50000), (3000, 8192, 262144)]:
@@ -255,32 +255,39 @@ def test_buffered_shape_stays_within_budget():
     # few, even windows at the benchmark shapes
     assert buffered_shape(8192, 2304, 256000, 2, BUFFER_BYTES, 128, 256) == (2816, 4096)
     assert buffered_shape(8192, 4096, 128256, 2, BUFFER_BYTES, 128, 256) == (2048, 4096)
-    # at most MAX_CHUNK_TILES vocab tiles per chunk (the filtered dE GEMM's packed list)
-    assert buffered_shape(100, 64, 3000, 2, BUFFER_BYTES, 16, 16) == (100, 16 * 16)
+    # at most MAX_CHUNK_TILES vocab tiles per chunk (the filtered dE GEMM's bitmask of kept tiles)
+    assert MAX_CHUNK_TILES == 63
+    assert buffered_shape(100, 64, 3000, 2, BUFFER_BYTES, 16, 16, chunk_v=4096) == (100, 63 * 16)
     for n, d, v in [(8192, 2304, 256000), (8192, 4096, 128256), (8192, 512, 32768), (3000, 8192, 262144),
                     (100, 64, 50000), (1000, 4096, 128256)]:
-        for max_chunk_tiles in (16, None):  # filtered, exact
+        for max_chunk_tiles in (MAX_CHUNK_TILES, None):  # filtered, exact
             rows, cols = buffered_shape(n, d, v, 2, BUFFER_BYTES, 128, 256, sms=132, max_chunk_tiles=max_chunk_tiles)
             assert 0 < rows <= n and (rows == n or rows % 128 == 0)
             assert 2 * rows * cols + 4 * rows * d <= BUFFER_BYTES
             assert cols == v or cols % 256 == 0
-            assert cols <= 16 * 256 if max_chunk_tiles else cols >= min(v, 4096)
+            assert cols >= min(v, 4096) and (max_chunk_tiles is None or cols <= MAX_CHUNK_TILES * 256)
 
 
 def test_windows_fill_whole_waves():
     """With the SM count given, the window size is the one whose dz launches leave the fewest idle
     SMs: at the Gemma shape 4 windows of 16 token tiles (16 x 16 = 256 tiles: 2 waves on 132 SMs)
     rather than the budget's 3 of 22 (352 tiles: 3 waves each); where one window fits, one window;
-    never more than the budget. The filtered path's chunks stay at 16 vocab tiles."""
+    never more than the budget. Chunks held at 16 vocab tiles here (the window is chosen at 4096-wide
+    chunks either way); the filtered path then widens them as the exact path does."""
     from cce_inductor.kernels.backward import BUFFER_BYTES, buffered_shape
 
-    assert buffered_shape(8192, 2304, 256000, 2, BUFFER_BYTES, 128, 256, sms=132) == (2048, 4096)
-    assert buffered_shape(8192, 4096, 128256, 2, BUFFER_BYTES, 128, 256, sms=132) == (2048, 4096)
-    assert buffered_shape(1000, 4096, 128256, 2, BUFFER_BYTES, 128, 256, sms=132) == (1000, 4096)
+    narrow = dict(sms=132, max_chunk_tiles=16)
+    assert buffered_shape(8192, 2304, 256000, 2, BUFFER_BYTES, 128, 256, **narrow) == (2048, 4096)
+    assert buffered_shape(8192, 4096, 128256, 2, BUFFER_BYTES, 128, 256, **narrow) == (2048, 4096)
+    assert buffered_shape(1000, 4096, 128256, 2, BUFFER_BYTES, 128, 256, **narrow) == (1000, 4096)
     # the filtered dE GEMM's own launches count: at Gemma 18 tiles of 128 x 128 per token tile; 4
     # windows of 16 token tiles give (2 + 3) waves per chunk each, 20 in all; 3 windows of 22 (the
     # last of 20) give (3 + 3) each, 18 in all
-    assert buffered_shape(8192, 2304, 256000, 2, BUFFER_BYTES, 128, 256, sms=132, de_d_tiles=18) == (2816, 4096)
+    assert buffered_shape(8192, 2304, 256000, 2, BUFFER_BYTES, 128, 256, de_d_tiles=18, **narrow) == (2816, 4096)
+    # with the filtered path's own cap (63 tiles), the chunk widens into the budget: 22 tiles of 256 (2816
+    # x 5632 x 2 B + 2816 x 2304 x 4 B <= 56 MiB), 484 dz tiles (4 waves) and 396 dE tiles (3) per launch
+    filtered = dict(sms=132, de_d_tiles=18)
+    assert buffered_shape(8192, 2304, 256000, 2, BUFFER_BYTES, 128, 256, **filtered) == (2816, 22 * 256)
     # 10 token tiles, a budget of 5, 3 vocab tiles per chunk, 6 SMs: windows of 4 tiles (4, 4, 2:
     # 2 + 2 + 1 waves) beat the budget's even 5 + 5 (3 + 3 waves) and tie with 5 windows of 2 (1 each)
     budget = 5 * 16 * (2 * 48 + 4 * 8)
