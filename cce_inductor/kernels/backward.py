@@ -114,6 +114,10 @@ WAVE_ALIGNED_WINDOWS = True
 # vocab tiles as the bits of one int64 (bit 63, the sign, unused). 63 x 256 = 16128 entries on the GPU;
 # it was 16 (4096) under an earlier 4-bit packed list.
 MAX_CHUNK_TILES = 63
+# How the filtered dE GEMM's K loop finds the next kept vocab tile: "bitmask" (the lowest bit still
+# set in an int64 of keep flags, a loop-carried value) or "groups" (four 4-bit lists of 16 tiles each,
+# a function of the step alone). Under measurement.
+FILTERED_DE_LISTS = "bitmask"
 # The filtered dE GEMM as a persistent kernel with its tile loop flattened (else one program per
 # output tile). Measured (H100, bf16, LM-like, every tile kept; benchmarks/backward_variants.py):
 # backward 54.3 against 55.2 ms at 8192 x 2304 x 256000, 43.5 against 43.6 ms at 8192 x 4096 x 128256.
@@ -282,7 +286,7 @@ def _filtered_de_kernel(
     stride_dzn, stride_cv, stride_accn,
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr, TILE_V: tl.constexpr,
     KEEP_WIDTH: tl.constexpr, TMA: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
-    FLATTEN: tl.constexpr,
+    FLATTEN: tl.constexpr, GROUPED: tl.constexpr,
 ):
     """The filtered path's dE GEMM of one chunk: Acc[n, d] += sum over the kept vocab tiles t of
     dz[n, t] @ C[t, d] for every (token tile, D tile); the token tile's keep flags (Keep, one row
@@ -295,12 +299,12 @@ def _filtered_de_kernel(
         for tile in tl.range(tl.program_id(0), num_tiles, num_programs, flatten=True):
             _filtered_de_tile(Dz, C, Dz_desc, C_desc, Keep, Acc, tile, n_count, D, v_begin, v_count,
                               stride_dzn, stride_cv, stride_accn, BLOCK_N, BLOCK_D, BLOCK_K, TILE_V,
-                              KEEP_WIDTH, TMA, DOT_PRECISION, UPCAST)
+                              KEEP_WIDTH, TMA, DOT_PRECISION, UPCAST, GROUPED)
     else:
         for tile in range(tl.program_id(0), num_tiles, num_programs):
             _filtered_de_tile(Dz, C, Dz_desc, C_desc, Keep, Acc, tile, n_count, D, v_begin, v_count,
                               stride_dzn, stride_cv, stride_accn, BLOCK_N, BLOCK_D, BLOCK_K, TILE_V,
-                              KEEP_WIDTH, TMA, DOT_PRECISION, UPCAST)
+                              KEEP_WIDTH, TMA, DOT_PRECISION, UPCAST, GROUPED)
 
 
 @triton.jit
@@ -308,6 +312,7 @@ def _filtered_de_tile(
     Dz, C, Dz_desc, C_desc, Keep, Acc, tile, n_count, D, v_begin, v_count, stride_dzn, stride_cv, stride_accn,
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr, TILE_V: tl.constexpr,
     KEEP_WIDTH: tl.constexpr, TMA: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    GROUPED: tl.constexpr,
 ):
     """One output tile. The K loop runs over the kept steps only, with no branch and no reduction in
     its body (so it stays pipelined): the kept tiles are one int64 bitmask (bit j: vocab tile j of the
@@ -322,6 +327,8 @@ def _filtered_de_tile(
     keep = tl.load(Keep + pid_n * num_v_tiles + slots, mask=slots < num_v_tiles, other=0) != 0
     kept_bits = tl.sum(tl.where(keep, tl.full([KEEP_WIDTH], 1, tl.int64) << slots.to(tl.int64), 0), axis=0)
     num_kept = tl.sum(keep.to(tl.int32), axis=0)
+    if GROUPED:
+        w0, w1, w2, w3, p1, p2, p3 = _kept_tile_lists(keep, KEEP_WIDTH)
     STEPS: tl.constexpr = TILE_V // BLOCK_K  # K steps per vocab tile
     n0 = pid_n * BLOCK_N
     d0 = pid_d * BLOCK_D
@@ -332,13 +339,16 @@ def _filtered_de_tile(
     remaining = kept_bits  # the kept tiles not yet begun
     vocab_tile = 0
     for i in range(num_kept * STEPS):
-        first_step = i % STEPS == 0
-        lowest = remaining & -remaining  # the next kept tile, as a bit
-        # its index: log2 of a power of two below 2^63, exact in float32 (+0.5 against an approximate
-        # log2; the maximum keeps log2(0) out of the steps that do not use it)
-        index = (tl.log2(tl.maximum(lowest, 1).to(tl.float32)) + 0.5).to(tl.int32)
-        vocab_tile = tl.where(first_step, index, vocab_tile)
-        remaining = tl.where(first_step, remaining ^ lowest, remaining)
+        if GROUPED:  # a function of i alone
+            vocab_tile = _kept_tile(i // STEPS, w0, w1, w2, w3, p1, p2, p3)
+        else:
+            first_step = i % STEPS == 0
+            lowest = remaining & -remaining  # the next kept tile, as a bit
+            # its index: log2 of a power of two below 2^63, exact in float32 (+0.5 against an
+            # approximate log2; the maximum keeps log2(0) out of the steps that do not use it)
+            index = (tl.log2(tl.maximum(lowest, 1).to(tl.float32)) + 0.5).to(tl.int32)
+            vocab_tile = tl.where(first_step, index, vocab_tile)
+            remaining = tl.where(first_step, remaining ^ lowest, remaining)
         k0 = vocab_tile * TILE_V + (i % STEPS) * BLOCK_K  # column of the chunk
         if TMA:  # zero outside the buffer's v_count columns (and C's rows): no masks
             a = Dz_desc.load([n0, k0])
@@ -354,6 +364,41 @@ def _filtered_de_tile(
     acc_ptrs = Acc + offs_n[:, None] * stride_accn + offs_d[None, :]
     mask = (offs_n[:, None] < n_count) & (offs_d[None, :] < D) & (tl.full([BLOCK_D], 0, tl.int32) + num_kept > 0)[None, :]
     tl.store(acc_ptrs, tl.load(acc_ptrs, mask=mask, other=0.0) + acc, mask=mask)
+
+
+@triton.jit
+def _kept_tile_lists(keep, KEEP_WIDTH: tl.constexpr):
+    """A row of up to 64 keep flags (KEEP_WIDTH >= 16) as four ordered lists, one int64 per group of 16
+    vocab tiles holding its kept tiles' indices within the group, 4 bits each, and the list positions
+    where groups 1, 2, 3 begin."""
+    GROUPS: tl.constexpr = KEEP_WIDTH // 16
+    flags = tl.reshape(keep.to(tl.int32), [GROUPS, 16])
+    lane = tl.arange(0, 16).to(tl.int64)
+    place = (tl.cumsum(flags, axis=1) - 1).to(tl.int64)  # place in its group's list
+    words = tl.sum(tl.where(flags != 0, lane[None, :] << (4 * place), 0), axis=1)  # [GROUPS]
+    counts = tl.sum(flags, axis=1)  # [GROUPS]
+    group = tl.arange(0, GROUPS)
+    w0 = tl.sum(tl.where(group == 0, words, 0), axis=0)
+    w1 = tl.sum(tl.where(group == 1, words, 0), axis=0)
+    w2 = tl.sum(tl.where(group == 2, words, 0), axis=0)
+    w3 = tl.sum(tl.where(group == 3, words, 0), axis=0)
+    p1 = tl.sum(tl.where(group < 1, counts, 0), axis=0)
+    p2 = tl.sum(tl.where(group < 2, counts, 0), axis=0)
+    p3 = tl.sum(tl.where(group < 3, counts, 0), axis=0)
+    return w0, w1, w2, w3, p1, p2, p3
+
+
+@triton.jit
+def _kept_tile(j, w0, w1, w2, w3, p1, p2, p3):
+    """The j-th kept vocab tile of a row from its ``_kept_tile_lists`` (an empty group's list is
+    passed over: its start equals the next one's)."""
+    in1 = j >= p1
+    in2 = j >= p2
+    in3 = j >= p3
+    word = tl.where(in3, w3, tl.where(in2, w2, tl.where(in1, w1, w0)))
+    start = tl.where(in3, p3, tl.where(in2, p2, tl.where(in1, p1, 0)))
+    group = in1.to(tl.int32) + in2.to(tl.int32) + in3.to(tl.int32)
+    return 16 * group + ((word >> (4 * (j - start)).to(tl.int64)) & 15).to(tl.int32)
 
 
 @triton.jit
@@ -617,13 +662,14 @@ def lce_backward(
                 tma = dz_desc is not None and c_desc_de is not None
                 tiles = triton.cdiv(n_count, de_cfg.block_n) * triton.cdiv(dim, de_cfg.block_d)
                 programs = min(tiles, sms) if FILTERED_DE_PERSISTENT else tiles
+                grouped = FILTERED_DE_LISTS == "groups"
                 _filtered_de_kernel[(programs,)](
                     dz_buf, c, dz_desc if tma else dz_buf, c_desc_de if tma else c, keeps[v_count], acc_window,
                     n_count, dim, v_begin, v_count, programs, dz_buf.stride(0), c.stride(0), acc_window.stride(0),
                     BLOCK_N=de_cfg.block_n, BLOCK_D=de_cfg.block_d, BLOCK_K=de_cfg.block_v, TILE_V=cfg.block_v,
-                    KEEP_WIDTH=triton.next_power_of_2(triton.cdiv(v_count, cfg.block_v)), TMA=tma,
-                    DOT_PRECISION=dot_precision(e.dtype), UPCAST=dot_upcast(e),
-                    FLATTEN=tma and HAS_FLATTEN and FILTERED_DE_PERSISTENT,
+                    KEEP_WIDTH=max(16 if grouped else 1, triton.next_power_of_2(triton.cdiv(v_count, cfg.block_v))),
+                    TMA=tma, DOT_PRECISION=dot_precision(e.dtype), UPCAST=dot_upcast(e),
+                    FLATTEN=tma and HAS_FLATTEN and FILTERED_DE_PERSISTENT, GROUPED=grouped,
                     num_warps=de_cfg.num_warps, num_stages=de_cfg.num_stages,
                 )
 
