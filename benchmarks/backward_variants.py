@@ -16,8 +16,9 @@ each one's window size and the default's kernels by time (torch.profiler). ``--b
 ...``: the exact and (unless --no-filtered) the filtered backward with windows of R tokens and chunks
 of W vocabulary entries (``buffered_window`` patched), in interleaved rounds with each one's default,
 each with its scratch. ``--configs``: the eps = 0 point for each candidate config of the dE GEMM.
-``--de-variants``: the filtered backward (default eps) at each of DE_VARIANTS, in interleaved rounds
-with the exact one.
+``--de-variants``: the filtered backward (default eps) with each candidate config of the dE GEMM, each
+at the window and chunk that buffered_window picks for it, in interleaved rounds with the exact one.
+(Its log in results/h200-2026-12-01g also compares two ways of listing the kept tiles, since removed.)
 Prints only; numbers worth keeping go to docs/PERF_NOTES.md."""
 
 from __future__ import annotations
@@ -44,10 +45,6 @@ DE_CONFIGS = [
     TileConfig(block_n=128, block_v=64, block_d=128, num_warps=4, num_stages=3, tma=True),
 ]
 
-# --de-variants: the filtered path's dE GEMM tiles x how its K loop finds the kept tiles, each at the
-# window and chunk that buffered_window picks for it.
-DE_VARIANTS = [(cfg, lists) for cfg in (DE_CONFIGS[0], DE_CONFIGS[2]) for lists in ("bitmask", "groups")]
-
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -63,7 +60,7 @@ def main(argv=None) -> None:
     parser.add_argument("--buffer-shapes", nargs="*", default=[], metavar="ROWSxCOLS",
                         help="exact and filtered backward with windows of ROWS tokens and chunks of COLS entries")
     parser.add_argument("--de-variants", action="store_true",
-                        help="the filtered backward at each of DE_VARIANTS (dE config x FILTERED_DE_LISTS), in rounds")
+                        help="the filtered backward with each candidate config of the dE GEMM, in rounds")
     parser.add_argument("--rounds", type=int, default=3,
                         help="interleaved rounds of --epilogue, --buffer-shapes and --de-variants")
     args = parser.parse_args(argv)
@@ -122,24 +119,20 @@ def main(argv=None) -> None:
             for label, samples in interleaved_ms(variants, rounds=args.rounds).items():
                 print(f"  {label:<48} {summary(samples, gemm_ms)}", flush=True)
         if args.de_variants:
-            def with_de(cfg, lists):
+            def with_de(cfg):
                 def run():
-                    with mock.patch.object(backward, "filtered_de_config", lambda t: cfg), \
-                            mock.patch.object(backward, "FILTERED_DE_LISTS", lists):
+                    with mock.patch.object(backward, "filtered_de_config", lambda t: cfg):
                         return lce_backward(e, c, None, y, lse, g, zero, -100, 0.0, 0.0, True, True, True, False)
                 return run
 
             variants = {"exact (default)": lambda: lce_backward(e, c, None, y, lse, g, zero, -100, 0.0, 0.0,
                                                                 False, True, True, False)}
-            for cfg, lists in DE_VARIANTS:
+            for cfg in DE_CONFIGS:
                 with mock.patch.object(backward, "filtered_de_config", lambda t, cfg=cfg: cfg):
                     rows, cols = backward.buffered_window(e, v, filtered=True)
-                label = (f"filtered, dE {cfg.block_n}x{cfg.block_d} s{cfg.num_stages}, {lists}, {rows} x {cols}"
-                         f"{' (default)' if (cfg, lists) == (filtered_de_config(e), backward.FILTERED_DE_LISTS) else ''}")
-                variants[label] = with_de(cfg, lists)
-            # the two ways of listing the kept tiles run the same K steps in the same order: same dE
-            grads = {lists: with_de(cfg, lists)()[0] for cfg, lists in DE_VARIANTS[:2]}
-            print(f"  dE bitmask against groups: max |difference| {(grads['bitmask'] - grads['groups']).abs().max():.3g}")
+                label = (f"filtered, dE {cfg.block_n}x{cfg.block_d} k{cfg.block_v} w{cfg.num_warps} "
+                         f"s{cfg.num_stages}, {rows} x {cols}{' (default)' if cfg == filtered_de_config(e) else ''}")
+                variants[label] = with_de(cfg)
             for label, samples in interleaved_ms(variants, rounds=args.rounds).items():
                 print(f"  {label:<60} {summary(samples, gemm_ms)}", flush=True)
         if args.windows:

@@ -110,14 +110,14 @@ CHUNK_V = 4096
 # Window sizes chosen so that the dz kernel's launches fill whole waves of SMs (see buffered_shape);
 # False: the fewest, evenly sized windows (for measurements).
 WAVE_ALIGNED_WINDOWS = True
-# At most this many vocab tiles per chunk of the filtered path: its dE GEMM holds a token tile's kept
-# vocab tiles as the bits of one int64 (bit 63, the sign, unused). 63 x 256 = 16128 entries on the GPU;
-# it was 16 (4096) under an earlier 4-bit packed list.
-MAX_CHUNK_TILES = 63
-# How the filtered dE GEMM's K loop finds the next kept vocab tile: "bitmask" (the lowest bit still
-# set in an int64 of keep flags, a loop-carried value) or "groups" (four 4-bit lists of 16 tiles each,
-# a function of the step alone). Under measurement.
-FILTERED_DE_LISTS = "bitmask"
+# At most this many vocab tiles per chunk of the filtered path: its dE GEMM lists a token tile's kept
+# vocab tiles in four int64 words, 16 tiles of 4 bits each (_kept_tile_lists). 64 x 256 = 16384 entries
+# on the GPU; it was 16 (one word) until the filtered chunks widened. Measured on an H200 against an
+# int64 bitmask walked by its lowest set bit (a loop-carried index; backward_variants --de-variants,
+# results/h200-2026-12-01g): the lists within 0.1 ms or faster at every one of 12 points, faster by
+# 0.5-1.8 ms at 7; against the single word at 2816 x 4096 (compare_old.log) 1.1 ms slower at 128 x 128
+# dE tiles, within 0.1 ms at 128 x 256.
+MAX_CHUNK_TILES = 64
 # The filtered dE GEMM as a persistent kernel with its tile loop flattened (else one program per
 # output tile). Measured (H100, bf16, LM-like, every tile kept; benchmarks/backward_variants.py):
 # backward 54.3 against 55.2 ms at 8192 x 2304 x 256000, 43.5 against 43.6 ms at 8192 x 4096 x 128256.
@@ -286,7 +286,7 @@ def _filtered_de_kernel(
     stride_dzn, stride_cv, stride_accn,
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr, TILE_V: tl.constexpr,
     KEEP_WIDTH: tl.constexpr, TMA: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
-    FLATTEN: tl.constexpr, GROUPED: tl.constexpr,
+    FLATTEN: tl.constexpr,
 ):
     """The filtered path's dE GEMM of one chunk: Acc[n, d] += sum over the kept vocab tiles t of
     dz[n, t] @ C[t, d] for every (token tile, D tile); the token tile's keep flags (Keep, one row
@@ -299,12 +299,12 @@ def _filtered_de_kernel(
         for tile in tl.range(tl.program_id(0), num_tiles, num_programs, flatten=True):
             _filtered_de_tile(Dz, C, Dz_desc, C_desc, Keep, Acc, tile, n_count, D, v_begin, v_count,
                               stride_dzn, stride_cv, stride_accn, BLOCK_N, BLOCK_D, BLOCK_K, TILE_V,
-                              KEEP_WIDTH, TMA, DOT_PRECISION, UPCAST, GROUPED)
+                              KEEP_WIDTH, TMA, DOT_PRECISION, UPCAST)
     else:
         for tile in range(tl.program_id(0), num_tiles, num_programs):
             _filtered_de_tile(Dz, C, Dz_desc, C_desc, Keep, Acc, tile, n_count, D, v_begin, v_count,
                               stride_dzn, stride_cv, stride_accn, BLOCK_N, BLOCK_D, BLOCK_K, TILE_V,
-                              KEEP_WIDTH, TMA, DOT_PRECISION, UPCAST, GROUPED)
+                              KEEP_WIDTH, TMA, DOT_PRECISION, UPCAST)
 
 
 @triton.jit
@@ -312,23 +312,20 @@ def _filtered_de_tile(
     Dz, C, Dz_desc, C_desc, Keep, Acc, tile, n_count, D, v_begin, v_count, stride_dzn, stride_cv, stride_accn,
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr, TILE_V: tl.constexpr,
     KEEP_WIDTH: tl.constexpr, TMA: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
-    GROUPED: tl.constexpr,
 ):
-    """One output tile. The K loop runs over the kept steps only, with no branch and no reduction in
-    its body (so it stays pipelined): the kept tiles are one int64 bitmask (bit j: vocab tile j of the
-    chunk; hence at most 63 vocab tiles per chunk, MAX_CHUNK_TILES), and on each tile's first K step
-    the loop takes the lowest bit still set. A tile with nothing kept skips the accumulator's
-    read-modify-write too (masked off: no traffic)."""
+    """One output tile. The K loop runs over the kept steps only, with no branch, no reduction and no
+    loop-carried index in its body (so it stays pipelined): the kept tiles are listed first, as four
+    int64 words of 4-bit indices, one per group of 16 vocab tiles (hence at most 64 vocab tiles per
+    chunk, MAX_CHUNK_TILES), and each step's tile is a function of the step. A tile with nothing kept
+    skips the accumulator's read-modify-write too (masked off: no traffic)."""
     num_d_tiles = tl.cdiv(D, BLOCK_D)
     pid_n = tile // num_d_tiles
     pid_d = tile % num_d_tiles
     num_v_tiles = tl.cdiv(v_count, TILE_V)
     slots = tl.arange(0, KEEP_WIDTH)
     keep = tl.load(Keep + pid_n * num_v_tiles + slots, mask=slots < num_v_tiles, other=0) != 0
-    kept_bits = tl.sum(tl.where(keep, tl.full([KEEP_WIDTH], 1, tl.int64) << slots.to(tl.int64), 0), axis=0)
     num_kept = tl.sum(keep.to(tl.int32), axis=0)
-    if GROUPED:
-        w0, w1, w2, w3, p1, p2, p3 = _kept_tile_lists(keep, KEEP_WIDTH)
+    w0, w1, w2, w3, p1, p2, p3 = _kept_tile_lists(keep, KEEP_WIDTH)
     STEPS: tl.constexpr = TILE_V // BLOCK_K  # K steps per vocab tile
     n0 = pid_n * BLOCK_N
     d0 = pid_d * BLOCK_D
@@ -336,19 +333,8 @@ def _filtered_de_tile(
     offs_d = d0 + tl.arange(0, BLOCK_D)
     offs_k = tl.arange(0, BLOCK_K)
     acc = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
-    remaining = kept_bits  # the kept tiles not yet begun
-    vocab_tile = 0
     for i in range(num_kept * STEPS):
-        if GROUPED:  # a function of i alone
-            vocab_tile = _kept_tile(i // STEPS, w0, w1, w2, w3, p1, p2, p3)
-        else:
-            first_step = i % STEPS == 0
-            lowest = remaining & -remaining  # the next kept tile, as a bit
-            # its index: log2 of a power of two below 2^63, exact in float32 (+0.5 against an
-            # approximate log2; the maximum keeps log2(0) out of the steps that do not use it)
-            index = (tl.log2(tl.maximum(lowest, 1).to(tl.float32)) + 0.5).to(tl.int32)
-            vocab_tile = tl.where(first_step, index, vocab_tile)
-            remaining = tl.where(first_step, remaining ^ lowest, remaining)
+        vocab_tile = _kept_tile(i // STEPS, w0, w1, w2, w3, p1, p2, p3)
         k0 = vocab_tile * TILE_V + (i % STEPS) * BLOCK_K  # column of the chunk
         if TMA:  # zero outside the buffer's v_count columns (and C's rows): no masks
             a = Dz_desc.load([n0, k0])
@@ -368,9 +354,10 @@ def _filtered_de_tile(
 
 @triton.jit
 def _kept_tile_lists(keep, KEEP_WIDTH: tl.constexpr):
-    """A row of up to 64 keep flags (KEEP_WIDTH >= 16) as four ordered lists, one int64 per group of 16
-    vocab tiles holding its kept tiles' indices within the group, 4 bits each, and the list positions
-    where groups 1, 2, 3 begin."""
+    """A row of up to 64 keep flags (KEEP_WIDTH >= 16, a power of two) as four ordered lists, one int64
+    per group of 16 vocab tiles holding its kept tiles' indices within the group, 4 bits each (the
+    16th entry's top bit is the word's sign: ``_kept_tile`` masks the shifted word), and the positions
+    in the whole list where groups 1, 2, 3 begin. Groups past KEEP_WIDTH are empty."""
     GROUPS: tl.constexpr = KEEP_WIDTH // 16
     flags = tl.reshape(keep.to(tl.int32), [GROUPS, 16])
     lane = tl.arange(0, 16).to(tl.int64)
@@ -662,14 +649,13 @@ def lce_backward(
                 tma = dz_desc is not None and c_desc_de is not None
                 tiles = triton.cdiv(n_count, de_cfg.block_n) * triton.cdiv(dim, de_cfg.block_d)
                 programs = min(tiles, sms) if FILTERED_DE_PERSISTENT else tiles
-                grouped = FILTERED_DE_LISTS == "groups"
                 _filtered_de_kernel[(programs,)](
                     dz_buf, c, dz_desc if tma else dz_buf, c_desc_de if tma else c, keeps[v_count], acc_window,
                     n_count, dim, v_begin, v_count, programs, dz_buf.stride(0), c.stride(0), acc_window.stride(0),
                     BLOCK_N=de_cfg.block_n, BLOCK_D=de_cfg.block_d, BLOCK_K=de_cfg.block_v, TILE_V=cfg.block_v,
-                    KEEP_WIDTH=max(16 if grouped else 1, triton.next_power_of_2(triton.cdiv(v_count, cfg.block_v))),
+                    KEEP_WIDTH=max(16, triton.next_power_of_2(triton.cdiv(v_count, cfg.block_v))),
                     TMA=tma, DOT_PRECISION=dot_precision(e.dtype), UPCAST=dot_upcast(e),
-                    FLATTEN=tma and HAS_FLATTEN and FILTERED_DE_PERSISTENT, GROUPED=grouped,
+                    FLATTEN=tma and HAS_FLATTEN and FILTERED_DE_PERSISTENT,
                     num_warps=de_cfg.num_warps, num_stages=de_cfg.num_stages,
                 )
 
@@ -794,7 +780,7 @@ def buffered_shape(num_tokens: int, dim: int, vocab: int, element_size: int, buf
     tiles. Buffer rows*cols*element_size + accumulator 4*rows*dim stay within buffer_bytes, unless
     one tile of each is already more. Chunks are ``chunk_v`` entries (all of V when smaller) or, with
     ``sms``, wider where the budget allows; never more than ``max_chunk_tiles`` vocab tiles (the
-    filtered dE GEMM's bitmask of kept tiles; None: no limit, the exact path). ``de_d_tiles``:
+    filtered dE GEMM's lists of kept tiles; None: no limit, the exact path). ``de_d_tiles``:
     the filtered dE GEMM's output tiles per token tile (its tiles across D), launched once per
     chunk like the dz kernel; their waves count with the dz kernel's (0: dE by cuBLAS).
 

@@ -85,17 +85,18 @@ def buffered_config(e: Tensor) -> TileConfig:
 
 # The filtered buffered backward's dE GEMM (dz @ C over the kept vocabulary tiles): block_n tokens (the
 # dz kernel's tile) x block_d columns of D per output tile, block_v vocabulary entries per K step.
-# Measured (H100, triton 3.6, bf16, LM-like, every tile kept; benchmarks/backward_variants.py): at
-# D = 2304 128 x 128, 8 warps, 4 stages is the fastest of the candidates (backward 1.08x exact mode's,
-# 128 x 256: 1.11-1.12x); at D = 4096 128 x 256 (1.085x against 1.15x).
-_GPU_FILTERED_DE_16 = TileConfig(block_n=128, block_v=64, block_d=128, num_warps=8, num_stages=4, tma=True)
-_GPU_FILTERED_DE_16_WIDE = TileConfig(block_n=128, block_v=64, block_d=256, num_warps=8, num_stages=3, tma=True)
+# Measured on an H200 (triton 3.6, bf16, each at the window and chunk buffered_window picks for it;
+# backward_variants --de-variants, results/h200-2026-12-01g/de_variants.log): 128 x 256, 8 warps, 3
+# stages at both goal shapes -- at 8192 x 2304 x 256000 backward 48.62 / 49.76 ms against 51.39 /
+# 50.98 for 128 x 128 with 4 stages (LM-like / uniform), at 8192 x 4096 x 128256 37.88 / 43.20 against
+# 39.60 / 44.46. (On an H100 with 4096-wide chunks 128 x 128 had measured faster at D = 2304.)
+_GPU_FILTERED_DE_16 = TileConfig(block_n=128, block_v=64, block_d=256, num_warps=8, num_stages=3, tma=True)
 
 
 def filtered_de_config(e: Tensor) -> TileConfig:
     if e.device.type != "cuda":
         return _INTERPRETER
-    return _GPU_FILTERED_DE_16_WIDE if e.shape[1] >= 4096 else _GPU_FILTERED_DE_16
+    return _GPU_FILTERED_DE_16
 
 
 def backward_config(e: Tensor) -> TileConfig:

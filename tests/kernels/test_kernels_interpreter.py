@@ -25,7 +25,11 @@ kernels = pytest.importorskip("cce_inductor.kernels")
 if not kernels.AVAILABLE:  # pragma: no cover
     pytest.skip("triton is not installed", allow_module_level=True)
 
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+
 from cce_inductor.kernels import lce_backward, lce_forward  # noqa: E402
+from cce_inductor.kernels.backward import _kept_tile, _kept_tile_lists  # noqa: E402
 from cce_inductor.kernels.forward import vocab_splits  # noqa: E402
 
 
@@ -172,13 +176,44 @@ def test_tma_and_pointer_loads_agree(dtype):
         assert _rel(got, other) < 1e-2
 
 
-@pytest.mark.parametrize("v, chunk", [(160, 48), (1052, 4096)], ids=["chunks_of_3_tiles", "chunks_of_63_tiles"])
+@triton.jit
+def _kept_tiles_kernel(Keep, Out, count, KEEP_WIDTH: tl.constexpr):
+    """Out[j] = the j-th kept tile of the row Keep[:count], through the filtered dE GEMM's lists."""
+    slots = tl.arange(0, KEEP_WIDTH)
+    keep = tl.load(Keep + slots, mask=slots < count, other=0) != 0
+    w0, w1, w2, w3, p1, p2, p3 = _kept_tile_lists(keep, KEEP_WIDTH)
+    for j in range(tl.sum(keep.to(tl.int32), axis=0)):
+        tl.store(Out + j, _kept_tile(j, w0, w1, w2, w3, p1, p2, p3))
+
+
+@pytest.mark.parametrize("pattern", ["all_64", "none", "first_and_last", "empty_middle_groups", "random_40", "every_third_of_20"])
+def test_kept_tile_lists_give_the_kept_tiles_in_order(pattern):
+    """The filtered dE GEMM's lists of kept vocab tiles (four 4-bit lists of 16, _kept_tile_lists) give
+    the j-th kept tile for every j: all 64 kept (each word's sign bit set), none, groups with nothing
+    kept between kept ones, random rows, and a row shorter than the lists (KEEP_WIDTH 32)."""
+    count = {"random_40": 40, "every_third_of_20": 20}.get(pattern, 64)
+    gen = torch.Generator().manual_seed(3)
+    keep = {
+        "all_64": torch.ones(64), "none": torch.zeros(64),
+        "first_and_last": torch.tensor([1] + [0] * 62 + [1]),
+        "empty_middle_groups": torch.tensor([0] * 15 + [1] + [0] * 32 + [1] * 3 + [0] * 13),
+        "random_40": (torch.rand(40, generator=gen) < 0.5).float(),
+        "every_third_of_20": (torch.arange(20) % 3 == 0).float(),
+    }[pattern].to(torch.int8)
+    want = torch.nonzero(keep).flatten().to(torch.int32)
+    out = torch.full((64,), -1, dtype=torch.int32)
+    width = max(16, 1 << (count - 1).bit_length())
+    _kept_tiles_kernel[(1,)](keep, out, count, KEEP_WIDTH=width)
+    assert out[: len(want)].tolist() == want.tolist() and (out[len(want):] == -1).all()
+
+
+@pytest.mark.parametrize("v, chunk", [(160, 48), (1068, 4096)], ids=["chunks_of_3_tiles", "chunks_of_64_tiles"])
 @pytest.mark.parametrize("needs", [(True, True, True), (True, False, False)], ids=["all", "e_only"])
 def test_filtered_buffered_path_drops_what_the_atomic_filter_drops(needs, v, chunk):
     """Filtering in the buffered path: the dz kernel flags each tile by the filter's rule and the
     filtered dE GEMM runs over the kept tiles only. Peaked softmax, a bias, an ignored token, 3
-    windows of tokens x ragged chunks of the vocabulary (4 of 48 entries; or 1008 + 44, the first
-    holding MAX_CHUNK_TILES = 63 tiles, so the bitmask of kept tiles uses bits 0-62): the same
+    windows of tokens x ragged chunks of the vocabulary (4 of 48 entries; or 1024 + 44, the first
+    holding MAX_CHUNK_TILES = 64 tiles, so that all four lists of kept tiles are in use): the same
     tiles are skipped as by the atomic kernel (the interpreter's tiles are the same for both), the
     dropped part of dE (filtered - exact) is the same, and dC and dbias are not filtered. float32
     inputs forced through the buffered path, so that both paths agree to float32 rounding -- both
@@ -197,7 +232,7 @@ def test_filtered_buffered_path_drops_what_the_atomic_filter_drops(needs, v, chu
     gl, gs = torch.rand(n, generator=gen), torch.rand(n, generator=gen) * 0.1
     args = (e, c, b, y, lse, gl, gs, -100, 0.0, 0.0)
     counts = {path: torch.zeros(2, dtype=torch.int32) for path in ("buffered", "atomic")}
-    budget = 4 * 16 * (min(chunk, 63 * 16) + 45)  # windows of 16 tokens
+    budget = 4 * 16 * (min(chunk, 64 * 16) + 45)  # windows of 16 tokens
     with mock.patch.object(backward, "CHUNK_V", chunk), mock.patch.object(backward, "LEAN_DZ_EPILOGUE", False):
         buffered = lce_backward(*args, True, *needs, buffered=True, buffer_bytes=budget, tile_counts=counts["buffered"])
         exact = lce_backward(*args, False, *needs, buffered=True, buffer_bytes=budget)
@@ -255,9 +290,9 @@ def test_buffered_shape_stays_within_budget():
     # few, even windows at the benchmark shapes
     assert buffered_shape(8192, 2304, 256000, 2, BUFFER_BYTES, 128, 256) == (2816, 4096)
     assert buffered_shape(8192, 4096, 128256, 2, BUFFER_BYTES, 128, 256) == (2048, 4096)
-    # at most MAX_CHUNK_TILES vocab tiles per chunk (the filtered dE GEMM's bitmask of kept tiles)
-    assert MAX_CHUNK_TILES == 63
-    assert buffered_shape(100, 64, 3000, 2, BUFFER_BYTES, 16, 16, chunk_v=4096) == (100, 63 * 16)
+    # at most MAX_CHUNK_TILES vocab tiles per chunk (the filtered dE GEMM's lists of kept tiles)
+    assert MAX_CHUNK_TILES == 64
+    assert buffered_shape(100, 64, 3000, 2, BUFFER_BYTES, 16, 16, chunk_v=4096) == (100, 64 * 16)
     for n, d, v in [(8192, 2304, 256000), (8192, 4096, 128256), (8192, 512, 32768), (3000, 8192, 262144),
                     (100, 64, 50000), (1000, 4096, 128256)]:
         for max_chunk_tiles in (MAX_CHUNK_TILES, None):  # filtered, exact
@@ -284,10 +319,12 @@ def test_windows_fill_whole_waves():
     # windows of 16 token tiles give (2 + 3) waves per chunk each, 20 in all; 3 windows of 22 (the
     # last of 20) give (3 + 3) each, 18 in all
     assert buffered_shape(8192, 2304, 256000, 2, BUFFER_BYTES, 128, 256, de_d_tiles=18, **narrow) == (2816, 4096)
-    # with the filtered path's own cap (63 tiles), the chunk widens into the budget: 22 tiles of 256 (2816
+    # with the filtered path's own cap (64 tiles), the chunk widens into the budget: 22 tiles of 256 (2816
     # x 5632 x 2 B + 2816 x 2304 x 4 B <= 56 MiB), 484 dz tiles (4 waves) and 396 dE tiles (3) per launch
-    filtered = dict(sms=132, de_d_tiles=18)
-    assert buffered_shape(8192, 2304, 256000, 2, BUFFER_BYTES, 128, 256, **filtered) == (2816, 22 * 256)
+    assert buffered_shape(8192, 2304, 256000, 2, BUFFER_BYTES, 128, 256, sms=132, de_d_tiles=18) == (2816, 22 * 256)
+    # the dE GEMM's 128 x 256 tiles (9 per token tile at D = 2304): windows of 14 token tiles (126 dE
+    # tiles, one wave), then chunks of 46 tiles (1792 x 11776 x 2 B + 1792 x 2304 x 4 B = 58.7 MB)
+    assert buffered_shape(8192, 2304, 256000, 2, BUFFER_BYTES, 128, 256, sms=132, de_d_tiles=9) == (1792, 46 * 256)
     # 10 token tiles, a budget of 5, 3 vocab tiles per chunk, 6 SMs: windows of 4 tiles (4, 4, 2:
     # 2 + 2 + 1 waves) beat the budget's even 5 + 5 (3 + 3 waves) and tie with 5 windows of 2 (1 each)
     budget = 5 * 16 * (2 * 48 + 4 * 8)
