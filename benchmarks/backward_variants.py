@@ -111,7 +111,7 @@ def main(argv=None) -> None:
                 for shape in [default] + [tuple(map(int, text.split("x"))) for text in args.buffer_shapes]:
                     rows, cols = shape
                     if filter_grad and -(-cols // backward.buffered_config(e).block_v) > backward.MAX_CHUNK_TILES:
-                        continue  # more vocab tiles than the filtered dE GEMM's bitmask holds
+                        continue  # more vocab tiles than the filtered dE GEMM's lists hold
                     scratch_mb = (rows * backward.buffer_row_stride(cols) * e.element_size() + 4 * rows * d) / 1e6
                     label = (f"{'filtered' if filter_grad else 'exact'}, {rows} x {cols}, {scratch_mb:.1f} MB"
                              f"{' (default)' if shape == default else ''}")

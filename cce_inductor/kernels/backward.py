@@ -348,7 +348,8 @@ def _filtered_de_tile(
                         mask=mask_k[:, None] & (offs_d[None, :] < D), other=0.0)
         acc = dot(a, b, acc, DOT_PRECISION, UPCAST)
     acc_ptrs = Acc + offs_n[:, None] * stride_accn + offs_d[None, :]
-    mask = (offs_n[:, None] < n_count) & (offs_d[None, :] < D) & (tl.full([BLOCK_D], 0, tl.int32) + num_kept > 0)[None, :]
+    any_kept = tl.full([BLOCK_D], 0, tl.int32) + num_kept > 0  # as a vector: the interpreter takes no scalar mask
+    mask = (offs_n[:, None] < n_count) & (offs_d[None, :] < D) & any_kept[None, :]
     tl.store(acc_ptrs, tl.load(acc_ptrs, mask=mask, other=0.0) + acc, mask=mask)
 
 
@@ -649,6 +650,8 @@ def lce_backward(
                 tma = dz_desc is not None and c_desc_de is not None
                 tiles = triton.cdiv(n_count, de_cfg.block_n) * triton.cdiv(dim, de_cfg.block_d)
                 programs = min(tiles, sms) if FILTERED_DE_PERSISTENT else tiles
+                # the kernel's lists hold 64 tiles (buffered_shape keeps to it; a patched shape might not)
+                assert triton.cdiv(v_count, cfg.block_v) <= MAX_CHUNK_TILES, "chunk wider than the dE GEMM's lists"
                 _filtered_de_kernel[(programs,)](
                     dz_buf, c, dz_desc if tma else dz_buf, c_desc_de if tma else c, keeps[v_count], acc_window,
                     n_count, dim, v_begin, v_count, programs, dz_buf.stride(0), c.stride(0), acc_window.stride(0),

@@ -186,7 +186,8 @@ def _kept_tiles_kernel(Keep, Out, count, KEEP_WIDTH: tl.constexpr):
         tl.store(Out + j, _kept_tile(j, w0, w1, w2, w3, p1, p2, p3))
 
 
-@pytest.mark.parametrize("pattern", ["all_64", "none", "first_and_last", "empty_middle_groups", "random_40", "every_third_of_20"])
+@pytest.mark.parametrize("pattern", ["all_64", "none", "first_and_last", "empty_middle_groups", "random_40",
+                                     "every_third_of_20"])
 def test_kept_tile_lists_give_the_kept_tiles_in_order(pattern):
     """The filtered dE GEMM's lists of kept vocab tiles (four 4-bit lists of 16, _kept_tile_lists) give
     the j-th kept tile for every j: all 64 kept (each word's sign bit set), none, groups with nothing
