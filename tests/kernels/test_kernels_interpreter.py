@@ -248,6 +248,18 @@ def test_filtered_buffered_path_drops_what_the_atomic_filter_drops(needs, v, chu
             assert _rel(got, want) < 1e-5
 
 
+def test_filtered_path_refuses_a_chunk_wider_than_its_lists():
+    """The filtered dE GEMM lists at most MAX_CHUNK_TILES = 64 kept tiles per token tile; a chunk of 65
+    (a patched shape: buffered_shape never makes one) is refused instead of dropping the 65th."""
+    from cce_inductor.kernels import backward
+
+    e, c, _, y = _inputs(n=16, v=65 * 16 + 7, dtype=torch.bfloat16)
+    _, lse = lce_forward(e, c, None, y, -100, 0.0, 0.0)
+    with mock.patch.object(backward, "buffered_window", lambda *args, **kwargs: (16, 65 * 16)), \
+            pytest.raises(AssertionError, match="lists"):
+        lce_backward(e, c, None, y, lse, torch.rand(16), torch.zeros(16), -100, 0.0, 0.0, True, True, True, False)
+
+
 def test_bf16_filter_takes_the_buffered_path():
     """bf16 filtering goes through the buffered path by default (TMA descriptors in the interpreter,
     as on Hopper) and skips the tiles the atomic kernel skips."""
