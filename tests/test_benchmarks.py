@@ -247,3 +247,30 @@ def test_gpu_only_scripts_import_and_parse_their_arguments(module, capsys):
         main(["--help"])
     assert exit_info.value.code == 0
     assert "usage" in capsys.readouterr().out
+
+
+def test_dc_filter_study_corrects_exactly_where_e_is_constant_in_a_tile():
+    """benchmarks/dc_filter_study.py: where every row of E within a 128-token tile is the same, the
+    rank-1 term of a skipped tile (its column sums of dz times the tile's mean row) is exactly what
+    the tile contributed to dC, so the corrected dC matches the unfiltered one while the dropped one
+    does not; eps = 0 skips nothing."""
+    from benchmarks.dc_filter_study import filtered_gradients
+    from cce_inductor.testing import make_inputs, sample_targets
+
+    inp = make_inputs("lm", 256, 64, 8192, dtype=torch.float32, seed=0)
+    e = inp.e.view(2, 128, 64).mean(1).repeat_interleave(128, 0)
+    y = sample_targets(e, inp.c, torch.Generator().manual_seed(1))
+    r = filtered_gradients(e, inp.c, y, 0.25)
+    assert 0 < r["s"] < 1 and r["dc_dropped"] > 1e-2 and r["de_dropped"] > 1e-3
+    assert r["dc_corrected"] < 1e-6
+    assert filtered_gradients(e, inp.c, y, 0.0) == {"s": 0.0, "de_dropped": 0.0, "dc_dropped": 0.0, "dc_corrected": 0.0}
+    with pytest.raises(ValueError, match="multiple"):
+        filtered_gradients(e[:200], inp.c, y[:200], 0.25)
+
+
+def test_dc_filter_study_prints_a_line_per_point(capsys):
+    from benchmarks import dc_filter_study
+
+    dc_filter_study.main(["--d", "32", "--v", "1024", "--ns", "128", "256", "--eps", "0.125"])
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 2 and all("dC dropped + rank-1 per tile" in line for line in lines)
