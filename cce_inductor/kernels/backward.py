@@ -61,7 +61,9 @@ Gradient filtering (``filter_grad=True``; ``False`` is exact and skips nothing):
   rule bounds only sum_j |error of dC_j| <= eps * sum_i w_i |E_i|, not dC's relative error.
   Measured (LM-like, D=2304, V=256000, eps=2^-2, s=0.64): dC error vs exact 4.7e-3, 6.9e-3, 9.6e-3,
   1.35e-2 at N = 4K, 8K, 16K, 32K (the bar is ~1.45e-2). ``filter_dc=True`` keeps that mode for
-  measurements. eps = FILTER_EPS, chosen by measurement (see the constant).
+  measurements. Replacing each skipped tile's dC terms by colsum(dz)^T mean(E rows) instead of
+  dropping them held that error nearly flat in a float32 study (benchmarks/dc_filter_study.py:
+  3.2e-4 against 2.9e-3 dropped at 8192 x 4096 x 128256); not implemented in the kernels. eps = FILTER_EPS, chosen by measurement (see the constant).
   Vocabulary ordering (optional, off by default: measured not to help, see DEFAULT_ORDER): the
   vocabulary can be walked in the order of descending c_j . mean(e) through an index array (C is
   not copied), so that rarely likely entries share tiles; ``vocab_order`` in ``lce_backward``.
