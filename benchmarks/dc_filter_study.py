@@ -58,9 +58,10 @@ def filtered_gradients(e: Tensor, c: Tensor, targets: Tensor, eps: float) -> dic
         kept = dz * keep.repeat_interleave(TILE_N, 0).repeat_interleave(TILE_V, 1)
         dropped_colsums = (dz - kept).view(token_tiles, TILE_N, v).sum(1)  # [token tiles, V]
         tile_means = rows.view(token_tiles, TILE_N, d).mean(1)  # [token tiles, D]
+        dc_kept = kept.T @ rows
         out["dc"] += dz.T @ rows
-        out["dc_dropped"] += kept.T @ rows
-        out["dc_corrected"] += kept.T @ rows + dropped_colsums.T @ tile_means
+        out["dc_dropped"] += dc_kept
+        out["dc_corrected"] += dc_kept + dropped_colsums.T @ tile_means
         de = dz @ c
         de_err2 += float((kept @ c - de).pow(2).sum())
         de_norm2 += float(de.pow(2).sum())
