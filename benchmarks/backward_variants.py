@@ -2,7 +2,7 @@
 
     python -m benchmarks.backward_variants [--shapes N,D,V ...] [--regimes lm uniform] [--windows]
                                            [--no-filtered] [--configs] [--epilogue]
-                                           [--buffer-shapes RxW ...] [--de-variants]
+                                           [--buffer-shapes RxW ...] [--de-variants] [--dc-variants]
 
 bf16. Per shape and data regime, median times (``do_bench``) of the backward in units of T = the
 cuBLAS logits GEMM measured first in the same process: exact (dE by cuBLAS), then filtered (dE by
@@ -18,6 +18,10 @@ of W vocabulary entries (``buffered_window`` patched), in interleaved rounds wit
 each with its scratch. ``--configs``: the eps = 0 point for each candidate config of the dE GEMM.
 ``--de-variants``: the filtered backward (default eps) with each candidate config of the dE GEMM, each
 at the window and chunk that buffered_window picks for it, in interleaved rounds with the exact one.
+``--dc-variants``: the filtered backward with dC exact (cuBLAS over the whole buffer) and corrected
+(the filtered dC GEMM with the skipped tiles' stand-ins) for each candidate config of that GEMM, in
+interleaved rounds with the exact one; then each filtered dC's error against exact mode, and the
+corrected one's kernels by time.
 (Its log in results/h200-2026-12-01g also compares two ways of listing the kept tiles, since removed.)
 Prints only; numbers worth keeping go to docs/PERF_NOTES.md."""
 
@@ -30,7 +34,7 @@ import torch
 from triton.testing import do_bench
 
 from cce_inductor.kernels import FILTER_EPS, backward, lce_backward, lce_forward
-from cce_inductor.kernels.common import TileConfig, filtered_de_config
+from cce_inductor.kernels.common import TileConfig, filtered_dc_config, filtered_de_config
 
 from .points import add_point_arguments, points
 from .rounds import interleaved_ms, print_profile, summary
@@ -43,6 +47,14 @@ DE_CONFIGS = [
     TileConfig(block_n=128, block_v=64, block_d=256, num_warps=8, num_stages=4, tma=True),
     TileConfig(block_n=128, block_v=64, block_d=256, num_warps=8, num_stages=3, tma=True),
     TileConfig(block_n=128, block_v=64, block_d=128, num_warps=4, num_stages=3, tma=True),
+]
+
+# The filtered dC GEMM's candidates: (vocabulary rows, tokens per K step, D per program) x warps x stages;
+# the rows divide the dz kernel's 256-entry vocab tile (one column of keep flags per output tile).
+DC_CONFIGS = [
+    TileConfig(block_n=64, block_v=128, block_d=256, num_warps=8, num_stages=3, tma=True),
+    TileConfig(block_n=64, block_v=128, block_d=128, num_warps=8, num_stages=4, tma=True),
+    TileConfig(block_n=64, block_v=256, block_d=128, num_warps=8, num_stages=3, tma=True),
 ]
 
 
@@ -61,8 +73,10 @@ def main(argv=None) -> None:
                         help="exact and filtered backward with windows of ROWS tokens and chunks of COLS entries")
     parser.add_argument("--de-variants", action="store_true",
                         help="the filtered backward with each candidate config of the dE GEMM, in rounds")
+    parser.add_argument("--dc-variants", action="store_true",
+                        help="the filtered backward with dC exact (cuBLAS) and corrected (each dC GEMM config), in rounds")
     parser.add_argument("--rounds", type=int, default=3,
-                        help="interleaved rounds of --epilogue, --buffer-shapes and --de-variants")
+                        help="interleaved rounds of --epilogue, --buffer-shapes, --de-variants and --dc-variants")
     args = parser.parse_args(argv)
     for n, d, v, regime, inp in points(args):
         e, c, y = inp.e, inp.c, inp.targets
@@ -135,6 +149,36 @@ def main(argv=None) -> None:
                 variants[label] = with_de(cfg)
             for label, samples in interleaved_ms(variants, rounds=args.rounds).items():
                 print(f"  {label:<60} {summary(samples, gemm_ms)}", flush=True)
+        if args.dc_variants:
+            def with_dc(dc_filter, cfg=None):
+                def run():
+                    with mock.patch.object(backward, "filtered_dc_config", lambda t: cfg or filtered_dc_config(t)):
+                        return lce_backward(e, c, None, y, lse, g, zero, -100, 0.0, 0.0, True, True, True, False,
+                                            dc_filter=dc_filter)
+                return run
+
+            rows, cols = backward.buffered_window(e, v, filtered=True)
+            variants = {"exact (default)": lambda: lce_backward(e, c, None, y, lse, g, zero, -100, 0.0, 0.0,
+                                                                False, True, True, False),
+                        f"filtered, dC exact (cuBLAS), {rows} x {cols}": with_dc("exact")}
+            for cfg in DC_CONFIGS:
+                with mock.patch.object(backward, "filtered_dc_config", lambda t, cfg=cfg: cfg):
+                    rows, cols = backward.buffered_window(e, v, filtered=True, filtered_dc=True)
+                label = (f"filtered, dC corrected {cfg.block_v}x{cfg.block_d} k{cfg.block_n} w{cfg.num_warps} "
+                         f"s{cfg.num_stages}, {rows} x {cols}{' (default)' if cfg == filtered_dc_config(e) else ''}")
+                variants[label] = with_dc("corrected", cfg)
+            for label, samples in interleaved_ms(variants, rounds=args.rounds).items():
+                print(f"  {label:<64} {summary(samples, gemm_ms)}", flush=True)
+            exact_grads = lce_backward(e, c, None, y, lse, g, zero, -100, 0.0, 0.0, False, True, True, False)
+            for dc_filter in ("exact", "corrected"):
+                counts = torch.zeros(2, dtype=torch.int32, device="cuda")
+                grads = lce_backward(e, c, None, y, lse, g, zero, -100, 0.0, 0.0, True, True, True, False,
+                                     dc_filter=dc_filter, tile_counts=counts)
+                kept, skipped = counts.tolist()
+                errs = [float((a.float() - b.float()).norm() / b.float().norm()) for a, b in zip(grads[:2], exact_grads[:2])]
+                print(f"  filtered, dC {dc_filter}: s {skipped / max(1, kept + skipped):.3f}, against exact mode "
+                      f"dE {errs[0]:.2e} dC {errs[1]:.2e}", flush=True)
+            print_profile(with_dc("corrected"), "filtered, dC corrected")
         if args.windows:
             with mock.patch.object(backward, "WAVE_ALIGNED_WINDOWS", False):
                 show("exact, evenly sized windows", backward_ms(False), windows())

@@ -9,7 +9,7 @@ An accuracy study in float32 (no kernels: torch only, CPU or GPU), on LM-like da
 every token's |dz| mass in it is < eps * (256 / V) * 2 g). Printed per N, as relative Frobenius
 errors against the unfiltered gradient:
   * dE with the skipped tiles dropped (what the filtered path does; bounded per token);
-  * dC with them dropped (``filter_dc=True`` in the atomic kernel; not bounded relative to dC);
+  * dC with them dropped (``dc_filter="dropped"`` in the atomic kernel; not bounded relative to dC);
   * dC with them dropped and each skipped tile replaced by a rank-1 term: its column sums of dz
     times the mean of its 128 rows of E, ``colsum_t(dz)^T @ mean_t(E)``. The dropped terms of a
     rarely likely vocabulary row add up along the tokens' common direction (so that error grows with

@@ -62,10 +62,10 @@ def naive_linear_cross_entropy(
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """float32 for 16-bit inputs. float32 inputs are computed in float64: a confident token's
-    gradient p_y - 1 and loss log(1 + small) lose ~1e-5 of their value to float32 rounding of the
-    log-sum-exp, and this path is the accuracy reference that the kernels are held to."""
-    return torch.float64 if dtype == torch.float32 else torch.float32
+    """float32 for 16-bit inputs. float32 (and float64) inputs are computed in float64: a confident
+    token's gradient p_y - 1 and loss log(1 + small) lose ~1e-5 of their value to float32 rounding
+    of the log-sum-exp, and this path is the accuracy reference that the kernels are held to."""
+    return torch.float64 if dtype in (torch.float32, torch.float64) else torch.float32
 
 
 def _logits(e_chunk: Tensor, c_chunk: Tensor, b_chunk: Tensor | None, softcap: float):
@@ -197,3 +197,69 @@ def chunked_backward(
         if needs_bias:
             dbias[v0:v1] = db_chunk
     return (de.to(e.dtype) if needs_e else None), dc, dbias
+
+
+def filtered_backward(
+    e: Tensor,
+    c: Tensor,
+    bias: Tensor | None,
+    targets: Tensor,
+    lse: Tensor,
+    grad_loss: Tensor,
+    grad_lse: Tensor,
+    ignore_index: int,
+    softcap: float,
+    label_smoothing: float,
+    eps: float,
+    tile_n: int,
+    tile_v: int,
+    dc_filter: str,
+) -> tuple[Tensor, Tensor, Tensor | None, Tensor]:
+    """The kernels' gradient filter, written plainly (float64, the full N x V dz: small inputs only;
+    the kernels' fast paths are tested against it). Tiles of tile_n tokens x tile_v vocabulary ids,
+    from 0 in both. A tile is skipped iff for every token i of it
+        sum_{j in tile} |dz_ij| < (eps / V) * |tile| * (|g_i + grad_lse_i| + |g_i|),
+    |tile| = its number of vocabulary ids (fewer at the last), g_i = grad_loss_i (0 where ignored).
+    A skipped tile is dropped from dE. dC by ``dc_filter``: "exact" (nothing dropped), "dropped" (as
+    dE), or "corrected" (dropped, and replaced by the rank-1 term colsum_i(dz)^T mean_i(E) of the
+    tile: its column sums of dz times the mean of its rows of E). dbias is never filtered.
+    Returns (dE, dC, dbias or None, keep), float64, keep a bool (token tiles, vocab tiles) tensor."""
+    if dc_filter not in ("exact", "dropped", "corrected"):
+        raise ValueError(f"dc_filter must be 'exact', 'dropped' or 'corrected', got {dc_filter!r}")
+    f64 = torch.float64
+    num_tokens, vocab = e.shape[0], c.shape[0]
+    e64, c64 = e.to(f64), c.to(f64)
+    valid = targets != ignore_index
+    g_loss = torch.where(valid, grad_loss.to(f64), torch.zeros((), dtype=f64, device=e.device))
+    g_p = g_loss + grad_lse.to(f64)
+    z, dcap = _logits(e64, c64, None if bias is None else bias.to(f64), softcap)
+    dz = g_p[:, None] * torch.exp(z - lse.to(f64)[:, None])
+    onehot = torch.zeros_like(dz)
+    safe = torch.where(valid, targets, torch.zeros_like(targets)).clamp(0, vocab - 1)
+    onehot[torch.arange(num_tokens, device=e.device), safe] = 1.0 - label_smoothing
+    dz = dz - g_loss[:, None] * (onehot + label_smoothing / vocab)
+    if softcap:
+        dz = dz * dcap
+
+    tiles_n, tiles_v = -(-num_tokens // tile_n), -(-vocab // tile_v)
+    keep = torch.zeros(tiles_n, tiles_v, dtype=torch.bool, device=e.device)
+    scale = g_p.abs() + g_loss.abs()
+    for a in range(tiles_n):
+        rows = slice(a * tile_n, (a + 1) * tile_n)
+        for b in range(tiles_v):
+            cols = slice(b * tile_v, (b + 1) * tile_v)
+            mass = dz[rows, cols].abs().sum(1)
+            width = min(tile_v, vocab - b * tile_v)
+            keep[a, b] = bool(((mass >= eps / vocab * width * scale[rows]) & (mass > 0)).any())
+
+    mask = keep.repeat_interleave(tile_n, 0)[:num_tokens].repeat_interleave(tile_v, 1)[:, :vocab]
+    kept = torch.where(mask, dz, torch.zeros((), dtype=f64, device=e.device))
+    de = kept @ c64
+    dc = (dz if dc_filter == "exact" else kept).T @ e64
+    if dc_filter == "corrected":
+        for a in range(tiles_n):
+            rows = slice(a * tile_n, (a + 1) * tile_n)
+            skipped_colsums = (dz[rows] - kept[rows]).sum(0)  # [V]: zero in the kept tiles
+            dc += skipped_colsums[:, None] * e64[rows].mean(0)[None, :]
+    dbias = dz.sum(0) if bias is not None else None
+    return de, dc, dbias, keep

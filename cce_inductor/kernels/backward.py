@@ -82,7 +82,7 @@ from torch import Tensor
 
 from .common import (
     HAS_FLATTEN, LOG2E, TileConfig, as_f32, backward_config, buffered_config, capped_logits, dot, dot_precision,
-    dot_upcast, filtered_de_config, logit_tile, prepare_inputs, sm_count, tma_descriptor,
+    dot_upcast, filtered_dc_config, filtered_de_config, logit_tile, prepare_inputs, sm_count, tma_descriptor,
 )
 
 # Dropped gradient mass per token is < FILTER_EPS * w_i (see the module docstring); with eps < 1/2
@@ -120,6 +120,16 @@ WAVE_ALIGNED_WINDOWS = True
 # 0.5-1.8 ms at 7; against the single word at 2816 x 4096 (compare_old.log) 1.1 ms slower at 128 x 128
 # dE tiles, within 0.1 ms at 128 x 256.
 MAX_CHUNK_TILES = 64
+# At most this many token tiles per window where dC is filtered: the filtered dC GEMM lists a vocab
+# tile's kept token tiles in the same four words (8192 tokens at 128-token tiles).
+MAX_WINDOW_TILES = 64
+# What filtering does to dC (see the module docstring), where the caller does not say: "corrected"
+# (the buffered path: a skipped tile's dC terms replaced by the rank-1 stand-in
+# colsum(dz)^T mean(E rows), its dC GEMM a Triton kernel over the kept tiles), "exact" (dC never
+# filtered: cuBLAS over the whole buffer). The atomic path's default is "exact"; "dropped" (the
+# atomic kernel only, for measurements) drops a skipped tile's dC terms with no stand-in.
+DC_FILTER = "corrected"
+DC_FILTERS = ("exact", "corrected", "dropped")
 # The filtered dE GEMM as a persistent kernel with its tile loop flattened (else one program per
 # output tile). Measured (H100, bf16, LM-like, every tile kept; benchmarks/backward_variants.py):
 # backward 54.3 against 55.2 ms at 8192 x 2304 x 256000, 43.5 against 43.6 ms at 8192 x 4096 x 128256.
@@ -195,40 +205,44 @@ def _filter_keep(dz, mask_v, g_p, g_loss, width, filter_tau):
 @triton.jit
 def _dz_kernel(
     # data (E_desc, C_desc, Dz_desc: TMA descriptors when TMA, else E, C, Dz again)
-    E, C, E_desc, C_desc, Bias, Targets, Lse, GradLoss, GradLse, dBias, Dz, Dz_desc, Keep, TileCounts,
+    E, C, E_desc, C_desc, Bias, Targets, Lse, GradLoss, GradLse, dBias, Dz, Dz_desc, Keep, ColSums, TileCounts,
     # shapes: tokens [0, N) of E x vocabulary rows [v_begin, v_begin + v_count) of C
     N, V, D, v_begin, v_count, num_programs,
     # strides (the D stride of E and C is 1)
-    stride_en, stride_cv, stride_dzn,
+    stride_en, stride_cv, stride_dzn, stride_sn,
     # constants
     ignore_index, softcap, target_weight, uniform_weight, filter_tau,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, GROUP_N: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_SMOOTHING: tl.constexpr,
     NEEDS_BIAS: tl.constexpr, EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
-    TMA: tl.constexpr, FLATTEN: tl.constexpr, FILTER: tl.constexpr, COUNT_TILES: tl.constexpr,
-    LEAN_DZ: tl.constexpr,
+    TMA: tl.constexpr, FLATTEN: tl.constexpr, FILTER: tl.constexpr, FILTER_DC: tl.constexpr,
+    STORE_KEPT_ONLY: tl.constexpr, COUNT_TILES: tl.constexpr, LEAN_DZ: tl.constexpr,
 ):
     """The buffered path's recompute: dz of every (token tile, vocab tile) of the launch into the
     (N, v_count) buffer Dz, in the input dtype (and dbias by float32 atomics). Persistent: one
     program per SM walks the tiles, GROUP_N token tiles sweeping the vocabulary together.
     FILTER: each tile's keep flag (the filter's rule) goes to Keep[token tile, vocab tile] (int8), for
-    the filtered dE GEMM; dz itself is stored whole (dC is not filtered)."""
+    the filtered GEMMs. FILTER_DC: a skipped tile's column sums of dz go to ColSums[token tile,
+    column] (float32; 0 for a kept tile), for the filtered dC GEMM's correction. STORE_KEPT_ONLY
+    (every consumer of the buffer filters): a skipped tile's dz is not stored."""
     num_tiles = tl.cdiv(N, BLOCK_N) * tl.cdiv(v_count, BLOCK_V)
     # The same loop twice: tl.range(flatten=...) exists only in newer triton (see forward.py).
     if FLATTEN:
         for tile in tl.range(tl.program_id(0), num_tiles, num_programs, flatten=True):
             _dz_tile(E, C, E_desc, C_desc, Bias, Targets, Lse, GradLoss, GradLse, dBias, Dz, Dz_desc, Keep,
-                     TileCounts, tile, N, V, D, v_begin, v_count, stride_en, stride_cv, stride_dzn,
-                     ignore_index, softcap, target_weight, uniform_weight, filter_tau,
+                     ColSums, TileCounts, tile, N, V, D, v_begin, v_count, stride_en, stride_cv, stride_dzn,
+                     stride_sn, ignore_index, softcap, target_weight, uniform_weight, filter_tau,
                      BLOCK_N, BLOCK_V, BLOCK_D, GROUP_N, HAS_BIAS, HAS_SOFTCAP, HAS_SMOOTHING,
-                     NEEDS_BIAS, EVEN_D, DOT_PRECISION, UPCAST, TMA, FILTER, COUNT_TILES, LEAN_DZ)
+                     NEEDS_BIAS, EVEN_D, DOT_PRECISION, UPCAST, TMA, FILTER, FILTER_DC, STORE_KEPT_ONLY,
+                     COUNT_TILES, LEAN_DZ)
     else:
         for tile in range(tl.program_id(0), num_tiles, num_programs):
             _dz_tile(E, C, E_desc, C_desc, Bias, Targets, Lse, GradLoss, GradLse, dBias, Dz, Dz_desc, Keep,
-                     TileCounts, tile, N, V, D, v_begin, v_count, stride_en, stride_cv, stride_dzn,
-                     ignore_index, softcap, target_weight, uniform_weight, filter_tau,
+                     ColSums, TileCounts, tile, N, V, D, v_begin, v_count, stride_en, stride_cv, stride_dzn,
+                     stride_sn, ignore_index, softcap, target_weight, uniform_weight, filter_tau,
                      BLOCK_N, BLOCK_V, BLOCK_D, GROUP_N, HAS_BIAS, HAS_SOFTCAP, HAS_SMOOTHING,
-                     NEEDS_BIAS, EVEN_D, DOT_PRECISION, UPCAST, TMA, FILTER, COUNT_TILES, LEAN_DZ)
+                     NEEDS_BIAS, EVEN_D, DOT_PRECISION, UPCAST, TMA, FILTER, FILTER_DC, STORE_KEPT_ONLY,
+                     COUNT_TILES, LEAN_DZ)
 
 
 @triton.jit
@@ -244,13 +258,14 @@ def _tile_position(tile, N, v_count, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexp
 
 @triton.jit
 def _dz_tile(
-    E, C, E_desc, C_desc, Bias, Targets, Lse, GradLoss, GradLse, dBias, Dz, Dz_desc, Keep, TileCounts, tile,
-    N, V, D, v_begin, v_count, stride_en, stride_cv, stride_dzn,
+    E, C, E_desc, C_desc, Bias, Targets, Lse, GradLoss, GradLse, dBias, Dz, Dz_desc, Keep, ColSums, TileCounts,
+    tile, N, V, D, v_begin, v_count, stride_en, stride_cv, stride_dzn, stride_sn,
     ignore_index, softcap, target_weight, uniform_weight, filter_tau,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, GROUP_N: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_SMOOTHING: tl.constexpr,
     NEEDS_BIAS: tl.constexpr, EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
-    TMA: tl.constexpr, FILTER: tl.constexpr, COUNT_TILES: tl.constexpr, LEAN_DZ: tl.constexpr,
+    TMA: tl.constexpr, FILTER: tl.constexpr, FILTER_DC: tl.constexpr, STORE_KEPT_ONLY: tl.constexpr,
+    COUNT_TILES: tl.constexpr, LEAN_DZ: tl.constexpr,
 ):
     pid_n, pid_v = _tile_position(tile, N, v_count, BLOCK_N, BLOCK_V, GROUP_N)
     offs_n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)  # [BLOCK_N]
@@ -265,15 +280,30 @@ def _dz_tile(
     z, t = capped_logits(z, Bias, ids_v, mask_v, softcap, HAS_BIAS, HAS_SOFTCAP)
     dz = _logit_grad(z, t, lse, g_p, g_loss, targets, ids_v, mask_n, mask_v, target_weight, uniform_weight,
                      HAS_SMOOTHING, HAS_SOFTCAP, LEAN_DZ)
+    if NEEDS_BIAS or FILTER_DC:
+        col_sums = tl.sum(dz, axis=0)  # [BLOCK_V]; rows past N are 0
     if NEEDS_BIAS:
-        tl.atomic_add(dBias + ids_v, tl.sum(dz, axis=0), mask=mask_v, sem="relaxed")
+        tl.atomic_add(dBias + ids_v, col_sums, mask=mask_v, sem="relaxed")
+    keep = True
     if FILTER:
         keep = _filter_keep(dz, mask_v, g_p, g_loss, tl.minimum(v_count - pid_v * BLOCK_V, BLOCK_V), filter_tau)
         tl.store(Keep + pid_n * tl.cdiv(v_count, BLOCK_V) + pid_v, keep.to(tl.int8))
         if COUNT_TILES:
             tl.atomic_add(TileCounts + tl.where(keep, 0, 1), 1, sem="relaxed")
+        if FILTER_DC:
+            tl.store(ColSums + pid_n * stride_sn + pos_v, tl.where(keep, 0.0, col_sums), mask=mask_v)
+    if STORE_KEPT_ONLY:
+        if keep:
+            _store_dz(dz, Dz, Dz_desc, pid_n * BLOCK_N, pid_v * BLOCK_V, offs_n, pos_v, mask_n, mask_v, stride_dzn, TMA)
+    else:
+        _store_dz(dz, Dz, Dz_desc, pid_n * BLOCK_N, pid_v * BLOCK_V, offs_n, pos_v, mask_n, mask_v, stride_dzn, TMA)
+
+
+@triton.jit
+def _store_dz(dz, Dz, Dz_desc, n0, v0, offs_n, pos_v, mask_n, mask_v, stride_dzn, TMA: tl.constexpr):
+    """A dz tile into the buffer, in its dtype."""
     if TMA:  # the descriptor clips the tile at the buffer's edges
-        Dz_desc.store([pid_n * BLOCK_N, pid_v * BLOCK_V], dz.to(Dz.dtype.element_ty))
+        Dz_desc.store([n0, v0], dz.to(Dz.dtype.element_ty))
     else:
         tl.store(Dz + offs_n[:, None] * stride_dzn + pos_v[None, :], dz.to(Dz.dtype.element_ty),
                  mask=mask_n[:, None] & mask_v[None, :])
@@ -389,6 +419,95 @@ def _kept_tile(j, w0, w1, w2, w3, p1, p2, p3):
     start = tl.where(in3, p3, tl.where(in2, p2, tl.where(in1, p1, 0)))
     group = in1.to(tl.int32) + in2.to(tl.int32) + in3.to(tl.int32)
     return 16 * group + ((word >> (4 * (j - start)).to(tl.int64)) & 15).to(tl.int32)
+
+
+
+@triton.jit
+def _filtered_dc_kernel(
+    # data (Dz_desc, E_desc: TMA descriptors when TMA, else Dz, E again); dC: the chunk's rows of dC
+    Dz, E, Dz_desc, E_desc, Keep, ColSums, TileMeans, dC,
+    # shapes: the window's n_count tokens x the chunk's v_count vocabulary rows
+    n_count, D, v_count, num_programs,
+    stride_dzn, stride_en, stride_sn, stride_mn, stride_dcv,
+    BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr, TILE_N: tl.constexpr,
+    TILE_V: tl.constexpr, KEEP_WIDTH: tl.constexpr, ACCUMULATE: tl.constexpr, TMA: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, FLATTEN: tl.constexpr,
+):
+    """The filtered path's dC GEMM of one (window, chunk): for every (BLOCK_V rows, BLOCK_D columns)
+    tile of the chunk's dC,
+        dC[v, d] (+)= sum over the kept token tiles t of dz[t, v]^T @ E[t, d]
+                      + sum over all token tiles t of ColSums[t, v]^T @ TileMeans[t, d],
+    the second term the rank-1 stand-in for each skipped tile (ColSums is 0 where a tile was kept).
+    The vocab tile's keep flags (one column of Keep) decide which K steps run, through the dE GEMM's
+    lists (at most 64 token tiles per window). The sum is float32, rounded into the 16-bit dC once
+    per window (ACCUMULATE: added to what earlier windows left there), as cuBLAS's addmm does.
+    Persistent (D fastest, so that a vocab block's dz columns stay in L2); FLATTEN as in the dE GEMM."""
+    num_tiles = tl.cdiv(v_count, BLOCK_V) * tl.cdiv(D, BLOCK_D)
+    if FLATTEN:
+        for tile in tl.range(tl.program_id(0), num_tiles, num_programs, flatten=True):
+            _filtered_dc_tile(Dz, E, Dz_desc, E_desc, Keep, ColSums, TileMeans, dC, tile, n_count, D, v_count,
+                              stride_dzn, stride_en, stride_sn, stride_mn, stride_dcv, BLOCK_V, BLOCK_D, BLOCK_K, TILE_N,
+                              TILE_V, KEEP_WIDTH, ACCUMULATE, TMA, DOT_PRECISION, UPCAST)
+    else:
+        for tile in range(tl.program_id(0), num_tiles, num_programs):
+            _filtered_dc_tile(Dz, E, Dz_desc, E_desc, Keep, ColSums, TileMeans, dC, tile, n_count, D, v_count,
+                              stride_dzn, stride_en, stride_sn, stride_mn, stride_dcv, BLOCK_V, BLOCK_D, BLOCK_K, TILE_N,
+                              TILE_V, KEEP_WIDTH, ACCUMULATE, TMA, DOT_PRECISION, UPCAST)
+
+
+@triton.jit
+def _filtered_dc_tile(
+    Dz, E, Dz_desc, E_desc, Keep, ColSums, TileMeans, dC, tile, n_count, D, v_count,
+    stride_dzn, stride_en, stride_sn, stride_mn, stride_dcv,
+    BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr, TILE_N: tl.constexpr,
+    TILE_V: tl.constexpr, KEEP_WIDTH: tl.constexpr, ACCUMULATE: tl.constexpr, TMA: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+):
+    """One output tile (BLOCK_V divides TILE_V: the tile's rows share one column of keep flags)."""
+    num_d_tiles = tl.cdiv(D, BLOCK_D)
+    pid_v = tile // num_d_tiles
+    pid_d = tile % num_d_tiles
+    v0 = pid_v * BLOCK_V
+    d0 = pid_d * BLOCK_D
+    num_n_tiles = tl.cdiv(n_count, TILE_N)
+    slots = tl.arange(0, KEEP_WIDTH)  # token tiles of the window
+    in_window = slots < num_n_tiles
+    keep = tl.load(Keep + slots * tl.cdiv(v_count, TILE_V) + v0 // TILE_V, mask=in_window, other=0) != 0
+    num_kept = tl.sum(keep.to(tl.int32), axis=0)
+    w0, w1, w2, w3, p1, p2, p3 = _kept_tile_lists(keep, KEEP_WIDTH)
+    STEPS: tl.constexpr = TILE_N // BLOCK_K  # K steps per token tile
+    offs_v = (v0 + tl.arange(0, BLOCK_V)).to(tl.int64)
+    offs_d = d0 + tl.arange(0, BLOCK_D)
+    offs_k = tl.arange(0, BLOCK_K)
+    mask_v = offs_v < v_count
+    mask_d = offs_d < D
+    acc = tl.zeros((BLOCK_V, BLOCK_D), tl.float32)
+    for i in range(num_kept * STEPS):
+        token_tile = _kept_tile(i // STEPS, w0, w1, w2, w3, p1, p2, p3)
+        k0 = token_tile * TILE_N + (i % STEPS) * BLOCK_K  # token of the window
+        if TMA:  # zero outside the buffer's n_count rows and v_count columns (and E's rows): no masks
+            a = Dz_desc.load([k0, v0])
+            b = E_desc.load([k0, d0])
+        else:
+            ks = (k0 + offs_k).to(tl.int64)
+            mask_k = ks < n_count
+            a = tl.load(Dz + ks[:, None] * stride_dzn + offs_v[None, :], mask=mask_k[:, None] & mask_v[None, :],
+                        other=0.0)
+            b = tl.load(E + ks[:, None] * stride_en + offs_d[None, :], mask=mask_k[:, None] & mask_d[None, :],
+                        other=0.0)
+        acc = dot(tl.trans(a), b, acc, DOT_PRECISION, UPCAST)
+    # the skipped tiles' stand-ins: [BLOCK_V, KEEP_WIDTH] @ [KEEP_WIDTH, BLOCK_D], float32 (tf32 dots on
+    # the GPU for 16-bit inputs: the correction is itself an estimate)
+    sums = tl.load(ColSums + slots[None, :].to(tl.int64) * stride_sn + offs_v[:, None],
+                   mask=in_window[None, :] & mask_v[:, None], other=0.0)
+    means = tl.load(TileMeans + slots[:, None].to(tl.int64) * stride_mn + offs_d[None, :],
+                    mask=in_window[:, None] & mask_d[None, :], other=0.0)
+    acc = dot(sums, means, acc, DOT_PRECISION, False)
+    dc_ptrs = dC + offs_v[:, None] * stride_dcv + offs_d[None, :]
+    mask = mask_v[:, None] & mask_d[None, :]
+    if ACCUMULATE:
+        acc += tl.load(dc_ptrs, mask=mask, other=0.0).to(tl.float32)
+    tl.store(dc_ptrs, acc.to(dC.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -517,7 +636,7 @@ def lce_backward(
     *,
     config: TileConfig | None = None,
     filter_eps: float = FILTER_EPS,
-    filter_dc: bool = False,
+    dc_filter: str | None = None,
     vocab_order: bool | Tensor | None = None,
     window_bytes: int = WINDOW_BYTES,
     tile_counts: Tensor | None = None,
@@ -527,8 +646,10 @@ def lce_backward(
     """Gradients of sum(grad_loss * loss + grad_lse * lse) w.r.t. e, c, bias (None where not needed);
     semantics of reference.chunked_backward, plus filtering when ``filter_grad``.
 
-    ``filter_dc``: the filter also skips the dC GEMM (no relative bound on dC; see the module
-    docstring). ``vocab_order``: None = ``DEFAULT_ORDER`` when filtering, True/False to force, or
+    ``dc_filter``: what the filter does to dC (``DC_FILTERS``; None: ``DC_FILTER`` in the buffered
+    path, "exact" in the atomic one): "corrected" (buffered path only) skips a tile's dC GEMM and adds
+    its rank-1 stand-in, "dropped" (atomic path only; no relative bound on dC) skips it, "exact" never
+    does. ``vocab_order``: None = ``DEFAULT_ORDER`` when filtering, True/False to force, or
     an explicit (V,) permutation of the vocabulary. ``tile_counts``: optional int32 (2,) tensor
     that receives [tiles computed, tiles filtered] (added to its contents). ``buffered``: None =
     the buffered path where ``buffered_path_applies`` (exact 16-bit), True/False to force it (for
@@ -559,6 +680,9 @@ def lce_backward(
     else:
         order = None
 
+    if dc_filter is not None and dc_filter not in DC_FILTERS:
+        raise ValueError(f"dc_filter must be one of {DC_FILTERS} or None, got {dc_filter!r}")
+    dropped_dc = bool(filter_grad) and dc_filter == "dropped"
     f32 = torch.float32
     dummy = lse  # stands in for absent pointers
     if tile_counts is not None and (tile_counts.dtype != torch.int32 or tile_counts.numel() < 2):
@@ -582,25 +706,33 @@ def lce_backward(
             HAS_ORDER=order is not None, DC_ROW_BY_ID=dc_by_id, FILTER=bool(filter_grad),
             COUNT_TILES=tile_counts is not None and do_e, NEEDS_E=do_e, NEEDS_C=do_c,
             NEEDS_BIAS=do_bias, EVEN_D=dim % tile.block_d == 0, DOT_PRECISION=dot_precision(e.dtype),
-            UPCAST=dot_upcast(e), FILTER_DC=bool(filter_grad and filter_dc),
+            UPCAST=dot_upcast(e), FILTER_DC=dropped_dc,
             num_warps=tile.num_warps, num_stages=tile.num_stages,
         )
 
     filter_tau = filter_eps / vocab  # allotment per vocabulary entry
     dbias = torch.zeros(vocab, dtype=f32, device=device) if needs_bias else None
     if buffered is None:
-        buffered = buffered_path_applies(e, order, filter_grad and filter_dc) and (needs_e or needs_c)
-    elif buffered and (order is not None or (filter_grad and filter_dc)):
-        raise ValueError("the buffered path walks the vocabulary in id order and never filters dC: "
-                         "buffered=True needs no vocab_order and filter_dc=False")
+        buffered = buffered_path_applies(e, order, dropped_dc) and (needs_e or needs_c)
+    elif buffered and (order is not None or dropped_dc):
+        raise ValueError("the buffered path walks the vocabulary in id order and never drops dC without its "
+                         "stand-in: buffered=True needs no vocab_order and dc_filter other than 'dropped'")
+    if not buffered and filter_grad and dc_filter == "corrected":
+        raise ValueError("dc_filter='corrected' runs in the buffered path only (16-bit inputs, no vocab_order, "
+                         "a torch with a mixed-precision addmm)")
     if buffered:
         cfg = buffered_config(e)
         c_desc = tma_descriptor(c, [cfg.block_v, cfg.block_d], cfg)  # one per call: C is the same
         sms = sm_count(device)
-        filtered = bool(filter_grad) and needs_e  # the filter skips dE's GEMM only
-        de_cfg = filtered_de_config(e)
+        filter_de = bool(filter_grad) and needs_e
+        filter_dc = bool(filter_grad) and needs_c and (dc_filter or DC_FILTER) == "corrected"
+        de_cfg, dc_cfg = filtered_de_config(e), filtered_dc_config(e)
         assert de_cfg.block_n == cfg.block_n, "the dE GEMM's token tiles are the dz kernel's (one keep flag each)"
-        c_desc_de = tma_descriptor(c, [de_cfg.block_v, de_cfg.block_d], de_cfg) if filtered else None
+        assert cfg.block_v % dc_cfg.block_v == 0 and cfg.block_n % dc_cfg.block_n == 0, \
+            "the dC GEMM's tiles split the dz kernel's (one keep flag each)"
+        c_desc_de = tma_descriptor(c, [de_cfg.block_v, de_cfg.block_d], de_cfg) if filter_de else None
+        # every consumer of the buffer skips what the filter skips: the dz kernel need not store it
+        store_kept_only = bool(filter_grad) and (filter_dc or not needs_c)
         # The tile loop is flattened except under a softcap. Measured (H100, triton 3.6, bf16, LM-like
         # 8192 x 2304 x 256000, backward; benchmarks/softcap_cost.py): no softcap 49.7 ms flattened,
         # 52.3 ms not; softcap 30: 71.3 ms flattened, 56.4 ms not, 59.5 ms with pointer loads.
@@ -621,16 +753,22 @@ def lce_backward(
             e_w, targets_w, lse_w, grad_loss_w, grad_lse_w = (
                 e[rows], targets[rows], lse[rows], grad_loss[rows], grad_lse[rows])
             e_desc = tma_descriptor(e_w, [cfg.block_n, cfg.block_d], cfg)
-            dz_descs, keeps = {}, {}
+            e_desc_dc = tma_descriptor(e_w, [dc_cfg.block_n, dc_cfg.block_d], dc_cfg) if filter_dc else None
+            tiles_n = triton.cdiv(n_count, cfg.block_n)
+            tile_means = _tile_means(e_w, cfg.block_n) if filter_dc else None
+            dz_descs, keeps, col_sums = {}, {}, {}
 
             def launch(v_begin, v_count, dz_buf):
                 key = (dz_buf.data_ptr(), v_count)
                 if key not in dz_descs:
                     dz_descs[key] = (tma_descriptor(dz_buf, [cfg.block_n, cfg.block_v], cfg),
                                      tma_descriptor(dz_buf, [de_cfg.block_n, de_cfg.block_v], de_cfg)
-                                     if filtered else None)
-                    keeps[v_count] = torch.empty(triton.cdiv(n_count, cfg.block_n) * triton.cdiv(v_count, cfg.block_v),
-                                                 dtype=torch.int8, device=device) if filtered else dummy
+                                     if filter_de else None,
+                                     tma_descriptor(dz_buf, [dc_cfg.block_n, dc_cfg.block_v], dc_cfg)
+                                     if filter_dc else None)
+                    keeps[v_count] = torch.empty(tiles_n * triton.cdiv(v_count, cfg.block_v), dtype=torch.int8,
+                                                 device=device) if filter_grad else dummy
+                    col_sums[v_count] = torch.empty(tiles_n, v_count, dtype=f32, device=device) if filter_dc else dummy
                 dz_desc = dz_descs[key][0]
                 tma = e_desc is not None and c_desc is not None and dz_desc is not None
                 tiles = triton.cdiv(n_count, cfg.block_n) * triton.cdiv(v_count, cfg.block_v)
@@ -638,12 +776,13 @@ def lce_backward(
                 _dz_kernel[(programs,)](
                     e_w, c, e_desc if tma else e_w, c_desc if tma else c, bias, targets_w, lse_w,
                     grad_loss_w, grad_lse_w, dbias if needs_bias else dummy, dz_buf, dz_desc if tma else dz_buf,
-                    keeps[v_count], tile_counts if tile_counts is not None else dummy,
+                    keeps[v_count], col_sums[v_count], tile_counts if tile_counts is not None else dummy,
                     n_count, vocab, dim, v_begin, v_count, programs,
-                    e.stride(0), c.stride(0), dz_buf.stride(0),
+                    e.stride(0), c.stride(0), dz_buf.stride(0), v_count,
                     ignore_index, float(softcap), 1.0 - label_smoothing, label_smoothing / vocab, filter_tau,
-                    TMA=tma, FLATTEN=tma and HAS_FLATTEN and softcap == 0.0, FILTER=filtered,
-                    COUNT_TILES=tile_counts is not None and filtered, **constants,
+                    TMA=tma, FLATTEN=tma and HAS_FLATTEN and softcap == 0.0, FILTER=bool(filter_grad),
+                    FILTER_DC=filter_dc, STORE_KEPT_ONLY=store_kept_only,
+                    COUNT_TILES=tile_counts is not None and bool(filter_grad), **constants,
                 )
 
             def add_de(acc_window, v_begin, v_count, dz_buf):
@@ -664,10 +803,28 @@ def lce_backward(
                     num_warps=de_cfg.num_warps, num_stages=de_cfg.num_stages,
                 )
 
-            return launch, (add_de if filtered else None)
+            def add_dc(dc_chunk, v_count, dz_buf, accumulate):
+                """dc_chunk (+)= dz_buf^T @ E[window] over the tiles the filter kept, plus the skipped
+                tiles' stand-ins (the 16-bit dC rows of the chunk; accumulate: after the first window)."""
+                dz_desc = dz_descs[(dz_buf.data_ptr(), v_count)][2]
+                tma = dz_desc is not None and e_desc_dc is not None
+                tiles = triton.cdiv(v_count, dc_cfg.block_v) * triton.cdiv(dim, dc_cfg.block_d)
+                # the kernel's lists hold 64 token tiles (buffered_shape keeps to it; a patched shape might not)
+                assert tiles_n <= MAX_WINDOW_TILES, "window longer than the dC GEMM's lists"
+                _filtered_dc_kernel[(min(tiles, sms),)](
+                    dz_buf, e_w, dz_desc if tma else dz_buf, e_desc_dc if tma else e_w, keeps[v_count],
+                    col_sums[v_count], tile_means, dc_chunk, n_count, dim, v_count, min(tiles, sms),
+                    dz_buf.stride(0), e_w.stride(0), v_count, dim, dc_chunk.stride(0),
+                    BLOCK_V=dc_cfg.block_v, BLOCK_D=dc_cfg.block_d, BLOCK_K=dc_cfg.block_n, TILE_N=cfg.block_n,
+                    TILE_V=cfg.block_v, KEEP_WIDTH=max(16, triton.next_power_of_2(tiles_n)),
+                    ACCUMULATE=bool(accumulate), TMA=tma, DOT_PRECISION=dot_precision(e.dtype), UPCAST=dot_upcast(e),
+                    FLATTEN=tma and HAS_FLATTEN, num_warps=dc_cfg.num_warps, num_stages=dc_cfg.num_stages,
+                )
+
+            return launch, (add_de if filter_de else None), (add_dc if filter_dc else None)
 
         de, dc = _buffered_backward(window_launcher, e, c, num_tokens, dim, vocab, needs_e, needs_c, buffer_bytes,
-                                    filtered)
+                                    filter_de, filter_dc)
     else:
         de, dc = _atomic_backward(launch, e, c, num_tokens, dim, vocab, order, tile, needs_e, needs_c,
                                   needs_bias, window_bytes)
@@ -780,14 +937,17 @@ def buffered_path_applies(e: Tensor, order, filter_dc: bool = False) -> bool:
 def buffered_shape(num_tokens: int, dim: int, vocab: int, element_size: int, buffer_bytes: int,
                    block_n: int, block_v: int, sms: int | None = None,
                    max_chunk_tiles: int | None = MAX_CHUNK_TILES, de_d_tiles: int = 0,
-                   chunk_v: int = CHUNK_V) -> tuple[int, int]:
+                   chunk_v: int = CHUNK_V, max_window_tiles: int | None = None,
+                   dc_v_tiles: int = 0) -> tuple[int, int]:
     """(tokens per window, vocabulary entries per chunk) for the buffered path, windows in whole
     tiles. Buffer rows*cols*element_size + accumulator 4*rows*dim stay within buffer_bytes, unless
     one tile of each is already more. Chunks are ``chunk_v`` entries (all of V when smaller) or, with
     ``sms``, wider where the budget allows; never more than ``max_chunk_tiles`` vocab tiles (the
     filtered dE GEMM's lists of kept tiles; None: no limit, the exact path). ``de_d_tiles``:
     the filtered dE GEMM's output tiles per token tile (its tiles across D), launched once per
-    chunk like the dz kernel; their waves count with the dz kernel's (0: dE by cuBLAS).
+    chunk like the dz kernel; their waves count with the dz kernel's (0: dE by cuBLAS). ``dc_v_tiles``:
+    the filtered dC GEMM's output tiles per vocab tile, likewise (0: dC by cuBLAS); with it, windows
+    of at most ``max_window_tiles`` token tiles (its lists of kept tiles; None: no limit).
 
     ``sms`` None: ``chunk_v``-wide chunks, windows as few as the budget allows, evenly sized.
     ``sms`` given (the dz kernel's programs): the window within the budget at ``chunk_v``-wide chunks
@@ -807,6 +967,8 @@ def buffered_shape(num_tokens: int, dim: int, vocab: int, element_size: int, buf
     base = min(vocab, chunk_v, tile_cap * block_v)
     per_token = element_size * buffer_row_stride(base) + 4 * dim
     fit = max(block_n, buffer_bytes // per_token // block_n * block_n)
+    if max_window_tiles is not None:
+        fit = min(fit, max_window_tiles * block_n)
     if sms is None:
         windows = -(-num_tokens // fit)
         rows = -(-num_tokens // windows)
@@ -816,7 +978,7 @@ def buffered_shape(num_tokens: int, dim: int, vocab: int, element_size: int, buf
     def launch_waves(width, chunk_tiles):  # one chunk of a window of `width` token tiles
         if width == 0 or chunk_tiles == 0:
             return 0
-        return -(-width * chunk_tiles // sms) + -(-width * de_d_tiles // sms)
+        return -(-width * chunk_tiles // sms) + -(-width * de_d_tiles // sms) + -(-chunk_tiles * dc_v_tiles // sms)
 
     def waves(window_tiles, chunk_tiles):  # over the whole call
         def per_window(width):
@@ -845,19 +1007,39 @@ def buffered_shape(num_tokens: int, dim: int, vocab: int, element_size: int, buf
     return rows, min(chunk_tiles * block_v, vocab)
 
 
-def buffered_window(e: Tensor, vocab: int, buffer_bytes: int = BUFFER_BYTES, filtered: bool = False) -> tuple[int, int]:
+def buffered_window(e: Tensor, vocab: int, buffer_bytes: int = BUFFER_BYTES, filtered: bool = False,
+                    filtered_dc: bool = False) -> tuple[int, int]:
     """(tokens per window, vocabulary entries per chunk) as the buffered path chooses them for
     (N, D) = e.shape, its dtype and device, exact or ``filtered`` (``buffered_shape``; windows and
     chunks fit to the device's SMs where WAVE_ALIGNED_WINDOWS; the filtered path's chunks hold at
-    most MAX_CHUNK_TILES vocab tiles, and its dE GEMM's launches count)."""
+    most MAX_CHUNK_TILES vocab tiles, and its dE GEMM's launches count; ``filtered_dc``: its dC GEMM's
+    too, and windows hold at most MAX_WINDOW_TILES token tiles)."""
     cfg = buffered_config(e)
     if filtered:
         de_d_tiles = triton.cdiv(e.shape[1], filtered_de_config(e).block_d)
         shape_options = dict(max_chunk_tiles=MAX_CHUNK_TILES, de_d_tiles=de_d_tiles)
+        if filtered_dc:
+            dc_cfg = filtered_dc_config(e)
+            shape_options.update(max_window_tiles=MAX_WINDOW_TILES,
+                                 dc_v_tiles=cfg.block_v // dc_cfg.block_v * triton.cdiv(e.shape[1], dc_cfg.block_d))
     else:
         shape_options = dict(max_chunk_tiles=None)
     return buffered_shape(e.shape[0], e.shape[1], vocab, e.element_size(), buffer_bytes, cfg.block_n, cfg.block_v,
                           sms=sm_count(e.device) if WAVE_ALIGNED_WINDOWS else None, chunk_v=CHUNK_V, **shape_options)
+
+
+def _tile_means(e_window: Tensor, block_n: int) -> Tensor:
+    """The float32 mean of each block_n rows of e_window (the last block: of its rows), (tiles, D):
+    the filtered dC's stand-in for a skipped tile multiplies its column sums of dz by these. Reduced
+    in float32 from the 16-bit rows (no float32 copy of the window)."""
+    n, dim = e_window.shape
+    full = n // block_n
+    means = torch.empty(-(-n // block_n), dim, dtype=torch.float32, device=e_window.device)
+    if full:
+        torch.mean(e_window[: full * block_n].view(full, block_n, dim), dim=1, dtype=torch.float32, out=means[:full])
+    if full * block_n < n:
+        torch.mean(e_window[full * block_n :], dim=0, dtype=torch.float32, out=means[full])
+    return means
 
 
 def buffer_row_stride(cols: int) -> int:
@@ -875,7 +1057,8 @@ def _add_product(acc: Tensor, a: Tensor, b: Tensor) -> None:
         acc.addmm_(a.float(), b.float())
 
 
-def _buffered_backward(window_launcher, e, c, num_tokens, dim, vocab, needs_e, needs_c, buffer_bytes, filtered):
+def _buffered_backward(window_launcher, e, c, num_tokens, dim, vocab, needs_e, needs_c, buffer_bytes, filter_de,
+                       filter_dc):
     """Exact 16-bit gradients with GEMMs by cuBLAS, in bounded memory. For each window of tokens
     (outer) and chunk of the vocabulary (inner), the recompute kernel writes dz (the input dtype) into
     one buffer, then
@@ -889,7 +1072,7 @@ def _buffered_backward(window_launcher, e, c, num_tokens, dim, vocab, needs_e, n
     default budget). ``window_launcher(n_begin, n_count)`` returns the window's dz launcher
     ``launch(v_begin, v_count, dz)``. The views of each chunk are made once per call, not per
     iteration (host time; see window_launcher). Returns (dE or None, dC or None) in the input dtype."""
-    rows, cols = buffered_window(e, vocab, buffer_bytes, filtered)
+    rows, cols = buffered_window(e, vocab, buffer_bytes, filter_de or filter_dc, filter_dc)
     ld = buffer_row_stride(cols)
     buf = torch.empty(rows * ld, dtype=e.dtype, device=e.device)
     dc = torch.empty(vocab, dim, dtype=c.dtype, device=c.device) if needs_c else None
@@ -902,7 +1085,7 @@ def _buffered_backward(window_launcher, e, c, num_tokens, dim, vocab, needs_e, n
         n_count = min(rows, num_tokens - n_begin)
         e_window = e[n_begin : n_begin + n_count]
         acc_window = acc[:n_count].zero_() if needs_e else None
-        launch, add_filtered_de = window_launcher(n_begin, n_count)
+        launch, add_filtered_de, add_filtered_dc = window_launcher(n_begin, n_count)
         window_buf = buf[: n_count * ld].view(n_count, ld)
         widths = {v_count for _, v_count in chunks}  # one or two: the full chunk and the last
         dz_views = {v_count: (window_buf[:, :v_count], window_buf[:, :v_count].T) for v_count in widths}
@@ -913,7 +1096,9 @@ def _buffered_backward(window_launcher, e, c, num_tokens, dim, vocab, needs_e, n
                 add_filtered_de(acc_window, v_begin, v_count, dz)
             elif needs_e:
                 _add_product(acc_window, dz, c_chunks[i])
-            if needs_c:
+            if needs_c and add_filtered_dc is not None:
+                add_filtered_dc(dc_chunks[i], v_count, dz, n_begin > 0)
+            elif needs_c:
                 if n_begin == 0:
                     torch.mm(dz_t, e_window, out=dc_chunks[i])
                 else:
@@ -922,7 +1107,7 @@ def _buffered_backward(window_launcher, e, c, num_tokens, dim, vocab, needs_e, n
             if n_begin + n_count == num_tokens:
                 # the last window: the buffer (held by its views and the launcher's descriptors) is
                 # free before dE takes its own memory
-                del dz, dz_t, dz_views, window_buf, buf, launch, add_filtered_de
+                del dz, dz_t, dz_views, window_buf, buf, launch, add_filtered_de, add_filtered_dc
             if de is None:
                 de = torch.empty(num_tokens, dim, dtype=e.dtype, device=e.device)
             de[n_begin : n_begin + n_count].copy_(acc_window)

@@ -99,6 +99,18 @@ def filtered_de_config(e: Tensor) -> TileConfig:
     return _GPU_FILTERED_DE_16
 
 
+# The filtered buffered backward's dC GEMM (dz^T @ E over the kept token tiles, plus the skipped tiles'
+# rank-1 stand-ins): block_v vocabulary rows (half the dz kernel's vocab tile) x block_d columns of D
+# per output tile, block_n tokens per K step; the dE GEMM's shape, transposed. Not tuned yet.
+_GPU_FILTERED_DC_16 = TileConfig(block_n=64, block_v=128, block_d=256, num_warps=8, num_stages=3, tma=True)
+
+
+def filtered_dc_config(e: Tensor) -> TileConfig:
+    if e.device.type != "cuda":
+        return _INTERPRETER
+    return _GPU_FILTERED_DC_16
+
+
 def backward_config(e: Tensor) -> TileConfig:
     if e.device.type != "cuda":
         return _INTERPRETER

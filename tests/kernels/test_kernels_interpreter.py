@@ -6,6 +6,7 @@ with a masked edge. Launcher-level tests cover what the op does not reach: the d
 orderings, strided rows, out-of-range targets, gradient subsets and the filter's bound.
 """
 
+import dataclasses
 import math
 import os
 from unittest import mock
@@ -216,7 +217,8 @@ def test_filtered_buffered_path_drops_what_the_atomic_filter_drops(needs, v, chu
     windows of tokens x ragged chunks of the vocabulary (4 of 48 entries; or 1024 + 44, the first
     holding MAX_CHUNK_TILES = 64 tiles, so that all four lists of kept tiles are in use): the same
     tiles are skipped as by the atomic kernel (the interpreter's tiles are the same for both), the
-    dropped part of dE (filtered - exact) is the same, and dC and dbias are not filtered. float32
+    dropped part of dE (filtered - exact) is the same, and dC (dc_filter="exact") and dbias are not
+    filtered (test_corrected_dc_filter_matches_the_reference covers the filtered dC). float32
     inputs forced through the buffered path, so that both paths agree to float32 rounding -- both
     with the masked dz epilogue, which the atomic kernel always runs: the lean one's exp2 of
     z log2(e) - lse log2(e) rounds at ~|lse| * 2^-24, and at these logits (|lse| up to ~120) that
@@ -235,7 +237,8 @@ def test_filtered_buffered_path_drops_what_the_atomic_filter_drops(needs, v, chu
     counts = {path: torch.zeros(2, dtype=torch.int32) for path in ("buffered", "atomic")}
     budget = 4 * 16 * (min(chunk, 64 * 16) + 45)  # windows of 16 tokens
     with mock.patch.object(backward, "CHUNK_V", chunk), mock.patch.object(backward, "LEAN_DZ_EPILOGUE", False):
-        buffered = lce_backward(*args, True, *needs, buffered=True, buffer_bytes=budget, tile_counts=counts["buffered"])
+        buffered = lce_backward(*args, True, *needs, buffered=True, buffer_bytes=budget, tile_counts=counts["buffered"],
+                                dc_filter="exact")
         exact = lce_backward(*args, False, *needs, buffered=True, buffer_bytes=budget)
     atomic = lce_backward(*args, True, *needs, buffered=False, tile_counts=counts["atomic"])
     assert counts["buffered"].tolist() == counts["atomic"].tolist()
@@ -247,6 +250,63 @@ def test_filtered_buffered_path_drops_what_the_atomic_filter_drops(needs, v, chu
         if got is not None:
             assert _rel(got, want) < 1e-5
 
+
+_DC_GEMM_SPLIT = dict(block_n=8, block_v=8)  # dC GEMM tiles: 2 K steps per token tile, 2 row blocks per vocab tile
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["float32_pointers", "fp16_tma"])
+@pytest.mark.parametrize("dc_tiles", ["dz_tiles", "split"])
+def test_corrected_dc_filter_matches_the_reference(dtype, dc_tiles):
+    """The buffered path's filtered dC (dc_filter="corrected", the default there) against
+    reference.filtered_backward: the dz kernel flags tiles and writes a skipped tile's column sums
+    (and leaves its dz unstored), the dC GEMM runs over the kept token tiles of each vocab tile and adds
+    colsum^T @ (mean of the tile's rows of E) for the skipped ones. Peaked softmax, a bias, an
+    ignored token, 40 tokens (a partial last token tile: its mean is over its 8 rows) in 3 windows x
+    ragged chunks; "split": the dC GEMM's tiles half the dz kernel's in both directions. The same
+    tiles are skipped as by the reference. float32 (pointer loads, masked dz epilogue): what filtering
+    changes (filtered - exact kernel) is what it changes in float64 (filtered - exact reference), to
+    1e-4 of it -- the kernels' float32 logits alone put the exact gradients ~6e-5 off float64 at these
+    logits (std 30), which a direct comparison would mostly measure. float16 (D = 48: TMA loads of E
+    and dz; the lean epilogue): the filtered gradients within 1.5x (the accuracy bar's factor) of the
+    exact kernel's distance from float64, from the float64 filtered ones (a missing stand-in would be
+    ~3x off here). Not bf16: the interpreter's float32 -> bf16 casts truncate (the GPU's round to
+    nearest), which would put the Triton-written dC ~1.5x further off than the exact path's torch GEMM."""
+    from cce_inductor.kernels import backward, common
+
+    n, v = 40, 160
+    d = 45 if dtype == torch.float32 else 48
+    e, c, b, y = _inputs(n=n, d=d, v=v, scale=30.0, bias=True, dtype=dtype)
+    y = (e.float() @ c.float().T + b.float()).argmax(1)
+    y[3] = -100
+    _, lse = lce_forward(e, c, b, y, -100, 0.0, 0.0)
+    gen = torch.Generator().manual_seed(5)
+    gl, gs = torch.rand(n, generator=gen), torch.rand(n, generator=gen) * 0.1
+    args = (e, c, b, y, lse, gl, gs, -100, 0.0, 0.0)
+    counts = torch.zeros(2, dtype=torch.int32)
+    dc_cfg = common._INTERPRETER if dc_tiles == "dz_tiles" else dataclasses.replace(common._INTERPRETER, **_DC_GEMM_SPLIT)
+    budget = e.element_size() * 16 * 48 + 4 * 16 * d  # windows of 16 tokens, chunks of 48
+    with mock.patch.object(backward, "CHUNK_V", 48), mock.patch.object(backward, "LEAN_DZ_EPILOGUE", dtype != torch.float32), \
+            mock.patch.object(backward, "filtered_dc_config", lambda e: dc_cfg):
+        assert backward.buffered_window(e, v, budget, True, True) == (16, 48)
+        assert (common.tma_descriptor(e, [16, 16], dc_cfg) is None) == (dtype == torch.float32)
+        filtered = lce_backward(*args, True, True, True, True, buffered=True, buffer_bytes=budget, tile_counts=counts)
+        exact = lce_backward(*args, False, True, True, True, buffered=True, buffer_bytes=budget)
+
+    def reference_grads(eps, dc_filter):
+        f64 = lambda t: t.double()  # noqa: E731
+        return reference.filtered_backward(f64(e), f64(c), f64(b), y, lse.double(), gl.double(), gs.double(), -100,
+                                           0.0, 0.0, eps, 16, 16, dc_filter)
+
+    want, want_exact = reference_grads(kernels.FILTER_EPS, "corrected"), reference_grads(0.0, "exact")
+    keep = want[3]
+    assert counts.tolist() == [int(keep.sum()), int((~keep).sum())] and 0 < counts[1] < keep.numel()
+    for got, got_exact, ref, ref_exact in zip(filtered[:2], exact[:2], want[:2], want_exact[:2]):
+        assert got.dtype == dtype
+        if dtype == torch.float32:
+            assert _rel(got - got_exact, ref - ref_exact) < 1e-4
+        else:
+            assert _rel(got, ref) <= 1.5 * _rel(got_exact, ref_exact)  # the accuracy bar's factor
+    assert _rel(filtered[2], exact[2]) < 1e-6  # dbias: never filtered
 
 def test_filtered_path_refuses_a_chunk_wider_than_its_lists():
     """The filtered dE GEMM lists at most MAX_CHUNK_TILES = 64 kept tiles per token tile; a chunk of 65
@@ -262,7 +322,8 @@ def test_filtered_path_refuses_a_chunk_wider_than_its_lists():
 
 def test_bf16_filter_takes_the_buffered_path():
     """bf16 filtering goes through the buffered path by default (TMA descriptors in the interpreter,
-    as on Hopper) and skips the tiles the atomic kernel skips."""
+    as on Hopper) and skips the tiles the atomic kernel skips; its dC is the corrected one (the
+    atomic path's default dC is exact; they differ by 2.5e-2 here)."""
     from cce_inductor.kernels import backward
 
     e, c, _, y = _inputs(n=40, v=160, dtype=torch.bfloat16, scale=30.0)
@@ -275,7 +336,9 @@ def test_bf16_filter_takes_the_buffered_path():
         buffered = lce_backward(*args, tile_counts=counts[0])
     atomic = lce_backward(*args, buffered=False, tile_counts=counts[1])
     assert counts[0].tolist() == counts[1].tolist() and counts[0][1] > 0
-    for got, want in zip(buffered[:2], atomic[:2]):
+    corrected = reference.filtered_backward(e.double(), c.double(), None, y, lse.double(), gl.double(), gs.double(),
+                                            -100, 0.0, 0.0, kernels.FILTER_EPS, 16, 16, "corrected")
+    for got, want in zip(buffered[:2], (atomic[0], corrected[1])):
         assert got.dtype == torch.bfloat16 and _rel(got, want) < 1e-2
 
 
@@ -285,7 +348,7 @@ def test_buffered_path_refuses_a_filtered_dc_and_an_order():
     gl, gs = torch.rand(37), torch.zeros(37)
     with pytest.raises(ValueError, match="buffered"):
         lce_backward(e, c, None, y, lse, gl, gs, -100, 0.0, 0.0, True, True, True, False, buffered=True,
-                     filter_dc=True)
+                     dc_filter="dropped")
     with pytest.raises(ValueError, match="buffered"):
         lce_backward(e, c, None, y, lse, gl, gs, -100, 0.0, 0.0, False, True, True, False, buffered=True,
                      vocab_order=torch.arange(101))
@@ -438,10 +501,10 @@ def test_filter_never_skips_a_uniform_softmax():
     assert counts.tolist() == [3 * 10, 0]
 
 
-@pytest.mark.parametrize("filter_dc", [False, True], ids=["de_only", "de_and_dc"])
-def test_filter_skips_peaked_tiles_within_its_bound(filter_dc):
+@pytest.mark.parametrize("dc_filter", [None, "dropped"], ids=["de_only", "de_and_dc"])
+def test_filter_skips_peaked_tiles_within_its_bound(dc_filter):
     """Peaked softmax: tiles get skipped, and per token the gradient error stays within the rule's
-    bound: |dE_i error| <= eps * w_i * max_j |C_j|; dC is exact unless filter_dc, and then
+    bound: |dE_i error| <= eps * w_i * max_j |C_j|; dC is exact (the atomic path's default) unless dropped, and then
     sum_j |dC_j error| <= eps * sum_i w_i |E_i|."""
     n, v = 40, 160
     # logits with std 30: confident and right, few tiles hold any mass (at eps = 1/8 and 16 x 16
@@ -454,7 +517,7 @@ def test_filter_skips_peaked_tiles_within_its_bound(filter_dc):
     args = (e, c, None, y, lse, gl, gs, -100, 0.0, 0.0)
     counts = torch.zeros(2, dtype=torch.int32)
     eps = kernels.FILTER_EPS
-    de_f, dc_f, _ = lce_backward(*args, True, True, True, False, tile_counts=counts, filter_dc=filter_dc)
+    de_f, dc_f, _ = lce_backward(*args, True, True, True, False, tile_counts=counts, dc_filter=dc_filter)
     de_x, dc_x, _ = lce_backward(*args, False, True, True, False)
     computed, skipped = counts.tolist()
     assert computed + skipped == 3 * 10 and skipped > 0
@@ -462,7 +525,7 @@ def test_filter_skips_peaked_tiles_within_its_bound(filter_dc):
     de_err = (de_f - de_x).norm(dim=1)
     assert de_err.max() > 0 and (de_err <= eps * w * c.norm(dim=1).max() + 1e-6).all()
     dc_err = (dc_f - dc_x).norm(dim=1).sum()
-    if filter_dc:
+    if dc_filter == "dropped":
         assert 0 < dc_err <= eps * (w * e.norm(dim=1)).sum() + 1e-6
     else:
         assert dc_err <= 1e-5 * dc_x.norm(dim=1).sum()
