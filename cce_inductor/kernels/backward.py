@@ -216,15 +216,16 @@ def _dz_kernel(
     HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_SMOOTHING: tl.constexpr,
     NEEDS_BIAS: tl.constexpr, EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     TMA: tl.constexpr, FLATTEN: tl.constexpr, FILTER: tl.constexpr, FILTER_DC: tl.constexpr,
-    STORE_KEPT_ONLY: tl.constexpr, COUNT_TILES: tl.constexpr, LEAN_DZ: tl.constexpr,
+    COUNT_TILES: tl.constexpr, LEAN_DZ: tl.constexpr,
 ):
     """The buffered path's recompute: dz of every (token tile, vocab tile) of the launch into the
     (N, v_count) buffer Dz, in the input dtype (and dbias by float32 atomics). Persistent: one
     program per SM walks the tiles, GROUP_N token tiles sweeping the vocabulary together.
     FILTER: each tile's keep flag (the filter's rule) goes to Keep[token tile, vocab tile] (int8), for
     the filtered GEMMs. FILTER_DC: a skipped tile's column sums of dz go to ColSums[token tile,
-    column] (float32; 0 for a kept tile), for the filtered dC GEMM's correction. STORE_KEPT_ONLY
-    (every consumer of the buffer filters): a skipped tile's dz is not stored."""
+    column] (float32; 0 for a kept tile), for the filtered dC GEMM's correction. A skipped tile's dz
+    is stored all the same: a store under the keep flag does not compile in the flattened tile loop
+    (triton 3.6, Hopper: TritonGPUFuseNestedLoops fails on the scf.if)."""
     num_tiles = tl.cdiv(N, BLOCK_N) * tl.cdiv(v_count, BLOCK_V)
     # The same loop twice: tl.range(flatten=...) exists only in newer triton (see forward.py).
     if FLATTEN:
@@ -233,16 +234,14 @@ def _dz_kernel(
                      ColSums, TileCounts, tile, N, V, D, v_begin, v_count, stride_en, stride_cv, stride_dzn,
                      stride_sn, ignore_index, softcap, target_weight, uniform_weight, filter_tau,
                      BLOCK_N, BLOCK_V, BLOCK_D, GROUP_N, HAS_BIAS, HAS_SOFTCAP, HAS_SMOOTHING,
-                     NEEDS_BIAS, EVEN_D, DOT_PRECISION, UPCAST, TMA, FILTER, FILTER_DC, STORE_KEPT_ONLY,
-                     COUNT_TILES, LEAN_DZ)
+                     NEEDS_BIAS, EVEN_D, DOT_PRECISION, UPCAST, TMA, FILTER, FILTER_DC, COUNT_TILES, LEAN_DZ)
     else:
         for tile in range(tl.program_id(0), num_tiles, num_programs):
             _dz_tile(E, C, E_desc, C_desc, Bias, Targets, Lse, GradLoss, GradLse, dBias, Dz, Dz_desc, Keep,
                      ColSums, TileCounts, tile, N, V, D, v_begin, v_count, stride_en, stride_cv, stride_dzn,
                      stride_sn, ignore_index, softcap, target_weight, uniform_weight, filter_tau,
                      BLOCK_N, BLOCK_V, BLOCK_D, GROUP_N, HAS_BIAS, HAS_SOFTCAP, HAS_SMOOTHING,
-                     NEEDS_BIAS, EVEN_D, DOT_PRECISION, UPCAST, TMA, FILTER, FILTER_DC, STORE_KEPT_ONLY,
-                     COUNT_TILES, LEAN_DZ)
+                     NEEDS_BIAS, EVEN_D, DOT_PRECISION, UPCAST, TMA, FILTER, FILTER_DC, COUNT_TILES, LEAN_DZ)
 
 
 @triton.jit
@@ -264,8 +263,8 @@ def _dz_tile(
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, GROUP_N: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_SMOOTHING: tl.constexpr,
     NEEDS_BIAS: tl.constexpr, EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
-    TMA: tl.constexpr, FILTER: tl.constexpr, FILTER_DC: tl.constexpr, STORE_KEPT_ONLY: tl.constexpr,
-    COUNT_TILES: tl.constexpr, LEAN_DZ: tl.constexpr,
+    TMA: tl.constexpr, FILTER: tl.constexpr, FILTER_DC: tl.constexpr, COUNT_TILES: tl.constexpr,
+    LEAN_DZ: tl.constexpr,
 ):
     pid_n, pid_v = _tile_position(tile, N, v_count, BLOCK_N, BLOCK_V, GROUP_N)
     offs_n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)  # [BLOCK_N]
@@ -284,7 +283,6 @@ def _dz_tile(
         col_sums = tl.sum(dz, axis=0)  # [BLOCK_V]; rows past N are 0
     if NEEDS_BIAS:
         tl.atomic_add(dBias + ids_v, col_sums, mask=mask_v, sem="relaxed")
-    keep = True
     if FILTER:
         keep = _filter_keep(dz, mask_v, g_p, g_loss, tl.minimum(v_count - pid_v * BLOCK_V, BLOCK_V), filter_tau)
         tl.store(Keep + pid_n * tl.cdiv(v_count, BLOCK_V) + pid_v, keep.to(tl.int8))
@@ -292,18 +290,8 @@ def _dz_tile(
             tl.atomic_add(TileCounts + tl.where(keep, 0, 1), 1, sem="relaxed")
         if FILTER_DC:
             tl.store(ColSums + pid_n * stride_sn + pos_v, tl.where(keep, 0.0, col_sums), mask=mask_v)
-    if STORE_KEPT_ONLY:
-        if keep:
-            _store_dz(dz, Dz, Dz_desc, pid_n * BLOCK_N, pid_v * BLOCK_V, offs_n, pos_v, mask_n, mask_v, stride_dzn, TMA)
-    else:
-        _store_dz(dz, Dz, Dz_desc, pid_n * BLOCK_N, pid_v * BLOCK_V, offs_n, pos_v, mask_n, mask_v, stride_dzn, TMA)
-
-
-@triton.jit
-def _store_dz(dz, Dz, Dz_desc, n0, v0, offs_n, pos_v, mask_n, mask_v, stride_dzn, TMA: tl.constexpr):
-    """A dz tile into the buffer, in its dtype."""
     if TMA:  # the descriptor clips the tile at the buffer's edges
-        Dz_desc.store([n0, v0], dz.to(Dz.dtype.element_ty))
+        Dz_desc.store([pid_n * BLOCK_N, pid_v * BLOCK_V], dz.to(Dz.dtype.element_ty))
     else:
         tl.store(Dz + offs_n[:, None] * stride_dzn + pos_v[None, :], dz.to(Dz.dtype.element_ty),
                  mask=mask_n[:, None] & mask_v[None, :])
@@ -731,8 +719,6 @@ def lce_backward(
         assert cfg.block_v % dc_cfg.block_v == 0 and cfg.block_n % dc_cfg.block_n == 0, \
             "the dC GEMM's tiles split the dz kernel's (one keep flag each)"
         c_desc_de = tma_descriptor(c, [de_cfg.block_v, de_cfg.block_d], de_cfg) if filter_de else None
-        # every consumer of the buffer skips what the filter skips: the dz kernel need not store it
-        store_kept_only = bool(filter_grad) and (filter_dc or not needs_c)
         # The tile loop is flattened except under a softcap. Measured (H100, triton 3.6, bf16, LM-like
         # 8192 x 2304 x 256000, backward; benchmarks/softcap_cost.py): no softcap 49.7 ms flattened,
         # 52.3 ms not; softcap 30: 71.3 ms flattened, 56.4 ms not, 59.5 ms with pointer loads.
@@ -781,7 +767,7 @@ def lce_backward(
                     e.stride(0), c.stride(0), dz_buf.stride(0), v_count,
                     ignore_index, float(softcap), 1.0 - label_smoothing, label_smoothing / vocab, filter_tau,
                     TMA=tma, FLATTEN=tma and HAS_FLATTEN and softcap == 0.0, FILTER=bool(filter_grad),
-                    FILTER_DC=filter_dc, STORE_KEPT_ONLY=store_kept_only,
+                    FILTER_DC=filter_dc,
                     COUNT_TILES=tile_counts is not None and bool(filter_grad), **constants,
                 )
 
