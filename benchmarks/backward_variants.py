@@ -20,8 +20,8 @@ each with its scratch. ``--configs``: the eps = 0 point for each candidate confi
 at the window and chunk that buffered_window picks for it, in interleaved rounds with the exact one.
 ``--dc-variants``: the filtered backward with dC exact (cuBLAS over the whole buffer) and corrected
 (the filtered dC GEMM with the skipped tiles' stand-ins) for each candidate config of that GEMM, in
-interleaved rounds with the exact one; then each filtered dC's error against exact mode, and the
-corrected one's kernels by time.
+interleaved rounds with the exact one; then the errors of exact mode and of both filtered dCs against
+float64 math on the same inputs, and the corrected one's kernels by time.
 (Its log in results/h200-2026-12-01g also compares two ways of listing the kept tiles, since removed.)
 Prints only; numbers worth keeping go to docs/PERF_NOTES.md."""
 
@@ -33,6 +33,7 @@ from unittest import mock
 import torch
 from triton.testing import do_bench
 
+from cce_inductor import reference
 from cce_inductor.kernels import FILTER_EPS, backward, lce_backward, lce_forward
 from cce_inductor.kernels.common import TileConfig, filtered_dc_config, filtered_de_config
 
@@ -169,15 +170,19 @@ def main(argv=None) -> None:
                 variants[label] = with_dc("corrected", cfg)
             for label, samples in interleaved_ms(variants, rounds=args.rounds).items():
                 print(f"  {label:<64} {summary(samples, gemm_ms)}", flush=True)
-            exact_grads = lce_backward(e, c, None, y, lse, g, zero, -100, 0.0, 0.0, False, True, True, False)
-            for dc_filter in ("exact", "corrected"):
+            # errors against float64 math on the same bf16 inputs (reference.chunked_backward)
+            gold = reference.chunked_backward(e.float(), c.float(), None, y, lse, g, zero, -100, 0.0, 0.0,
+                                              True, True, False)
+            for label, filter_grad, dc_filter in (("exact", False, None), ("filtered, dC exact", True, "exact"),
+                                                  ("filtered, dC corrected", True, "corrected")):
                 counts = torch.zeros(2, dtype=torch.int32, device="cuda")
-                grads = lce_backward(e, c, None, y, lse, g, zero, -100, 0.0, 0.0, True, True, True, False,
+                grads = lce_backward(e, c, None, y, lse, g, zero, -100, 0.0, 0.0, filter_grad, True, True, False,
                                      dc_filter=dc_filter, tile_counts=counts)
                 kept, skipped = counts.tolist()
-                errs = [float((a.float() - b.float()).norm() / b.float().norm()) for a, b in zip(grads[:2], exact_grads[:2])]
-                print(f"  filtered, dC {dc_filter}: s {skipped / max(1, kept + skipped):.3f}, against exact mode "
+                errs = [float((a.double() - b.double()).norm() / b.double().norm()) for a, b in zip(grads[:2], gold[:2])]
+                print(f"  {label}: s {skipped / max(1, kept + skipped):.3f}, against float64 "
                       f"dE {errs[0]:.2e} dC {errs[1]:.2e}", flush=True)
+            del gold
             print_profile(with_dc("corrected"), "filtered, dC corrected")
         if args.windows:
             with mock.patch.object(backward, "WAVE_ALIGNED_WINDOWS", False):

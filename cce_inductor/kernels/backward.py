@@ -128,7 +128,7 @@ MAX_WINDOW_TILES = 64
 # colsum(dz)^T mean(E rows), its dC GEMM a Triton kernel over the kept tiles), "exact" (dC never
 # filtered: cuBLAS over the whole buffer). The atomic path's default is "exact"; "dropped" (the
 # atomic kernel only, for measurements) drops a skipped tile's dC terms with no stand-in.
-DC_FILTER = "corrected"
+DC_FILTER = "exact"
 DC_FILTERS = ("exact", "corrected", "dropped")
 # The filtered dE GEMM as a persistent kernel with its tile loop flattened (else one program per
 # output tile). Measured (H100, bf16, LM-like, every tile kept; benchmarks/backward_variants.py):
@@ -923,17 +923,18 @@ def buffered_path_applies(e: Tensor, order, filter_dc: bool = False) -> bool:
 def buffered_shape(num_tokens: int, dim: int, vocab: int, element_size: int, buffer_bytes: int,
                    block_n: int, block_v: int, sms: int | None = None,
                    max_chunk_tiles: int | None = MAX_CHUNK_TILES, de_d_tiles: int = 0,
-                   chunk_v: int = CHUNK_V, max_window_tiles: int | None = None,
-                   dc_v_tiles: int = 0) -> tuple[int, int]:
+                   chunk_v: int = CHUNK_V, max_window_tiles: int | None = None) -> tuple[int, int]:
     """(tokens per window, vocabulary entries per chunk) for the buffered path, windows in whole
     tiles. Buffer rows*cols*element_size + accumulator 4*rows*dim stay within buffer_bytes, unless
     one tile of each is already more. Chunks are ``chunk_v`` entries (all of V when smaller) or, with
     ``sms``, wider where the budget allows; never more than ``max_chunk_tiles`` vocab tiles (the
     filtered dE GEMM's lists of kept tiles; None: no limit, the exact path). ``de_d_tiles``:
     the filtered dE GEMM's output tiles per token tile (its tiles across D), launched once per
-    chunk like the dz kernel; their waves count with the dz kernel's (0: dE by cuBLAS). ``dc_v_tiles``:
-    the filtered dC GEMM's output tiles per vocab tile, likewise (0: dC by cuBLAS); with it, windows
-    of at most ``max_window_tiles`` token tiles (its lists of kept tiles; None: no limit).
+    chunk like the dz kernel; their waves count with the dz kernel's (0: dE by cuBLAS).
+    ``max_window_tiles``: at most this many token tiles per window (the filtered dC GEMM's lists of
+    kept tiles; None: no limit). Its launches are not counted: counting them picked 3072 x 4864 at
+    8192 x 2304 x 256000, which measured 60.7 against 48.9 ms for the filtered path's 1792 x 11776
+    with dC by cuBLAS (results/h200-2026-12-01h/dc_variants_waves.log).
 
     ``sms`` None: ``chunk_v``-wide chunks, windows as few as the budget allows, evenly sized.
     ``sms`` given (the dz kernel's programs): the window within the budget at ``chunk_v``-wide chunks
@@ -964,7 +965,7 @@ def buffered_shape(num_tokens: int, dim: int, vocab: int, element_size: int, buf
     def launch_waves(width, chunk_tiles):  # one chunk of a window of `width` token tiles
         if width == 0 or chunk_tiles == 0:
             return 0
-        return -(-width * chunk_tiles // sms) + -(-width * de_d_tiles // sms) + -(-chunk_tiles * dc_v_tiles // sms)
+        return -(-width * chunk_tiles // sms) + -(-width * de_d_tiles // sms)
 
     def waves(window_tiles, chunk_tiles):  # over the whole call
         def per_window(width):
@@ -1005,9 +1006,7 @@ def buffered_window(e: Tensor, vocab: int, buffer_bytes: int = BUFFER_BYTES, fil
         de_d_tiles = triton.cdiv(e.shape[1], filtered_de_config(e).block_d)
         shape_options = dict(max_chunk_tiles=MAX_CHUNK_TILES, de_d_tiles=de_d_tiles)
         if filtered_dc:
-            dc_cfg = filtered_dc_config(e)
-            shape_options.update(max_window_tiles=MAX_WINDOW_TILES,
-                                 dc_v_tiles=cfg.block_v // dc_cfg.block_v * triton.cdiv(e.shape[1], dc_cfg.block_d))
+            shape_options.update(max_window_tiles=MAX_WINDOW_TILES)
     else:
         shape_options = dict(max_chunk_tiles=None)
     return buffered_shape(e.shape[0], e.shape[1], vocab, e.element_size(), buffer_bytes, cfg.block_n, cfg.block_v,

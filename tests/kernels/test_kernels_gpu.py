@@ -183,14 +183,14 @@ def test_filter_skips_only_where_the_softmax_allows():
 
 def test_corrected_dc_filter_matches_the_reference():
     """The filtered buffered backward (the GPU's 128 x 256 dz tiles, TMA, the Triton dE and dC GEMMs)
-    against reference.filtered_backward in float64 on the same bf16 inputs: LM-like logits scaled to
-    be peaked (a third or so of the tiles skipped), a bias, ignored tokens, N = 1000 (a partial token
+    against reference.filtered_backward in float64 on the same bf16 inputs: LM-like logits scaled by 4
+    to be peaked (a quarter of the tiles skipped in a CPU run of the reference; by 1.5: 2 of 264 here), a bias, ignored tokens, N = 1000 (a partial token
     tile) in several windows, V = 8292 in several chunks (a partial vocab tile). The tiles skipped are
     the reference's (its float64 rule against the kernel's float32 one: a borderline tile may flip);
     dE and dC within 1.5x of the exact kernel's distance from the exact float64 gradients."""
     n, d, v = 1000, 256, 8292
     lm = make_inputs("lm", n, d, v, device="cuda", seed=3)
-    e, c = (lm.e.float() * 1.5).bfloat16(), lm.c
+    e, c = (lm.e.float() * 4.0).bfloat16(), lm.c
     gen = torch.Generator(device="cuda").manual_seed(6)
     b = (torch.randn(v, device="cuda", generator=gen) * 0.1).bfloat16()
     y = lm.targets.clone()
@@ -212,7 +212,7 @@ def test_corrected_dc_filter_matches_the_reference():
     want, want_exact = reference_grads(kernels.FILTER_EPS, "corrected"), reference_grads(0.0, "exact")
     skipped, total = int((~want[3]).sum()), want[3].numel()
     print("tiles skipped: kernel", counts.tolist(), "reference", skipped, "of", total)
-    assert 0.1 * total < skipped < total and abs(int(counts[1]) - skipped) <= 2
+    assert 0.05 * total < skipped < total and abs(int(counts[1]) - skipped) <= 2
     for name, got, got_exact, ref, ref_exact in zip(("dE", "dC"), filtered, exact, want, want_exact):
         errs = _rel(got, ref), _rel(got_exact, ref_exact)
         print(name, "filtered %.2e exact %.2e" % errs)

@@ -257,7 +257,7 @@ _DC_GEMM_SPLIT = dict(block_n=8, block_v=8)  # dC GEMM tiles: 2 K steps per toke
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["float32_pointers", "fp16_tma"])
 @pytest.mark.parametrize("dc_tiles", ["dz_tiles", "split"])
 def test_corrected_dc_filter_matches_the_reference(dtype, dc_tiles):
-    """The buffered path's filtered dC (dc_filter="corrected", the default there) against
+    """The buffered path's filtered dC (dc_filter="corrected"; not the default) against
     reference.filtered_backward: the dz kernel flags tiles and writes a skipped tile's column sums
     (and leaves its dz unstored), the dC GEMM runs over the kept token tiles of each vocab tile and adds
     colsum^T @ (mean of the tile's rows of E) for the skipped ones. Peaked softmax, a bias, an
@@ -289,7 +289,8 @@ def test_corrected_dc_filter_matches_the_reference(dtype, dc_tiles):
             mock.patch.object(backward, "filtered_dc_config", lambda e: dc_cfg):
         assert backward.buffered_window(e, v, budget, True, True) == (16, 48)
         assert (common.tma_descriptor(e, [16, 16], dc_cfg) is None) == (dtype == torch.float32)
-        filtered = lce_backward(*args, True, True, True, True, buffered=True, buffer_bytes=budget, tile_counts=counts)
+        filtered = lce_backward(*args, True, True, True, True, buffered=True, buffer_bytes=budget, tile_counts=counts,
+                                dc_filter="corrected")
         exact = lce_backward(*args, False, True, True, True, buffered=True, buffer_bytes=budget)
 
     def reference_grads(eps, dc_filter):
@@ -320,10 +321,28 @@ def test_filtered_path_refuses_a_chunk_wider_than_its_lists():
         lce_backward(e, c, None, y, lse, torch.rand(16), torch.zeros(16), -100, 0.0, 0.0, True, True, True, False)
 
 
+def test_corrected_dc_filter_keeps_windows_within_its_lists():
+    """The filtered dC GEMM lists at most MAX_WINDOW_TILES = 64 kept token tiles per vocab tile:
+    buffered_shape holds windows to that where asked (8192 tokens, against more without at a small D and V), and
+    a longer window (a patched shape) is refused instead of dropping the 65th tile."""
+    from cce_inductor.kernels import backward
+
+    args = (65536, 64, 2048, 2, backward.BUFFER_BYTES, 128, 256, 132)
+    assert backward.buffered_shape(*args)[0] > 64 * 128
+    assert backward.buffered_shape(*args, max_window_tiles=backward.MAX_WINDOW_TILES)[0] <= 64 * 128
+    assert backward.buffered_shape(*args[:7], max_window_tiles=backward.MAX_WINDOW_TILES)[0] <= 64 * 128  # no sms
+    n = 65 * 16
+    e, c, _, y = _inputs(n=n, v=40, dtype=torch.bfloat16)
+    _, lse = lce_forward(e, c, None, y, -100, 0.0, 0.0)
+    with mock.patch.object(backward, "buffered_window", lambda *args, **kwargs: (n, 48)), \
+            pytest.raises(AssertionError, match="lists"):
+        lce_backward(e, c, None, y, lse, torch.rand(n), torch.zeros(n), -100, 0.0, 0.0, True, True, True, False,
+                     dc_filter="corrected")
+
 def test_bf16_filter_takes_the_buffered_path():
     """bf16 filtering goes through the buffered path by default (TMA descriptors in the interpreter,
-    as on Hopper) and skips the tiles the atomic kernel skips; its dC is the corrected one (the
-    atomic path's default dC is exact; they differ by 2.5e-2 here)."""
+    as on Hopper) and skips the tiles the atomic kernel skips; dC is exact in both by default, and
+    corrected on request (the stand-ins move it by 2.5e-2 here)."""
     from cce_inductor.kernels import backward
 
     e, c, _, y = _inputs(n=40, v=160, dtype=torch.bfloat16, scale=30.0)
@@ -336,10 +355,16 @@ def test_bf16_filter_takes_the_buffered_path():
         buffered = lce_backward(*args, tile_counts=counts[0])
     atomic = lce_backward(*args, buffered=False, tile_counts=counts[1])
     assert counts[0].tolist() == counts[1].tolist() and counts[0][1] > 0
-    corrected = reference.filtered_backward(e.double(), c.double(), None, y, lse.double(), gl.double(), gs.double(),
-                                            -100, 0.0, 0.0, kernels.FILTER_EPS, 16, 16, "corrected")
-    for got, want in zip(buffered[:2], (atomic[0], corrected[1])):
+    for got, want in zip(buffered[:2], atomic[:2]):
         assert got.dtype == torch.bfloat16 and _rel(got, want) < 1e-2
+    corrected_dc = lce_backward(*args, dc_filter="corrected")[1]
+    want = reference.filtered_backward(e.double(), c.double(), None, y, lse.double(), gl.double(), gs.double(),
+                                       -100, 0.0, 0.0, kernels.FILTER_EPS, 16, 16, "corrected")[1]
+    assert _rel(corrected_dc, want) < 1e-2 < _rel(atomic[1], want)
+    with pytest.raises(ValueError, match="buffered path only"):
+        lce_backward(*args, buffered=False, dc_filter="corrected")
+    with pytest.raises(ValueError, match="dc_filter"):
+        lce_backward(*args, dc_filter="approximate")
 
 
 def test_buffered_path_refuses_a_filtered_dc_and_an_order():
