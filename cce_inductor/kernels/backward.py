@@ -6,7 +6,9 @@ Two paths share the logit tile (``common.logit_tile``) and the gradient of the l
     dz into a bounded buffer and cuBLAS forms dE and dC from it -- the default, measured 3.23-3.35 T
     for the backward on an H200 (T = the cuBLAS logits GEMM; results/h200-2026-12-01f), 3.30-3.76 T on
     an H100 before the windows were sized to the SMs (results/h100-2026-11-23d); with the filter, a
-    Triton GEMM (``_filtered_de_kernel``) forms dE over the tiles the filter keeps;
+    Triton GEMM (``_filtered_de_kernel``) forms dE over the tiles the filter keeps, and with
+    ``dc_filter="corrected"`` another (``_filtered_dc_kernel``) forms dC over them plus a rank-1
+    stand-in for each skipped tile;
   * atomic (float32 inputs, a filtered dC, a vocabulary order, torch builds without a mixed-precision
     addmm): the kernel ``_backward_kernel`` forms dE and dC itself with float32 atomics, as described
     below -- ~10-11 T.
@@ -63,7 +65,9 @@ Gradient filtering (``filter_grad=True``; ``False`` is exact and skips nothing):
   1.35e-2 at N = 4K, 8K, 16K, 32K (the bar is ~1.45e-2). ``filter_dc=True`` keeps that mode for
   measurements. Replacing each skipped tile's dC terms by colsum(dz)^T mean(E rows) instead of
   dropping them held that error nearly flat in a float32 study (benchmarks/dc_filter_study.py:
-  3.2e-4 against 2.9e-3 dropped at 8192 x 4096 x 128256); not implemented in the kernels. eps = FILTER_EPS, chosen by measurement (see the constant).
+  3.2e-4 against 2.9e-3 dropped at 8192 x 4096 x 128256): ``dc_filter="corrected"`` in the
+  buffered path (``_filtered_dc_kernel``; opt-in, see DC_FILTER). eps = FILTER_EPS, chosen by
+  measurement (see the constant).
   Vocabulary ordering (optional, off by default: measured not to help, see DEFAULT_ORDER): the
   vocabulary can be walked in the order of descending c_j . mean(e) through an index array (C is
   not copied), so that rarely likely entries share tiles; ``vocab_order`` in ``lce_backward``.
@@ -123,11 +127,16 @@ MAX_CHUNK_TILES = 64
 # At most this many token tiles per window where dC is filtered: the filtered dC GEMM lists a vocab
 # tile's kept token tiles in the same four words (8192 tokens at 128-token tiles).
 MAX_WINDOW_TILES = 64
-# What filtering does to dC (see the module docstring), where the caller does not say: "corrected"
-# (the buffered path: a skipped tile's dC terms replaced by the rank-1 stand-in
-# colsum(dz)^T mean(E rows), its dC GEMM a Triton kernel over the kept tiles), "exact" (dC never
-# filtered: cuBLAS over the whole buffer). The atomic path's default is "exact"; "dropped" (the
-# atomic kernel only, for measurements) drops a skipped tile's dC terms with no stand-in.
+# What filtering does to dC (see the module docstring), where the caller does not say: "exact" (dC
+# never filtered: cuBLAS over the whole buffer) or "corrected" (the buffered path only: a skipped
+# tile's dC terms replaced by the rank-1 stand-in colsum(dz)^T mean(E rows), dC by a Triton GEMM over
+# the kept tiles, _filtered_dc_kernel); "dropped" (the atomic kernel only, for measurements) drops a
+# skipped tile's dC terms with no stand-in. Measured on an H200 (bf16, backward in interleaved rounds;
+# backward_variants --dc-variants, results/h200-2026-12-01h/dc_variants.log), corrected against exact
+# dC: 8192 x 4096 x 128256 LM-like (s = 0.434) 37.06 against 38.08 ms, uniform 46.86 against 43.12;
+# 8192 x 2304 x 256000 LM-like (s = 0.003) 54.27 against 48.88, uniform 54.67 against 49.42 -- its
+# Triton GEMM runs at 1.25 T where cuBLAS's runs at 1.0 T. dC against float64 math: 2.98e-3
+# corrected, 3.36e-3 exact at the first point (bf16 rounding dominates both). Hence "exact".
 DC_FILTER = "exact"
 DC_FILTERS = ("exact", "corrected", "dropped")
 # The filtered dE GEMM as a persistent kernel with its tile loop flattened (else one program per
