@@ -75,7 +75,8 @@ def main(argv=None) -> None:
     parser.add_argument("--de-variants", action="store_true",
                         help="the filtered backward with each candidate config of the dE GEMM, in rounds")
     parser.add_argument("--dc-variants", action="store_true",
-                        help="the filtered backward with dC exact (cuBLAS) and corrected (each dC GEMM config), in rounds")
+                        help="the filtered backward with dC exact (cuBLAS) and corrected (each dC GEMM config), "
+                             "in rounds")
     parser.add_argument("--rounds", type=int, default=3,
                         help="interleaved rounds of --epilogue, --buffer-shapes, --de-variants and --dc-variants")
     args = parser.parse_args(argv)
@@ -179,7 +180,8 @@ def main(argv=None) -> None:
                 grads = lce_backward(e, c, None, y, lse, g, zero, -100, 0.0, 0.0, filter_grad, True, True, False,
                                      dc_filter=dc_filter, tile_counts=counts)
                 kept, skipped = counts.tolist()
-                errs = [float((a.double() - b.double()).norm() / b.double().norm()) for a, b in zip(grads[:2], gold[:2])]
+                errs = [float((a.double() - b.double()).norm() / b.double().norm())
+                        for a, b in zip(grads[:2], gold[:2])]
                 print(f"  {label}: s {skipped / max(1, kept + skipped):.3f}, against float64 "
                       f"dE {errs[0]:.2e} dC {errs[1]:.2e}", flush=True)
             del gold

@@ -62,8 +62,8 @@ Gradient filtering (``filter_grad=True``; ``False`` is exact and skips nothing):
   terms of a rarely likely row j add up coherently while dC's norm grows more slowly, so the same
   rule bounds only sum_j |error of dC_j| <= eps * sum_i w_i |E_i|, not dC's relative error.
   Measured (LM-like, D=2304, V=256000, eps=2^-2, s=0.64): dC error vs exact 4.7e-3, 6.9e-3, 9.6e-3,
-  1.35e-2 at N = 4K, 8K, 16K, 32K (the bar is ~1.45e-2). ``filter_dc=True`` keeps that mode for
-  measurements. Replacing each skipped tile's dC terms by colsum(dz)^T mean(E rows) instead of
+  1.35e-2 at N = 4K, 8K, 16K, 32K (the bar is ~1.45e-2). ``dc_filter="dropped"`` keeps that mode
+  for measurements. Replacing each skipped tile's dC terms by colsum(dz)^T mean(E rows) instead of
   dropping them held that error nearly flat in a float32 study (benchmarks/dc_filter_study.py:
   3.2e-4 against 2.9e-3 dropped at 8192 x 4096 x 128256): ``dc_filter="corrected"`` in the
   buffered path (``_filtered_dc_kernel``; opt-in, see DC_FILTER). eps = FILTER_EPS, chosen by
@@ -418,7 +418,6 @@ def _kept_tile(j, w0, w1, w2, w3, p1, p2, p3):
     return 16 * group + ((word >> (4 * (j - start)).to(tl.int64)) & 15).to(tl.int32)
 
 
-
 @triton.jit
 def _filtered_dc_kernel(
     # data (Dz_desc, E_desc: TMA descriptors when TMA, else Dz, E again); dC: the chunk's rows of dC
@@ -443,13 +442,13 @@ def _filtered_dc_kernel(
     if FLATTEN:
         for tile in tl.range(tl.program_id(0), num_tiles, num_programs, flatten=True):
             _filtered_dc_tile(Dz, E, Dz_desc, E_desc, Keep, ColSums, TileMeans, dC, tile, n_count, D, v_count,
-                              stride_dzn, stride_en, stride_sn, stride_mn, stride_dcv, BLOCK_V, BLOCK_D, BLOCK_K, TILE_N,
-                              TILE_V, KEEP_WIDTH, ACCUMULATE, TMA, DOT_PRECISION, UPCAST)
+                              stride_dzn, stride_en, stride_sn, stride_mn, stride_dcv, BLOCK_V, BLOCK_D, BLOCK_K,
+                              TILE_N, TILE_V, KEEP_WIDTH, ACCUMULATE, TMA, DOT_PRECISION, UPCAST)
     else:
         for tile in range(tl.program_id(0), num_tiles, num_programs):
             _filtered_dc_tile(Dz, E, Dz_desc, E_desc, Keep, ColSums, TileMeans, dC, tile, n_count, D, v_count,
-                              stride_dzn, stride_en, stride_sn, stride_mn, stride_dcv, BLOCK_V, BLOCK_D, BLOCK_K, TILE_N,
-                              TILE_V, KEEP_WIDTH, ACCUMULATE, TMA, DOT_PRECISION, UPCAST)
+                              stride_dzn, stride_en, stride_sn, stride_mn, stride_dcv, BLOCK_V, BLOCK_D, BLOCK_K,
+                              TILE_N, TILE_V, KEEP_WIDTH, ACCUMULATE, TMA, DOT_PRECISION, UPCAST)
 
 
 @triton.jit
@@ -917,11 +916,12 @@ def _token_pass(launch, de, num_tokens, dim, vocab, cfg, window_bytes):
 # ----------------------------------------------------------------------------- buffered path
 
 
-def buffered_path_applies(e: Tensor, order, filter_dc: bool = False) -> bool:
-    """The buffered path serves 16-bit gradients, exact or with dE filtered: float32 inputs keep the
-    kernel's IEEE dots (cuBLAS would follow torch's TF32 setting), a vocabulary order and a filtered
-    dC need the atomic kernel, and on CUDA it needs torch's mixed-precision addmm."""
-    if e.dtype == torch.float32 or order is not None or filter_dc:
+def buffered_path_applies(e: Tensor, order, dropped_dc: bool = False) -> bool:
+    """The buffered path serves 16-bit gradients, exact or filtered (dC exact or corrected): float32
+    inputs keep the kernel's IEEE dots (cuBLAS would follow torch's TF32 setting), a vocabulary order
+    and a dropped dC (dc_filter="dropped") need the atomic kernel, and on CUDA it needs torch's
+    mixed-precision addmm."""
+    if e.dtype == torch.float32 or order is not None or dropped_dc:
         return False
     return e.device.type != "cuda" or _HAS_ADDMM_DTYPE
 
@@ -1006,16 +1006,15 @@ def buffered_shape(num_tokens: int, dim: int, vocab: int, element_size: int, buf
 def buffered_window(e: Tensor, vocab: int, buffer_bytes: int = BUFFER_BYTES, filtered: bool = False,
                     filtered_dc: bool = False) -> tuple[int, int]:
     """(tokens per window, vocabulary entries per chunk) as the buffered path chooses them for
-    (N, D) = e.shape, its dtype and device, exact or ``filtered`` (``buffered_shape``; windows and
-    chunks fit to the device's SMs where WAVE_ALIGNED_WINDOWS; the filtered path's chunks hold at
-    most MAX_CHUNK_TILES vocab tiles, and its dE GEMM's launches count; ``filtered_dc``: its dC GEMM's
-    too, and windows hold at most MAX_WINDOW_TILES token tiles)."""
+    (N, D) = e.shape, its dtype and device, exact, with dE ``filtered`` or (and) dC ``filtered_dc``
+    (``buffered_shape``; windows and chunks fit to the device's SMs where WAVE_ALIGNED_WINDOWS; a
+    filtered path's chunks hold at most MAX_CHUNK_TILES vocab tiles; the filtered dE GEMM's launches
+    count; with dC filtered, windows hold at most MAX_WINDOW_TILES token tiles)."""
     cfg = buffered_config(e)
-    if filtered:
-        de_d_tiles = triton.cdiv(e.shape[1], filtered_de_config(e).block_d)
-        shape_options = dict(max_chunk_tiles=MAX_CHUNK_TILES, de_d_tiles=de_d_tiles)
-        if filtered_dc:
-            shape_options.update(max_window_tiles=MAX_WINDOW_TILES)
+    if filtered or filtered_dc:
+        de_d_tiles = triton.cdiv(e.shape[1], filtered_de_config(e).block_d) if filtered else 0
+        shape_options = dict(max_chunk_tiles=MAX_CHUNK_TILES, de_d_tiles=de_d_tiles,
+                             max_window_tiles=MAX_WINDOW_TILES if filtered_dc else None)
     else:
         shape_options = dict(max_chunk_tiles=None)
     return buffered_shape(e.shape[0], e.shape[1], vocab, e.element_size(), buffer_bytes, cfg.block_n, cfg.block_v,
@@ -1066,7 +1065,7 @@ def _buffered_backward(window_launcher, e, c, num_tokens, dim, vocab, needs_e, n
     default budget). ``window_launcher(n_begin, n_count)`` returns the window's dz launcher
     ``launch(v_begin, v_count, dz)``. The views of each chunk are made once per call, not per
     iteration (host time; see window_launcher). Returns (dE or None, dC or None) in the input dtype."""
-    rows, cols = buffered_window(e, vocab, buffer_bytes, filter_de or filter_dc, filter_dc)
+    rows, cols = buffered_window(e, vocab, buffer_bytes, filter_de, filter_dc)
     ld = buffer_row_stride(cols)
     buf = torch.empty(rows * ld, dtype=e.dtype, device=e.device)
     dc = torch.empty(vocab, dim, dtype=c.dtype, device=c.device) if needs_c else None

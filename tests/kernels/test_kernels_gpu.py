@@ -184,10 +184,11 @@ def test_filter_skips_only_where_the_softmax_allows():
 def test_corrected_dc_filter_matches_the_reference():
     """The filtered buffered backward (the GPU's 128 x 256 dz tiles, TMA, the Triton dE and dC GEMMs)
     against reference.filtered_backward in float64 on the same bf16 inputs: LM-like logits scaled by 4
-    to be peaked (a quarter of the tiles skipped in a CPU run of the reference; by 1.5: 2 of 264 here), a bias, ignored tokens, N = 1000 (a partial token
-    tile) in several windows, V = 8292 in several chunks (a partial vocab tile). The tiles skipped are
-    the reference's (its float64 rule against the kernel's float32 one: a borderline tile may flip);
-    dE and dC within 1.5x of the exact kernel's distance from the exact float64 gradients."""
+    to be peaked (a quarter of the tiles skipped in a CPU run of the reference; scaled by 1.5, 2 of 264
+    here), a bias, ignored tokens, N = 1000 (a partial token tile) in several windows, V = 8292 in
+    several chunks (a partial vocab tile). The tiles skipped are the reference's (its float64 rule
+    against the kernel's float32 one: a borderline tile may flip); dE and dC within 1.5x of the exact
+    kernel's distance from the exact float64 gradients."""
     n, d, v = 1000, 256, 8292
     lm = make_inputs("lm", n, d, v, device="cuda", seed=3)
     e, c = (lm.e.float() * 4.0).bfloat16(), lm.c

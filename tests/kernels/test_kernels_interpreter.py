@@ -283,9 +283,12 @@ def test_corrected_dc_filter_matches_the_reference(dtype, dc_tiles):
     gl, gs = torch.rand(n, generator=gen), torch.rand(n, generator=gen) * 0.1
     args = (e, c, b, y, lse, gl, gs, -100, 0.0, 0.0)
     counts = torch.zeros(2, dtype=torch.int32)
-    dc_cfg = common._INTERPRETER if dc_tiles == "dz_tiles" else dataclasses.replace(common._INTERPRETER, **_DC_GEMM_SPLIT)
+    dc_cfg = common._INTERPRETER
+    if dc_tiles == "split":
+        dc_cfg = dataclasses.replace(common._INTERPRETER, **_DC_GEMM_SPLIT)
     budget = e.element_size() * 16 * 48 + 4 * 16 * d  # windows of 16 tokens, chunks of 48
-    with mock.patch.object(backward, "CHUNK_V", 48), mock.patch.object(backward, "LEAN_DZ_EPILOGUE", dtype != torch.float32), \
+    lean = dtype != torch.float32
+    with mock.patch.object(backward, "CHUNK_V", 48), mock.patch.object(backward, "LEAN_DZ_EPILOGUE", lean), \
             mock.patch.object(backward, "filtered_dc_config", lambda e: dc_cfg):
         assert backward.buffered_window(e, v, budget, True, True) == (16, 48)
         assert (common.tma_descriptor(e, [16, 16], dc_cfg) is None) == (dtype == torch.float32)
