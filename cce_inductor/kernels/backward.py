@@ -492,13 +492,15 @@ def _filtered_dc_tile(
             b = tl.load(E + ks[:, None] * stride_en + offs_d[None, :], mask=mask_k[:, None] & mask_d[None, :],
                         other=0.0)
         acc = dot(tl.trans(a), b, acc, DOT_PRECISION, UPCAST)
-    # the skipped tiles' stand-ins: [BLOCK_V, KEEP_WIDTH] @ [KEEP_WIDTH, BLOCK_D], float32 (tf32 dots on
-    # the GPU for 16-bit inputs: the correction is itself an estimate)
+    # the skipped tiles' stand-ins: [BLOCK_V, KEEP_WIDTH] @ [KEEP_WIDTH, BLOCK_D], both operands rounded
+    # to the inputs' dtype (as dz is for the kept tiles). In float32 (a tf32 dot) the accumulator changed
+    # MMA layout for this one dot, a 128 x 256 float32 round trip through shared memory per output tile
+    # (results/h200-2026-12-01h/ir/_filtered_dc_kernel.ttgir).
     sums = tl.load(ColSums + slots[None, :].to(tl.int64) * stride_sn + offs_v[:, None],
                    mask=in_window[None, :] & mask_v[:, None], other=0.0)
     means = tl.load(TileMeans + slots[:, None].to(tl.int64) * stride_mn + offs_d[None, :],
                     mask=in_window[:, None] & mask_d[None, :], other=0.0)
-    acc = dot(sums, means, acc, DOT_PRECISION, False)
+    acc = dot(sums.to(E.dtype.element_ty), means.to(E.dtype.element_ty), acc, DOT_PRECISION, UPCAST)
     dc_ptrs = dC + offs_v[:, None] * stride_dcv + offs_d[None, :]
     mask = mask_v[:, None] & mask_d[None, :]
     if ACCUMULATE:
