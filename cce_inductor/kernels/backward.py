@@ -495,7 +495,8 @@ def _filtered_dc_tile(
     # the skipped tiles' stand-ins: [BLOCK_V, KEEP_WIDTH] @ [KEEP_WIDTH, BLOCK_D], both operands rounded
     # to the inputs' dtype (as dz is for the kept tiles). In float32 (a tf32 dot) the accumulator changed
     # MMA layout for this one dot, a 128 x 256 float32 round trip through shared memory per output tile
-    # (results/h200-2026-12-01h/ir/_filtered_dc_kernel.ttgir).
+    # (results/h200-2026-12-01h/ir/_filtered_dc_kernel.ttgir); measured (H200, Llama LM, rounds) the
+    # same backward either way (37.00 against 37.06 ms; this kernel 9.7 against 10.9 ms a call).
     sums = tl.load(ColSums + slots[None, :].to(tl.int64) * stride_sn + offs_v[:, None],
                    mask=in_window[None, :] & mask_v[:, None], other=0.0)
     means = tl.load(TileMeans + slots[:, None].to(tl.int64) * stride_mn + offs_d[None, :],
