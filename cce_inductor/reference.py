@@ -91,6 +91,33 @@ def _vocab_chunk(num_tokens: int, vocab: int) -> int:
     return max(1, min(vocab, CHUNK_ELEMENTS // max(1, num_tokens)))
 
 
+def _token_coefficients(targets: Tensor, grad_loss: Tensor, grad_lse: Tensor, ignore_index: int, vocab: int,
+                        dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
+    """Per token, in ``dtype``: g_loss (0 where the target is ignored), g_p = g_loss + grad_lse, and
+    the target clamped into [0, V) (ignored tokens: 0)."""
+    valid = targets != ignore_index
+    g_loss = torch.where(valid, grad_loss.to(dtype), torch.zeros((), dtype=dtype, device=targets.device))
+    safe_targets = torch.where(valid, targets, torch.zeros_like(targets)).clamp(0, vocab - 1)
+    return g_loss, g_loss + grad_lse.to(dtype), safe_targets
+
+
+def _logit_grad(e_rows: Tensor, c_chunk: Tensor, b_chunk: Tensor | None, v0: int, vocab: int, softcap: float,
+                label_smoothing: float, lse: Tensor, g_loss: Tensor, g_p: Tensor, safe_targets: Tensor) -> Tensor:
+    """dz of these rows over vocabulary ids [v0, v0 + len(c_chunk)), in the compute dtype:
+    g_p * p - g_loss * ((1 - ls) * onehot(y) + ls / V), times sech^2(u / cap) under a softcap."""
+    z, dcap = _logits(e_rows, c_chunk, b_chunk, softcap)
+    g = g_p[:, None] * torch.exp(z - lse[:, None])
+    if label_smoothing:
+        g = g - g_loss[:, None] * (label_smoothing / vocab)
+    v1 = v0 + c_chunk.shape[0]
+    in_chunk = (safe_targets >= v0) & (safe_targets < v1)
+    onehot = torch.where(in_chunk, g_loss * (1.0 - label_smoothing), torch.zeros((), dtype=g.dtype, device=g.device))
+    g = g.scatter_add(1, (safe_targets - v0).clamp(0, v1 - v0 - 1)[:, None], -onehot[:, None])
+    if softcap:
+        g = g * dcap
+    return g
+
+
 def chunked_forward(
     e: Tensor,
     c: Tensor,
@@ -158,11 +185,9 @@ def chunked_backward(
     times sech^2(u / cap) under a softcap; dE = dz @ C, dC = dz^T @ E, dbias = sum_n dz."""
     num_tokens, vocab = e.shape[0], c.shape[0]
     acc = dict(dtype=_compute_dtype(e.dtype), device=e.device)
-    valid = targets != ignore_index
-    coef_loss = torch.where(valid, grad_loss.to(acc["dtype"]), torch.zeros((), **acc))
-    coef_p = coef_loss + grad_lse.to(acc["dtype"])
+    coef_loss, coef_p, safe_targets = _token_coefficients(targets, grad_loss, grad_lse, ignore_index, vocab,
+                                                          acc["dtype"])
     lse = lse.to(acc["dtype"])
-    safe_targets = torch.where(valid, targets, torch.zeros_like(targets)).clamp(0, vocab - 1)
 
     # The vocabulary is the outer loop so that each chunk of dC is finished before the next starts:
     # the accumulators are one vocab chunk of dC plus dE (N x D), never V x D.
@@ -176,16 +201,9 @@ def chunked_backward(
         dc_chunk = torch.zeros(v1 - v0, c.shape[1], **acc) if needs_c else None
         db_chunk = torch.zeros(v1 - v0, **acc) if needs_bias else None
         for n0, n1 in _chunks(num_tokens, TOKEN_CHUNK):
-            z, dcap = _logits(e[n0:n1], c_chunk, b_chunk, softcap)
-            g = coef_p[n0:n1, None] * torch.exp(z - lse[n0:n1, None])
-            if label_smoothing:
-                g = g - coef_loss[n0:n1, None] * (label_smoothing / vocab)
-            y = safe_targets[n0:n1]
-            in_chunk = (y >= v0) & (y < v1)
-            onehot = torch.where(in_chunk, coef_loss[n0:n1] * (1.0 - label_smoothing), torch.zeros((), **acc))
-            g = g.scatter_add(1, (y - v0).clamp(0, v1 - v0 - 1)[:, None], -onehot[:, None])
-            if softcap:
-                g = g * dcap
+            rows = slice(n0, n1)
+            g = _logit_grad(e[rows], c_chunk, b_chunk, v0, vocab, softcap, label_smoothing, lse[rows],
+                            coef_loss[rows], coef_p[rows], safe_targets[rows])
             if needs_e:
                 de[n0:n1] += g @ c_chunk
             if needs_c:
@@ -229,17 +247,9 @@ def filtered_backward(
     f64 = torch.float64
     num_tokens, vocab = e.shape[0], c.shape[0]
     e64, c64 = e.to(f64), c.to(f64)
-    valid = targets != ignore_index
-    g_loss = torch.where(valid, grad_loss.to(f64), torch.zeros((), dtype=f64, device=e.device))
-    g_p = g_loss + grad_lse.to(f64)
-    z, dcap = _logits(e64, c64, None if bias is None else bias.to(f64), softcap)
-    dz = g_p[:, None] * torch.exp(z - lse.to(f64)[:, None])
-    onehot = torch.zeros_like(dz)
-    safe = torch.where(valid, targets, torch.zeros_like(targets)).clamp(0, vocab - 1)
-    onehot[torch.arange(num_tokens, device=e.device), safe] = 1.0 - label_smoothing
-    dz = dz - g_loss[:, None] * (onehot + label_smoothing / vocab)
-    if softcap:
-        dz = dz * dcap
+    g_loss, g_p, safe = _token_coefficients(targets, grad_loss, grad_lse, ignore_index, vocab, f64)
+    dz = _logit_grad(e64, c64, None if bias is None else bias.to(f64), 0, vocab, softcap, label_smoothing,
+                     lse.to(f64), g_loss, g_p, safe)
 
     tiles_n, tiles_v = -(-num_tokens // tile_n), -(-vocab // tile_v)
     keep = torch.zeros(tiles_n, tiles_v, dtype=torch.bool, device=e.device)
