@@ -119,13 +119,16 @@ def backward_config(e: Tensor) -> TileConfig:
     return _GPU_BACKWARD_32 if e.dtype == torch.float32 else _GPU_BACKWARD_16
 
 
-def tma_descriptor(t: Tensor, block_shape: list[int], cfg: TileConfig):
+def tma_descriptor(t: Tensor, block_shape: list[int], cfg: TileConfig, accumulator: bool = False):
     """A host-side TMA descriptor of the 2-D tensor ``t`` (tiles of ``block_shape``, zero-filled
     outside ``t``), or None where the tiles go through pointers instead: the config does not ask for
     TMA, triton has no host descriptors, the GPU is older than Hopper, the dtype is float32 (its
-    configs use pointer loads and IEEE dots), or the alignment TMA needs (16-byte base and row
-    stride, unit last stride) does not hold -- e.g. rows of an odd length D."""
-    if not cfg.tma or TensorDescriptor is None or t.dtype == torch.float32 or t.dim() != 2 or 0 in t.shape:
+    configs use pointer loads and IEEE dots; ``accumulator``: a float32 tensor that an epilogue
+    reads and writes, which may), or the alignment TMA needs (16-byte base and row stride, unit last
+    stride) does not hold -- e.g. rows of an odd length D."""
+    if not cfg.tma or TensorDescriptor is None or t.dim() != 2 or 0 in t.shape:
+        return None
+    if t.dtype == torch.float32 and not accumulator:
         return None
     if t.device.type == "cuda" and _capability(_device_index(t.device)) < 9:
         return None
