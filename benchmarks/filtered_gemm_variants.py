@@ -9,23 +9,28 @@ in the padded buffer, E's window, C's chunk) and keep flags with a fraction ``--
 tiles kept at random (1.0: every tile, where the Triton GEMMs replace cuBLAS's one for one):
 
 * dE += dz @ C[chunk] (float32 accumulator of the window): cuBLAS's mixed-precision addmm (all the
-  work, whatever is kept) against ``_filtered_de_kernel`` with its pointer and TMA epilogues;
+  work, whatever is kept) against ``_filtered_de_kernel`` with its epilogue through pointers and
+  through TMA descriptors (``EPILOGUE_PARTS``: in two column blocks at 3 stages; whole at 2 stages);
 * dC (+)= dz^T @ E[window] (the 16-bit dC rows of the chunk): cuBLAS's addmm_ and mm against
-  ``_filtered_dc_kernel`` accumulating (the default), not accumulating (no read of the old dC), with
-  the TMA epilogue, with the old tile loaded before the K loop, both, and reading dz^T from a
-  transposed copy (K-major A: what a second, transposed store of dz by the dz kernel would buy).
+  ``_filtered_dc_kernel`` with its epilogue through pointers (accumulating, and not: no read of the
+  old dC), through a TMA descriptor whole and in two column blocks (3 and 4 stages).
+(results/h200-2026-12-01i/filtered_gemm_variants_first.log also times, at commit 3ecd967, the old dC
+tile loaded before the K loop and dz^T read K-major from a transposed copy; both since removed.)
 
 Times in interleaved rounds (benchmarks/rounds.py), as ms per call, TFLOP/s of the GEMM's full work
 (2 x rows x chunk x D, whatever is kept) and the ratio to cuBLAS's accumulating call; each variant's
-result against the default's (bit-equal expected but for cuBLAS and the transposed read's).
-``--backward``: then the filtered backward (dc_filter="corrected") with each epilogue variant's module
-constants against the defaults and the exact backward, in rounds, at both data regimes.
+result against the default's (bit-equal expected but for cuBLAS's and the non-accumulating ones).
+A variant that does not compile (e.g. out of shared memory) is reported and left out.
+``--backward``: then the filtered backward with dC by cuBLAS and with the corrected dC
+(dc_filter="corrected"), under each epilogue's module constants, against the exact backward, in
+rounds, at both data regimes.
 Prints only; numbers worth keeping go to docs/PERF_NOTES.md."""
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 from unittest import mock
 
 import torch
@@ -36,9 +41,6 @@ from cce_inductor.testing import make_inputs
 
 from .points import GOAL_SHAPES
 from .rounds import interleaved_ms
-
-EPILOGUE_CONSTANTS = ("FILTERED_DE_EPILOGUE_TMA", "FILTERED_DC_EPILOGUE_TMA", "FILTERED_DC_PREFETCH_OLD")
-
 
 def _rel(a, b) -> float:
     return float((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30))
@@ -52,7 +54,6 @@ def gemm_variants(n: int, d: int, v: int, kept: float, rounds: int) -> None:
     gen = torch.Generator(device="cuda").manual_seed(0)
     ld = backward.buffer_row_stride(cols)
     dz = (torch.randn(rows, ld, device="cuda", generator=gen) * 1e-3).to(torch.bfloat16)[:, :cols]
-    dz_t = dz.T.contiguous()
     e = e_full[:rows]
     c = torch.randn(cols, d, device="cuda", dtype=torch.bfloat16, generator=gen) / d**0.5
     tiles_n, tiles_v = -(-rows // cfg.block_n), -(-cols // cfg.block_v)
@@ -66,12 +67,12 @@ def gemm_variants(n: int, d: int, v: int, kept: float, rounds: int) -> None:
     descs = dict(
         dz_de=tma_descriptor(dz, [de_cfg.block_n, de_cfg.block_v], de_cfg),
         c_de=tma_descriptor(c, [de_cfg.block_v, de_cfg.block_d], de_cfg),
-        acc=tma_descriptor(acc, [de_cfg.block_n, de_cfg.block_d], de_cfg, accumulator=True),
         dz_dc=tma_descriptor(dz, [dc_cfg.block_n, dc_cfg.block_v], dc_cfg),
-        dz_t_dc=tma_descriptor(dz_t, [dc_cfg.block_v, dc_cfg.block_n], dc_cfg),
         e_dc=tma_descriptor(e, [dc_cfg.block_n, dc_cfg.block_d], dc_cfg),
-        dc=tma_descriptor(dc, [dc_cfg.block_v, dc_cfg.block_d], dc_cfg),
     )
+    for parts in (1, 2):
+        descs[f"acc{parts}"] = backward.epilogue_descriptor(acc, de_cfg, de_cfg.block_n, parts)
+        descs[f"dc{parts}"] = backward.epilogue_descriptor(dc, dc_cfg, dc_cfg.block_v, parts)
     missing = [k for k, desc in descs.items() if desc is None]
     if missing:
         raise SystemExit(f"no TMA descriptors for {missing}: this benchmark times the Hopper path")
@@ -80,31 +81,32 @@ def gemm_variants(n: int, d: int, v: int, kept: float, rounds: int) -> None:
           f"{tiles_n} x {tiles_v} tiles; GEMMs of {flops / 1e9:.1f} GFLOP each (all of it, whatever is kept)",
           flush=True)
 
-    def de(epilogue_tma):
-        return lambda: backward.filtered_de_gemm(acc, dz, c, keep, 0, de_cfg, cfg.block_v, sms, dz_desc=descs["dz_de"],
-                                                 c_desc=descs["c_de"], acc_desc=descs["acc"],
-                                                 epilogue_tma=epilogue_tma)
+    def de(parts, stages=None):
+        tiles = de_cfg if stages is None else dataclasses.replace(de_cfg, num_stages=stages)
+        return lambda: backward.filtered_de_gemm(acc, dz, c, keep, 0, tiles, cfg.block_v, sms, dz_desc=descs["dz_de"],
+                                                 c_desc=descs["c_de"], acc_desc=descs.get(f"acc{parts}"),
+                                                 epilogue_parts=parts)
 
-    def dc_call(accumulate=True, epilogue_tma=False, prefetch_old=False, transposed=False):
+    def dc_call(parts, accumulate=True, stages=None):
+        tiles = dc_cfg if stages is None else dataclasses.replace(dc_cfg, num_stages=stages)
         return lambda: backward.filtered_dc_gemm(
-            dc, dz_t if transposed else dz, e, keep, col_sums, means, accumulate, dc_cfg, cfg.block_n, cfg.block_v,
-            sms, dz_desc=descs["dz_t_dc" if transposed else "dz_dc"], e_desc=descs["e_dc"], dc_desc=descs["dc"],
-            epilogue_tma=epilogue_tma, prefetch_old=prefetch_old, dz_transposed=transposed)
+            dc, dz, e, keep, col_sums, means, accumulate, tiles, cfg.block_n, cfg.block_v, sms,
+            dz_desc=descs["dz_dc"], e_desc=descs["e_dc"], dc_desc=descs.get(f"dc{parts}"), epilogue_parts=parts)
 
     de_variants = {
         "dE cuBLAS addmm (float32 out)": lambda: backward._add_product(acc, dz, c),
-        "dE Triton, pointer epilogue (default)": de(False),
-        "dE Triton, TMA epilogue": de(True),
+        "dE Triton, pointer epilogue (default)": de(0),
+        "dE Triton, TMA epilogue in 2 parts": de(2),
+        "dE Triton, TMA epilogue, 2 stages": de(1, stages=2),
     }
     dc_variants = {
         "dC cuBLAS addmm_ (bf16)": lambda: dc.addmm_(dz.T, e),
         "dC cuBLAS mm (bf16, no accumulate)": lambda: torch.mm(dz.T, e, out=dc),
-        "dC Triton, accumulate (default)": dc_call(),
-        "dC Triton, no accumulate": dc_call(accumulate=False),
-        "dC Triton, TMA epilogue": dc_call(epilogue_tma=True),
-        "dC Triton, old tile prefetched": dc_call(prefetch_old=True),
-        "dC Triton, TMA epilogue + prefetched": dc_call(epilogue_tma=True, prefetch_old=True),
-        "dC Triton, dz^T K-major": dc_call(transposed=True),
+        "dC Triton, pointer epilogue (default)": dc_call(0),
+        "dC Triton, pointers, no accumulate": dc_call(0, accumulate=False),
+        "dC Triton, TMA epilogue": dc_call(1),
+        "dC Triton, TMA epilogue in 2 parts": dc_call(2),
+        "dC Triton, TMA in 2 parts, 4 stages": dc_call(2, stages=4),
     }
     for variants, out, init in ((de_variants, acc, None), (dc_variants, dc, dc_old)):
         results, usable = {}, {}
@@ -134,21 +136,25 @@ def backward_variants(n: int, d: int, v: int, regime: str, rounds: int) -> None:
     g = torch.full((n,), 1.0 / n, device="cuda")
     zero = torch.zeros(n, device="cuda")
 
-    def run(filter_grad, **constants):
+    def run(filter_grad, dc_filter=None, **constants):
         def call():
             with mock.patch.multiple(backward, **constants) if constants else contextlib.nullcontext():
                 return lce_backward(e, c, None, y, lse, g, zero, -100, 0.0, 0.0, filter_grad, True, True, False,
-                                    dc_filter="corrected" if filter_grad else None)
+                                    dc_filter=dc_filter)
         return call
 
-    off = {name: False for name in EPILOGUE_CONSTANTS}
     variants = {
         "exact": run(False),
-        "filtered corrected, default epilogues": run(True, **off),
-        "filtered corrected, TMA epilogues": run(True, **{**off, "FILTERED_DE_EPILOGUE_TMA": True,
-                                                         "FILTERED_DC_EPILOGUE_TMA": True}),
-        "filtered corrected, TMA + prefetched dC": run(True, **{name: True for name in EPILOGUE_CONSTANTS}),
-        "filtered corrected, dE TMA epilogue only": run(True, **{**off, "FILTERED_DE_EPILOGUE_TMA": True}),
+        "filtered, dC by cuBLAS, dE pointer epilogue": run(True, "exact", FILTERED_DE_EPILOGUE_PARTS=0),
+        "filtered, dC by cuBLAS, dE TMA in 2 parts": run(True, "exact", FILTERED_DE_EPILOGUE_PARTS=2),
+        "corrected, pointer epilogues": run(True, "corrected", FILTERED_DE_EPILOGUE_PARTS=0,
+                                            FILTERED_DC_EPILOGUE_PARTS=0),
+        "corrected, dE 0, dC TMA 1 part": run(True, "corrected", FILTERED_DE_EPILOGUE_PARTS=0,
+                                              FILTERED_DC_EPILOGUE_PARTS=1),
+        "corrected, dE TMA 2 parts, dC TMA 1 part": run(True, "corrected", FILTERED_DE_EPILOGUE_PARTS=2,
+                                                        FILTERED_DC_EPILOGUE_PARTS=1),
+        "corrected, dE TMA 2 parts, dC TMA 2 parts": run(True, "corrected", FILTERED_DE_EPILOGUE_PARTS=2,
+                                                         FILTERED_DC_EPILOGUE_PARTS=2),
     }
     print(f"\n=== backward N={n} D={d} V={v} {regime}", flush=True)
     for label, samples in interleaved_ms(variants, rounds=rounds).items():

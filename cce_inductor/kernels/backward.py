@@ -315,27 +315,27 @@ def _filtered_de_kernel(
     stride_dzn, stride_cv, stride_accn,
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr, TILE_V: tl.constexpr,
     KEEP_WIDTH: tl.constexpr, TMA: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
-    FLATTEN: tl.constexpr, EPILOGUE_TMA: tl.constexpr,
+    FLATTEN: tl.constexpr, EPILOGUE_PARTS: tl.constexpr,
 ):
     """The filtered path's dE GEMM of one chunk: Acc[n, d] += sum over the kept vocab tiles t of
     dz[n, t] @ C[t, d] for every (token tile, D tile); the token tile's keep flags (Keep, one row
     of TILE_V-wide vocab tiles, as the dz kernel wrote them) decide which K steps run. Persistent
     (num_programs programs walk the output tiles, D fastest, so a token tile's dz rows stay in L2);
     FLATTEN folds the tile loop into the K loop, so the next tile's loads overlap this one's
-    read-modify-write of Acc. EPILOGUE_TMA (under measurement, benchmarks/filtered_gemm_variants.py):
-    that read-modify-write through Acc_desc (the store asynchronous; a tile with nothing kept adds
-    its zeros too)."""
+    read-modify-write of Acc. EPILOGUE_PARTS (``_add_through_descriptor``): 0 = that read-modify-write
+    through pointers, 1 or 2 = through Acc_desc (tiles of [BLOCK_N, BLOCK_D // EPILOGUE_PARTS]; a tile
+    with nothing kept adds its zeros too)."""
     num_tiles = tl.cdiv(n_count, BLOCK_N) * tl.cdiv(D, BLOCK_D)
     if FLATTEN:
         for tile in tl.range(tl.program_id(0), num_tiles, num_programs, flatten=True):
             _filtered_de_tile(Dz, C, Dz_desc, C_desc, Keep, Acc, Acc_desc, tile, n_count, D, v_begin, v_count,
                               stride_dzn, stride_cv, stride_accn, BLOCK_N, BLOCK_D, BLOCK_K, TILE_V,
-                              KEEP_WIDTH, TMA, DOT_PRECISION, UPCAST, EPILOGUE_TMA)
+                              KEEP_WIDTH, TMA, DOT_PRECISION, UPCAST, EPILOGUE_PARTS)
     else:
         for tile in range(tl.program_id(0), num_tiles, num_programs):
             _filtered_de_tile(Dz, C, Dz_desc, C_desc, Keep, Acc, Acc_desc, tile, n_count, D, v_begin, v_count,
                               stride_dzn, stride_cv, stride_accn, BLOCK_N, BLOCK_D, BLOCK_K, TILE_V,
-                              KEEP_WIDTH, TMA, DOT_PRECISION, UPCAST, EPILOGUE_TMA)
+                              KEEP_WIDTH, TMA, DOT_PRECISION, UPCAST, EPILOGUE_PARTS)
 
 
 @triton.jit
@@ -343,7 +343,7 @@ def _filtered_de_tile(
     Dz, C, Dz_desc, C_desc, Keep, Acc, Acc_desc, tile, n_count, D, v_begin, v_count, stride_dzn, stride_cv,
     stride_accn, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr, TILE_V: tl.constexpr,
     KEEP_WIDTH: tl.constexpr, TMA: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
-    EPILOGUE_TMA: tl.constexpr,
+    EPILOGUE_PARTS: tl.constexpr,
 ):
     """One output tile. The K loop runs over the kept steps only, with no branch, no reduction and no
     loop-carried index in its body (so it stays pipelined): the kept tiles are listed first, as four
@@ -379,8 +379,8 @@ def _filtered_de_tile(
             b = tl.load(C + (v_begin + ks)[:, None] * stride_cv + offs_d[None, :],
                         mask=mask_k[:, None] & (offs_d[None, :] < D), other=0.0)
         acc = dot(a, b, acc, DOT_PRECISION, UPCAST)
-    if EPILOGUE_TMA:  # zero-filled and clipped at Acc's edges
-        Acc_desc.store([n0, d0], Acc_desc.load([n0, d0]) + acc)
+    if EPILOGUE_PARTS > 0:
+        _add_through_descriptor(Acc_desc, n0, d0, acc, Acc.dtype.element_ty, True, EPILOGUE_PARTS)
     else:
         acc_ptrs = Acc + offs_n[:, None] * stride_accn + offs_d[None, :]
         any_kept = tl.full([BLOCK_D], 0, tl.int32) + num_kept > 0  # as a vector: the interpreter takes no scalar mask
@@ -434,7 +434,7 @@ def _filtered_dc_kernel(
     BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr, TILE_N: tl.constexpr,
     TILE_V: tl.constexpr, KEEP_WIDTH: tl.constexpr, ACCUMULATE: tl.constexpr, TMA: tl.constexpr,
     DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, FLATTEN: tl.constexpr,
-    EPILOGUE_TMA: tl.constexpr, PREFETCH_OLD: tl.constexpr, DZ_TRANSPOSED: tl.constexpr,
+    EPILOGUE_PARTS: tl.constexpr,
 ):
     """The filtered path's dC GEMM of one (window, chunk): for every (BLOCK_V rows, BLOCK_D columns)
     tile of the chunk's dC,
@@ -444,23 +444,21 @@ def _filtered_dc_kernel(
     The vocab tile's keep flags (one column of Keep) decide which K steps run, through the dE GEMM's
     lists (at most 64 token tiles per window). The sum is float32, rounded into the 16-bit dC once
     per window (ACCUMULATE: added to what earlier windows left there), as cuBLAS's addmm does.
-    Persistent (D fastest, so that a vocab block's dz columns stay in L2); FLATTEN as in the dE GEMM.
-    Variants under measurement (benchmarks/filtered_gemm_variants.py): EPILOGUE_TMA reads and writes
-    dC through dC_desc (an asynchronous TMA store the next tile's loads can overlap); PREFETCH_OLD
-    loads the old dC before the K loop; DZ_TRANSPOSED: Dz holds dz^T (v_count x n_count, K-major A)."""
+    Persistent (D fastest, so that a vocab block's dz columns stay in L2); FLATTEN and EPILOGUE_PARTS
+    (dC's read-modify-write through dC_desc) as in the dE GEMM."""
     num_tiles = tl.cdiv(v_count, BLOCK_V) * tl.cdiv(D, BLOCK_D)
     if FLATTEN:
         for tile in tl.range(tl.program_id(0), num_tiles, num_programs, flatten=True):
             _filtered_dc_tile(Dz, E, Dz_desc, E_desc, Keep, ColSums, TileMeans, dC, dC_desc, tile, n_count, D,
                               v_count, stride_dzn, stride_en, stride_sn, stride_mn, stride_dcv, BLOCK_V, BLOCK_D,
                               BLOCK_K, TILE_N, TILE_V, KEEP_WIDTH, ACCUMULATE, TMA, DOT_PRECISION, UPCAST,
-                              EPILOGUE_TMA, PREFETCH_OLD, DZ_TRANSPOSED)
+                              EPILOGUE_PARTS)
     else:
         for tile in range(tl.program_id(0), num_tiles, num_programs):
             _filtered_dc_tile(Dz, E, Dz_desc, E_desc, Keep, ColSums, TileMeans, dC, dC_desc, tile, n_count, D,
                               v_count, stride_dzn, stride_en, stride_sn, stride_mn, stride_dcv, BLOCK_V, BLOCK_D,
                               BLOCK_K, TILE_N, TILE_V, KEEP_WIDTH, ACCUMULATE, TMA, DOT_PRECISION, UPCAST,
-                              EPILOGUE_TMA, PREFETCH_OLD, DZ_TRANSPOSED)
+                              EPILOGUE_PARTS)
 
 
 @triton.jit
@@ -469,8 +467,7 @@ def _filtered_dc_tile(
     stride_dzn, stride_en, stride_sn, stride_mn, stride_dcv,
     BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr, TILE_N: tl.constexpr,
     TILE_V: tl.constexpr, KEEP_WIDTH: tl.constexpr, ACCUMULATE: tl.constexpr, TMA: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, EPILOGUE_TMA: tl.constexpr, PREFETCH_OLD: tl.constexpr,
-    DZ_TRANSPOSED: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, EPILOGUE_PARTS: tl.constexpr,
 ):
     """One output tile (BLOCK_V divides TILE_V: the tile's rows share one column of keep flags)."""
     num_d_tiles = tl.cdiv(D, BLOCK_D)
@@ -490,35 +487,21 @@ def _filtered_dc_tile(
     offs_k = tl.arange(0, BLOCK_K)
     mask_v = offs_v < v_count
     mask_d = offs_d < D
-    dc_ptrs = dC + offs_v[:, None] * stride_dcv + offs_d[None, :]
-    mask = mask_v[:, None] & mask_d[None, :]
-    if ACCUMULATE and PREFETCH_OLD:
-        if EPILOGUE_TMA:
-            old = dC_desc.load([v0, d0])
-        else:
-            old = tl.load(dc_ptrs, mask=mask, other=0.0)
     acc = tl.zeros((BLOCK_V, BLOCK_D), tl.float32)
     for i in range(num_kept * STEPS):
         token_tile = _kept_tile(i // STEPS, w0, w1, w2, w3, p1, p2, p3)
         k0 = token_tile * TILE_N + (i % STEPS) * BLOCK_K  # token of the window
         if TMA:  # zero outside the buffer's n_count rows and v_count columns (and E's rows): no masks
-            if DZ_TRANSPOSED:
-                a = Dz_desc.load([v0, k0])
-            else:
-                a = tl.trans(Dz_desc.load([k0, v0]))
+            a = Dz_desc.load([k0, v0])
             b = E_desc.load([k0, d0])
         else:
             ks = (k0 + offs_k).to(tl.int64)
             mask_k = ks < n_count
-            if DZ_TRANSPOSED:
-                a = tl.load(Dz + offs_v[:, None] * stride_dzn + ks[None, :], mask=mask_v[:, None] & mask_k[None, :],
-                            other=0.0)
-            else:
-                a = tl.trans(tl.load(Dz + ks[:, None] * stride_dzn + offs_v[None, :],
-                                     mask=mask_k[:, None] & mask_v[None, :], other=0.0))
+            a = tl.load(Dz + ks[:, None] * stride_dzn + offs_v[None, :], mask=mask_k[:, None] & mask_v[None, :],
+                        other=0.0)
             b = tl.load(E + ks[:, None] * stride_en + offs_d[None, :], mask=mask_k[:, None] & mask_d[None, :],
                         other=0.0)
-        acc = dot(a, b, acc, DOT_PRECISION, UPCAST)
+        acc = dot(tl.trans(a), b, acc, DOT_PRECISION, UPCAST)
     # the skipped tiles' stand-ins: [BLOCK_V, KEEP_WIDTH] @ [KEEP_WIDTH, BLOCK_D], both operands rounded
     # to the inputs' dtype (as dz is for the kept tiles). In float32 (a tf32 dot) the accumulator changed
     # MMA layout for this one dot, a 128 x 256 float32 round trip through shared memory per output tile
@@ -532,85 +515,113 @@ def _filtered_dc_tile(
     means = tl.load(TileMeans + slots[:, None].to(tl.int64) * stride_mn + offs_d[None, :],
                     mask=skipped[:, None] & mask_d[None, :], other=0.0)
     acc = dot(sums.to(E.dtype.element_ty), means.to(E.dtype.element_ty), acc, DOT_PRECISION, UPCAST)
-    if ACCUMULATE:
-        if not PREFETCH_OLD:
-            if EPILOGUE_TMA:
-                old = dC_desc.load([v0, d0])
-            else:
-                old = tl.load(dc_ptrs, mask=mask, other=0.0)
-        acc += old.to(tl.float32)
-    if EPILOGUE_TMA:  # the descriptor clips the tile at the chunk's edges
-        dC_desc.store([v0, d0], acc.to(dC.dtype.element_ty))
+    if EPILOGUE_PARTS > 0:
+        _add_through_descriptor(dC_desc, v0, d0, acc, dC.dtype.element_ty, ACCUMULATE, EPILOGUE_PARTS)
     else:
+        dc_ptrs = dC + offs_v[:, None] * stride_dcv + offs_d[None, :]
+        mask = mask_v[:, None] & mask_d[None, :]
+        if ACCUMULATE:
+            acc += tl.load(dc_ptrs, mask=mask, other=0.0).to(tl.float32)
         tl.store(dc_ptrs, acc.to(dC.dtype.element_ty), mask=mask)
 
 
-# The filtered GEMMs' epilogue variants (see the kernels' docstrings), chosen by measurement:
-# benchmarks/filtered_gemm_variants.py.
-FILTERED_DE_EPILOGUE_TMA = False
-FILTERED_DC_EPILOGUE_TMA = False
-FILTERED_DC_PREFETCH_OLD = False
+@triton.jit
+def _add_through_descriptor(desc, r0, c0, acc, OUT_DTYPE: tl.constexpr, ACCUMULATE: tl.constexpr,
+                            PARTS: tl.constexpr):
+    """The tensor under ``desc`` at [r0, c0] (+)= acc (float32), read and written through the TMA
+    descriptor (zero-filled and clipped at the tensor's edges, so no masks; the store is asynchronous)
+    in PARTS = 1 or 2 column blocks of the tile (the descriptor's tiles: [rows, cols // PARTS]; two
+    halve the shared memory the store goes through, which a float32 128 x 256 tile beside three
+    pipeline stages does not have)."""
+    if PARTS == 1:
+        if ACCUMULATE:
+            acc += desc.load([r0, c0]).to(tl.float32)
+        desc.store([r0, c0], acc.to(OUT_DTYPE))
+    else:
+        tl.static_assert(PARTS == 2, "one or two parts")
+        ROWS: tl.constexpr = acc.shape[0]
+        HALF: tl.constexpr = acc.shape[1] // 2
+        left, right = tl.split(tl.permute(tl.reshape(acc, (ROWS, 2, HALF)), (0, 2, 1)))
+        if ACCUMULATE:
+            left += desc.load([r0, c0]).to(tl.float32)
+        desc.store([r0, c0], left.to(OUT_DTYPE))
+        if ACCUMULATE:
+            right += desc.load([r0, c0 + HALF]).to(tl.float32)
+        desc.store([r0, c0 + HALF], right.to(OUT_DTYPE))
+
+
+# The filtered GEMMs' epilogues (their kernels' EPILOGUE_PARTS): 0 = the accumulator's
+# read-modify-write through pointers, 1 or 2 = through a TMA descriptor in that many column blocks.
+# Measured on an H200 (bf16, each GEMM alone at the goal shapes' (window, chunk), every tile kept;
+# benchmarks/filtered_gemm_variants.py, results/h200-2026-12-01i/): see docs/PERF_NOTES.md.
+FILTERED_DE_EPILOGUE_PARTS = 0
+FILTERED_DC_EPILOGUE_PARTS = 0
+
+
+def epilogue_descriptor(t: Tensor, cfg: TileConfig, rows: int, parts: int):
+    """The TMA descriptor a filtered GEMM's epilogue reads and writes ``t`` through, tiles of
+    [rows, cfg.block_d // parts] (None: no descriptor for t, or parts 0: pointers)."""
+    if parts == 0:
+        return None
+    return tma_descriptor(t, [rows, cfg.block_d // parts], cfg, accumulator=True)
 
 
 def filtered_de_gemm(acc: Tensor, dz: Tensor, c: Tensor, keep: Tensor, v_begin: int, cfg: TileConfig,
                      tile_v: int, sms: int, *, dz_desc=None, c_desc=None, acc_desc=None,
-                     epilogue_tma: bool | None = None) -> None:
+                     epilogue_parts: int | None = None) -> None:
     """acc (float32, the window's (n, D)) += dz @ C[v_begin : v_begin + v_count] over the vocab tiles
     (``tile_v`` wide, the dz kernel's) that ``keep`` (int8, one row of flags per token tile, as the dz
     kernel wrote them) kept; dz: (n, v_count), unit column stride. TMA loads where both descriptors
     are given (dz's of [cfg.block_n, cfg.block_v], C's of [cfg.block_v, cfg.block_d]); the epilogue
-    through ``acc_desc`` ([cfg.block_n, cfg.block_d]) where also given and ``epilogue_tma`` (None:
-    FILTERED_DE_EPILOGUE_TMA)."""
+    in ``epilogue_parts`` (None: FILTERED_DE_EPILOGUE_PARTS) through ``acc_desc`` (made by
+    ``epilogue_descriptor`` for those parts), or through pointers where it is None or parts is 0."""
     n_count, v_count = dz.shape
     dim = acc.shape[1]
     tma = dz_desc is not None and c_desc is not None
-    epilogue_tma = (FILTERED_DE_EPILOGUE_TMA if epilogue_tma is None else epilogue_tma) and tma and acc_desc is not None
+    parts = FILTERED_DE_EPILOGUE_PARTS if epilogue_parts is None else epilogue_parts
+    parts = parts if tma and acc_desc is not None else 0
     tiles = triton.cdiv(n_count, cfg.block_n) * triton.cdiv(dim, cfg.block_d)
     programs = min(tiles, sms) if FILTERED_DE_PERSISTENT else tiles
     # the kernel's lists hold 64 tiles (buffered_shape keeps to it; a patched shape might not)
     assert triton.cdiv(v_count, tile_v) <= MAX_CHUNK_TILES, "chunk wider than the dE GEMM's lists"
     _filtered_de_kernel[(programs,)](
-        dz, c, dz_desc if tma else dz, c_desc if tma else c, keep, acc, acc_desc if epilogue_tma else acc,
+        dz, c, dz_desc if tma else dz, c_desc if tma else c, keep, acc, acc_desc if parts else acc,
         n_count, dim, v_begin, v_count, programs, dz.stride(0), c.stride(0), acc.stride(0),
         BLOCK_N=cfg.block_n, BLOCK_D=cfg.block_d, BLOCK_K=cfg.block_v, TILE_V=tile_v,
         KEEP_WIDTH=max(16, triton.next_power_of_2(triton.cdiv(v_count, tile_v))),
         TMA=tma, DOT_PRECISION=dot_precision(dz.dtype), UPCAST=dot_upcast(dz),
-        FLATTEN=tma and HAS_FLATTEN and FILTERED_DE_PERSISTENT, EPILOGUE_TMA=epilogue_tma,
+        FLATTEN=tma and HAS_FLATTEN and FILTERED_DE_PERSISTENT, EPILOGUE_PARTS=parts,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
 
 
 def filtered_dc_gemm(dc: Tensor, dz: Tensor, e: Tensor, keep: Tensor, col_sums: Tensor, tile_means: Tensor,
                      accumulate: bool, cfg: TileConfig, tile_n: int, tile_v: int, sms: int, *, dz_desc=None,
-                     e_desc=None, dc_desc=None, epilogue_tma: bool | None = None, prefetch_old: bool | None = None,
-                     dz_transposed: bool = False) -> None:
+                     e_desc=None, dc_desc=None, epilogue_parts: int | None = None) -> None:
     """dc (the chunk's (v_count, D) rows of the 16-bit dC) (+)= dz^T @ e over the (``tile_n`` x
     ``tile_v``) tiles that ``keep`` kept, plus col_sums^T @ tile_means for the rest (the stand-ins;
     col_sums float32 (token tiles, v_count), 0 where kept; tile_means float32 (token tiles, D)); added
-    to dc's contents where ``accumulate``. dz: (n, v_count), unit column stride, or with
-    ``dz_transposed`` dz^T, (v_count, n) (a measurement variant). TMA loads where dz_desc and e_desc
-    are given ([cfg.block_n, cfg.block_v] tiles of dz, [cfg.block_v, cfg.block_n] of dz^T;
-    [cfg.block_n, cfg.block_d] of e); the epilogue through ``dc_desc`` ([cfg.block_v, cfg.block_d])
-    where also given and ``epilogue_tma`` (None: FILTERED_DC_EPILOGUE_TMA); ``prefetch_old`` (None:
-    FILTERED_DC_PREFETCH_OLD) loads dc's old tile before the K loop."""
+    to dc's contents where ``accumulate``. dz: (n, v_count), unit column stride. TMA loads where
+    dz_desc ([cfg.block_n, cfg.block_v]) and e_desc ([cfg.block_n, cfg.block_d]) are given; the
+    epilogue as in ``filtered_de_gemm`` (None: FILTERED_DC_EPILOGUE_PARTS; ``dc_desc`` from
+    ``epilogue_descriptor(dc, cfg, cfg.block_v, parts)``)."""
     n_count, dim = e.shape
     v_count = dc.shape[0]
     tiles_n = triton.cdiv(n_count, tile_n)
     tma = dz_desc is not None and e_desc is not None
-    epilogue_tma = (FILTERED_DC_EPILOGUE_TMA if epilogue_tma is None else epilogue_tma) and tma and dc_desc is not None
-    prefetch_old = FILTERED_DC_PREFETCH_OLD if prefetch_old is None else prefetch_old
+    parts = FILTERED_DC_EPILOGUE_PARTS if epilogue_parts is None else epilogue_parts
+    parts = parts if tma and dc_desc is not None else 0
     tiles = triton.cdiv(v_count, cfg.block_v) * triton.cdiv(dim, cfg.block_d)
     # the kernel's lists hold 64 token tiles (buffered_shape keeps to it; a patched shape might not)
     assert tiles_n <= MAX_WINDOW_TILES, "window longer than the dC GEMM's lists"
     _filtered_dc_kernel[(min(tiles, sms),)](
         dz, e, dz_desc if tma else dz, e_desc if tma else e, keep, col_sums, tile_means, dc,
-        dc_desc if epilogue_tma else dc, n_count, dim, v_count, min(tiles, sms),
+        dc_desc if parts else dc, n_count, dim, v_count, min(tiles, sms),
         dz.stride(0), e.stride(0), col_sums.stride(0), tile_means.stride(0), dc.stride(0),
         BLOCK_V=cfg.block_v, BLOCK_D=cfg.block_d, BLOCK_K=cfg.block_n, TILE_N=tile_n, TILE_V=tile_v,
         KEEP_WIDTH=max(16, triton.next_power_of_2(tiles_n)), ACCUMULATE=bool(accumulate), TMA=tma,
         DOT_PRECISION=dot_precision(e.dtype), UPCAST=dot_upcast(e), FLATTEN=tma and HAS_FLATTEN,
-        EPILOGUE_TMA=epilogue_tma, PREFETCH_OLD=prefetch_old, DZ_TRANSPOSED=dz_transposed,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        EPILOGUE_PARTS=parts, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
 
 
@@ -891,22 +902,23 @@ def lce_backward(
 
             def add_de(acc_window, v_begin, v_count, dz_buf):
                 """acc_window += dz_buf @ C[chunk] over the tiles the filter kept."""
-                if acc_window.data_ptr() not in acc_descs:
-                    acc_descs[acc_window.data_ptr()] = tma_descriptor(
-                        acc_window, [de_cfg.block_n, de_cfg.block_d], de_cfg, accumulator=True)
+                key = (acc_window.data_ptr(), FILTERED_DE_EPILOGUE_PARTS)
+                if key not in acc_descs:
+                    acc_descs[key] = epilogue_descriptor(acc_window, de_cfg, de_cfg.block_n, key[1])
                 filtered_de_gemm(acc_window, dz_buf, c, keeps[v_count], v_begin, de_cfg, cfg.block_v, sms,
                                  dz_desc=dz_descs[(dz_buf.data_ptr(), v_count)][1], c_desc=c_desc_de,
-                                 acc_desc=acc_descs[acc_window.data_ptr()])
+                                 acc_desc=acc_descs[key], epilogue_parts=key[1])
 
             def add_dc(dc_chunk, v_count, dz_buf, accumulate):
                 """dc_chunk (+)= dz_buf^T @ E[window] over the tiles the filter kept, plus the skipped
                 tiles' stand-ins (the 16-bit dC rows of the chunk; accumulate: after the first window)."""
-                if dc_chunk.data_ptr() not in dc_descs:
-                    dc_descs[dc_chunk.data_ptr()] = tma_descriptor(dc_chunk, [dc_cfg.block_v, dc_cfg.block_d], dc_cfg)
+                key = (dc_chunk.data_ptr(), FILTERED_DC_EPILOGUE_PARTS)
+                if key not in dc_descs:
+                    dc_descs[key] = epilogue_descriptor(dc_chunk, dc_cfg, dc_cfg.block_v, key[1])
                 filtered_dc_gemm(dc_chunk, dz_buf, e_w, keeps[v_count], col_sums[v_count], tile_means, accumulate,
                                  dc_cfg, cfg.block_n, cfg.block_v, sms,
                                  dz_desc=dz_descs[(dz_buf.data_ptr(), v_count)][2], e_desc=e_desc_dc,
-                                 dc_desc=dc_descs[dc_chunk.data_ptr()])
+                                 dc_desc=dc_descs[key], epilogue_parts=key[1])
 
             return launch, (add_de if filter_de else None), (add_dc if filter_dc else None)
 

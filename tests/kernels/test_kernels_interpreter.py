@@ -312,12 +312,13 @@ def test_corrected_dc_filter_matches_the_reference(dtype, dc_tiles):
             assert _rel(got, ref) <= 1.5 * _rel(got_exact, ref_exact)  # the accuracy bar's factor
     assert _rel(filtered[2], exact[2]) < 1e-6  # dbias: never filtered
 
+@pytest.mark.parametrize("parts", [1, 2])
 @pytest.mark.parametrize("dc_tiles", ["dz_tiles", "split"])
-def test_filtered_gemm_epilogue_variants_agree(dc_tiles):
-    """The filtered GEMMs' epilogue variants (dE's and dC's read-modify-write through TMA descriptors,
-    dC's old tile loaded before the K loop) give the default epilogues' gradients bit for bit: the
-    same float32 sums, only the loads and stores change (fp16, D = 48: TMA loads; 3 windows, so dC
-    accumulates; ragged chunks and a partial last token tile, which the descriptors clip)."""
+def test_filtered_gemm_epilogues_through_descriptors_agree(dc_tiles, parts):
+    """The filtered GEMMs' epilogues through TMA descriptors (dE's float32 and dC's 16-bit
+    read-modify-write, in one or two column blocks) give the pointer epilogues' gradients bit for
+    bit: the same float32 sums, only the loads and stores change (fp16, D = 48: TMA loads; 3 windows,
+    so dC accumulates; ragged chunks and a partial last token tile, which the descriptors clip)."""
     from cce_inductor.kernels import backward, common
 
     n, v, d = 40, 160, 48
@@ -330,53 +331,18 @@ def test_filtered_gemm_epilogue_variants_agree(dc_tiles):
     dc_cfg = common._INTERPRETER if dc_tiles == "dz_tiles" else dataclasses.replace(common._INTERPRETER,
                                                                                     **_DC_GEMM_SPLIT)
     budget = e.element_size() * 16 * 48 + 4 * 16 * d  # windows of 16 tokens, chunks of 48
+    assert backward.epilogue_descriptor(e, dc_cfg, 16, parts) is not None
+    assert backward.epilogue_descriptor(e, dc_cfg, 16, 0) is None
 
-    def grads(variant):
+    def grads(de_parts, dc_parts):
         with mock.patch.object(backward, "CHUNK_V", 48), mock.patch.object(backward, "filtered_dc_config",
                                                                            lambda e: dc_cfg), \
-                mock.patch.object(backward, "FILTERED_DE_EPILOGUE_TMA", variant), \
-                mock.patch.object(backward, "FILTERED_DC_EPILOGUE_TMA", variant), \
-                mock.patch.object(backward, "FILTERED_DC_PREFETCH_OLD", variant):
+                mock.patch.object(backward, "FILTERED_DE_EPILOGUE_PARTS", de_parts), \
+                mock.patch.object(backward, "FILTERED_DC_EPILOGUE_PARTS", dc_parts):
             return lce_backward(*args, buffered=True, buffer_bytes=budget, dc_filter="corrected")
 
-    for got, want in zip(grads(True), grads(False)):
+    for got, want in zip(grads(parts, parts), grads(0, 0)):
         assert torch.equal(got, want)
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["float32_pointers", "fp16_tma"])
-def test_filtered_dc_gemm_reads_a_transposed_dz(dtype):
-    """The dC GEMM's measurement variant that reads dz^T (K-major A) from a transposed buffer gives the
-    default's dC bit for bit, with some token tiles skipped (their stand-ins added) and accumulating
-    into an earlier window's dC; against float64 math too."""
-    from cce_inductor.kernels import backward, common
-
-    cfg = common._INTERPRETER
-    n, v, d = 40, 48, 48
-    gen = torch.Generator().manual_seed(2)
-    dz = torch.randn(n, v, generator=gen).to(dtype)
-    e = torch.randn(n, d, generator=gen).to(dtype)
-    tiles_n, tiles_v = 3, 3
-    keep = torch.tensor([1, 0, 1, 1, 1, 0, 0, 1, 1], dtype=torch.int8)  # (token tile, vocab tile), row-major
-    col_sums = torch.randn(tiles_n, v, generator=gen) * (keep.view(tiles_n, tiles_v) == 0).repeat_interleave(16, 1)
-    means = backward._tile_means(e, 16)
-    old = torch.randn(v, d, generator=gen).to(dtype)
-    dz_t = dz.T.contiguous()
-    results = []
-    for transposed in (False, True):
-        dc = old.clone()
-        src = dz_t if transposed else dz
-        descs = {}
-        if dtype != torch.float32:
-            descs = dict(dz_desc=common.tma_descriptor(src, [16, 16] if not transposed else [16, 16], cfg),
-                         e_desc=common.tma_descriptor(e, [16, 16], cfg))
-            assert None not in descs.values()
-        backward.filtered_dc_gemm(dc, src, e, keep, col_sums, means, True, cfg, 16, 16, 1, dz_transposed=transposed,
-                                  **descs)
-        results.append(dc)
-    assert torch.equal(results[0], results[1])
-    kept = keep.view(tiles_n, tiles_v).bool().repeat_interleave(16, 0).repeat_interleave(16, 1)[:n, :v]
-    want = old.double() + (dz.double() * kept).T @ e.double() + col_sums.double().T @ means.to(dtype).double()
-    assert _rel(results[0], want) < (1e-6 if dtype == torch.float32 else 2e-3)
 
 
 def test_filtered_path_refuses_a_chunk_wider_than_its_lists():
