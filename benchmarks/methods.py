@@ -16,6 +16,7 @@ import contextlib
 import importlib.metadata
 from dataclasses import dataclass, field
 from typing import Callable, ContextManager
+from unittest import mock
 
 import torch
 import torch.nn.functional as F
@@ -137,22 +138,32 @@ def _kernel_skipped_fraction():
     return getattr(kernels, "skipped_fraction", None)
 
 
-def _setup_ours(exact: bool):
+def _setup_ours(exact: bool, dc_filter: str | None = None):
+    """The op; ``dc_filter``: the kernels' DC_FILTER for the call (a module constant, not an op option:
+    e.g. "corrected", the filtered dC with its stand-ins), where the Triton path runs."""
     def setup(env: Env) -> Prepared:
         import cce_inductor
 
         if env.smoke:
+            if dc_filter is not None:
+                raise Unavailable("dc_filter applies on the Triton path: needs CUDA")
             impl, note = "torch", "impl='torch' (smoke mode; the torch path is always exact)"
         elif env.device.type == "cuda":
             impl, note = "triton", f"impl='triton', exact={exact}"
         else:
             raise Unavailable("impl='triton' needs CUDA")
+        context = contextlib.nullcontext
+        if dc_filter is not None:
+            from cce_inductor.kernels import backward
+
+            note += f", kernels.backward.DC_FILTER={dc_filter!r}"
+            context = lambda: mock.patch.object(backward, "DC_FILTER", dc_filter)  # noqa: E731
 
         def loss(e, c, targets):
             return cce_inductor.linear_cross_entropy(e, c, targets, impl=impl, exact=exact)
 
         skipped = None if (exact or impl != "triton") else _kernel_skipped_fraction()
-        return Prepared(loss, note=note, skipped_fraction=skipped)
+        return Prepared(loss, context=context, note=note, skipped_fraction=skipped)
 
     return setup
 
@@ -221,6 +232,8 @@ METHODS: dict[str, Method] = {
         Method("torch_compile_chunked", "torch.compile + auto_chunker", _setup_torch_auto_chunker, compiled=True),
         Method("torch_native", "torch F.linear_cross_entropy", _setup_torch_native),
         Method("cce_inductor", "cce_inductor (filtered)", _setup_ours(exact=False)),
+        Method("cce_inductor_corrected_dc", "cce_inductor (filtered, dC corrected)",
+               _setup_ours(exact=False, dc_filter="corrected")),
         Method("cce_inductor_exact", "cce_inductor (exact)", _setup_ours(exact=True)),
         Method("cce_inductor_workspace", "cce_inductor (workspace 1 GiB)", _setup_ours_workspace(2**30)),
         # the workspace path held to 48 MiB (the exact backward's scratch until its chunks widened into
@@ -234,7 +247,7 @@ METHODS: dict[str, Method] = {
 # Slow on a CPU (compilation; many small bf16 matmuls): left out of the smoke default, runnable
 # there with --methods.
 SMOKE_EXCLUDED = ("torch_compile", "torch_compile_chunked", "torch_native", "cce_inductor_workspace",
-                  "cce_inductor_workspace_48m")
+                  "cce_inductor_workspace_48m", "cce_inductor_corrected_dc")
 
 
 def peer_versions() -> dict[str, str | None]:

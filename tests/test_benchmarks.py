@@ -163,7 +163,7 @@ def test_a_failure_while_timing_drops_that_methods_times_only():
 
 def test_unavailable_methods_say_why():
     env = methods.Env(torch.device("cpu"), smoke=False)
-    for name in ("cut_cross_entropy", "liger", "cce_inductor"):
+    for name in ("cut_cross_entropy", "liger", "cce_inductor", "cce_inductor_corrected_dc"):
         with pytest.raises(methods.Unavailable, match="CUDA"):
             methods.METHODS[name].setup(env)
     assert methods.auto_chunker_config_key() in (None, "auto_chunker.enable", "AutoChunker.enable")

@@ -552,10 +552,17 @@ def _add_through_descriptor(desc, r0, c0, acc, OUT_DTYPE: tl.constexpr, ACCUMULA
 
 # The filtered GEMMs' epilogues (their kernels' EPILOGUE_PARTS): 0 = the accumulator's
 # read-modify-write through pointers, 1 or 2 = through a TMA descriptor in that many column blocks.
-# Measured on an H200 (bf16, each GEMM alone at the goal shapes' (window, chunk), every tile kept;
-# benchmarks/filtered_gemm_variants.py, results/h200-2026-12-01i/): see docs/PERF_NOTES.md.
-FILTERED_DE_EPILOGUE_PARTS = 0
-FILTERED_DC_EPILOGUE_PARTS = 0
+# Measured on an H200 (bf16, triton 3.6; each GEMM alone at the goal shapes' (window, chunk), in
+# rounds; benchmarks/filtered_gemm_variants.py, results/h200-2026-12-01i/filtered_gemm_variants.log),
+# per call against cuBLAS's addmm on the same operands, every tile kept / ~58% kept:
+#   dC: pointers 1.17 / 0.83-0.89x, one TMA block 1.10-1.11 / 0.77-0.82x, two 1.12-1.13 / 0.80-0.85x
+#       (no read of the old dC at all: 1.03-1.05x -- the read-modify-write is most of the gap);
+#   dE: pointers 1.07-1.10 / 0.80-0.82x, two TMA blocks 1.07-1.09 / 0.78-0.79x (one block does not
+#       fit in shared memory beside the 3 stages: its float32 tile is 128 KB, twice, load and store).
+# The backward with dc_filter="corrected" at 8192 x 4096 x 128256, LM-like: 36.34 ms with pointers,
+# 34.82 ms with these (dE 2, dC 1); 53.26 against 51.86 ms at 8192 x 2304 x 256000.
+FILTERED_DE_EPILOGUE_PARTS = 2
+FILTERED_DC_EPILOGUE_PARTS = 1
 
 
 def epilogue_descriptor(t: Tensor, cfg: TileConfig, rows: int, parts: int):
