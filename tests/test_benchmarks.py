@@ -275,3 +275,18 @@ def test_dc_filter_study_prints_a_line_per_point(capsys):
     dc_filter_study.main(["--d", "32", "--v", "1024", "--ns", "128", "256", "--eps", "0.125"])
     lines = capsys.readouterr().out.strip().splitlines()
     assert len(lines) == 2 and all("dC dropped + rank-1 per tile" in line for line in lines)
+
+
+def test_skip_bound_study_bounds_are_nested_within_the_rule():
+    """benchmarks/skip_bound_study.py: each bound skips no more than the next, finer one (tile max,
+    tile log-mass, token log-mass, the filter's rule), and the data (eps 1, so that this small head
+    skips) leave the tile log-mass bound something to skip."""
+    from benchmarks.skip_bound_study import skip_fractions
+    from cce_inductor.testing import make_inputs
+
+    x = make_inputs("lm", 256, 512, 16384, dtype=torch.float32, seed=0)
+    s = skip_fractions(x.e, x.c, x.targets, 1.0)
+    assert 0.0 <= s["tile max"] <= s["tile log-mass"] <= s["token log-mass"] <= s["rule"]
+    assert s["tile log-mass"] > 0 and s["rule"] > 0.2
+    with pytest.raises(ValueError, match="multiple"):
+        skip_fractions(x.e[:200], x.c, x.targets[:200], 0.25)
