@@ -136,7 +136,10 @@ MAX_WINDOW_TILES = 64
 # dC: 8192 x 4096 x 128256 LM-like (s = 0.434) 37.06 against 38.08 ms, uniform 46.86 against 43.12;
 # 8192 x 2304 x 256000 LM-like (s = 0.003) 54.27 against 48.88, uniform 54.67 against 49.42 -- its
 # Triton GEMM runs at 1.25 T where cuBLAS's runs at 1.0 T. dC against float64 math: 2.98e-3
-# corrected, 3.36e-3 exact at the first point (bf16 rounding dominates both). Hence "exact".
+# corrected, 3.36e-3 exact at the first point (bf16 rounding dominates both). With the filtered GEMMs'
+# TMA epilogues (FILTERED_*_EPILOGUE_PARTS; results/h200-2026-12-01i/, op-level bench, fw+bw):
+# corrected 48.68 against 51.49 ms at the first point, 58.58 against 55.86 (uniform), 67.75 against
+# 64.70 and 67.42 against 64.61 at the second -- faster only where much is skipped. Hence "exact".
 DC_FILTER = "exact"
 DC_FILTERS = ("exact", "corrected", "dropped")
 # The filtered dE GEMM as a persistent kernel with its tile loop flattened (else one program per
