@@ -866,6 +866,8 @@ def lce_backward(
             UPCAST=dot_upcast(e), LEAN_DZ=LEAN_DZ_EPILOGUE, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
 
+        dc_descs = {}  # the filtered dC GEMM's epilogue descriptors of dC's chunks, made once per call
+
         def window_launcher(n_begin, n_count):
             """The dz kernel's launcher for the window of tokens [n_begin, +n_count): launch(v_begin,
             v_count, dz_buf) writes dz of vocabulary rows [v_begin, +v_count) into dz_buf ((n_count,
@@ -908,27 +910,29 @@ def lce_backward(
                     COUNT_TILES=tile_counts is not None and bool(filter_grad), **constants,
                 )
 
-            acc_descs, dc_descs = {}, {}
+            acc_descs = {}  # the window's accumulator's epilogue descriptor (dC's: once per call, above)
 
             def add_de(acc_window, v_begin, v_count, dz_buf):
                 """acc_window += dz_buf @ C[chunk] over the tiles the filter kept."""
-                key = (acc_window.data_ptr(), FILTERED_DE_EPILOGUE_PARTS)
+                parts = FILTERED_DE_EPILOGUE_PARTS
+                key = (acc_window.data_ptr(), tuple(acc_window.shape), parts)
                 if key not in acc_descs:
-                    acc_descs[key] = epilogue_descriptor(acc_window, de_cfg, de_cfg.block_n, key[1])
+                    acc_descs[key] = epilogue_descriptor(acc_window, de_cfg, de_cfg.block_n, parts)
                 filtered_de_gemm(acc_window, dz_buf, c, keeps[v_count], v_begin, de_cfg, cfg.block_v, sms,
                                  dz_desc=dz_descs[(dz_buf.data_ptr(), v_count)][1], c_desc=c_desc_de,
-                                 acc_desc=acc_descs[key], epilogue_parts=key[1])
+                                 acc_desc=acc_descs[key], epilogue_parts=parts)
 
             def add_dc(dc_chunk, v_count, dz_buf, accumulate):
                 """dc_chunk (+)= dz_buf^T @ E[window] over the tiles the filter kept, plus the skipped
                 tiles' stand-ins (the 16-bit dC rows of the chunk; accumulate: after the first window)."""
-                key = (dc_chunk.data_ptr(), FILTERED_DC_EPILOGUE_PARTS)
+                parts = FILTERED_DC_EPILOGUE_PARTS
+                key = (dc_chunk.data_ptr(), tuple(dc_chunk.shape), parts)
                 if key not in dc_descs:
-                    dc_descs[key] = epilogue_descriptor(dc_chunk, dc_cfg, dc_cfg.block_v, key[1])
+                    dc_descs[key] = epilogue_descriptor(dc_chunk, dc_cfg, dc_cfg.block_v, parts)
                 filtered_dc_gemm(dc_chunk, dz_buf, e_w, keeps[v_count], col_sums[v_count], tile_means, accumulate,
                                  dc_cfg, cfg.block_n, cfg.block_v, sms,
                                  dz_desc=dz_descs[(dz_buf.data_ptr(), v_count)][2], e_desc=e_desc_dc,
-                                 dc_desc=dc_descs[key], epilogue_parts=key[1])
+                                 dc_desc=dc_descs[key], epilogue_parts=parts)
 
             return launch, (add_de if filter_de else None), (add_dc if filter_dc else None)
 
