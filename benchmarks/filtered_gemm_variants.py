@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import statistics
 from unittest import mock
 
 import torch
@@ -121,9 +122,9 @@ def gemm_variants(n: int, d: int, v: int, kept: float, rounds: int) -> None:
         default = next(label for label in results if "(default)" in label)
         cublas = next(iter(usable))
         times = interleaved_ms(usable, rounds=rounds, rep_ms=300.0)
-        base = sorted(times[cublas])[len(times[cublas]) // 2]
+        base = statistics.median(times[cublas])
         for label, samples in times.items():
-            mid = sorted(samples)[len(samples) // 2]
+            mid = statistics.median(samples)
             diff = _rel(results[label], results[default])
             print(f"  {label:<42} {mid:7.3f} ms  {flops / mid / 1e9:6.1f} TFLOP/s  {mid / base:5.3f}x cuBLAS  "
                   f"(rounds {min(samples):.3f}-{max(samples):.3f})  vs default {diff:.1e}", flush=True)
@@ -158,7 +159,7 @@ def backward_variants(n: int, d: int, v: int, regime: str, rounds: int) -> None:
     }
     print(f"\n=== backward N={n} D={d} V={v} {regime}", flush=True)
     for label, samples in interleaved_ms(variants, rounds=rounds).items():
-        mid = sorted(samples)[len(samples) // 2]
+        mid = statistics.median(samples)
         print(f"  {label:<44} {mid:7.2f} ms  (rounds {min(samples):.2f}-{max(samples):.2f})", flush=True)
 
 

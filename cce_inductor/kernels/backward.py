@@ -621,12 +621,12 @@ def filtered_dc_gemm(dc: Tensor, dz: Tensor, e: Tensor, keep: Tensor, col_sums: 
     tma = dz_desc is not None and e_desc is not None
     parts = FILTERED_DC_EPILOGUE_PARTS if epilogue_parts is None else epilogue_parts
     parts = parts if tma and dc_desc is not None else 0
-    tiles = triton.cdiv(v_count, cfg.block_v) * triton.cdiv(dim, cfg.block_d)
+    programs = min(triton.cdiv(v_count, cfg.block_v) * triton.cdiv(dim, cfg.block_d), sms)
     # the kernel's lists hold 64 token tiles (buffered_shape keeps to it; a patched shape might not)
     assert tiles_n <= MAX_WINDOW_TILES, "window longer than the dC GEMM's lists"
-    _filtered_dc_kernel[(min(tiles, sms),)](
+    _filtered_dc_kernel[(programs,)](
         dz, e, dz_desc if tma else dz, e_desc if tma else e, keep, col_sums, tile_means, dc,
-        dc_desc if parts else dc, n_count, dim, v_count, min(tiles, sms),
+        dc_desc if parts else dc, n_count, dim, v_count, programs,
         dz.stride(0), e.stride(0), col_sums.stride(0), tile_means.stride(0), dc.stride(0),
         BLOCK_V=cfg.block_v, BLOCK_D=cfg.block_d, BLOCK_K=cfg.block_n, TILE_N=tile_n, TILE_V=tile_v,
         KEEP_WIDTH=max(16, triton.next_power_of_2(tiles_n)), ACCUMULATE=bool(accumulate), TMA=tma,

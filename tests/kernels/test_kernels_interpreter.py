@@ -254,6 +254,30 @@ def test_filtered_buffered_path_drops_what_the_atomic_filter_drops(needs, v, chu
 _DC_GEMM_SPLIT = dict(block_n=8, block_v=8)  # dC GEMM tiles: 2 K steps per token tile, 2 row blocks per vocab tile
 
 
+def _dc_gemm_config(dc_tiles):
+    """The interpreter's tiles for the filtered dC GEMM: the dz kernel's ("dz_tiles") or split in both
+    directions ("split")."""
+    from cce_inductor.kernels import common
+
+    return common._INTERPRETER if dc_tiles == "dz_tiles" else dataclasses.replace(common._INTERPRETER,
+                                                                                **_DC_GEMM_SPLIT)
+
+
+def _peaked_filter_case(dtype, d):
+    """40 tokens x 160 vocabulary entries with a bias, a peaked softmax (logits of std ~30, targets
+    at each token's argmax), one ignored token and seeded upstream gradients: the lce_backward
+    arguments up to filter_grad, and the budget that gives windows of 16 tokens and chunks of 48
+    (with CHUNK_V patched to 48)."""
+    n, v = 40, 160
+    e, c, b, y = _inputs(n=n, d=d, v=v, scale=30.0, bias=True, dtype=dtype)
+    y = (e.float() @ c.float().T + b.float()).argmax(1)
+    y[3] = -100
+    _, lse = lce_forward(e, c, b, y, -100, 0.0, 0.0)
+    gen = torch.Generator().manual_seed(5)
+    gl, gs = torch.rand(n, generator=gen), torch.rand(n, generator=gen) * 0.1
+    return (e, c, b, y, lse, gl, gs, -100, 0.0, 0.0), e.element_size() * 16 * 48 + 4 * 16 * d
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["float32_pointers", "fp16_tma"])
 @pytest.mark.parametrize("dc_tiles", ["dz_tiles", "split"])
 def test_corrected_dc_filter_matches_the_reference(dtype, dc_tiles):
@@ -273,24 +297,14 @@ def test_corrected_dc_filter_matches_the_reference(dtype, dc_tiles):
     nearest), which would put the Triton-written dC ~1.5x further off than the exact path's torch GEMM."""
     from cce_inductor.kernels import backward, common
 
-    n, v = 40, 160
-    d = 45 if dtype == torch.float32 else 48
-    e, c, b, y = _inputs(n=n, d=d, v=v, scale=30.0, bias=True, dtype=dtype)
-    y = (e.float() @ c.float().T + b.float()).argmax(1)
-    y[3] = -100
-    _, lse = lce_forward(e, c, b, y, -100, 0.0, 0.0)
-    gen = torch.Generator().manual_seed(5)
-    gl, gs = torch.rand(n, generator=gen), torch.rand(n, generator=gen) * 0.1
-    args = (e, c, b, y, lse, gl, gs, -100, 0.0, 0.0)
+    args, budget = _peaked_filter_case(dtype, 45 if dtype == torch.float32 else 48)
+    e, c, b, y, lse, gl, gs = args[:7]
     counts = torch.zeros(2, dtype=torch.int32)
-    dc_cfg = common._INTERPRETER
-    if dc_tiles == "split":
-        dc_cfg = dataclasses.replace(common._INTERPRETER, **_DC_GEMM_SPLIT)
-    budget = e.element_size() * 16 * 48 + 4 * 16 * d  # windows of 16 tokens, chunks of 48
+    dc_cfg = _dc_gemm_config(dc_tiles)
     lean = dtype != torch.float32
     with mock.patch.object(backward, "CHUNK_V", 48), mock.patch.object(backward, "LEAN_DZ_EPILOGUE", lean), \
             mock.patch.object(backward, "filtered_dc_config", lambda e: dc_cfg):
-        assert backward.buffered_window(e, v, budget, True, True) == (16, 48)
+        assert backward.buffered_window(e, c.shape[0], budget, True, True) == (16, 48)
         assert (common.tma_descriptor(e, [16, 16], dc_cfg) is None) == (dtype == torch.float32)
         filtered = lce_backward(*args, True, True, True, True, buffered=True, buffer_bytes=budget, tile_counts=counts,
                                 dc_filter="corrected")
@@ -317,20 +331,15 @@ def test_corrected_dc_filter_matches_the_reference(dtype, dc_tiles):
 def test_filtered_gemm_epilogues_through_descriptors_agree(dc_tiles, parts):
     """The filtered GEMMs' epilogues through TMA descriptors (dE's float32 and dC's 16-bit
     read-modify-write, in one or two column blocks) give the pointer epilogues' gradients bit for
-    bit: the same float32 sums, only the loads and stores change (fp16, D = 48: TMA loads; 3 windows,
-    so dC accumulates; ragged chunks and a partial last token tile, which the descriptors clip)."""
-    from cce_inductor.kernels import backward, common
+    bit: the same float32 sums, only the loads and stores change (``_peaked_filter_case`` in fp16, D =
+    48: TMA loads; 3 windows, so dC accumulates; ragged chunks and a partial last token tile, which the
+    descriptors clip)."""
+    from cce_inductor.kernels import backward
 
-    n, v, d = 40, 160, 48
-    e, c, b, y = _inputs(n=n, d=d, v=v, scale=30.0, bias=True, dtype=torch.float16)
-    y = (e.float() @ c.float().T + b.float()).argmax(1)
-    _, lse = lce_forward(e, c, b, y, -100, 0.0, 0.0)
-    gen = torch.Generator().manual_seed(5)
-    args = (e, c, b, y, lse, torch.rand(n, generator=gen), torch.rand(n, generator=gen) * 0.1, -100, 0.0, 0.0,
-            True, True, True, True)
-    dc_cfg = common._INTERPRETER if dc_tiles == "dz_tiles" else dataclasses.replace(common._INTERPRETER,
-                                                                                    **_DC_GEMM_SPLIT)
-    budget = e.element_size() * 16 * 48 + 4 * 16 * d  # windows of 16 tokens, chunks of 48
+    args, budget = _peaked_filter_case(torch.float16, 48)
+    e = args[0]
+    args = args + (True, True, True, True)
+    dc_cfg = _dc_gemm_config(dc_tiles)
     assert backward.epilogue_descriptor(e, dc_cfg, 16, parts) is not None
     assert backward.epilogue_descriptor(e, dc_cfg, 16, 0) is None
 
