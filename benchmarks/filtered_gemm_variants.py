@@ -9,28 +9,31 @@ in the padded buffer, E's window, C's chunk) and keep flags with a fraction ``--
 tiles kept at random (1.0: every tile, where the Triton GEMMs replace cuBLAS's one for one):
 
 * dE += dz @ C[chunk] (float32 accumulator of the window): cuBLAS's mixed-precision addmm (all the
-  work, whatever is kept) against ``_filtered_de_kernel`` with its epilogue through pointers and
-  through TMA descriptors (``EPILOGUE_PARTS``: in two column blocks at 3 stages; whole at 2 stages);
+  work, whatever is kept) against ``_filtered_de_kernel`` as the defaults have it (its epilogue a TMA
+  reduce-add in two column blocks, tiles in order of work), with a load and store instead of the
+  reduce (``FILTERED_DE_EPILOGUE_REDUCE``), in index order (``BALANCED_FILTERED_DE``), and with
+  neither (the defaults before both);
 * dC (+)= dz^T @ E[window] (the 16-bit dC rows of the chunk): cuBLAS's addmm_ and mm against
-  ``_filtered_dc_kernel`` with its epilogue through pointers (accumulating, and not: no read of the
-  old dC), through a TMA descriptor whole and in two column blocks (3 and 4 stages).
-(results/h200-2026-12-01i/filtered_gemm_variants_first.log also times, at commit 3ecd967, the old dC
-tile loaded before the K loop and dz^T read K-major from a transposed copy; both since removed.)
+  ``_filtered_dc_kernel`` as the defaults have it (one TMA block, tiles in order of work) and in
+  index order (``BALANCED_FILTERED_DC``).
+(results/h200-2026-12-01i/filtered_gemm_variants*.log time the earlier epilogue variants: pointers,
+one and two TMA blocks, 2 and 4 stages, the old dC tile loaded before the K loop, dz^T read K-major.)
+The random keep flags here give every token tile about the same count; the order of work matters
+where the counts differ, as on the LM-like data of ``--backward``.
 
 Times in interleaved rounds (benchmarks/rounds.py), as ms per call, TFLOP/s of the GEMM's full work
 (2 x rows x chunk x D, whatever is kept) and the ratio to cuBLAS's accumulating call; each variant's
 result against the default's (bit-equal expected but for cuBLAS's and the non-accumulating ones).
 A variant that does not compile (e.g. out of shared memory) is reported and left out.
 ``--backward``: then the filtered backward with dC by cuBLAS and with the corrected dC
-(dc_filter="corrected"), under each epilogue's module constants, against the exact backward, in
-rounds, at both data regimes.
+(dc_filter="corrected"), under those module constants, against the exact backward, in rounds, at
+both data regimes.
 Prints only; numbers worth keeping go to docs/PERF_NOTES.md."""
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import dataclasses
 import statistics
 from unittest import mock
 
@@ -82,32 +85,28 @@ def gemm_variants(n: int, d: int, v: int, kept: float, rounds: int) -> None:
           f"{tiles_n} x {tiles_v} tiles; GEMMs of {flops / 1e9:.1f} GFLOP each (all of it, whatever is kept)",
           flush=True)
 
-    def de(parts, stages=None):
-        tiles = de_cfg if stages is None else dataclasses.replace(de_cfg, num_stages=stages)
-        return lambda: backward.filtered_de_gemm(acc, dz, c, keep, 0, tiles, cfg.block_v, sms, dz_desc=descs["dz_de"],
-                                                 c_desc=descs["c_de"], acc_desc=descs.get(f"acc{parts}"),
-                                                 epilogue_parts=parts)
+    def de(reduce=None, balanced=None):
+        return lambda: backward.filtered_de_gemm(acc, dz, c, keep, 0, de_cfg, cfg.block_v, sms, dz_desc=descs["dz_de"],
+                                                 c_desc=descs["c_de"], acc_desc=descs["acc2"], epilogue_parts=2,
+                                                 epilogue_reduce=reduce, balanced=balanced)
 
-    def dc_call(parts, accumulate=True, stages=None):
-        tiles = dc_cfg if stages is None else dataclasses.replace(dc_cfg, num_stages=stages)
+    def dc_call(balanced=None):
         return lambda: backward.filtered_dc_gemm(
-            dc, dz, e, keep, col_sums, means, accumulate, tiles, cfg.block_n, cfg.block_v, sms,
-            dz_desc=descs["dz_dc"], e_desc=descs["e_dc"], dc_desc=descs.get(f"dc{parts}"), epilogue_parts=parts)
+            dc, dz, e, keep, col_sums, means, True, dc_cfg, cfg.block_n, cfg.block_v, sms,
+            dz_desc=descs["dz_dc"], e_desc=descs["e_dc"], dc_desc=descs["dc1"], epilogue_parts=1, balanced=balanced)
 
     de_variants = {
         "dE cuBLAS addmm (float32 out)": lambda: backward._add_product(acc, dz, c),
-        "dE Triton, pointer epilogue (default)": de(0),
-        "dE Triton, TMA epilogue in 2 parts": de(2),
-        "dE Triton, TMA epilogue, 2 stages": de(1, stages=2),
+        "dE Triton (default)": de(),
+        "dE Triton, load + store, not a reduce": de(reduce=False),
+        "dE Triton, index order": de(balanced=False),
+        "dE Triton, neither (the -i default)": de(reduce=False, balanced=False),
     }
     dc_variants = {
         "dC cuBLAS addmm_ (bf16)": lambda: dc.addmm_(dz.T, e),
         "dC cuBLAS mm (bf16, no accumulate)": lambda: torch.mm(dz.T, e, out=dc),
-        "dC Triton, pointer epilogue (default)": dc_call(0),
-        "dC Triton, pointers, no accumulate": dc_call(0, accumulate=False),
-        "dC Triton, TMA epilogue": dc_call(1),
-        "dC Triton, TMA epilogue in 2 parts": dc_call(2),
-        "dC Triton, TMA in 2 parts, 4 stages": dc_call(2, stages=4),
+        "dC Triton (default)": dc_call(),
+        "dC Triton, index order (the -i default)": dc_call(balanced=False),
     }
     for variants, out, init in ((de_variants, acc, None), (dc_variants, dc, dc_old)):
         results, usable = {}, {}
@@ -144,19 +143,25 @@ def backward_variants(n: int, d: int, v: int, regime: str, rounds: int) -> None:
                                     dc_filter=dc_filter)
         return call
 
+    off = dict(FILTERED_DE_EPILOGUE_REDUCE=False, BALANCED_FILTERED_DE=False, BALANCED_FILTERED_DC=False)  # -i
     variants = {
         "exact": run(False),
-        "filtered, dC by cuBLAS, dE pointer epilogue": run(True, "exact", FILTERED_DE_EPILOGUE_PARTS=0),
-        "filtered, dC by cuBLAS, dE TMA in 2 parts": run(True, "exact", FILTERED_DE_EPILOGUE_PARTS=2),
-        "corrected, pointer epilogues": run(True, "corrected", FILTERED_DE_EPILOGUE_PARTS=0,
-                                            FILTERED_DC_EPILOGUE_PARTS=0),
-        "corrected, dE 0, dC TMA 1 part": run(True, "corrected", FILTERED_DE_EPILOGUE_PARTS=0,
-                                              FILTERED_DC_EPILOGUE_PARTS=1),
-        "corrected, dE TMA 2 parts, dC TMA 1 part": run(True, "corrected", FILTERED_DE_EPILOGUE_PARTS=2,
-                                                        FILTERED_DC_EPILOGUE_PARTS=1),
-        "corrected, dE TMA 2 parts, dC TMA 2 parts": run(True, "corrected", FILTERED_DE_EPILOGUE_PARTS=2,
-                                                         FILTERED_DC_EPILOGUE_PARTS=2),
+        "filtered, dC by cuBLAS (default)": run(True, "exact"),
+        "filtered, dE load + store": run(True, "exact", FILTERED_DE_EPILOGUE_REDUCE=False),
+        "filtered, dE in index order": run(True, "exact", BALANCED_FILTERED_DE=False),
+        "filtered, as in -i": run(True, "exact", **off),
+        "corrected": run(True, "corrected"),
+        "corrected, dC in index order": run(True, "corrected", BALANCED_FILTERED_DC=False),
+        "corrected, both in index order": run(True, "corrected", BALANCED_FILTERED_DE=False,
+                                              BALANCED_FILTERED_DC=False),
+        "corrected, as in -i": run(True, "corrected", **off),
     }
+    for label, fn in list(variants.items()):  # compile each; one that fails is reported and left out
+        try:
+            fn()
+        except Exception as exc:
+            print(f"  {label}: failed: {type(exc).__name__}: {str(exc).splitlines()[0][:160]}", flush=True)
+            del variants[label]
     print(f"\n=== backward N={n} D={d} V={v} {regime}", flush=True)
     for label, samples in interleaved_ms(variants, rounds=rounds).items():
         mid = statistics.median(samples)
@@ -169,9 +174,10 @@ def main(argv=None) -> None:
     parser.add_argument("--kept", nargs="+", type=float, default=[1.0, 0.57], help="fractions of tiles kept")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--backward", action="store_true")
+    parser.add_argument("--no-gemms", action="store_true", help="the backward only (with --backward)")
     args = parser.parse_args(argv)
     print(torch.cuda.get_device_name(), "torch", torch.__version__, flush=True)
-    for shape in args.shapes:
+    for shape in [] if args.no_gemms else args.shapes:
         n, d, v = map(int, shape.split(","))
         for kept in args.kept:
             gemm_variants(n, d, v, kept, args.rounds)

@@ -318,7 +318,8 @@ def _filtered_de_kernel(
     stride_dzn, stride_cv, stride_accn,
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr, TILE_V: tl.constexpr,
     KEEP_WIDTH: tl.constexpr, TMA: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
-    FLATTEN: tl.constexpr, EPILOGUE_PARTS: tl.constexpr,
+    FLATTEN: tl.constexpr, EPILOGUE_PARTS: tl.constexpr, EPILOGUE_REDUCE: tl.constexpr,
+    BALANCED: tl.constexpr, ITEMS: tl.constexpr,
 ):
     """The filtered path's dE GEMM of one chunk: Acc[n, d] += sum over the kept vocab tiles t of
     dz[n, t] @ C[t, d] for every (token tile, D tile); the token tile's keep flags (Keep, one row
@@ -327,26 +328,65 @@ def _filtered_de_kernel(
     FLATTEN folds the tile loop into the K loop, so the next tile's loads overlap this one's
     read-modify-write of Acc. EPILOGUE_PARTS (``_add_through_descriptor``): 0 = that read-modify-write
     through pointers, 1 or 2 = through Acc_desc (tiles of [BLOCK_N, BLOCK_D // EPILOGUE_PARTS]; a tile
-    with nothing kept adds its zeros too)."""
+    with nothing kept adds its zeros too); EPILOGUE_REDUCE: there as a TMA reduce-add (no load of Acc).
+    BALANCED: the output tiles in descending order of their token tile's kept count, dealt to the
+    programs in snake order (``_balanced_position``; ITEMS >= the token tiles, a power of two)."""
     num_tiles = tl.cdiv(n_count, BLOCK_N) * tl.cdiv(D, BLOCK_D)
+    if BALANCED:
+        num_v_tiles = tl.cdiv(v_count, TILE_V)
+        keys = _items_by_work(Keep, tl.cdiv(n_count, BLOCK_N), num_v_tiles, num_v_tiles, 1, ITEMS, KEEP_WIDTH)
+    else:
+        keys = tl.zeros([ITEMS], tl.int32)
     if FLATTEN:
         for tile in tl.range(tl.program_id(0), num_tiles, num_programs, flatten=True):
-            _filtered_de_tile(Dz, C, Dz_desc, C_desc, Keep, Acc, Acc_desc, tile, n_count, D, v_begin, v_count,
-                              stride_dzn, stride_cv, stride_accn, BLOCK_N, BLOCK_D, BLOCK_K, TILE_V,
-                              KEEP_WIDTH, TMA, DOT_PRECISION, UPCAST, EPILOGUE_PARTS)
+            _filtered_de_tile(Dz, C, Dz_desc, C_desc, Keep, Acc, Acc_desc, tile, num_tiles, num_programs, keys,
+                              n_count, D, v_begin, v_count, stride_dzn, stride_cv, stride_accn, BLOCK_N, BLOCK_D,
+                              BLOCK_K, TILE_V, KEEP_WIDTH, TMA, DOT_PRECISION, UPCAST, EPILOGUE_PARTS,
+                              EPILOGUE_REDUCE, BALANCED, ITEMS)
     else:
         for tile in range(tl.program_id(0), num_tiles, num_programs):
-            _filtered_de_tile(Dz, C, Dz_desc, C_desc, Keep, Acc, Acc_desc, tile, n_count, D, v_begin, v_count,
-                              stride_dzn, stride_cv, stride_accn, BLOCK_N, BLOCK_D, BLOCK_K, TILE_V,
-                              KEEP_WIDTH, TMA, DOT_PRECISION, UPCAST, EPILOGUE_PARTS)
+            _filtered_de_tile(Dz, C, Dz_desc, C_desc, Keep, Acc, Acc_desc, tile, num_tiles, num_programs, keys,
+                              n_count, D, v_begin, v_count, stride_dzn, stride_cv, stride_accn, BLOCK_N, BLOCK_D,
+                              BLOCK_K, TILE_V, KEEP_WIDTH, TMA, DOT_PRECISION, UPCAST, EPILOGUE_PARTS,
+                              EPILOGUE_REDUCE, BALANCED, ITEMS)
+
+
+@triton.jit
+def _items_by_work(Keep, num_items, num_flags, item_stride, flag_stride, ITEMS: tl.constexpr, FLAGS: tl.constexpr):
+    """The launch's items (the dE GEMM's token tiles: rows of Keep; the dC GEMM's vocab tiles: its
+    columns) in descending order of their kept tiles, as sort keys count * ITEMS + (ITEMS - 1 - item)
+    (ties: the lower item first; -1 past num_items, so last); ``_balanced_position`` reads them."""
+    items = tl.arange(0, ITEMS)
+    flags = tl.arange(0, FLAGS)
+    kept = tl.load(Keep + items[:, None] * item_stride + flags[None, :] * flag_stride,
+                   mask=(items[:, None] < num_items) & (flags[None, :] < num_flags), other=0) != 0
+    counts = tl.sum(kept.to(tl.int32), axis=1)
+    return tl.sort(tl.where(items < num_items, counts * ITEMS + (ITEMS - 1 - items), -1), descending=True)
+
+
+@triton.jit
+def _balanced_position(tile, num_tiles, num_programs, tiles_per_item, keys, ITEMS: tl.constexpr):
+    """(item, tile within the item) that a persistent program takes at loop position ``tile`` (its
+    programs walk tile = pid, pid + num_programs, ...): the tiles ranked by their item's work
+    (``keys`` from ``_items_by_work``, the item's tiles_per_item tiles together), dealt in snake order
+    -- ranks left to right over the programs in even waves, right to left in odd ones (a partial last
+    wave over the programs that have a tile in it) -- so that a program's long tiles pair with short
+    ones. Static: the same schedule on every run, each rank taken once."""
+    wave = tile // num_programs
+    first = wave * num_programs
+    width = tl.minimum(num_programs, num_tiles - first)
+    rank = tl.where(wave % 2 == 0, tile, 2 * first + width - 1 - tile)
+    key = tl.sum(tl.where(tl.arange(0, ITEMS) == rank // tiles_per_item, keys, 0), axis=0)
+    return ITEMS - 1 - key % ITEMS, rank % tiles_per_item
 
 
 @triton.jit
 def _filtered_de_tile(
-    Dz, C, Dz_desc, C_desc, Keep, Acc, Acc_desc, tile, n_count, D, v_begin, v_count, stride_dzn, stride_cv,
-    stride_accn, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr, TILE_V: tl.constexpr,
-    KEEP_WIDTH: tl.constexpr, TMA: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
-    EPILOGUE_PARTS: tl.constexpr,
+    Dz, C, Dz_desc, C_desc, Keep, Acc, Acc_desc, tile, num_tiles, num_programs, keys, n_count, D, v_begin, v_count,
+    stride_dzn, stride_cv, stride_accn, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr,
+    TILE_V: tl.constexpr, KEEP_WIDTH: tl.constexpr, TMA: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr, EPILOGUE_PARTS: tl.constexpr, EPILOGUE_REDUCE: tl.constexpr, BALANCED: tl.constexpr,
+    ITEMS: tl.constexpr,
 ):
     """One output tile. The K loop runs over the kept steps only, with no branch, no reduction and no
     loop-carried index in its body (so it stays pipelined): the kept tiles are listed first, as four
@@ -354,8 +394,11 @@ def _filtered_de_tile(
     chunk, MAX_CHUNK_TILES), and each step's tile is a function of the step. A tile with nothing kept
     skips the accumulator's read-modify-write too (masked off: no traffic)."""
     num_d_tiles = tl.cdiv(D, BLOCK_D)
-    pid_n = tile // num_d_tiles
-    pid_d = tile % num_d_tiles
+    if BALANCED:
+        pid_n, pid_d = _balanced_position(tile, num_tiles, num_programs, num_d_tiles, keys, ITEMS)
+    else:
+        pid_n = tile // num_d_tiles
+        pid_d = tile % num_d_tiles
     num_v_tiles = tl.cdiv(v_count, TILE_V)
     slots = tl.arange(0, KEEP_WIDTH)
     keep = tl.load(Keep + pid_n * num_v_tiles + slots, mask=slots < num_v_tiles, other=0) != 0
@@ -383,7 +426,7 @@ def _filtered_de_tile(
                         mask=mask_k[:, None] & (offs_d[None, :] < D), other=0.0)
         acc = dot(a, b, acc, DOT_PRECISION, UPCAST)
     if EPILOGUE_PARTS > 0:
-        _add_through_descriptor(Acc_desc, n0, d0, acc, Acc.dtype.element_ty, True, EPILOGUE_PARTS)
+        _add_through_descriptor(Acc_desc, n0, d0, acc, Acc.dtype.element_ty, True, EPILOGUE_PARTS, EPILOGUE_REDUCE)
     else:
         acc_ptrs = Acc + offs_n[:, None] * stride_accn + offs_d[None, :]
         any_kept = tl.full([BLOCK_D], 0, tl.int32) + num_kept > 0  # as a vector: the interpreter takes no scalar mask
@@ -437,7 +480,7 @@ def _filtered_dc_kernel(
     BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr, TILE_N: tl.constexpr,
     TILE_V: tl.constexpr, KEEP_WIDTH: tl.constexpr, ACCUMULATE: tl.constexpr, TMA: tl.constexpr,
     DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, FLATTEN: tl.constexpr,
-    EPILOGUE_PARTS: tl.constexpr,
+    EPILOGUE_PARTS: tl.constexpr, BALANCED: tl.constexpr, ITEMS: tl.constexpr,
 ):
     """The filtered path's dC GEMM of one (window, chunk): for every (BLOCK_V rows, BLOCK_D columns)
     tile of the chunk's dC,
@@ -448,35 +491,49 @@ def _filtered_dc_kernel(
     lists (at most 64 token tiles per window). The sum is float32, rounded into the 16-bit dC once
     per window (ACCUMULATE: added to what earlier windows left there), as cuBLAS's addmm does.
     Persistent (D fastest, so that a vocab block's dz columns stay in L2); FLATTEN and EPILOGUE_PARTS
-    (dC's read-modify-write through dC_desc) as in the dE GEMM."""
-    num_tiles = tl.cdiv(v_count, BLOCK_V) * tl.cdiv(D, BLOCK_D)
+    (dC's read-modify-write through dC_desc) as in the dE GEMM. BALANCED: the output tiles by their
+    vocab tile's kept count as in the dE GEMM (ITEMS >= the chunk's vocab tiles); each vocab tile's
+    TILE_V // BLOCK_V row blocks all count, also past v_count in the last one (masked or clipped)."""
+    num_v_tiles = tl.cdiv(v_count, TILE_V)
+    if BALANCED:
+        num_tiles = num_v_tiles * (TILE_V // BLOCK_V) * tl.cdiv(D, BLOCK_D)
+        keys = _items_by_work(Keep, num_v_tiles, tl.cdiv(n_count, TILE_N), 1, num_v_tiles, ITEMS, KEEP_WIDTH)
+    else:
+        num_tiles = tl.cdiv(v_count, BLOCK_V) * tl.cdiv(D, BLOCK_D)
+        keys = tl.zeros([ITEMS], tl.int32)
     if FLATTEN:
         for tile in tl.range(tl.program_id(0), num_tiles, num_programs, flatten=True):
-            _filtered_dc_tile(Dz, E, Dz_desc, E_desc, Keep, ColSums, TileMeans, dC, dC_desc, tile, n_count, D,
-                              v_count, stride_dzn, stride_en, stride_sn, stride_mn, stride_dcv, BLOCK_V, BLOCK_D,
-                              BLOCK_K, TILE_N, TILE_V, KEEP_WIDTH, ACCUMULATE, TMA, DOT_PRECISION, UPCAST,
-                              EPILOGUE_PARTS)
+            _filtered_dc_tile(Dz, E, Dz_desc, E_desc, Keep, ColSums, TileMeans, dC, dC_desc, tile, num_tiles,
+                              num_programs, keys, n_count, D, v_count, stride_dzn, stride_en, stride_sn, stride_mn,
+                              stride_dcv, BLOCK_V, BLOCK_D, BLOCK_K, TILE_N, TILE_V, KEEP_WIDTH, ACCUMULATE, TMA,
+                              DOT_PRECISION, UPCAST, EPILOGUE_PARTS, BALANCED, ITEMS)
     else:
         for tile in range(tl.program_id(0), num_tiles, num_programs):
-            _filtered_dc_tile(Dz, E, Dz_desc, E_desc, Keep, ColSums, TileMeans, dC, dC_desc, tile, n_count, D,
-                              v_count, stride_dzn, stride_en, stride_sn, stride_mn, stride_dcv, BLOCK_V, BLOCK_D,
-                              BLOCK_K, TILE_N, TILE_V, KEEP_WIDTH, ACCUMULATE, TMA, DOT_PRECISION, UPCAST,
-                              EPILOGUE_PARTS)
+            _filtered_dc_tile(Dz, E, Dz_desc, E_desc, Keep, ColSums, TileMeans, dC, dC_desc, tile, num_tiles,
+                              num_programs, keys, n_count, D, v_count, stride_dzn, stride_en, stride_sn, stride_mn,
+                              stride_dcv, BLOCK_V, BLOCK_D, BLOCK_K, TILE_N, TILE_V, KEEP_WIDTH, ACCUMULATE, TMA,
+                              DOT_PRECISION, UPCAST, EPILOGUE_PARTS, BALANCED, ITEMS)
 
 
 @triton.jit
 def _filtered_dc_tile(
-    Dz, E, Dz_desc, E_desc, Keep, ColSums, TileMeans, dC, dC_desc, tile, n_count, D, v_count,
-    stride_dzn, stride_en, stride_sn, stride_mn, stride_dcv,
+    Dz, E, Dz_desc, E_desc, Keep, ColSums, TileMeans, dC, dC_desc, tile, num_tiles, num_programs, keys, n_count, D,
+    v_count, stride_dzn, stride_en, stride_sn, stride_mn, stride_dcv,
     BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr, TILE_N: tl.constexpr,
     TILE_V: tl.constexpr, KEEP_WIDTH: tl.constexpr, ACCUMULATE: tl.constexpr, TMA: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, EPILOGUE_PARTS: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, EPILOGUE_PARTS: tl.constexpr, BALANCED: tl.constexpr,
+    ITEMS: tl.constexpr,
 ):
     """One output tile (BLOCK_V divides TILE_V: the tile's rows share one column of keep flags)."""
     num_d_tiles = tl.cdiv(D, BLOCK_D)
-    pid_v = tile // num_d_tiles
-    pid_d = tile % num_d_tiles
-    v0 = pid_v * BLOCK_V
+    if BALANCED:
+        vocab_tile, within = _balanced_position(tile, num_tiles, num_programs, (TILE_V // BLOCK_V) * num_d_tiles,
+                                                keys, ITEMS)
+        v0 = vocab_tile * TILE_V + (within // num_d_tiles) * BLOCK_V
+        pid_d = within % num_d_tiles
+    else:
+        v0 = (tile // num_d_tiles) * BLOCK_V
+        pid_d = tile % num_d_tiles
     d0 = pid_d * BLOCK_D
     num_n_tiles = tl.cdiv(n_count, TILE_N)
     slots = tl.arange(0, KEEP_WIDTH)  # token tiles of the window
@@ -530,27 +587,38 @@ def _filtered_dc_tile(
 
 @triton.jit
 def _add_through_descriptor(desc, r0, c0, acc, OUT_DTYPE: tl.constexpr, ACCUMULATE: tl.constexpr,
-                            PARTS: tl.constexpr):
+                            PARTS: tl.constexpr, REDUCE: tl.constexpr = False):
     """The tensor under ``desc`` at [r0, c0] (+)= acc (float32), read and written through the TMA
     descriptor (zero-filled and clipped at the tensor's edges, so no masks; the store is asynchronous)
     in PARTS = 1 or 2 column blocks of the tile (the descriptor's tiles: [rows, cols // PARTS]; two
     halve the shared memory the store goes through, which a float32 128 x 256 tile beside three
-    pipeline stages does not have)."""
+    pipeline stages does not have). REDUCE (a float32 tensor, ACCUMULATE): the add done by the TMA
+    unit in L2 (a reduce-add, no load: the same float32 sum, old + acc); GPU only, the interpreter
+    has no descriptor reductions."""
+    if REDUCE:
+        tl.static_assert(ACCUMULATE and OUT_DTYPE == tl.float32, "a reduce-add into a float32 accumulator")
     if PARTS == 1:
-        if ACCUMULATE:
-            acc += desc.load([r0, c0]).to(tl.float32)
-        desc.store([r0, c0], acc.to(OUT_DTYPE))
+        if REDUCE:
+            desc.atomic_add([r0, c0], acc)
+        else:
+            if ACCUMULATE:
+                acc += desc.load([r0, c0]).to(tl.float32)
+            desc.store([r0, c0], acc.to(OUT_DTYPE))
     else:
         tl.static_assert(PARTS == 2, "one or two parts")
         ROWS: tl.constexpr = acc.shape[0]
         HALF: tl.constexpr = acc.shape[1] // 2
         left, right = tl.split(tl.permute(tl.reshape(acc, (ROWS, 2, HALF)), (0, 2, 1)))
-        if ACCUMULATE:
-            left += desc.load([r0, c0]).to(tl.float32)
-        desc.store([r0, c0], left.to(OUT_DTYPE))
-        if ACCUMULATE:
-            right += desc.load([r0, c0 + HALF]).to(tl.float32)
-        desc.store([r0, c0 + HALF], right.to(OUT_DTYPE))
+        if REDUCE:
+            desc.atomic_add([r0, c0], left)
+            desc.atomic_add([r0, c0 + HALF], right)
+        else:
+            if ACCUMULATE:
+                left += desc.load([r0, c0]).to(tl.float32)
+            desc.store([r0, c0], left.to(OUT_DTYPE))
+            if ACCUMULATE:
+                right += desc.load([r0, c0 + HALF]).to(tl.float32)
+            desc.store([r0, c0 + HALF], right.to(OUT_DTYPE))
 
 
 # The filtered GEMMs' epilogues (their kernels' EPILOGUE_PARTS): 0 = the accumulator's
@@ -566,6 +634,26 @@ def _add_through_descriptor(desc, r0, c0, acc, OUT_DTYPE: tl.constexpr, ACCUMULA
 # 34.82 ms with these (dE 2, dC 1); 53.26 against 51.86 ms at 8192 x 2304 x 256000.
 FILTERED_DE_EPILOGUE_PARTS = 2
 FILTERED_DC_EPILOGUE_PARTS = 1
+# dE's epilogue as a TMA reduce-add into its float32 accumulator (no load of the old tile; the same
+# float32 sums), where it goes through a descriptor on a GPU. Predicted: dE with every tile kept
+# 1.07-1.09x -> ~1.03-1.05x cuBLAS (dC's GEMM without its old-tile read measured 1.03-1.05x).
+FILTERED_DE_EPILOGUE_REDUCE = True
+# The filtered GEMMs' output tiles walked in descending order of their work (kept tiles), dealt to
+# the persistent programs in snake order (_balanced_position), instead of in index order. A CPU model
+# of one Llama-shaped window of the LM-like data (4096 x 128256, 2048 tokens, chunks of 6144, 57.5%
+# kept; 132 programs, each tile's time = its kept K steps): the longest program's work, as a fraction
+# of the all-kept launch's, dE 0.72 in index order -> 0.65 balanced (0.56 a perfect split), dC 0.63 ->
+# 0.58 (0.56) -- index order puts a token tile's 16 D tiles on neighbouring programs of one wave.
+# Measured on an H200 (results/h200-2026-12-01j/filtered_gemm_variants_first.log), each GEMM alone:
+# dE with every tile kept 1.052 / 1.054x cuBLAS either way, ~58% kept at random 0.677 against 0.703x
+# at 4096 x 128256 (one wave at 2304 x 256000: no change); dC with every tile kept 1.124 / 1.134x
+# against 1.105 / 1.119x in index order (its tiles are 3-6x shorter than dE's, so the per-tile lookup
+# counts more), ~58% kept 0.767 / 0.752x against 0.796 / 0.757x.
+BALANCED_FILTERED_DE = True
+BALANCED_FILTERED_DC = True
+# Above this many items (token tiles of a dE window, vocab tiles of a dC chunk) a program's sort of
+# their keep counts would hold too many registers: index order there.
+MAX_BALANCED_ITEMS = 256
 
 
 def epilogue_descriptor(t: Tensor, cfg: TileConfig, rows: int, parts: int):
@@ -576,22 +664,42 @@ def epilogue_descriptor(t: Tensor, cfg: TileConfig, rows: int, parts: int):
     return tma_descriptor(t, [rows, cfg.block_d // parts], cfg, accumulator=True)
 
 
+def _balanced_items(items: int, balanced: bool, tiles: int, programs: int) -> int:
+    """The filtered GEMM kernels' ITEMS for ``items`` items (token or vocab tiles) where their
+    ``tiles`` go in order of work (``balanced``), else 0: index order, also where there is nothing to
+    balance -- one item (its tiles all do the same work) or one wave (a tile per program) -- since the
+    sort and the lookups cost each program time (measured ~0.15 ms a backward at 8192 x 2304 x
+    256000, whose dE launches are one wave: results/h200-2026-12-01j/filtered_backward_variants.log)."""
+    if not balanced or items < 2 or items > MAX_BALANCED_ITEMS or tiles <= programs:
+        return 0
+    return triton.next_power_of_2(items)
+
+
 def filtered_de_gemm(acc: Tensor, dz: Tensor, c: Tensor, keep: Tensor, v_begin: int, cfg: TileConfig,
                      tile_v: int, sms: int, *, dz_desc=None, c_desc=None, acc_desc=None,
-                     epilogue_parts: int | None = None) -> None:
+                     epilogue_parts: int | None = None, epilogue_reduce: bool | None = None,
+                     balanced: bool | None = None) -> None:
     """acc (float32, the window's (n, D)) += dz @ C[v_begin : v_begin + v_count] over the vocab tiles
     (``tile_v`` wide, the dz kernel's) that ``keep`` (int8, one row of flags per token tile, as the dz
     kernel wrote them) kept; dz: (n, v_count), unit column stride. TMA loads where both descriptors
     are given (dz's of [cfg.block_n, cfg.block_v], C's of [cfg.block_v, cfg.block_d]); the epilogue
     in ``epilogue_parts`` (None: FILTERED_DE_EPILOGUE_PARTS) through ``acc_desc`` (made by
-    ``epilogue_descriptor`` for those parts), or through pointers where it is None or parts is 0."""
+    ``epilogue_descriptor`` for those parts), or through pointers where it is None or parts is 0; as
+    a TMA reduce-add where ``epilogue_reduce`` (None: FILTERED_DE_EPILOGUE_REDUCE) and the epilogue
+    goes through the descriptor on a GPU. ``balanced`` (None: BALANCED_FILTERED_DE): the tiles in
+    order of work (``_balanced_position``; persistent launches only)."""
     n_count, v_count = dz.shape
     dim = acc.shape[1]
     tma = dz_desc is not None and c_desc is not None
     parts = FILTERED_DE_EPILOGUE_PARTS if epilogue_parts is None else epilogue_parts
     parts = parts if tma and acc_desc is not None else 0
-    tiles = triton.cdiv(n_count, cfg.block_n) * triton.cdiv(dim, cfg.block_d)
+    reduce = FILTERED_DE_EPILOGUE_REDUCE if epilogue_reduce is None else epilogue_reduce
+    reduce = bool(reduce) and parts > 0 and acc.device.type == "cuda"
+    tiles_n = triton.cdiv(n_count, cfg.block_n)
+    tiles = tiles_n * triton.cdiv(dim, cfg.block_d)
     programs = min(tiles, sms) if FILTERED_DE_PERSISTENT else tiles
+    balanced = BALANCED_FILTERED_DE if balanced is None else balanced
+    items = _balanced_items(tiles_n, balanced and FILTERED_DE_PERSISTENT, tiles, programs)
     # the kernel's lists hold 64 tiles (buffered_shape keeps to it; a patched shape might not)
     assert triton.cdiv(v_count, tile_v) <= MAX_CHUNK_TILES, "chunk wider than the dE GEMM's lists"
     _filtered_de_kernel[(programs,)](
@@ -600,28 +708,34 @@ def filtered_de_gemm(acc: Tensor, dz: Tensor, c: Tensor, keep: Tensor, v_begin: 
         BLOCK_N=cfg.block_n, BLOCK_D=cfg.block_d, BLOCK_K=cfg.block_v, TILE_V=tile_v,
         KEEP_WIDTH=max(16, triton.next_power_of_2(triton.cdiv(v_count, tile_v))),
         TMA=tma, DOT_PRECISION=dot_precision(dz.dtype), UPCAST=dot_upcast(dz),
-        FLATTEN=tma and HAS_FLATTEN and FILTERED_DE_PERSISTENT, EPILOGUE_PARTS=parts,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        FLATTEN=tma and HAS_FLATTEN and FILTERED_DE_PERSISTENT, EPILOGUE_PARTS=parts, EPILOGUE_REDUCE=reduce,
+        BALANCED=items > 0, ITEMS=max(items, 1), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
 
 
 def filtered_dc_gemm(dc: Tensor, dz: Tensor, e: Tensor, keep: Tensor, col_sums: Tensor, tile_means: Tensor,
                      accumulate: bool, cfg: TileConfig, tile_n: int, tile_v: int, sms: int, *, dz_desc=None,
-                     e_desc=None, dc_desc=None, epilogue_parts: int | None = None) -> None:
+                     e_desc=None, dc_desc=None, epilogue_parts: int | None = None,
+                     balanced: bool | None = None) -> None:
     """dc (the chunk's (v_count, D) rows of the 16-bit dC) (+)= dz^T @ e over the (``tile_n`` x
     ``tile_v``) tiles that ``keep`` kept, plus col_sums^T @ tile_means for the rest (the stand-ins;
     col_sums float32 (token tiles, v_count), 0 where kept; tile_means float32 (token tiles, D)); added
     to dc's contents where ``accumulate``. dz: (n, v_count), unit column stride. TMA loads where
     dz_desc ([cfg.block_n, cfg.block_v]) and e_desc ([cfg.block_n, cfg.block_d]) are given; the
     epilogue as in ``filtered_de_gemm`` (None: FILTERED_DC_EPILOGUE_PARTS; ``dc_desc`` from
-    ``epilogue_descriptor(dc, cfg, cfg.block_v, parts)``)."""
+    ``epilogue_descriptor(dc, cfg, cfg.block_v, parts)``; never a reduce: dC is 16-bit, and its
+    running sum rounds once per window); ``balanced`` (None: BALANCED_FILTERED_DC) as there."""
     n_count, dim = e.shape
     v_count = dc.shape[0]
     tiles_n = triton.cdiv(n_count, tile_n)
     tma = dz_desc is not None and e_desc is not None
     parts = FILTERED_DC_EPILOGUE_PARTS if epilogue_parts is None else epilogue_parts
     parts = parts if tma and dc_desc is not None else 0
-    programs = min(triton.cdiv(v_count, cfg.block_v) * triton.cdiv(dim, cfg.block_d), sms)
+    tiles_v, tiles_d = triton.cdiv(v_count, tile_v), triton.cdiv(dim, cfg.block_d)
+    balanced_tiles = tiles_v * (tile_v // cfg.block_v) * tiles_d  # whole vocab tiles' row blocks
+    items = _balanced_items(tiles_v, BALANCED_FILTERED_DC if balanced is None else balanced, balanced_tiles,
+                            min(balanced_tiles, sms))
+    programs = min(balanced_tiles if items else triton.cdiv(v_count, cfg.block_v) * tiles_d, sms)
     # the kernel's lists hold 64 token tiles (buffered_shape keeps to it; a patched shape might not)
     assert tiles_n <= MAX_WINDOW_TILES, "window longer than the dC GEMM's lists"
     _filtered_dc_kernel[(programs,)](
@@ -631,7 +745,8 @@ def filtered_dc_gemm(dc: Tensor, dz: Tensor, e: Tensor, keep: Tensor, col_sums: 
         BLOCK_V=cfg.block_v, BLOCK_D=cfg.block_d, BLOCK_K=cfg.block_n, TILE_N=tile_n, TILE_V=tile_v,
         KEEP_WIDTH=max(16, triton.next_power_of_2(tiles_n)), ACCUMULATE=bool(accumulate), TMA=tma,
         DOT_PRECISION=dot_precision(e.dtype), UPCAST=dot_upcast(e), FLATTEN=tma and HAS_FLATTEN,
-        EPILOGUE_PARTS=parts, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        EPILOGUE_PARTS=parts, BALANCED=items > 0, ITEMS=max(items, 1), num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages,
     )
 
 

@@ -181,6 +181,60 @@ def test_filter_skips_only_where_the_softmax_allows():
     assert s > 0.0
 
 
+def test_filtered_gemms_reduce_and_order_of_work():
+    """The filtered GEMMs called directly at the GPU's tiles (TMA loads, dE's epilogue a TMA
+    reduce-add, dC's a load and store through a descriptor) with their tiles in order of work and in
+    index order, against float64 sums over the kept tiles: 1000 tokens (8 token tiles, the last
+    partial) x 3000 entries (12 vocab tiles, the last partial; a chunk starting at row 40 of C) x D =
+    512, keep counts differing between token tiles, 5 programs (dE: 16 tiles, dC: 48, several waves
+    each, so both orders run). Both orders and dE's load-and-store epilogue give the same float32
+    sums, bit for bit."""
+    from cce_inductor.kernels import backward
+    from cce_inductor.kernels.common import buffered_config, filtered_dc_config, filtered_de_config, tma_descriptor
+
+    n, d, v, v_begin = 1000, 512, 3000, 40
+    gen = torch.Generator(device="cuda").manual_seed(11)
+    dz = (torch.randn(n, backward.buffer_row_stride(v), device="cuda", generator=gen) * 1e-2).bfloat16()[:, :v]
+    e = torch.randn(n, d, device="cuda", generator=gen).bfloat16()
+    c = (torch.randn(v_begin + v, d, device="cuda", generator=gen) / d**0.5).bfloat16()
+    cfg = buffered_config(e)
+    de_cfg, dc_cfg = filtered_de_config(e), filtered_dc_config(e)
+    tiles_n, tiles_v = -(-n // cfg.block_n), -(-v // cfg.block_v)
+    rates = torch.linspace(0.1, 0.95, tiles_n, device="cuda")[:, None]
+    keep = (torch.rand(tiles_n, tiles_v, device="cuda", generator=gen) < rates).to(torch.int8)
+    mask = keep.bool().repeat_interleave(cfg.block_n, 0).repeat_interleave(cfg.block_v, 1)[:n, :v]
+    col_sums = torch.randn(tiles_n, v, device="cuda", generator=gen) * 1e-2 * ~mask[:: cfg.block_n]
+    means = backward._tile_means(e, cfg.block_n)
+    dc_old = torch.randn(v, d, device="cuda", generator=gen).bfloat16()
+    descs = dict(dz_de=tma_descriptor(dz, [de_cfg.block_n, de_cfg.block_v], de_cfg),
+                 c_de=tma_descriptor(c, [de_cfg.block_v, de_cfg.block_d], de_cfg),
+                 dz_dc=tma_descriptor(dz, [dc_cfg.block_n, dc_cfg.block_v], dc_cfg),
+                 e_dc=tma_descriptor(e, [dc_cfg.block_n, dc_cfg.block_d], dc_cfg))
+    if None in descs.values():
+        pytest.skip("no TMA descriptors on this GPU")
+    kept = torch.where(mask, dz.double(), 0.0)
+    de_want = 1.0 + kept @ c[v_begin:].double()
+    dc_want = dc_old.double() + kept.T @ e.double() + col_sums.bfloat16().double().T @ means.bfloat16().double()
+    results = []
+    for balanced, reduce in ((True, True), (False, True), (True, False)):
+        acc = torch.ones(n, d, device="cuda")
+        backward.filtered_de_gemm(acc, dz, c, keep.view(-1), v_begin, de_cfg, cfg.block_v, 5,
+                                  dz_desc=descs["dz_de"], c_desc=descs["c_de"],
+                                  acc_desc=backward.epilogue_descriptor(acc, de_cfg, de_cfg.block_n, 2),
+                                  epilogue_parts=2, epilogue_reduce=reduce, balanced=balanced)
+        dc = dc_old.clone()
+        backward.filtered_dc_gemm(dc, dz, e, keep.view(-1), col_sums, means, True, dc_cfg, cfg.block_n, cfg.block_v,
+                                  5, dz_desc=descs["dz_dc"], e_desc=descs["e_dc"],
+                                  dc_desc=backward.epilogue_descriptor(dc, dc_cfg, dc_cfg.block_v, 1),
+                                  epilogue_parts=1, balanced=balanced)
+        print("balanced", balanced, "reduce", reduce, "dE %.2e dC %.2e" % (_rel(acc, de_want), _rel(dc, dc_want)))
+        assert _rel(acc, de_want) < 1e-5
+        assert _rel(dc, dc_want) < 4e-3  # one bf16 rounding of the sum
+        results.append((acc, dc))
+    for other in results[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(results[0], other))
+
+
 def test_corrected_dc_filter_matches_the_reference():
     """The filtered buffered backward (the GPU's 128 x 256 dz tiles, TMA, the Triton dE and dC GEMMs)
     against reference.filtered_backward in float64 on the same bf16 inputs: LM-like logits scaled by 4

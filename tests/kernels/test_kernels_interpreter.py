@@ -30,7 +30,7 @@ import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
 from cce_inductor.kernels import lce_backward, lce_forward  # noqa: E402
-from cce_inductor.kernels.backward import _kept_tile, _kept_tile_lists  # noqa: E402
+from cce_inductor.kernels.backward import _balanced_position, _items_by_work, _kept_tile, _kept_tile_lists  # noqa: E402
 from cce_inductor.kernels.forward import vocab_splits  # noqa: E402
 
 
@@ -209,6 +209,41 @@ def test_kept_tile_lists_give_the_kept_tiles_in_order(pattern):
     assert out[: len(want)].tolist() == want.tolist() and (out[len(want):] == -1).all()
 
 
+@triton.jit
+def _schedule_kernel(Keep, Out, num_items, num_flags, tiles_per_item, num_tiles, ITEMS: tl.constexpr,
+                     FLAGS: tl.constexpr):
+    keys = _items_by_work(Keep, num_items, num_flags, num_flags, 1, ITEMS, FLAGS)
+    pid = tl.program_id(0)
+    for tile in range(pid, num_tiles, tl.num_programs(0)):
+        item, within = _balanced_position(tile, num_tiles, tl.num_programs(0), tiles_per_item, keys, ITEMS)
+        tl.store(Out + 2 * tile, item)
+        tl.store(Out + 2 * tile + 1, within)
+
+
+@pytest.mark.parametrize("items, programs", [(5, 4), (13, 6), (16, 7)])
+def test_balanced_schedule_takes_each_tile_once_longest_first(items, programs):
+    """The filtered GEMMs' schedule in order of work (_items_by_work, _balanced_position) for random
+    keep rows, 3 tiles per item: every (item, tile) once; the first wave takes the longest items'
+    tiles (descending kept count, ties by index); and the longest program's work is never above
+    what index order gives it (tile = pid, pid + programs, ...) -- below it here."""
+    gen = torch.Generator().manual_seed(items)
+    flags, per_item = 40, 3
+    keep = (torch.rand(items, flags, generator=gen) < torch.rand(items, 1, generator=gen)).to(torch.int8)
+    tiles = items * per_item
+    out = torch.full((tiles, 2), -1, dtype=torch.int32)
+    _schedule_kernel[(programs,)](keep, out, items, flags, per_item, tiles, ITEMS=triton.next_power_of_2(items),
+                                  FLAGS=64)
+    assert sorted(map(tuple, out.tolist())) == [(i, j) for i in range(items) for j in range(per_item)]
+    counts = keep.sum(1).tolist()
+    order = sorted(range(items), key=lambda i: (-counts[i], i))
+    assert [i for i, _ in out[:programs].tolist()] == [order[r // per_item] for r in range(programs)]
+
+    def longest(item_of_tile):
+        return max(sum(counts[item_of_tile(t)] for t in range(p, tiles, programs)) for p in range(programs))
+
+    assert longest(lambda t: out[t, 0].item()) < longest(lambda t: t // per_item)
+
+
 @pytest.mark.parametrize("v, chunk", [(160, 48), (1068, 4096)], ids=["chunks_of_3_tiles", "chunks_of_64_tiles"])
 @pytest.mark.parametrize("needs", [(True, True, True), (True, False, False)], ids=["all", "e_only"])
 def test_filtered_buffered_path_drops_what_the_atomic_filter_drops(needs, v, chunk):
@@ -352,6 +387,61 @@ def test_filtered_gemm_epilogues_through_descriptors_agree(dc_tiles, parts):
 
     for got, want in zip(grads(parts, parts), grads(0, 0)):
         assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("loads", ["pointers", "tma"])
+@pytest.mark.parametrize("dc_tiles", ["dz_tiles", "split"])
+def test_filtered_gemms_in_order_of_work_match_float64(dc_tiles, loads):
+    """The filtered GEMMs called directly, their output tiles walked in order of work
+    (``_balanced_position``: descending kept count, snake order over the programs) and in index
+    order, against float64 sums over the kept tiles: 72 tokens (5 token tiles, the last partial) x
+    100 vocabulary entries (7 vocab tiles, the last partial) x D = 40 (3 D tiles), keep counts that
+    differ between token tiles and between vocab tiles (one row and one column all skipped, one row
+    all kept), 4 programs (several waves, a partial last one). A tile taken twice or never is off by
+    a whole tile's product; both orders give the same float32 sums, bit for bit. "split": the dC
+    GEMM's row blocks half a vocab tile (the last tile's second block past the chunk: masked or
+    clipped)."""
+    from cce_inductor.kernels import backward, common
+
+    n, d, v, tile = 72, 40, 100, 16
+    tiles_n, tiles_v = -(-n // tile), -(-v // tile)
+    gen = torch.Generator().manual_seed(3)
+    dz = (torch.randn(n, backward.buffer_row_stride(v), generator=gen) * 0.1).half()[:, :v]  # rows as the buffer's
+    e = torch.randn(n, d, generator=gen).half()
+    c = torch.randn(v + 9, d, generator=gen).half()  # the chunk starts at row 9 of C
+    keep = (torch.rand(tiles_n, tiles_v, generator=gen) < torch.linspace(0.2, 0.9, tiles_n)[:, None]).to(torch.int8)
+    keep[1], keep[3], keep[:, 5] = 0, 1, 0
+    col_sums = torch.randn(tiles_n, v, generator=gen) * (keep == 0).repeat_interleave(tile, 1)[:, :v]
+    means = backward._tile_means(e, tile)
+    dc_old = torch.randn(v, d, generator=gen).half()
+    cfg, dc_cfg = common._INTERPRETER, _dc_gemm_config(dc_tiles)
+    if loads == "pointers":
+        descs = {}
+    else:
+        descs = dict(dz_de=common.tma_descriptor(dz, [cfg.block_n, cfg.block_v], cfg),
+                     c_de=common.tma_descriptor(c, [cfg.block_v, cfg.block_d], cfg),
+                     dz_dc=common.tma_descriptor(dz, [dc_cfg.block_n, dc_cfg.block_v], dc_cfg),
+                     e_dc=common.tma_descriptor(e, [dc_cfg.block_n, dc_cfg.block_d], dc_cfg))
+        assert None not in descs.values()
+    mask = keep.bool().repeat_interleave(tile, 0).repeat_interleave(tile, 1)[:n, :v]
+    dz_kept = torch.where(mask, dz.double(), 0.0)
+    de_want = 1.0 + dz_kept @ c[9:].double()
+    dc_want = dc_old.double() + dz_kept.T @ e.double() + col_sums.half().double().T @ means.half().double()
+    results = []
+    for balanced in (True, False):
+        acc = torch.ones(n, d)
+        acc_desc = backward.epilogue_descriptor(acc, cfg, cfg.block_n, 2) if descs else None
+        backward.filtered_de_gemm(acc, dz, c, keep.view(-1), 9, cfg, tile, 4, dz_desc=descs.get("dz_de"),
+                                  c_desc=descs.get("c_de"), acc_desc=acc_desc, balanced=balanced)
+        dc = dc_old.clone()
+        dc_desc = backward.epilogue_descriptor(dc, dc_cfg, dc_cfg.block_v, 1) if descs else None
+        backward.filtered_dc_gemm(dc, dz, e, keep.view(-1), col_sums, means, True, dc_cfg, tile, tile, 4,
+                                  dz_desc=descs.get("dz_dc"), e_desc=descs.get("e_dc"), dc_desc=dc_desc,
+                                  balanced=balanced)
+        assert _rel(acc, de_want) < 1e-6
+        assert _rel(dc, dc_want) < 1e-3  # dC rounds to fp16 once
+        results.append((acc, dc))
+    assert all(torch.equal(a, b) for a, b in zip(*results))
 
 
 def test_filtered_path_refuses_a_chunk_wider_than_its_lists():
