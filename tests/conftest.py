@@ -15,6 +15,14 @@ if not torch.cuda.is_available():
 HAS_CUDA = torch.cuda.is_available()
 
 
+@pytest.fixture(autouse=True)
+def _seeded_global_generator():
+    """Every test starts from the same state of torch's global generator (CPU and CUDA), so that a
+    test's draws do not depend on which tests ran before it (a subset, another order, -x). Tests that
+    need particular inputs use their own torch.Generator."""
+    torch.manual_seed(0)
+
+
 def pytest_collection_modifyitems(config, items):
     skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU")
     for item in items:

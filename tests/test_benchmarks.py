@@ -290,3 +290,30 @@ def test_skip_bound_study_bounds_are_nested_within_the_rule():
     assert s["tile log-mass"] > 0 and s["rule"] > 0.2
     with pytest.raises(ValueError, match="multiple"):
         skip_fractions(x.e[:200], x.c, x.targets[:200], 0.25)
+
+
+def test_schedule_study_orders_and_flags():
+    """benchmarks/schedule_study.py: the even split bounds every order from below, LPT is never
+    worse than index order, every order of an all-kept window is the all-kept launch itself (1.0;
+    the even split below it where the tiles do not fill whole waves), and the keep flags are the
+    filter's rule (a uniform softmax keeps every tile)."""
+    from benchmarks.schedule_study import ORDERS, keep_flags, longest_program, schedule_fractions
+    from cce_inductor.testing import make_inputs
+
+    work = [9.0, 1.0, 1.0, 7.0, 2.0, 2.0, 8.0, 3.0]
+    spans = {order: longest_program(work, 3, order) for order in ORDERS}
+    assert spans["even"] == 11 and spans["index"] == 24 and spans["lpt"] <= spans["index"]
+    assert spans["even"] <= min(spans["snake"], spans["lpt"])
+    ones = torch.ones(4, 6, dtype=torch.bool)
+    for fractions in schedule_fractions(ones, 512, 512, 5, 0.0).values():
+        assert fractions["index"] == fractions["snake"] == fractions["lpt"] == 1.0 and fractions["even"] <= 1.0
+    x = make_inputs("uniform", 256, 64, 1024, dtype=torch.float32, seed=0)
+    assert keep_flags(x.e, x.c, x.targets, 0.125).all()
+    peaked = make_inputs("lm", 256, 512, 16384, dtype=torch.float32, seed=0)
+    keep = keep_flags(peaked.e, peaked.c, peaked.targets, 1.0)
+    assert 0 < keep.float().mean() < 1
+    fractions = schedule_fractions(keep, 512, 2048, 7, 0.0)
+    for gemm in ("dE", "dC"):
+        assert fractions[gemm]["even"] <= fractions[gemm]["lpt"] <= fractions[gemm]["index"] <= 1.0
+    with pytest.raises(ValueError, match="multiple"):
+        keep_flags(peaked.e[:200], peaked.c, peaked.targets[:200], 0.25)
