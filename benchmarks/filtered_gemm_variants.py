@@ -74,9 +74,9 @@ def gemm_variants(n: int, d: int, v: int, kept: float, rounds: int) -> None:
         dz_dc=tma_descriptor(dz, [dc_cfg.block_n, dc_cfg.block_v], dc_cfg),
         e_dc=tma_descriptor(e, [dc_cfg.block_n, dc_cfg.block_d], dc_cfg),
     )
-    for parts in (1, 2):
-        descs[f"acc{parts}"] = backward.epilogue_descriptor(acc, de_cfg, de_cfg.block_n, parts)
-        descs[f"dc{parts}"] = backward.epilogue_descriptor(dc, dc_cfg, dc_cfg.block_v, parts)
+    de_parts, dc_parts = backward.FILTERED_DE_EPILOGUE_PARTS, backward.FILTERED_DC_EPILOGUE_PARTS  # the defaults'
+    descs["acc"] = backward.epilogue_descriptor(acc, de_cfg, de_cfg.block_n, de_parts)
+    descs["dc"] = backward.epilogue_descriptor(dc, dc_cfg, dc_cfg.block_v, dc_parts)
     missing = [k for k, desc in descs.items() if desc is None]
     if missing:
         raise SystemExit(f"no TMA descriptors for {missing}: this benchmark times the Hopper path")
@@ -87,13 +87,14 @@ def gemm_variants(n: int, d: int, v: int, kept: float, rounds: int) -> None:
 
     def de(reduce=None, balanced=None):
         return lambda: backward.filtered_de_gemm(acc, dz, c, keep, 0, de_cfg, cfg.block_v, sms, dz_desc=descs["dz_de"],
-                                                 c_desc=descs["c_de"], acc_desc=descs["acc2"], epilogue_parts=2,
+                                                 c_desc=descs["c_de"], acc_desc=descs["acc"], epilogue_parts=de_parts,
                                                  epilogue_reduce=reduce, balanced=balanced)
 
     def dc_call(balanced=None):
         return lambda: backward.filtered_dc_gemm(
             dc, dz, e, keep, col_sums, means, True, dc_cfg, cfg.block_n, cfg.block_v, sms,
-            dz_desc=descs["dz_dc"], e_desc=descs["e_dc"], dc_desc=descs["dc1"], epilogue_parts=1, balanced=balanced)
+            dz_desc=descs["dz_dc"], e_desc=descs["e_dc"], dc_desc=descs["dc"], epilogue_parts=dc_parts,
+            balanced=balanced)
 
     de_variants = {
         "dE cuBLAS addmm (float32 out)": lambda: backward._add_product(acc, dz, c),

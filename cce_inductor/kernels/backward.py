@@ -392,7 +392,8 @@ def _filtered_de_tile(
     loop-carried index in its body (so it stays pipelined): the kept tiles are listed first, as four
     int64 words of 4-bit indices, one per group of 16 vocab tiles (hence at most 64 vocab tiles per
     chunk, MAX_CHUNK_TILES), and each step's tile is a function of the step. A tile with nothing kept
-    skips the accumulator's read-modify-write too (masked off: no traffic)."""
+    skips the accumulator's read-modify-write too in the pointer epilogue (masked off: no traffic);
+    through a descriptor it adds its zeros."""
     num_d_tiles = tl.cdiv(D, BLOCK_D)
     if BALANCED:
         pid_n, pid_d = _balanced_position(tile, num_tiles, num_programs, num_d_tiles, keys, ITEMS)
@@ -644,15 +645,18 @@ FILTERED_DE_EPILOGUE_REDUCE = True
 # kept; 132 programs, each tile's time = its kept K steps): the longest program's work, as a fraction
 # of the all-kept launch's, dE 0.72 in index order -> 0.65 balanced (0.56 a perfect split), dC 0.63 ->
 # 0.58 (0.56) -- index order puts a token tile's 16 D tiles on neighbouring programs of one wave.
-# Measured on an H200 (results/h200-2026-12-01j/filtered_gemm_variants_first.log), each GEMM alone:
-# dE with every tile kept 1.052 / 1.054x cuBLAS either way, ~58% kept at random 0.677 against 0.703x
-# at 4096 x 128256 (one wave at 2304 x 256000: no change); dC with every tile kept 1.124 / 1.134x
-# against 1.105 / 1.119x in index order (its tiles are 3-6x shorter than dE's, so the per-tile lookup
-# counts more), ~58% kept 0.767 / 0.752x against 0.796 / 0.757x.
+# Measured on an H200 (results/h200-2026-12-01j/), each GEMM alone (filtered_gemm_variants_first.log):
+# dE with every tile kept 1.052 / 1.054x cuBLAS either way, ~58% kept at random 0.677 against 0.736x
+# in index order at 4096 x 128256 (one wave at 2304 x 256000: no change); dC with every tile kept
+# 1.124 / 1.134x against 1.105 / 1.119x in index order (its tiles are 3-6x shorter than dE's, so the
+# per-tile lookup counts more), ~58% kept 0.767 / 0.752x against 0.796 / 0.757x. The backward on
+# LM-like data at 8192 x 4096 x 128256 (s = 0.434; filtered_backward_variants.log, 5 rounds): dE's
+# order -0.58 ms, dC's (dc_filter="corrected") -0.26 ms; +0.03 to +0.21 ms where little is skipped.
 BALANCED_FILTERED_DE = True
 BALANCED_FILTERED_DC = True
-# Above this many items (token tiles of a dE window, vocab tiles of a dC chunk) a program's sort of
-# their keep counts would hold too many registers: index order there.
+# Above this many items (token tiles of a dE window, vocab tiles of a dC chunk): index order, as every
+# program would hold their [items, KEEP_WIDTH] keep flags for the sort (not measured; the goal
+# shapes have 14-16 token tiles per window and 24-46 vocab tiles per chunk).
 MAX_BALANCED_ITEMS = 256
 
 
