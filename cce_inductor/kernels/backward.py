@@ -218,6 +218,7 @@ def _filter_keep(dz, mask_v, g_p, g_loss, width, filter_tau):
 def _dz_kernel(
     # data (E_desc, C_desc, Dz_desc: TMA descriptors when TMA, else E, C, Dz again)
     E, C, E_desc, C_desc, Bias, Targets, Lse, GradLoss, GradLse, dBias, Dz, Dz_desc, Keep, ColSums, TileCounts,
+    TileList, TileCount,
     # shapes: tokens [0, N) of E x vocabulary rows [v_begin, v_begin + v_count) of C
     N, V, D, v_begin, v_count, num_programs,
     # strides (the D stride of E and C is 1)
@@ -228,7 +229,7 @@ def _dz_kernel(
     HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_SMOOTHING: tl.constexpr,
     NEEDS_BIAS: tl.constexpr, EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     TMA: tl.constexpr, FLATTEN: tl.constexpr, FILTER: tl.constexpr, FILTER_DC: tl.constexpr,
-    COUNT_TILES: tl.constexpr, LEAN_DZ: tl.constexpr,
+    COUNT_TILES: tl.constexpr, LEAN_DZ: tl.constexpr, LISTED: tl.constexpr,
 ):
     """The buffered path's recompute: dz of every (token tile, vocab tile) of the launch into the
     (N, v_count) buffer Dz, in the input dtype (and dbias by float32 atomics). Persistent: one
@@ -237,18 +238,33 @@ def _dz_kernel(
     the filtered GEMMs. FILTER_DC: a skipped tile's column sums of dz go to ColSums[token tile,
     column] (float32; 0 for a kept tile), for the filtered dC GEMM's correction. A skipped tile's dz
     is stored all the same: a store under the keep flag does not compile in the flattened tile loop
-    (triton 3.6, Hopper: TritonGPUFuseNestedLoops fails on the scf.if)."""
-    num_tiles = tl.cdiv(N, BLOCK_N) * tl.cdiv(v_count, BLOCK_V)
+    (triton 3.6, Hopper: TritonGPUFuseNestedLoops fails on the scf.if).
+    LISTED: only the TileCount[0] tiles listed in TileList (linear tile ids of the launch, in the
+    order above, as ``_listed_tiles_kernel`` writes them from the forward's keep flags); the others
+    are neither computed nor stored (their buffer columns keep what an earlier launch left there,
+    which the filtered GEMMs never read)."""
+    if LISTED:
+        num_tiles = tl.load(TileCount)
+    else:
+        num_tiles = tl.cdiv(N, BLOCK_N) * tl.cdiv(v_count, BLOCK_V)
     # The same loop twice: tl.range(flatten=...) exists only in newer triton (see forward.py).
     if FLATTEN:
-        for tile in tl.range(tl.program_id(0), num_tiles, num_programs, flatten=True):
+        for i in tl.range(tl.program_id(0), num_tiles, num_programs, flatten=True):
+            if LISTED:
+                tile = tl.load(TileList + i)
+            else:
+                tile = i
             _dz_tile(E, C, E_desc, C_desc, Bias, Targets, Lse, GradLoss, GradLse, dBias, Dz, Dz_desc, Keep,
                      ColSums, TileCounts, tile, N, V, D, v_begin, v_count, stride_en, stride_cv, stride_dzn,
                      stride_sn, ignore_index, softcap, target_weight, uniform_weight, filter_tau,
                      BLOCK_N, BLOCK_V, BLOCK_D, GROUP_N, HAS_BIAS, HAS_SOFTCAP, HAS_SMOOTHING,
                      NEEDS_BIAS, EVEN_D, DOT_PRECISION, UPCAST, TMA, FILTER, FILTER_DC, COUNT_TILES, LEAN_DZ)
     else:
-        for tile in range(tl.program_id(0), num_tiles, num_programs):
+        for i in range(tl.program_id(0), num_tiles, num_programs):
+            if LISTED:
+                tile = tl.load(TileList + i)
+            else:
+                tile = i
             _dz_tile(E, C, E_desc, C_desc, Bias, Targets, Lse, GradLoss, GradLse, dBias, Dz, Dz_desc, Keep,
                      ColSums, TileCounts, tile, N, V, D, v_begin, v_count, stride_en, stride_cv, stride_dzn,
                      stride_sn, ignore_index, softcap, target_weight, uniform_weight, filter_tau,
@@ -265,6 +281,42 @@ def _tile_position(tile, N, v_count, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexp
     first_n = (tile // group_width) * GROUP_N
     group_size = tl.minimum(num_n_tiles - first_n, GROUP_N)
     return first_n + (tile % group_width) % group_size, (tile % group_width) // group_size
+
+
+@triton.jit
+def _listed_tiles_kernel(
+    # Keep: int8 (token tiles, vocab tiles) of the whole call, row stride keep_stride; TileLists: int32
+    # (launches, list_stride); TileCounts: int32 (launches,); Counts: int32 (2,) [computed, skipped]
+    Keep, TileLists, TileCounts, Counts,
+    # shapes: windows of `rows` tokens x chunks of `cols` vocabulary entries (the last ones: the rest)
+    N, V, rows, cols, num_chunks, keep_stride, list_stride,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, GROUP_N: tl.constexpr, BLOCK: tl.constexpr,
+    COUNT_TILES: tl.constexpr,
+):
+    """The kept tiles of one dz launch (program = window * num_chunks + chunk), as the launch's linear
+    tile ids in the dz kernel's order (``_tile_position``), ascending, and their number: what the dz
+    kernel walks with LISTED."""
+    launch = tl.program_id(0)
+    n_begin = (launch // num_chunks) * rows
+    v_begin = (launch % num_chunks) * cols
+    n_count = tl.minimum(rows, N - n_begin)
+    v_count = tl.minimum(cols, V - v_begin)
+    num_tiles = tl.cdiv(n_count, BLOCK_N) * tl.cdiv(v_count, BLOCK_V)
+    flags = Keep + (n_begin // BLOCK_N).to(tl.int64) * keep_stride + v_begin // BLOCK_V
+    out = TileLists + launch.to(tl.int64) * list_stride
+    taken = 0
+    for t0 in range(0, num_tiles, BLOCK):
+        tiles = t0 + tl.arange(0, BLOCK)
+        in_launch = tiles < num_tiles
+        pid_n, pid_v = _tile_position(tiles, n_count, v_count, BLOCK_N, BLOCK_V, GROUP_N)
+        kept = (tl.load(flags + pid_n.to(tl.int64) * keep_stride + pid_v, mask=in_launch, other=0) != 0) & in_launch
+        place = taken + tl.cumsum(kept.to(tl.int32), axis=0) - 1
+        tl.store(out + place, tiles, mask=kept)
+        taken += tl.sum(kept.to(tl.int32), axis=0)
+    tl.store(TileCounts + launch, taken)
+    if COUNT_TILES:
+        tl.atomic_add(Counts, taken, sem="relaxed")
+        tl.atomic_add(Counts + 1, num_tiles - taken, sem="relaxed")
 
 
 @triton.jit
@@ -315,7 +367,7 @@ def _filtered_de_kernel(
     Dz, C, Dz_desc, C_desc, Keep, Acc, Acc_desc,
     # shapes: the chunk covers vocabulary rows [v_begin, v_begin + v_count) of C
     n_count, D, v_begin, v_count, num_programs,
-    stride_dzn, stride_cv, stride_accn,
+    stride_dzn, stride_cv, stride_accn, keep_stride,
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr, TILE_V: tl.constexpr,
     KEEP_WIDTH: tl.constexpr, TMA: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     FLATTEN: tl.constexpr, EPILOGUE_PARTS: tl.constexpr, EPILOGUE_REDUCE: tl.constexpr,
@@ -334,19 +386,21 @@ def _filtered_de_kernel(
     num_tiles = tl.cdiv(n_count, BLOCK_N) * tl.cdiv(D, BLOCK_D)
     if BALANCED:
         num_v_tiles = tl.cdiv(v_count, TILE_V)
-        keys = _items_by_work(Keep, tl.cdiv(n_count, BLOCK_N), num_v_tiles, num_v_tiles, 1, ITEMS, KEEP_WIDTH)
+        keys = _items_by_work(Keep, tl.cdiv(n_count, BLOCK_N), num_v_tiles, keep_stride, 1, ITEMS, KEEP_WIDTH)
     else:
         keys = tl.zeros([ITEMS], tl.int32)
     if FLATTEN:
         for tile in tl.range(tl.program_id(0), num_tiles, num_programs, flatten=True):
             _filtered_de_tile(Dz, C, Dz_desc, C_desc, Keep, Acc, Acc_desc, tile, num_tiles, num_programs, keys,
-                              n_count, D, v_begin, v_count, stride_dzn, stride_cv, stride_accn, BLOCK_N, BLOCK_D,
+                              n_count, D, v_begin, v_count, stride_dzn, stride_cv, stride_accn, keep_stride,
+                              BLOCK_N, BLOCK_D,
                               BLOCK_K, TILE_V, KEEP_WIDTH, TMA, DOT_PRECISION, UPCAST, EPILOGUE_PARTS,
                               EPILOGUE_REDUCE, BALANCED, ITEMS)
     else:
         for tile in range(tl.program_id(0), num_tiles, num_programs):
             _filtered_de_tile(Dz, C, Dz_desc, C_desc, Keep, Acc, Acc_desc, tile, num_tiles, num_programs, keys,
-                              n_count, D, v_begin, v_count, stride_dzn, stride_cv, stride_accn, BLOCK_N, BLOCK_D,
+                              n_count, D, v_begin, v_count, stride_dzn, stride_cv, stride_accn, keep_stride,
+                              BLOCK_N, BLOCK_D,
                               BLOCK_K, TILE_V, KEEP_WIDTH, TMA, DOT_PRECISION, UPCAST, EPILOGUE_PARTS,
                               EPILOGUE_REDUCE, BALANCED, ITEMS)
 
@@ -383,7 +437,7 @@ def _balanced_position(tile, num_tiles, num_programs, tiles_per_item, keys, ITEM
 @triton.jit
 def _filtered_de_tile(
     Dz, C, Dz_desc, C_desc, Keep, Acc, Acc_desc, tile, num_tiles, num_programs, keys, n_count, D, v_begin, v_count,
-    stride_dzn, stride_cv, stride_accn, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr,
+    stride_dzn, stride_cv, stride_accn, keep_stride, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr,
     TILE_V: tl.constexpr, KEEP_WIDTH: tl.constexpr, TMA: tl.constexpr, DOT_PRECISION: tl.constexpr,
     UPCAST: tl.constexpr, EPILOGUE_PARTS: tl.constexpr, EPILOGUE_REDUCE: tl.constexpr, BALANCED: tl.constexpr,
     ITEMS: tl.constexpr,
@@ -402,7 +456,7 @@ def _filtered_de_tile(
         pid_d = tile % num_d_tiles
     num_v_tiles = tl.cdiv(v_count, TILE_V)
     slots = tl.arange(0, KEEP_WIDTH)
-    keep = tl.load(Keep + pid_n * num_v_tiles + slots, mask=slots < num_v_tiles, other=0) != 0
+    keep = tl.load(Keep + pid_n * keep_stride + slots, mask=slots < num_v_tiles, other=0) != 0
     num_kept = tl.sum(keep.to(tl.int32), axis=0)
     w0, w1, w2, w3, p1, p2, p3 = _kept_tile_lists(keep, KEEP_WIDTH)
     STEPS: tl.constexpr = TILE_V // BLOCK_K  # K steps per vocab tile
@@ -477,11 +531,11 @@ def _filtered_dc_kernel(
     Dz, E, Dz_desc, E_desc, Keep, ColSums, TileMeans, dC, dC_desc,
     # shapes: the window's n_count tokens x the chunk's v_count vocabulary rows
     n_count, D, v_count, num_programs,
-    stride_dzn, stride_en, stride_sn, stride_mn, stride_dcv,
+    stride_dzn, stride_en, stride_sn, stride_mn, stride_dcv, keep_stride,
     BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr, TILE_N: tl.constexpr,
     TILE_V: tl.constexpr, KEEP_WIDTH: tl.constexpr, ACCUMULATE: tl.constexpr, TMA: tl.constexpr,
     DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, FLATTEN: tl.constexpr,
-    EPILOGUE_PARTS: tl.constexpr, BALANCED: tl.constexpr, ITEMS: tl.constexpr,
+    EPILOGUE_PARTS: tl.constexpr, BALANCED: tl.constexpr, ITEMS: tl.constexpr, STAND_IN: tl.constexpr,
 ):
     """The filtered path's dC GEMM of one (window, chunk): for every (BLOCK_V rows, BLOCK_D columns)
     tile of the chunk's dC,
@@ -498,7 +552,7 @@ def _filtered_dc_kernel(
     num_v_tiles = tl.cdiv(v_count, TILE_V)
     if BALANCED:
         num_tiles = num_v_tiles * (TILE_V // BLOCK_V) * tl.cdiv(D, BLOCK_D)
-        keys = _items_by_work(Keep, num_v_tiles, tl.cdiv(n_count, TILE_N), 1, num_v_tiles, ITEMS, KEEP_WIDTH)
+        keys = _items_by_work(Keep, num_v_tiles, tl.cdiv(n_count, TILE_N), 1, keep_stride, ITEMS, KEEP_WIDTH)
     else:
         num_tiles = tl.cdiv(v_count, BLOCK_V) * tl.cdiv(D, BLOCK_D)
         keys = tl.zeros([ITEMS], tl.int32)
@@ -506,24 +560,24 @@ def _filtered_dc_kernel(
         for tile in tl.range(tl.program_id(0), num_tiles, num_programs, flatten=True):
             _filtered_dc_tile(Dz, E, Dz_desc, E_desc, Keep, ColSums, TileMeans, dC, dC_desc, tile, num_tiles,
                               num_programs, keys, n_count, D, v_count, stride_dzn, stride_en, stride_sn, stride_mn,
-                              stride_dcv, BLOCK_V, BLOCK_D, BLOCK_K, TILE_N, TILE_V, KEEP_WIDTH, ACCUMULATE, TMA,
-                              DOT_PRECISION, UPCAST, EPILOGUE_PARTS, BALANCED, ITEMS)
+                              stride_dcv, keep_stride, BLOCK_V, BLOCK_D, BLOCK_K, TILE_N, TILE_V, KEEP_WIDTH,
+                              ACCUMULATE, TMA, DOT_PRECISION, UPCAST, EPILOGUE_PARTS, BALANCED, ITEMS, STAND_IN)
     else:
         for tile in range(tl.program_id(0), num_tiles, num_programs):
             _filtered_dc_tile(Dz, E, Dz_desc, E_desc, Keep, ColSums, TileMeans, dC, dC_desc, tile, num_tiles,
                               num_programs, keys, n_count, D, v_count, stride_dzn, stride_en, stride_sn, stride_mn,
-                              stride_dcv, BLOCK_V, BLOCK_D, BLOCK_K, TILE_N, TILE_V, KEEP_WIDTH, ACCUMULATE, TMA,
-                              DOT_PRECISION, UPCAST, EPILOGUE_PARTS, BALANCED, ITEMS)
+                              stride_dcv, keep_stride, BLOCK_V, BLOCK_D, BLOCK_K, TILE_N, TILE_V, KEEP_WIDTH,
+                              ACCUMULATE, TMA, DOT_PRECISION, UPCAST, EPILOGUE_PARTS, BALANCED, ITEMS, STAND_IN)
 
 
 @triton.jit
 def _filtered_dc_tile(
     Dz, E, Dz_desc, E_desc, Keep, ColSums, TileMeans, dC, dC_desc, tile, num_tiles, num_programs, keys, n_count, D,
-    v_count, stride_dzn, stride_en, stride_sn, stride_mn, stride_dcv,
+    v_count, stride_dzn, stride_en, stride_sn, stride_mn, stride_dcv, keep_stride,
     BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr, TILE_N: tl.constexpr,
     TILE_V: tl.constexpr, KEEP_WIDTH: tl.constexpr, ACCUMULATE: tl.constexpr, TMA: tl.constexpr,
     DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, EPILOGUE_PARTS: tl.constexpr, BALANCED: tl.constexpr,
-    ITEMS: tl.constexpr,
+    ITEMS: tl.constexpr, STAND_IN: tl.constexpr,
 ):
     """One output tile (BLOCK_V divides TILE_V: the tile's rows share one column of keep flags)."""
     num_d_tiles = tl.cdiv(D, BLOCK_D)
@@ -539,7 +593,7 @@ def _filtered_dc_tile(
     num_n_tiles = tl.cdiv(n_count, TILE_N)
     slots = tl.arange(0, KEEP_WIDTH)  # token tiles of the window
     in_window = slots < num_n_tiles
-    keep = tl.load(Keep + slots * tl.cdiv(v_count, TILE_V) + v0 // TILE_V, mask=in_window, other=0) != 0
+    keep = tl.load(Keep + slots * keep_stride + v0 // TILE_V, mask=in_window, other=0) != 0
     num_kept = tl.sum(keep.to(tl.int32), axis=0)
     w0, w1, w2, w3, p1, p2, p3 = _kept_tile_lists(keep, KEEP_WIDTH)
     STEPS: tl.constexpr = TILE_N // BLOCK_K  # K steps per token tile
@@ -570,12 +624,15 @@ def _filtered_dc_tile(
     # same backward either way (37.00 against 37.06 ms; this kernel 9.7 against 10.9 ms a call).
     # Where the column kept every token tile its column sums are all 0: their loads are masked off
     # (no traffic), the dot adds zeros.
-    skipped = in_window & (tl.full([KEEP_WIDTH], 0, tl.int32) + num_kept < num_n_tiles)
-    sums = tl.load(ColSums + slots[None, :].to(tl.int64) * stride_sn + offs_v[:, None],
-                   mask=skipped[None, :] & mask_v[:, None], other=0.0)
-    means = tl.load(TileMeans + slots[:, None].to(tl.int64) * stride_mn + offs_d[None, :],
-                    mask=skipped[:, None] & mask_d[None, :], other=0.0)
-    acc = dot(sums.to(E.dtype.element_ty), means.to(E.dtype.element_ty), acc, DOT_PRECISION, UPCAST)
+    # Without STAND_IN (dC dropped where skipped: the forward's keep flags, no recompute of the tile)
+    # there is none.
+    if STAND_IN:
+        skipped = in_window & (tl.full([KEEP_WIDTH], 0, tl.int32) + num_kept < num_n_tiles)
+        sums = tl.load(ColSums + slots[None, :].to(tl.int64) * stride_sn + offs_v[:, None],
+                       mask=skipped[None, :] & mask_v[:, None], other=0.0)
+        means = tl.load(TileMeans + slots[:, None].to(tl.int64) * stride_mn + offs_d[None, :],
+                        mask=skipped[:, None] & mask_d[None, :], other=0.0)
+        acc = dot(sums.to(E.dtype.element_ty), means.to(E.dtype.element_ty), acc, DOT_PRECISION, UPCAST)
     if EPILOGUE_PARTS > 0:
         _add_through_descriptor(dC_desc, v0, d0, acc, dC.dtype.element_ty, ACCUMULATE, EPILOGUE_PARTS)
     else:
@@ -682,7 +739,7 @@ def _balanced_items(items: int, balanced: bool, tiles: int, programs: int) -> in
 def filtered_de_gemm(acc: Tensor, dz: Tensor, c: Tensor, keep: Tensor, v_begin: int, cfg: TileConfig,
                      tile_v: int, sms: int, *, dz_desc=None, c_desc=None, acc_desc=None,
                      epilogue_parts: int | None = None, epilogue_reduce: bool | None = None,
-                     balanced: bool | None = None) -> None:
+                     balanced: bool | None = None, keep_stride: int | None = None) -> None:
     """acc (float32, the window's (n, D)) += dz @ C[v_begin : v_begin + v_count] over the vocab tiles
     (``tile_v`` wide, the dz kernel's) that ``keep`` (int8, one row of flags per token tile, as the dz
     kernel wrote them) kept; dz: (n, v_count), unit column stride. TMA loads where both descriptors
@@ -691,7 +748,9 @@ def filtered_de_gemm(acc: Tensor, dz: Tensor, c: Tensor, keep: Tensor, v_begin: 
     ``epilogue_descriptor`` for those parts), or through pointers where it is None or parts is 0; as
     a TMA reduce-add where ``epilogue_reduce`` (None: FILTERED_DE_EPILOGUE_REDUCE) and the epilogue
     goes through the descriptor on a GPU. ``balanced`` (None: BALANCED_FILTERED_DE): the tiles in
-    order of work (``_balanced_position``; persistent launches only)."""
+    order of work (``_balanced_position``; persistent launches only). ``keep_stride``: the flags' row
+    stride (None: one row per token tile of this chunk's vocab tiles, packed, as the dz kernel writes
+    them; the forward's flags of the whole vocabulary are a strided view)."""
     n_count, v_count = dz.shape
     dim = acc.shape[1]
     tma = dz_desc is not None and c_desc is not None
@@ -709,6 +768,7 @@ def filtered_de_gemm(acc: Tensor, dz: Tensor, c: Tensor, keep: Tensor, v_begin: 
     _filtered_de_kernel[(programs,)](
         dz, c, dz_desc if tma else dz, c_desc if tma else c, keep, acc, acc_desc if parts else acc,
         n_count, dim, v_begin, v_count, programs, dz.stride(0), c.stride(0), acc.stride(0),
+        triton.cdiv(v_count, tile_v) if keep_stride is None else keep_stride,
         BLOCK_N=cfg.block_n, BLOCK_D=cfg.block_d, BLOCK_K=cfg.block_v, TILE_V=tile_v,
         KEEP_WIDTH=max(16, triton.next_power_of_2(triton.cdiv(v_count, tile_v))),
         TMA=tma, DOT_PRECISION=dot_precision(dz.dtype), UPCAST=dot_upcast(dz),
@@ -717,10 +777,10 @@ def filtered_de_gemm(acc: Tensor, dz: Tensor, c: Tensor, keep: Tensor, v_begin: 
     )
 
 
-def filtered_dc_gemm(dc: Tensor, dz: Tensor, e: Tensor, keep: Tensor, col_sums: Tensor, tile_means: Tensor,
-                     accumulate: bool, cfg: TileConfig, tile_n: int, tile_v: int, sms: int, *, dz_desc=None,
-                     e_desc=None, dc_desc=None, epilogue_parts: int | None = None,
-                     balanced: bool | None = None) -> None:
+def filtered_dc_gemm(dc: Tensor, dz: Tensor, e: Tensor, keep: Tensor, col_sums: Tensor | None,
+                     tile_means: Tensor | None, accumulate: bool, cfg: TileConfig, tile_n: int, tile_v: int, sms: int,
+                     *, dz_desc=None, e_desc=None, dc_desc=None, epilogue_parts: int | None = None,
+                     balanced: bool | None = None, keep_stride: int | None = None) -> None:
     """dc (the chunk's (v_count, D) rows of the 16-bit dC) (+)= dz^T @ e over the (``tile_n`` x
     ``tile_v``) tiles that ``keep`` kept, plus col_sums^T @ tile_means for the rest (the stand-ins;
     col_sums float32 (token tiles, v_count), 0 where kept; tile_means float32 (token tiles, D)); added
@@ -728,7 +788,8 @@ def filtered_dc_gemm(dc: Tensor, dz: Tensor, e: Tensor, keep: Tensor, col_sums: 
     dz_desc ([cfg.block_n, cfg.block_v]) and e_desc ([cfg.block_n, cfg.block_d]) are given; the
     epilogue as in ``filtered_de_gemm`` (None: FILTERED_DC_EPILOGUE_PARTS; ``dc_desc`` from
     ``epilogue_descriptor(dc, cfg, cfg.block_v, parts)``; never a reduce: dC is 16-bit, and its
-    running sum rounds once per window); ``balanced`` (None: BALANCED_FILTERED_DC) as there."""
+    running sum rounds once per window); ``balanced`` (None: BALANCED_FILTERED_DC) and ``keep_stride``
+    as there. col_sums and tile_means None: no stand-ins (a skipped tile's dC terms are dropped)."""
     n_count, dim = e.shape
     v_count = dc.shape[0]
     tiles_n = triton.cdiv(n_count, tile_n)
@@ -742,14 +803,16 @@ def filtered_dc_gemm(dc: Tensor, dz: Tensor, e: Tensor, keep: Tensor, col_sums: 
     programs = min(balanced_tiles if items else triton.cdiv(v_count, cfg.block_v) * tiles_d, sms)
     # the kernel's lists hold 64 token tiles (buffered_shape keeps to it; a patched shape might not)
     assert tiles_n <= MAX_WINDOW_TILES, "window longer than the dC GEMM's lists"
+    stand_in = col_sums is not None
     _filtered_dc_kernel[(programs,)](
-        dz, e, dz_desc if tma else dz, e_desc if tma else e, keep, col_sums, tile_means, dc,
-        dc_desc if parts else dc, n_count, dim, v_count, programs,
-        dz.stride(0), e.stride(0), col_sums.stride(0), tile_means.stride(0), dc.stride(0),
+        dz, e, dz_desc if tma else dz, e_desc if tma else e, keep, col_sums if stand_in else dc,
+        tile_means if stand_in else dc, dc, dc_desc if parts else dc, n_count, dim, v_count, programs,
+        dz.stride(0), e.stride(0), col_sums.stride(0) if stand_in else 0, tile_means.stride(0) if stand_in else 0,
+        dc.stride(0), tiles_v if keep_stride is None else keep_stride,
         BLOCK_V=cfg.block_v, BLOCK_D=cfg.block_d, BLOCK_K=cfg.block_n, TILE_N=tile_n, TILE_V=tile_v,
         KEEP_WIDTH=max(16, triton.next_power_of_2(tiles_n)), ACCUMULATE=bool(accumulate), TMA=tma,
         DOT_PRECISION=dot_precision(e.dtype), UPCAST=dot_upcast(e), FLATTEN=tma and HAS_FLATTEN,
-        EPILOGUE_PARTS=parts, BALANCED=items > 0, ITEMS=max(items, 1), num_warps=cfg.num_warps,
+        EPILOGUE_PARTS=parts, BALANCED=items > 0, ITEMS=max(items, 1), STAND_IN=stand_in, num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
     )
 
@@ -886,6 +949,7 @@ def lce_backward(
     tile_counts: Tensor | None = None,
     buffered: bool | None = None,
     buffer_bytes: int = BUFFER_BYTES,
+    keep: Tensor | None = None,
 ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
     """Gradients of sum(grad_loss * loss + grad_lse * lse) w.r.t. e, c, bias (None where not needed);
     semantics of reference.chunked_backward, plus filtering when ``filter_grad``.
@@ -897,7 +961,14 @@ def lce_backward(
     an explicit (V,) permutation of the vocabulary. ``tile_counts``: optional int32 (2,) tensor
     that receives [tiles computed, tiles filtered] (added to its contents). ``buffered``: None =
     the buffered path where ``buffered_path_applies`` (exact 16-bit), True/False to force it (for
-    tests and measurements); ``buffer_bytes`` bounds its scratch."""
+    tests and measurements); ``buffer_bytes`` bounds its scratch.
+
+    ``keep``: the filter's keep flags from the forward (``forward.lce_forward_with_keep``, int8
+    (token tiles, vocab tiles) of the dz kernel's tiles; needs ``filter_grad``, the buffered path and
+    no dbias): the dz kernel then recomputes only the kept tiles (``_listed_tiles_kernel``, LISTED),
+    dE is the filtered dE GEMM's and dC the filtered dC GEMM's without stand-ins (a skipped tile's dC
+    terms are dropped: there are no column sums without its recompute; ``dc_filter`` None or
+    "dropped"). The flags are the filter's rule only where grad_lse is 0: the caller's to ensure."""
     orig_e_dtype, orig_c_dtype = e.dtype, c.dtype
     e, c, bias, targets = prepare_inputs(e, c, bias, targets)
     num_tokens, dim = e.shape
@@ -926,7 +997,20 @@ def lce_backward(
 
     if dc_filter is not None and dc_filter not in DC_FILTERS:
         raise ValueError(f"dc_filter must be one of {DC_FILTERS} or None, got {dc_filter!r}")
-    dropped_dc = bool(filter_grad) and dc_filter == "dropped"
+    listed = keep is not None
+    if listed:
+        if not filter_grad or needs_bias or dc_filter not in (None, "dropped") or order is not None:
+            raise ValueError("keep flags from the forward need filter_grad=True, no dbias, dc_filter None or "
+                             "'dropped' and no vocab_order")
+        if buffered is False or (buffered is None and not buffered_path_applies(e, None)):
+            raise ValueError("keep flags from the forward run in the buffered path only (16-bit inputs, a torch "
+                             "with a mixed-precision addmm)")
+        tiles_shape = (triton.cdiv(num_tokens, buffered_config(e).block_n), triton.cdiv(vocab, buffered_config(e).block_v))
+        if keep.dtype != torch.int8 or tuple(keep.shape) != tiles_shape or keep.stride(1) != 1:
+            raise ValueError(f"keep must be an int8 tensor of shape {tiles_shape} with unit column stride, got "
+                             f"{keep.dtype} {tuple(keep.shape)}")
+        buffered = True
+    dropped_dc = bool(filter_grad) and dc_filter == "dropped" and not listed
     f32 = torch.float32
     dummy = lse  # stands in for absent pointers
     if tile_counts is not None and (tile_counts.dtype != torch.int32 or tile_counts.numel() < 2):
@@ -969,7 +1053,8 @@ def lce_backward(
         c_desc = tma_descriptor(c, [cfg.block_v, cfg.block_d], cfg)  # one per call: C is the same
         sms = sm_count(device)
         filter_de = bool(filter_grad) and needs_e
-        filter_dc = bool(filter_grad) and needs_c and (dc_filter or DC_FILTER) == "corrected"
+        filter_dc = bool(filter_grad) and needs_c and (listed or (dc_filter or DC_FILTER) == "corrected")
+        stand_in = filter_dc and not listed
         de_cfg, dc_cfg = filtered_de_config(e), filtered_dc_config(e)
         assert de_cfg.block_n == cfg.block_n, "the dE GEMM's token tiles are the dz kernel's (one keep flag each)"
         assert cfg.block_v % dc_cfg.block_v == 0 and cfg.block_n % dc_cfg.block_n == 0, \
@@ -986,6 +1071,20 @@ def lce_backward(
         )
 
         dc_descs = {}  # the filtered dC GEMM's epilogue descriptors of dC's chunks, made once per call
+        window_rows, chunk_cols = buffered_window(e, vocab, buffer_bytes, filter_de, filter_dc)
+        num_chunks = triton.cdiv(vocab, chunk_cols)
+        if listed:  # each dz launch's kept tiles, listed once for the call
+            list_stride = triton.cdiv(window_rows, cfg.block_n) * triton.cdiv(chunk_cols, cfg.block_v)
+            launches = triton.cdiv(num_tokens, window_rows) * num_chunks
+            tile_lists = torch.empty(launches, list_stride, dtype=torch.int32, device=device)
+            tile_list_counts = torch.empty(launches, dtype=torch.int32, device=device)
+            _listed_tiles_kernel[(launches,)](
+                keep, tile_lists, tile_list_counts, tile_counts if tile_counts is not None else dummy,
+                num_tokens, vocab, window_rows, chunk_cols, num_chunks, keep.stride(0), list_stride,
+                BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, GROUP_N=cfg.group_n,
+                BLOCK=min(1024, triton.next_power_of_2(list_stride)), COUNT_TILES=tile_counts is not None,
+                num_warps=4,
+            )
 
         def window_launcher(n_begin, n_count):
             """The dz kernel's launcher for the window of tokens [n_begin, +n_count): launch(v_begin,
@@ -999,8 +1098,15 @@ def lce_backward(
             e_desc = tma_descriptor(e_w, [cfg.block_n, cfg.block_d], cfg)
             e_desc_dc = tma_descriptor(e_w, [dc_cfg.block_n, dc_cfg.block_d], dc_cfg) if filter_dc else None
             tiles_n = triton.cdiv(n_count, cfg.block_n)
-            tile_means = _tile_means(e_w, cfg.block_n) if filter_dc else None
+            tile_means = _tile_means(e_w, cfg.block_n) if stand_in else None
             dz_descs, keeps, col_sums = {}, {}, {}
+            launch_of_window = (n_begin // window_rows) * num_chunks
+
+            def keep_flags(v_begin, v_count):
+                """(flags, row stride) of the chunk's tiles: the forward's, or what the dz kernel wrote."""
+                if listed:
+                    return keep[n_begin // cfg.block_n :, v_begin // cfg.block_v :], keep.stride(0)
+                return keeps[v_count], triton.cdiv(v_count, cfg.block_v)
 
             def launch(v_begin, v_count, dz_buf):
                 key = (dz_buf.data_ptr(), v_count)
@@ -1011,9 +1117,11 @@ def lce_backward(
                                      tma_descriptor(dz_buf, [dc_cfg.block_n, dc_cfg.block_v], dc_cfg)
                                      if filter_dc else None)
                     keeps[v_count] = torch.empty(tiles_n * triton.cdiv(v_count, cfg.block_v), dtype=torch.int8,
-                                                 device=device) if filter_grad else dummy
-                    col_sums[v_count] = torch.empty(tiles_n, v_count, dtype=f32, device=device) if filter_dc else dummy
+                                                 device=device) if filter_grad and not listed else dummy
+                    col_sums[v_count] = torch.empty(tiles_n, v_count, dtype=f32, device=device) if stand_in else dummy
                 dz_desc = dz_descs[key][0]
+                which = launch_of_window + v_begin // chunk_cols
+                listed_tiles = (tile_lists[which], tile_list_counts[which:]) if listed else (dummy, dummy)
                 tma = e_desc is not None and c_desc is not None and dz_desc is not None
                 tiles = triton.cdiv(n_count, cfg.block_n) * triton.cdiv(v_count, cfg.block_v)
                 programs = min(tiles, sms)
@@ -1021,12 +1129,12 @@ def lce_backward(
                     e_w, c, e_desc if tma else e_w, c_desc if tma else c, bias, targets_w, lse_w,
                     grad_loss_w, grad_lse_w, dbias if needs_bias else dummy, dz_buf, dz_desc if tma else dz_buf,
                     keeps[v_count], col_sums[v_count], tile_counts if tile_counts is not None else dummy,
-                    n_count, vocab, dim, v_begin, v_count, programs,
+                    *listed_tiles, n_count, vocab, dim, v_begin, v_count, programs,
                     e.stride(0), c.stride(0), dz_buf.stride(0), v_count,
                     ignore_index, float(softcap), 1.0 - label_smoothing, label_smoothing / vocab, filter_tau,
-                    TMA=tma, FLATTEN=tma and HAS_FLATTEN and softcap == 0.0, FILTER=bool(filter_grad),
-                    FILTER_DC=filter_dc,
-                    COUNT_TILES=tile_counts is not None and bool(filter_grad), **constants,
+                    TMA=tma, FLATTEN=tma and HAS_FLATTEN and softcap == 0.0, FILTER=bool(filter_grad) and not listed,
+                    FILTER_DC=stand_in, COUNT_TILES=tile_counts is not None and bool(filter_grad) and not listed,
+                    LISTED=listed, **constants,
                 )
 
             acc_descs = {}  # the window's accumulator's epilogue descriptor (dC's: once per call, above)
@@ -1037,26 +1145,29 @@ def lce_backward(
                 key = (acc_window.data_ptr(), tuple(acc_window.shape), parts)
                 if key not in acc_descs:
                     acc_descs[key] = epilogue_descriptor(acc_window, de_cfg, de_cfg.block_n, parts)
-                filtered_de_gemm(acc_window, dz_buf, c, keeps[v_count], v_begin, de_cfg, cfg.block_v, sms,
+                flags, stride = keep_flags(v_begin, v_count)
+                filtered_de_gemm(acc_window, dz_buf, c, flags, v_begin, de_cfg, cfg.block_v, sms,
                                  dz_desc=dz_descs[(dz_buf.data_ptr(), v_count)][1], c_desc=c_desc_de,
-                                 acc_desc=acc_descs[key], epilogue_parts=parts)
+                                 acc_desc=acc_descs[key], epilogue_parts=parts, keep_stride=stride)
 
-            def add_dc(dc_chunk, v_count, dz_buf, accumulate):
+            def add_dc(dc_chunk, v_begin, v_count, dz_buf, accumulate):
                 """dc_chunk (+)= dz_buf^T @ E[window] over the tiles the filter kept, plus the skipped
-                tiles' stand-ins (the 16-bit dC rows of the chunk; accumulate: after the first window)."""
+                tiles' stand-ins unless listed (the 16-bit dC rows of the chunk; accumulate: after the
+                first window)."""
                 parts = FILTERED_DC_EPILOGUE_PARTS
                 key = (dc_chunk.data_ptr(), tuple(dc_chunk.shape), parts)
                 if key not in dc_descs:
                     dc_descs[key] = epilogue_descriptor(dc_chunk, dc_cfg, dc_cfg.block_v, parts)
-                filtered_dc_gemm(dc_chunk, dz_buf, e_w, keeps[v_count], col_sums[v_count], tile_means, accumulate,
-                                 dc_cfg, cfg.block_n, cfg.block_v, sms,
+                flags, stride = keep_flags(v_begin, v_count)
+                filtered_dc_gemm(dc_chunk, dz_buf, e_w, flags, col_sums[v_count] if stand_in else None, tile_means,
+                                 accumulate, dc_cfg, cfg.block_n, cfg.block_v, sms,
                                  dz_desc=dz_descs[(dz_buf.data_ptr(), v_count)][2], e_desc=e_desc_dc,
-                                 dc_desc=dc_descs[key], epilogue_parts=parts)
+                                 dc_desc=dc_descs[key], epilogue_parts=parts, keep_stride=stride)
 
             return launch, (add_de if filter_de else None), (add_dc if filter_dc else None)
 
-        de, dc = _buffered_backward(window_launcher, e, c, num_tokens, dim, vocab, needs_e, needs_c, buffer_bytes,
-                                    filter_de, filter_dc)
+        de, dc = _buffered_backward(window_launcher, e, c, num_tokens, dim, vocab, needs_e, needs_c, window_rows,
+                                    chunk_cols)
     else:
         de, dc = _atomic_backward(launch, e, c, num_tokens, dim, vocab, order, tile, needs_e, needs_c,
                                   needs_bias, window_bytes)
@@ -1288,8 +1399,7 @@ def _add_product(acc: Tensor, a: Tensor, b: Tensor) -> None:
         acc.addmm_(a.float(), b.float())
 
 
-def _buffered_backward(window_launcher, e, c, num_tokens, dim, vocab, needs_e, needs_c, buffer_bytes, filter_de,
-                       filter_dc):
+def _buffered_backward(window_launcher, e, c, num_tokens, dim, vocab, needs_e, needs_c, rows, cols):
     """Exact 16-bit gradients with GEMMs by cuBLAS, in bounded memory. For each window of tokens
     (outer) and chunk of the vocabulary (inner), the recompute kernel writes dz (the input dtype) into
     one buffer, then
@@ -1302,8 +1412,8 @@ def _buffered_backward(window_launcher, e, c, num_tokens, dim, vocab, needs_e, n
     so dC's error stays within torch's own while the windows are few (4 at N = 8192 under the
     default budget). ``window_launcher(n_begin, n_count)`` returns the window's dz launcher
     ``launch(v_begin, v_count, dz)``. The views of each chunk are made once per call, not per
-    iteration (host time; see window_launcher). Returns (dE or None, dC or None) in the input dtype."""
-    rows, cols = buffered_window(e, vocab, buffer_bytes, filter_de, filter_dc)
+    iteration (host time; see window_launcher). Windows of ``rows`` tokens, chunks of ``cols``
+    vocabulary entries (``buffered_window``). Returns (dE or None, dC or None) in the input dtype."""
     ld = buffer_row_stride(cols)
     buf = torch.empty(rows * ld, dtype=e.dtype, device=e.device)
     dc = torch.empty(vocab, dim, dtype=c.dtype, device=c.device) if needs_c else None
@@ -1328,7 +1438,7 @@ def _buffered_backward(window_launcher, e, c, num_tokens, dim, vocab, needs_e, n
             elif needs_e:
                 _add_product(acc_window, dz, c_chunks[i])
             if needs_c and add_filtered_dc is not None:
-                add_filtered_dc(dc_chunks[i], v_count, dz, n_begin > 0)
+                add_filtered_dc(dc_chunks[i], v_begin, v_count, dz, n_begin > 0)
             elif needs_c:
                 if n_begin == 0:
                     torch.mm(dz_t, e_window, out=dc_chunks[i])

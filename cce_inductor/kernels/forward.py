@@ -49,7 +49,7 @@ FLATTEN_FORWARD = True
 @triton.jit
 def _lse_partial_kernel(
     # data (E_desc, C_desc: TMA descriptors of E and C when TMA, else E and C again)
-    E, C, E_desc, C_desc, Bias, Targets, LsePart, LogitSumPart, TargetLogit,
+    E, C, E_desc, C_desc, Bias, Targets, LsePart, LogitSumPart, TargetLogit, TileLse,
     # shapes
     N, V, D, tiles_per_split,
     # strides (the D stride of E and C is 1)
@@ -59,7 +59,7 @@ def _lse_partial_kernel(
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, GROUP_N: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_SMOOTHING: tl.constexpr,
     EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
-    TMA: tl.constexpr, FLATTEN: tl.constexpr,
+    TMA: tl.constexpr, FLATTEN: tl.constexpr, STORE_TILE_LSE: tl.constexpr,
 ):
     # Programs in groups of GROUP_N token tiles x every split, the token tile varying fastest: the
     # programs resident together read GROUP_N tiles of E and a few runs of C (see the module docstring).
@@ -88,15 +88,17 @@ def _lse_partial_kernel(
     if FLATTEN:
         for v_tile in tl.range(v_tile_begin, v_tile_end, flatten=True):
             run_max, run_sum, target_logit, logit_sum = _fold_tile(
-                E, C, E_desc, C_desc, Bias, pid_n * BLOCK_N, offs_n, mask_n, targets, v_tile, V, D,
+                E, C, E_desc, C_desc, Bias, TileLse, pid_n * BLOCK_N, offs_n, mask_n, targets, v_tile, N, V, D,
                 stride_en, stride_cv, softcap, run_max, run_sum, target_logit, logit_sum,
-                BLOCK_N, BLOCK_V, BLOCK_D, HAS_BIAS, HAS_SOFTCAP, HAS_SMOOTHING, EVEN_D, DOT_PRECISION, UPCAST, TMA, FLATTEN)
+                BLOCK_N, BLOCK_V, BLOCK_D, HAS_BIAS, HAS_SOFTCAP, HAS_SMOOTHING, EVEN_D, DOT_PRECISION, UPCAST, TMA, FLATTEN,
+                STORE_TILE_LSE)
     else:
         for v_tile in range(v_tile_begin, v_tile_end):
             run_max, run_sum, target_logit, logit_sum = _fold_tile(
-                E, C, E_desc, C_desc, Bias, pid_n * BLOCK_N, offs_n, mask_n, targets, v_tile, V, D,
+                E, C, E_desc, C_desc, Bias, TileLse, pid_n * BLOCK_N, offs_n, mask_n, targets, v_tile, N, V, D,
                 stride_en, stride_cv, softcap, run_max, run_sum, target_logit, logit_sum,
-                BLOCK_N, BLOCK_V, BLOCK_D, HAS_BIAS, HAS_SOFTCAP, HAS_SMOOTHING, EVEN_D, DOT_PRECISION, UPCAST, TMA, FLATTEN)
+                BLOCK_N, BLOCK_V, BLOCK_D, HAS_BIAS, HAS_SOFTCAP, HAS_SMOOTHING, EVEN_D, DOT_PRECISION, UPCAST, TMA, FLATTEN,
+                STORE_TILE_LSE)
 
     part = pid_split.to(tl.int64) * N + offs_n
     tl.store(LsePart + part, run_max + tl.log(run_sum), mask=mask_n)
@@ -108,14 +110,15 @@ def _lse_partial_kernel(
 
 @triton.jit
 def _fold_tile(
-    E, C, E_desc, C_desc, Bias, n0, offs_n, mask_n, targets, v_tile, V, D,
+    E, C, E_desc, C_desc, Bias, TileLse, n0, offs_n, mask_n, targets, v_tile, N, V, D,
     stride_en, stride_cv, softcap, run_max, run_sum, target_logit, logit_sum,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_SMOOTHING: tl.constexpr,
     EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, TMA: tl.constexpr,
-    FLATTEN: tl.constexpr,
+    FLATTEN: tl.constexpr, STORE_TILE_LSE: tl.constexpr,
 ):
-    """Fold one vocab tile into the running max, sum of exp, target logit and logit sum."""
+    """Fold one vocab tile into the running max, sum of exp, target logit and logit sum; with
+    STORE_TILE_LSE, store the tile's own log-sum-exp per token in TileLse[v_tile, token] (float32)."""
     v0 = v_tile * BLOCK_V
     offs_v = (v0 + tl.arange(0, BLOCK_V)).to(tl.int64)  # [BLOCK_V]
     mask_v = offs_v < V
@@ -129,7 +132,11 @@ def _fold_tile(
     # subtraction and a multiplication; the exponent rounds at ~|m| * 2^-24, within the float32
     # logit's own rounding
     scaled_max = new_max * LOG2E
-    run_sum = run_sum * tl.exp(run_max - new_max) + tl.sum(tl.exp2(z_valid * LOG2E - scaled_max[:, None]), axis=1)
+    tile_sum = tl.sum(tl.exp2(z_valid * LOG2E - scaled_max[:, None]), axis=1)  # [BLOCK_N]
+    run_sum = run_sum * tl.exp(run_max - new_max) + tile_sum
+    if STORE_TILE_LSE:  # -inf where the tile's share underflows (its mass is 0 then)
+        tile_rows = (tl.zeros_like(offs_n) + v_tile) * N  # int64 (offs_n is)
+        tl.store(TileLse + tile_rows + offs_n, new_max + tl.log(tile_sum), mask=mask_n)
     # The target logit comes from the tile itself (so that lse - z_y of a confident token cancels
     # to the rounding of one tile), but the full-tile compare runs only in the few tiles that hold
     # some token's target (at most BLOCK_N of the V / BLOCK_V tiles) -- except in a flattened loop,
@@ -186,6 +193,47 @@ def _combine_kernel(
     tl.store(Lse + offs_t, lse, mask=mask_t)
 
 
+@triton.jit
+def _keep_flags_kernel(
+    # data: TileLse float32 (vocab tiles, n) of the window's tokens; Keep int8, row stride keep_stride
+    TileLse, Lse, TargetLogit, Targets, Keep,
+    # shapes
+    n, V, keep_stride,
+    # constants
+    ignore_index, filter_tau,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_T: tl.constexpr,
+):
+    """The backward filter's keep flag of every (token tile, vocab tile) of a window, from the forward's
+    per-token tile log-sum-exps: for token i and tile t the filter's mass sum_{j in t} |dz_ij| / |g_i| is
+        m_it = P_it                  (P_it = exp(L_it - lse_i), the tile's share of the softmax)
+        m_it = P_it + 1 - 2 p_iy     (the tile holding the target y: |p_iy - 1| in place of p_iy)
+    and the tile is kept iff m_it >= 2 filter_tau |t| (and m_it > 0) for some non-ignored token -- the
+    backward's rule (backward._filter_keep) for the plain loss (grad_lse = 0, no label smoothing, no
+    softcap), where w_i = 2 |g_i| makes it independent of the upstream gradient. A token whose target
+    is outside [0, V) keeps every tile (its loss is NaN)."""
+    pid_n = tl.program_id(0)
+    offs_n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)  # [BLOCK_N]
+    mask_n = offs_n < n
+    offs_t = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)  # [BLOCK_T] vocab tiles
+    num_v_tiles = tl.cdiv(V, BLOCK_V)
+    mask_t = offs_t < num_v_tiles
+    targets = tl.load(Targets + offs_n, mask=mask_n, other=ignore_index)
+    valid = mask_n & (targets != ignore_index)
+    in_range = (targets >= 0) & (targets < V)
+    lse = tl.load(Lse + offs_n, mask=mask_n, other=0.0)
+    p_target = tl.exp(tl.load(TargetLogit + offs_n, mask=valid & in_range, other=float("-inf")) - lse)
+    tile_lse = tl.load(TileLse + offs_t[:, None].to(tl.int64) * n + offs_n[None, :],
+                       mask=mask_t[:, None] & mask_n[None, :], other=float("-inf"))  # [BLOCK_T, BLOCK_N]
+    mass = tl.exp(tile_lse - lse[None, :])
+    holds_target = offs_t[:, None] == (targets // BLOCK_V)[None, :]
+    mass = tl.where(holds_target, tl.maximum(mass + 1.0 - 2.0 * p_target[None, :], 0.0), mass)
+    width = tl.minimum(V - offs_t * BLOCK_V, BLOCK_V).to(tl.float32)  # [BLOCK_T]
+    over = (mass >= 2.0 * filter_tau * width[:, None]) & (mass > 0.0)
+    over = (over | ~in_range[None, :]) & valid[None, :]
+    keep = tl.max(over.to(tl.int32), axis=1) > 0  # [BLOCK_T]
+    tl.store(Keep + pid_n.to(tl.int64) * keep_stride + offs_t, keep.to(tl.int8), mask=mask_t)
+
+
 @functools.lru_cache(maxsize=1024)
 def vocab_splits(n_tiles: int, v_tiles: int, sms: int, max_splits: int) -> tuple[int, int]:
     """(vocab tiles per split, splits) that minimize the waves x tiles-per-program makespan, one
@@ -200,6 +248,11 @@ def vocab_splits(n_tiles: int, v_tiles: int, sms: int, max_splits: int) -> tuple
     return best[1], best[2]
 
 
+# The forward's scratch for the per-token tile log-sum-exps that keep flags are formed from
+# (lce_forward_with_keep): 4 bytes per (token, vocab tile); the tokens go in windows that fit.
+TILE_LSE_BYTES = 16 * 2**20
+
+
 def lce_forward(
     e: Tensor,
     c: Tensor,
@@ -212,46 +265,93 @@ def lce_forward(
     config: TileConfig | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Per-token loss and log-sum-exp (float32, shape (N,)); semantics of reference.chunked_forward."""
-    e, c, bias, targets = prepare_inputs(e, c, bias, targets)
-    num_tokens, dim = e.shape
-    vocab = c.shape[0]
-    loss = torch.empty(num_tokens, dtype=torch.float32, device=e.device)
-    lse = torch.empty_like(loss)
-    if num_tokens == 0:
-        return loss, lse
-    cfg = config or forward_config(e)
-    n_tiles = triton.cdiv(num_tokens, cfg.block_n)
-    v_tiles = triton.cdiv(vocab, cfg.block_v)
-    max_splits = max(1, min(1024, _PARTIAL_BYTES // (4 * num_tokens)))
-    tiles_per_split, splits = vocab_splits(n_tiles, v_tiles, sm_count(e.device), max_splits)
-
-    smoothing = label_smoothing != 0.0
-    lse_part = torch.empty(splits, num_tokens, dtype=torch.float32, device=e.device)
-    logit_sum_part = torch.empty_like(lse_part) if smoothing else lse_part
-    target_logit = torch.empty_like(loss)
-    e_desc = tma_descriptor(e, [cfg.block_n, cfg.block_d], cfg)
-    c_desc = tma_descriptor(c, [cfg.block_v, cfg.block_d], cfg)
-    tma = e_desc is not None and c_desc is not None
-    _lse_partial_kernel[(n_tiles * splits,)](
-        e, c, e_desc if tma else e, c_desc if tma else c, bias, targets, lse_part, logit_sum_part, target_logit,
-        num_tokens, vocab, dim, tiles_per_split,
-        e.stride(0), c.stride(0),
-        float(softcap),
-        BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_D=cfg.block_d, GROUP_N=cfg.group_n,
-        HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap != 0.0, HAS_SMOOTHING=smoothing,
-        EVEN_D=dim % cfg.block_d == 0, DOT_PRECISION=dot_precision(e.dtype), UPCAST=dot_upcast(e),
-        TMA=tma, FLATTEN=tma and HAS_FLATTEN and FLATTEN_FORWARD,  # flattened pointer loads measured 2x slower
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-    )
-    block_t = 64
-    _combine_kernel[(triton.cdiv(num_tokens, block_t),)](
-        lse_part, logit_sum_part, target_logit, targets, loss, lse,
-        num_tokens, vocab, splits,
-        ignore_index, 1.0 - label_smoothing, label_smoothing / vocab,
-        BLOCK_T=block_t, BLOCK_S=min(64, triton.next_power_of_2(splits)), HAS_SMOOTHING=smoothing,
-        num_warps=4,
-    )
+    loss, lse, _ = _forward(e, c, bias, targets, ignore_index, softcap, label_smoothing, config, None)
     return loss, lse
 
 
-__all__ = ["lce_forward", "vocab_splits"]
+def lce_forward_with_keep(
+    e: Tensor,
+    c: Tensor,
+    bias: Tensor | None,
+    targets: Tensor,
+    ignore_index: int,
+    filter_eps: float,
+    *,
+    config: TileConfig | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(loss, lse, keep): ``lce_forward`` (no softcap, no label smoothing) and the backward filter's
+    keep flags, int8 (token tiles, vocab tiles) of the forward's BLOCK_N x BLOCK_V tiles (the
+    buffered backward's dz tiles), formed from each token's tile log-sum-exps (``_keep_flags_kernel``)
+    -- so that the backward computes only the kept tiles (``backward.lce_backward(keep=...)``). The
+    flags are the backward's rule exactly where grad_lse = 0 (an lse that nothing downstream uses).
+    Extra work: one float32 store per (token, vocab tile) and a pass over them, in windows of tokens
+    whose scratch fits TILE_LSE_BYTES; the flags take (N / BLOCK_N) * (V / BLOCK_V) bytes."""
+    return _forward(e, c, bias, targets, ignore_index, 0.0, 0.0, config, filter_eps)
+
+
+def keep_shape(num_tokens: int, vocab: int, cfg: TileConfig) -> tuple[int, int]:
+    """(token tiles, vocab tiles) of the keep flags ``lce_forward_with_keep`` returns."""
+    return -(-num_tokens // cfg.block_n), -(-vocab // cfg.block_v)
+
+
+def _forward(e, c, bias, targets, ignore_index, softcap, label_smoothing, config, filter_eps):
+    e, c, bias, targets = prepare_inputs(e, c, bias, targets)
+    num_tokens, dim = e.shape
+    vocab = c.shape[0]
+    cfg = config or forward_config(e)
+    loss = torch.empty(num_tokens, dtype=torch.float32, device=e.device)
+    lse = torch.empty_like(loss)
+    with_keep = filter_eps is not None
+    keep = torch.empty(keep_shape(num_tokens, vocab, cfg), dtype=torch.int8, device=e.device) if with_keep else None
+    if num_tokens == 0:
+        return loss, lse, keep
+    v_tiles = triton.cdiv(vocab, cfg.block_v)
+    window = num_tokens
+    if with_keep:  # windows of whole token tiles whose tile log-sum-exps fit the scratch
+        window = min(num_tokens, max(1, TILE_LSE_BYTES // (4 * v_tiles * cfg.block_n)) * cfg.block_n)
+    smoothing = label_smoothing != 0.0
+    c_desc = tma_descriptor(c, [cfg.block_v, cfg.block_d], cfg)
+    target_logit = torch.empty_like(loss)
+    tile_lse = torch.empty(v_tiles * window, dtype=torch.float32, device=e.device) if with_keep else loss
+    for n_begin in range(0, num_tokens, window):
+        rows = slice(n_begin, min(num_tokens, n_begin + window))
+        e_w, targets_w, n = e[rows], targets[rows], rows.stop - rows.start
+        n_tiles = triton.cdiv(n, cfg.block_n)
+        max_splits = max(1, min(1024, _PARTIAL_BYTES // (4 * n)))
+        tiles_per_split, splits = vocab_splits(n_tiles, v_tiles, sm_count(e.device), max_splits)
+        lse_part = torch.empty(splits, n, dtype=torch.float32, device=e.device)
+        logit_sum_part = torch.empty_like(lse_part) if smoothing else lse_part
+        e_desc = tma_descriptor(e_w, [cfg.block_n, cfg.block_d], cfg)
+        tma = e_desc is not None and c_desc is not None
+        _lse_partial_kernel[(n_tiles * splits,)](
+            e_w, c, e_desc if tma else e_w, c_desc if tma else c, bias, targets_w, lse_part, logit_sum_part,
+            target_logit[rows], tile_lse,
+            n, vocab, dim, tiles_per_split,
+            e.stride(0), c.stride(0),
+            float(softcap),
+            BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_D=cfg.block_d, GROUP_N=cfg.group_n,
+            HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap != 0.0, HAS_SMOOTHING=smoothing,
+            EVEN_D=dim % cfg.block_d == 0, DOT_PRECISION=dot_precision(e.dtype), UPCAST=dot_upcast(e),
+            TMA=tma, FLATTEN=tma and HAS_FLATTEN and FLATTEN_FORWARD,  # flattened pointer loads measured 2x slower
+            STORE_TILE_LSE=with_keep, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )
+        block_t = 64
+        _combine_kernel[(triton.cdiv(n, block_t),)](
+            lse_part, logit_sum_part, target_logit[rows], targets_w, loss[rows], lse[rows],
+            n, vocab, splits,
+            ignore_index, 1.0 - label_smoothing, label_smoothing / vocab,
+            BLOCK_T=block_t, BLOCK_S=min(64, triton.next_power_of_2(splits)), HAS_SMOOTHING=smoothing,
+            num_warps=4,
+        )
+        if with_keep:
+            block_vt = 16 if e.device.type == "cuda" else 4
+            _keep_flags_kernel[(n_tiles, triton.cdiv(v_tiles, block_vt))](
+                tile_lse, lse[rows], target_logit[rows], targets_w, keep[n_begin // cfg.block_n :],
+                n, vocab, keep.stride(0),
+                ignore_index, filter_eps / vocab,
+                BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_T=block_vt, num_warps=4,
+            )
+    return loss, lse, keep
+
+
+__all__ = ["keep_shape", "lce_forward", "lce_forward_with_keep", "vocab_splits"]

@@ -273,3 +273,48 @@ def test_corrected_dc_filter_matches_the_reference():
         print(name, "filtered %.2e exact %.2e" % errs)
         assert errs[0] <= 1.5 * errs[1], (name, errs)
     assert _rel(filtered[2], exact[2]) <= 1e-6  # dbias: never filtered
+
+
+def test_forward_keep_flags_and_the_listed_backward():
+    """lce_forward_with_keep and lce_backward(keep=...) at the GPU's tiles (TMA, the flattened dz
+    kernel walking its list of kept tiles, the filtered dE and dC GEMMs without stand-ins), against
+    reference.filtered_backward(dc_filter="dropped") in float64 on the same bf16 inputs: LM-like
+    logits scaled by 4 (peaked), ignored tokens, the plain loss's gradients (grad_lse = 0), N = 1000 (a
+    partial token tile) in several windows, V = 8292 in several chunks (a partial vocab tile). The
+    forward's flags are the reference's and the dz kernel's own (each up to 2 borderline tiles: their
+    float32 sums against float64, and the forward's tile log-sum-exps against the recompute's sums);
+    the forward's loss and lse are lce_forward's bit for bit; dE and dC within 1.5x of the exact
+    kernel's distance from the exact float64 gradients."""
+    from cce_inductor.kernels.forward import lce_forward_with_keep
+
+    n, d, v = 1000, 256, 8292
+    lm = make_inputs("lm", n, d, v, device="cuda", seed=3)
+    e, c = (lm.e.float() * 4.0).bfloat16(), lm.c
+    y = lm.targets.clone()
+    y[::13] = -100
+    loss, lse, keep = lce_forward_with_keep(e, c, None, y, -100, kernels.FILTER_EPS)
+    want_loss, want_lse = kernels.lce_forward(e, c, None, y, -100, 0.0, 0.0)
+    assert torch.equal(loss, want_loss) and torch.equal(lse, want_lse)
+    gen = torch.Generator(device="cuda").manual_seed(6)
+    gl, gs = (0.5 + torch.rand(n, device="cuda", generator=gen)) / n, torch.zeros(n, device="cuda")
+    args = (e, c, None, y, lse, gl, gs, -100, 0.0, 0.0)
+    budget = 2 * 256 * 4096 + 4 * 256 * d  # windows of 256 tokens, chunks of 4096 and wider
+    counts = {name: torch.zeros(2, dtype=torch.int32, device="cuda") for name in ("listed", "dz kernel")}
+    listed = kernels.lce_backward(*args, True, True, True, False, buffer_bytes=budget, keep=keep,
+                                  tile_counts=counts["listed"])
+    kernels.lce_backward(*args, True, True, True, False, buffer_bytes=budget, tile_counts=counts["dz kernel"])
+    exact = kernels.lce_backward(*args, False, True, True, False, buffer_bytes=budget)
+    f64 = lambda t: t.double()  # noqa: E731
+    want, want_exact = (reference.filtered_backward(f64(e), f64(c), None, y, f64(lse), f64(gl), f64(gs), -100, 0.0,
+                                                    0.0, eps, 128, 256, dc_filter)
+                        for eps, dc_filter in ((kernels.FILTER_EPS, "dropped"), (0.0, "exact")))
+    skipped, total = int((~want[3]).sum()), want[3].numel()
+    print("tiles skipped: forward", counts["listed"].tolist(), "dz kernel", counts["dz kernel"].tolist(),
+          "reference", skipped, "of", total, "flags differing", int((keep.bool() != want[3]).sum()))
+    assert counts["listed"].tolist() == [int(keep.sum()), int((keep == 0).sum())]
+    assert 0.05 * total < skipped < total and int((keep.bool() != want[3]).sum()) <= 2
+    assert abs(int(counts["listed"][1]) - int(counts["dz kernel"][1])) <= 2
+    for name, got, got_exact, ref, ref_exact in zip(("dE", "dC"), listed, exact, want, want_exact):
+        errs = _rel(got, ref), _rel(got_exact, ref_exact)
+        print(name, "listed %.2e exact %.2e" % errs)
+        assert errs[0] <= 1.5 * errs[1], (name, errs)

@@ -361,6 +361,101 @@ def test_corrected_dc_filter_matches_the_reference(dtype, dc_tiles):
             assert _rel(got, ref) <= 1.5 * _rel(got_exact, ref_exact)  # the accuracy bar's factor
     assert _rel(filtered[2], exact[2]) < 1e-6  # dbias: never filtered
 
+def _peaked_plain_loss_case(dtype, d, v=150):
+    """40 tokens x v entries (150: a partial last vocab tile), no bias, a peaked softmax, targets at
+    each token's argmax except one ignored token and two with an unlikely target (token 7: id 5;
+    token 30: the last id), and the plain loss's upstream gradients (grad_lse = 0; grad_loss
+    positive, differing per token: the forward's flags do not depend on it)."""
+    n = 40
+    e, c, _, _ = _inputs(n=n, d=d, v=v, scale=30.0, bias=False, dtype=dtype)
+    y = (e.float() @ c.float().T).argmax(1)
+    y[3], y[7], y[30] = -100, 5, v - 1
+    gen = torch.Generator().manual_seed(5)
+    return e, c, y, 0.5 + torch.rand(n, generator=gen), torch.zeros(n)
+
+
+@pytest.mark.parametrize("windows", [1, 3])
+def test_forward_keep_flags_are_the_backward_rule(windows):
+    """lce_forward_with_keep: loss and lse bit-equal to lce_forward's, and keep flags equal to
+    reference.filtered_backward's (the backward's rule in float64 for the plain loss) on a peaked
+    softmax with partial token and vocab tiles, an ignored token and unlikely targets; in one window of
+    tokens or in three (TILE_LSE_BYTES patched down to one token tile's scratch)."""
+    from cce_inductor.kernels import forward
+
+    e, c, y, gl, gs = _peaked_plain_loss_case(torch.float32, 45)
+    v_tiles = -(-c.shape[0] // 16)
+    budget = forward.TILE_LSE_BYTES if windows == 1 else 4 * 16 * v_tiles
+    with mock.patch.object(forward, "TILE_LSE_BYTES", budget):
+        loss, lse, keep = forward.lce_forward_with_keep(e, c, None, y, -100, kernels.FILTER_EPS)
+    want_loss, want_lse = lce_forward(e, c, None, y, -100, 0.0, 0.0)
+    assert torch.equal(loss, want_loss) and torch.equal(lse, want_lse)
+    f64 = lambda t: t.double()  # noqa: E731
+    *_, want = reference.filtered_backward(f64(e), f64(c), None, y, f64(lse), f64(gl), f64(gs), -100, 0.0, 0.0,
+                                           kernels.FILTER_EPS, 16, 16, "dropped")
+    assert keep.dtype == torch.int8 and keep.shape == want.shape == (3, v_tiles)
+    assert torch.equal(keep.bool(), want) and 0 < int(keep.sum()) < keep.numel()
+    assert keep[0, 5 // 16] and keep[30 // 16, -1]  # the unlikely targets' tiles
+    assert not keep[3 // 16].all()  # the ignored token keeps nothing by itself
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["float32_pointers", "fp16_tma"])
+def test_listed_backward_matches_the_dropped_reference(dtype):
+    """The backward with the forward's keep flags (lce_backward(keep=...)): the dz kernel recomputes
+    only the listed tiles, the filtered dE and dC GEMMs (no stand-ins) run over them, in 3 windows x
+    ragged chunks (40 tokens, 150 entries in chunks of 48). Against reference.filtered_backward with
+    dc_filter="dropped" in float64: the same tiles skipped, and both gradients within 1.5x (the
+    accuracy bar's factor) of the exact kernel's distance from float64. float32 (pointer loads, the
+    masked epilogue): what filtering changes (listed - exact kernel) is what the atomic kernel's
+    dc_filter="dropped" changes, to 1e-4 of it (against float64 it is 5e-4 off here: the float32
+    logits put the exact kernel 8e-6 off float64, and the dropped part is only 1% of the gradients).
+    float16: TMA loads and the lean epilogue. dE is the dz-kernel-flagged filtered path's, bit for bit
+    (the same kept tiles, the same GEMM)."""
+    from cce_inductor.kernels import backward, forward
+
+    d = 45 if dtype == torch.float32 else 48
+    e, c, y, gl, gs = _peaked_plain_loss_case(dtype, d)
+    _, lse, keep = forward.lce_forward_with_keep(e, c, None, y, -100, kernels.FILTER_EPS)
+    args = (e, c, None, y, lse, gl, gs, -100, 0.0, 0.0)
+    budget = e.element_size() * 16 * 48 + 4 * 16 * d
+    counts = torch.zeros(2, dtype=torch.int32)
+    with mock.patch.object(backward, "CHUNK_V", 48), mock.patch.object(backward, "LEAN_DZ_EPILOGUE", dtype != torch.float32):
+        assert backward.buffered_window(e, c.shape[0], budget, True, True) == (16, 48)
+        listed = lce_backward(*args, True, True, True, False, buffered=True, buffer_bytes=budget, keep=keep,
+                              tile_counts=counts)
+        flagged = lce_backward(*args, True, True, False, False, buffered=True, buffer_bytes=budget)
+        exact = lce_backward(*args, False, True, True, False, buffered=True, buffer_bytes=budget)
+        if dtype == torch.float32:
+            atomic = lce_backward(*args, True, True, True, False, buffered=False, dc_filter="dropped")
+    f64 = lambda t: t.double()  # noqa: E731
+    ref = [reference.filtered_backward(f64(e), f64(c), None, y, f64(lse), f64(gl), f64(gs), -100, 0.0, 0.0, eps, 16,
+                                       16, dc_filter) for eps, dc_filter in ((kernels.FILTER_EPS, "dropped"), (0.0, "exact"))]
+    assert counts.tolist() == [int(keep.sum()), int((keep == 0).sum())] and 0 < counts[1] < keep.numel()
+    assert torch.equal(keep.bool(), ref[0][3])
+    assert torch.equal(listed[0], flagged[0])
+    for i, (got, got_exact, want, want_exact) in enumerate(zip(listed[:2], exact[:2], ref[0][:2], ref[1][:2])):
+        assert got.dtype == dtype
+        assert _rel(got, want) <= 1.5 * _rel(got_exact, want_exact)
+        if dtype == torch.float32:
+            assert _rel(got - got_exact, atomic[i] - got_exact) < 1e-4
+
+
+def test_listed_backward_refuses_what_it_cannot_do():
+    """keep flags need filter_grad, no dbias, no vocab order, dc_filter None or "dropped", the
+    buffered path, and int8 flags of the dz kernel's tiles."""
+    e, c, y, gl, gs = _peaked_plain_loss_case(torch.float32, 45)
+    _, lse = lce_forward(e, c, None, y, -100, 0.0, 0.0)
+    keep = torch.ones(3, 10, dtype=torch.int8)
+    b = torch.zeros(c.shape[0])
+    base = (e, c, None, y, lse, gl, gs, -100, 0.0, 0.0)
+    with_bias = (e, c, b, y, lse, gl, gs, -100, 0.0, 0.0)
+    for args, filter_grad, options in ((base, False, {}), (with_bias, True, {}), (base, True, {"dc_filter": "corrected"}),
+                                       (base, True, {"vocab_order": True}), (base, True, {"buffered": False}),
+                                       (base, True, {"keep": keep[:, :9]}), (base, True, {"keep": keep.int()})):
+        options = {"keep": keep, "buffered": True, **options}
+        with pytest.raises(ValueError, match="keep"):
+            lce_backward(*args, filter_grad, True, True, True, **options)
+
+
 @pytest.mark.parametrize("parts", [1, 2])
 @pytest.mark.parametrize("dc_tiles", ["dz_tiles", "split"])
 def test_filtered_gemm_epilogues_through_descriptors_agree(dc_tiles, parts):
