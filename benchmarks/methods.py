@@ -138,9 +138,10 @@ def _kernel_skipped_fraction():
     return getattr(kernels, "skipped_fraction", None)
 
 
-def _setup_ours(exact: bool, dc_filter: str | None = None):
+def _setup_ours(exact: bool, dc_filter: str | None = None, filter_dc: bool = False):
     """The op; ``dc_filter``: the kernels' DC_FILTER for the call (a module constant, not an op option:
-    e.g. "corrected", the filtered dC with its stand-ins), where the Triton path runs."""
+    e.g. "corrected", the filtered dC with its stand-ins), where the Triton path runs; ``filter_dc``:
+    the op's option (dC filtered too, the skipped tiles' recompute skipped where the forward flags them)."""
     def setup(env: Env) -> Prepared:
         import cce_inductor
 
@@ -149,7 +150,7 @@ def _setup_ours(exact: bool, dc_filter: str | None = None):
                 raise Unavailable("dc_filter applies on the Triton path: needs CUDA")
             impl, note = "torch", "impl='torch' (smoke mode; the torch path is always exact)"
         elif env.device.type == "cuda":
-            impl, note = "triton", f"impl='triton', exact={exact}"
+            impl, note = "triton", f"impl='triton', exact={exact}" + (", filter_dc=True" if filter_dc else "")
         else:
             raise Unavailable("impl='triton' needs CUDA")
         context = contextlib.nullcontext
@@ -160,7 +161,7 @@ def _setup_ours(exact: bool, dc_filter: str | None = None):
             context = lambda: mock.patch.object(backward, "DC_FILTER", dc_filter)  # noqa: E731
 
         def loss(e, c, targets):
-            return cce_inductor.linear_cross_entropy(e, c, targets, impl=impl, exact=exact)
+            return cce_inductor.linear_cross_entropy(e, c, targets, impl=impl, exact=exact, filter_dc=filter_dc)
 
         skipped = None if (exact or impl != "triton") else _kernel_skipped_fraction()
         return Prepared(loss, context=context, note=note, skipped_fraction=skipped)
@@ -234,6 +235,8 @@ METHODS: dict[str, Method] = {
         Method("cce_inductor", "cce_inductor (filtered)", _setup_ours(exact=False)),
         Method("cce_inductor_corrected_dc", "cce_inductor (filtered, dC corrected)",
                _setup_ours(exact=False, dc_filter="corrected")),
+        Method("cce_inductor_filter_dc", "cce_inductor (filtered, filter_dc)",
+               _setup_ours(exact=False, filter_dc=True)),
         Method("cce_inductor_exact", "cce_inductor (exact)", _setup_ours(exact=True)),
         Method("cce_inductor_workspace", "cce_inductor (workspace 1 GiB)", _setup_ours_workspace(2**30)),
         # the workspace path held to 48 MiB (the exact backward's scratch until its chunks widened into
@@ -247,7 +250,7 @@ METHODS: dict[str, Method] = {
 # Slow on a CPU (compilation; many small bf16 matmuls): left out of the smoke default, runnable
 # there with --methods.
 SMOKE_EXCLUDED = ("torch_compile", "torch_compile_chunked", "torch_native", "cce_inductor_workspace",
-                  "cce_inductor_workspace_48m", "cce_inductor_corrected_dc")
+                  "cce_inductor_workspace_48m", "cce_inductor_corrected_dc", "cce_inductor_filter_dc")
 
 
 def peer_versions() -> dict[str, str | None]:

@@ -1,8 +1,9 @@
 """The linear-cross-entropy custom ops and the public function built on them.
 
 Layers, bottom up:
-  ``cce_inductor::lce_forward``  (e2d, c, targets1d, bias, ...) -> (loss per token, lse per token)
-  ``cce_inductor::lce_backward`` (..., lse, grad_loss, grad_lse, ...) -> (dE, dC, dbias)
+  ``cce_inductor::lce_forward``  (e2d, c, targets1d, bias, ...) -> (loss per token, lse per token,
+      the filter's keep flags where the forward forms them, else an empty tensor)
+  ``cce_inductor::lce_backward`` (..., lse, grad_loss, grad_lse, keep, ...) -> (dE, dC, dbias)
   ``cce_inductor::lce_fused_reduced`` (e2d, c, targets1d, bias, ..., max_workspace_bytes) ->
       (reduced loss, dE, dC, dbias): the ``max_workspace_bytes`` path (Triton only), gradients formed
       in the forward and scaled by the upstream scalar in the backward (``lce_scale_``).
@@ -57,13 +58,44 @@ def lce_forward(
     label_smoothing: float,
     impl: str,
     filter_grad: bool,
-) -> tuple[Tensor, Tensor]:
+    filter_dc: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
     """e (N, D), c (V, D), targets (N,), bias (V,) or None; softcap 0 means none.
-    Returns loss (N,), float32, and lse (N,) in ``lse_dtype(e.dtype, impl)``. ``filter_grad`` is
-    used by the backward only."""
+    Returns loss (N,), float32, lse (N,) in ``lse_dtype(e.dtype, impl)``, and the backward filter's
+    keep flags (int8, ``keep_flags_shape``) where ``forward_flags_apply``, else an empty int8 tensor.
+    ``filter_grad`` and ``filter_dc`` are the backward's (``filter_dc``: the caller never
+    differentiates lse -- the flags are the filter's rule only where grad_lse is 0)."""
+    if forward_flags_apply(e, bias, softcap, label_smoothing, impl, filter_grad, filter_dc):
+        from .kernels.backward import FILTER_EPS
+        from .kernels.forward import lce_forward_with_keep
+
+        return lce_forward_with_keep(e, c, bias, targets, ignore_index, FILTER_EPS)
+    none = e.new_empty(0, dtype=torch.int8)
     if impl == "triton":
-        return _triton_kernels().lce_forward(e, c, bias, targets, ignore_index, softcap, label_smoothing)
-    return reference.chunked_forward(e, c, bias, targets, ignore_index, softcap, label_smoothing)
+        return (*_triton_kernels().lce_forward(e, c, bias, targets, ignore_index, softcap, label_smoothing), none)
+    return (*reference.chunked_forward(e, c, bias, targets, ignore_index, softcap, label_smoothing), none)
+
+
+def forward_flags_apply(e: Tensor, bias: Tensor | None, softcap: float, label_smoothing: float, impl: str,
+                        filter_grad: bool, filter_dc: bool) -> bool:
+    """Whether the forward forms the filter's keep flags, so that the backward skips the skipped
+    tiles' recompute (``kernels.backward.lce_backward(keep=...)``): dC filtered too, the Triton path,
+    16-bit inputs, no bias (dbias needs every tile), no softcap and no label smoothing (the flags come
+    from each token's tile log-sum-exps, which give the filter's mass only for the plain loss)."""
+    if not (filter_grad and filter_dc and impl == "triton" and bias is None and softcap == 0.0
+            and label_smoothing == 0.0 and e.dtype in (torch.bfloat16, torch.float16)):
+        return False
+    from .kernels.backward import buffered_path_applies
+
+    return buffered_path_applies(e, None)
+
+
+def keep_flags_shape(e: Tensor, c: Tensor) -> tuple:
+    """(token tiles, vocab tiles) of the forward's keep flags."""
+    from .kernels.common import forward_config
+    from .kernels.forward import keep_shape
+
+    return keep_shape(e.shape[0], c.shape[0], forward_config(e))
 
 
 def lse_dtype(dtype: torch.dtype, impl: str) -> torch.dtype:
@@ -72,8 +104,10 @@ def lse_dtype(dtype: torch.dtype, impl: str) -> torch.dtype:
 
 
 @lce_forward.register_fake
-def _(e, c, targets, bias, ignore_index, softcap, label_smoothing, impl, filter_grad):
-    return e.new_empty(e.shape[0], dtype=torch.float32), e.new_empty(e.shape[0], dtype=lse_dtype(e.dtype, impl))
+def _(e, c, targets, bias, ignore_index, softcap, label_smoothing, impl, filter_grad, filter_dc):
+    flags = forward_flags_apply(e, bias, softcap, label_smoothing, impl, filter_grad, filter_dc)
+    return (e.new_empty(e.shape[0], dtype=torch.float32), e.new_empty(e.shape[0], dtype=lse_dtype(e.dtype, impl)),
+            e.new_empty(keep_flags_shape(e, c) if flags else (0,), dtype=torch.int8))
 
 
 @torch.library.custom_op("cce_inductor::lce_backward", mutates_args=())
@@ -85,21 +119,25 @@ def lce_backward(
     lse: Tensor,
     grad_loss: Tensor,
     grad_lse: Tensor,
+    keep: Tensor,
     ignore_index: int,
     softcap: float,
     label_smoothing: float,
     impl: str,
     filter_grad: bool,
+    filter_dc: bool,
     needs_e: bool,
     needs_c: bool,
     needs_bias: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Gradients of sum(grad_loss * loss + grad_lse * lse); an empty tensor for each not needed."""
+    """Gradients of sum(grad_loss * loss + grad_lse * lse); an empty tensor for each not needed.
+    ``keep``: the forward's keep flags (empty: none; then dC is exact whatever ``filter_dc`` says)."""
     needs_bias = needs_bias and bias is not None
     if impl == "triton":
+        flags = {"keep": keep, "dc_filter": "dropped"} if keep.numel() else {}
         grads = _triton_kernels().lce_backward(
             e, c, bias, targets, lse, grad_loss, grad_lse, ignore_index, softcap, label_smoothing,
-            filter_grad, needs_e, needs_c, needs_bias,
+            filter_grad, needs_e, needs_c, needs_bias, **flags,
         )
     else:
         grads = reference.chunked_backward(
@@ -110,8 +148,8 @@ def lce_backward(
 
 
 @lce_backward.register_fake
-def _(e, c, targets, bias, lse, grad_loss, grad_lse, ignore_index, softcap, label_smoothing, impl,
-      filter_grad, needs_e, needs_c, needs_bias):
+def _(e, c, targets, bias, lse, grad_loss, grad_lse, keep, ignore_index, softcap, label_smoothing, impl,
+      filter_grad, filter_dc, needs_e, needs_c, needs_bias):
     return (
         torch.empty_like(e) if needs_e else e.new_empty(0),
         torch.empty_like(c) if needs_c else e.new_empty(0),
@@ -120,27 +158,28 @@ def _(e, c, targets, bias, lse, grad_loss, grad_lse, ignore_index, softcap, labe
 
 
 def _setup_context(ctx, inputs, output):
-    e, c, targets, bias, ignore_index, softcap, label_smoothing, impl, filter_grad = inputs
-    _, lse = output
-    ctx.save_for_backward(e, c, targets, bias, lse)
-    ctx.options = (ignore_index, softcap, label_smoothing, impl, filter_grad)
+    e, c, targets, bias, ignore_index, softcap, label_smoothing, impl, filter_grad, filter_dc = inputs
+    _, lse, keep = output
+    ctx.mark_non_differentiable(keep)
+    ctx.save_for_backward(e, c, targets, bias, lse, keep)
+    ctx.options = (ignore_index, softcap, label_smoothing, impl, filter_grad, filter_dc)
 
 
-def _backward(ctx, grad_loss, grad_lse):
-    e, c, targets, bias, lse = ctx.saved_tensors
+def _backward(ctx, grad_loss, grad_lse, _grad_keep):
+    e, c, targets, bias, lse, keep = ctx.saved_tensors
     # Upstream gradients of a sum/mean arrive as expanded stride-0 tensors: make them dense.
     grad_loss = torch.zeros_like(lse) if grad_loss is None else grad_loss.to(lse.dtype).contiguous()
     grad_lse = torch.zeros_like(lse) if grad_lse is None else grad_lse.to(lse.dtype).contiguous()
     needs_e, needs_c, _, needs_bias = ctx.needs_input_grad[:4]
     de, dc, dbias = lce_backward(
-        e, c, targets, bias, lse, grad_loss, grad_lse, *ctx.options, needs_e, needs_c, needs_bias
+        e, c, targets, bias, lse, grad_loss, grad_lse, keep, *ctx.options, needs_e, needs_c, needs_bias
     )
     return (
         de if needs_e else None,
         dc if needs_c else None,
         None,
         dbias if needs_bias else None,
-        None, None, None, None, None,
+        None, None, None, None, None, None,
     )
 
 
@@ -365,6 +404,7 @@ def linear_cross_entropy(
     return_lse: bool = False,
     impl: str = "auto",
     exact: bool = True,
+    filter_dc: bool = False,
     max_workspace_bytes: int | None = None,
 ):
     """Cross-entropy of the linear classifier ``e @ c.T + bias`` without materializing the logits.
@@ -405,6 +445,19 @@ def linear_cross_entropy(
             torch.compile's rounding, though well inside the 0.13 that another random init moves it
             (results/h100-2026-11-23d/convergence.png; at 1/4 it sat 0.02-0.04 above). The torch
             path is always exact.
+        filter_dc: a bool, only with ``exact=False`` (else a ValueError); False (the default): dC
+            stays exact. True: a skipped block is dropped from dC too, and where the forward can tell
+            which blocks the filter will skip -- the Triton path, bfloat16 or float16, no bias, no
+            softcap, no label smoothing, return_lse=False -- it forms the filter's keep flags itself
+            (from each token's log-sum-exp over each 256-entry block of the vocabulary; (N/128) x
+            (V/256) bytes kept for the backward), so that the backward recomputes only the kept
+            blocks. Elsewhere dC stays exact. dC's dropped terms have no relative bound (they add up
+            along the tokens), so its error grows with N (a CPU float32 study at D = 4096, V =
+            128256, LM-like: 1.5e-3, 2.1e-3, 2.9e-3 at N = 2K, 4K, 8K). On an H200 at 8192 x 4096 x
+            128256, LM-like (s = 0.43): forward + backward 3.15 T against 3.88 T with dC exact and
+            4.14 T in exact mode, dC 4.1e-3 from float64 (exact mode 3.4e-3, torch bf16 9.4e-3);
+            where little is skipped it is slower than exact mode (8192 x 2304 x 256000: 4.62
+            against 4.36 T; benchmarks/listed_backward.py, results/h200-2026-12-01k).
         max_workspace_bytes: memory for speed (None: off). The Triton path may hold the logits of a
             chunk of tokens in a buffer of at most this many bytes (at least one token's row), and
             then forms the gradients in the forward, in the same pass as the logits: three GEMMs
@@ -435,6 +488,10 @@ def linear_cross_entropy(
     _check_target_range(targets, vocab, ignore_index)
     if not isinstance(exact, bool):  # exact=None would silently turn the gradient filter on
         raise TypeError(f"exact must be a bool, got {exact!r}")
+    if not isinstance(filter_dc, bool):
+        raise TypeError(f"filter_dc must be a bool, got {filter_dc!r}")
+    if filter_dc and exact:
+        raise ValueError("filter_dc=True filters dC as well as dE: it needs exact=False")
     if not isinstance(return_lse, bool):
         raise TypeError(f"return_lse must be a bool, got {return_lse!r}")
     if max_workspace_bytes is not None and (
@@ -458,8 +515,10 @@ def linear_cross_entropy(
         out, *_ = lce_fused_reduced(e2d, c, flat_targets, bias, ignore_index, float(softcap or 0.0),
                                     float(label_smoothing), reduction == "mean", max_workspace_bytes, *needs)
         return out
-    loss, lse = lce_forward(
-        e2d, c, flat_targets, bias, ignore_index, float(softcap or 0.0), float(label_smoothing), impl, not exact
+    # an lse returned to the caller may be differentiated: the forward's keep flags assume it is not
+    loss, lse, _ = lce_forward(
+        e2d, c, flat_targets, bias, ignore_index, float(softcap or 0.0), float(label_smoothing), impl, not exact,
+        filter_dc and not return_lse,
     )
 
     if reduction == "mean":

@@ -1,6 +1,7 @@
 """The op's contract on the CPU (impl="torch"): numerics against float64, registration, compile, errors."""
 
 import math
+import os
 
 import pytest
 import torch
@@ -171,13 +172,32 @@ def test_opcheck():
     y = torch.randint(0, 13, (9,))
     y[3] = -100
     for bias in (None, b):
-        args = (e, c, y, bias, -100, 2.0, 0.1, "torch", True)
+        args = (e, c, y, bias, -100, 2.0, 0.1, "torch", True, True)
         torch.library.opcheck(torch.ops.cce_inductor.lce_forward.default, args)
-        loss, lse = torch.ops.cce_inductor.lce_forward(*args)
+        loss, lse, keep = torch.ops.cce_inductor.lce_forward(*args)
+        assert keep.numel() == 0  # the torch path forms no keep flags
         grads = (torch.randn(9), torch.randn(9, dtype=lse.dtype))
-        bw_args = (e.detach(), c.detach(), y, None if bias is None else bias.detach(), lse.detach(), *grads,
-                   -100, 2.0, 0.1, "torch", True, True, True, bias is not None)
+        bw_args = (e.detach(), c.detach(), y, None if bias is None else bias.detach(), lse.detach(), *grads, keep,
+                   -100, 2.0, 0.1, "torch", True, True, True, True, bias is not None)
         torch.library.opcheck(torch.ops.cce_inductor.lce_backward.default, bw_args)
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="the Triton path on the CPU: the interpreter")
+def test_opcheck_with_keep_flags():
+    """The Triton path's forward with keep flags (filter_grad and filter_dc, 16-bit, no bias, no
+    softcap or smoothing): the fake's flag shape is the kernel's, and the backward takes the flags."""
+    gen = torch.Generator().manual_seed(0)
+    e = (torch.randn(37, 16, generator=gen) * 4).half().requires_grad_()
+    c = torch.randn(40, 16, generator=gen).half().requires_grad_()
+    y = torch.randint(0, 40, (37,), generator=gen)
+    args = (e, c, y, None, -100, 0.0, 0.0, "triton", True, True)
+    torch.library.opcheck(torch.ops.cce_inductor.lce_forward.default, args,
+                          test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+    loss, lse, keep = torch.ops.cce_inductor.lce_forward(*args)
+    assert keep.dtype == torch.int8 and keep.shape == (3, 3)  # the interpreter's 16 x 16 tiles
+    for flagged in ((e, c, y, None, -100, 0.0, 0.0, "triton", True, False),  # dC exact
+                    (e, c, y, None, -100, 1.0, 0.0, "triton", True, True)):  # a softcap
+        assert torch.ops.cce_inductor.lce_forward(*flagged)[2].numel() == 0
 
 
 @pytest.mark.parametrize("dynamic", [False, True])
@@ -233,6 +253,8 @@ E, C, Y = torch.randn(2, 3, 8), torch.randn(11, 8), torch.randint(0, 11, (2, 3))
         (dict(ignore_index=True), TypeError, "ignore_index must be an int"),
         (dict(shift=True), ValueError, "shift must be"),
         (dict(return_lse=1), TypeError, "return_lse must be a bool"),
+        (dict(filter_dc=1), TypeError, "filter_dc must be a bool"),
+        (dict(filter_dc=True), ValueError, "filter_dc=True .* needs exact=False"),
         (dict(targets=torch.full((2, 3), 11)), ValueError, "targets must be in"),
         (dict(targets=torch.full((2, 3), -5)), ValueError, "targets must be in"),
         (dict(e=E.to("meta")), ValueError, "one device"),
@@ -266,3 +288,41 @@ def test_shift_with_narrow_integer_targets(dtype):
         ours = linear_cross_entropy(e, c, y.to(dtype), shift=1, reduction=reduction)
         ref = naive_linear_cross_entropy(e.double(), c.double(), y, shift=1, reduction=reduction)
         torch.testing.assert_close(ours.double(), ref, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="the Triton path on the CPU: the interpreter")
+def test_filter_dc_skips_the_recompute_only_where_the_flags_hold():
+    """linear_cross_entropy(exact=False, filter_dc=True) on the Triton path: with the forward's keep
+    flags, dE and dC are the kernels' listed backward's (dC dropped where skipped, reference
+    "dropped" in float64 within 1.5x of the exact kernel's distance); with return_lse=True (an lse the
+    caller may differentiate) no flags are formed and dC is exact mode's, as with filter_dc=False."""
+    from cce_inductor import reference
+    from cce_inductor.kernels import FILTER_EPS
+
+    gen = torch.Generator().manual_seed(1)
+    e0 = (torch.randn(40, 48, generator=gen) * 30 / 48**0.5).half()
+    c0 = (torch.randn(150, 48, generator=gen) / 48**0.5).half()
+    y = (e0.float() @ c0.float().T).argmax(1)
+    y[3], y[7] = -100, 5
+
+    def grads(**options):
+        e, c = e0.clone().requires_grad_(), c0.clone().requires_grad_()
+        out = linear_cross_entropy(e, c, y, impl="triton", **options)
+        loss = out[0] if isinstance(out, tuple) else out
+        loss.backward()
+        return e.grad, c.grad
+
+    listed = grads(exact=False, filter_dc=True)
+    with_lse = grads(exact=False, filter_dc=True, return_lse=True)
+    dc_exact = grads(exact=False)
+    exact = grads()
+    assert torch.equal(with_lse[1], dc_exact[1]) and torch.equal(with_lse[0], dc_exact[0])
+    assert not torch.equal(listed[1], dc_exact[1])
+    f64 = lambda t: t.double()  # noqa: E731
+    lse = torch.logsumexp(f64(e0) @ f64(c0).T, 1)
+    g = (y != -100).double() / (y != -100).sum()
+    want = [reference.filtered_backward(f64(e0), f64(c0), None, y, lse, g, torch.zeros(40, dtype=torch.float64), -100,
+                                        0.0, 0.0, eps, 16, 16, dc) for eps, dc in ((FILTER_EPS, "dropped"), (0.0, "exact"))]
+    assert 0 < int((~want[0][3]).sum()) < want[0][3].numel()
+    for got, got_exact, ref, ref_exact in zip(listed, exact, want[0][:2], want[1][:2]):
+        assert rel(got, ref) <= 1.5 * rel(got_exact, ref_exact)

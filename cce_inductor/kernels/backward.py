@@ -8,7 +8,9 @@ Two paths share the logit tile (``common.logit_tile``) and the gradient of the l
     an H100 before the windows were sized to the SMs (results/h100-2026-11-23d); with the filter, a
     Triton GEMM (``_filtered_de_kernel``) forms dE over the tiles the filter keeps, and with
     ``dc_filter="corrected"`` another (``_filtered_dc_kernel``) forms dC over them plus a rank-1
-    stand-in for each skipped tile;
+    stand-in for each skipped tile; with the forward's keep flags (``keep``, from
+    ``forward.lce_forward_with_keep``) the dz kernel recomputes only the kept tiles and both GEMMs
+    run over them (dC without stand-ins: a skipped tile has no column sums without its recompute);
   * atomic (float32 inputs, a filtered dC, a vocabulary order, torch builds without a mixed-precision
     addmm): the kernel ``_backward_kernel`` forms dE and dC itself with float32 atomics, as described
     below -- ~10-11 T.
@@ -956,8 +958,8 @@ def lce_backward(
 
     ``dc_filter``: what the filter does to dC (``DC_FILTERS``; None: ``DC_FILTER`` in the buffered
     path, "exact" in the atomic one): "corrected" (buffered path only) skips a tile's dC GEMM and adds
-    its rank-1 stand-in, "dropped" (atomic path only; no relative bound on dC) skips it, "exact" never
-    does. ``vocab_order``: None = ``DEFAULT_ORDER`` when filtering, True/False to force, or
+    its rank-1 stand-in, "dropped" (the atomic path, or the buffered one with ``keep``; no relative
+    bound on dC) skips it, "exact" never does. ``vocab_order``: None = ``DEFAULT_ORDER`` when filtering, True/False to force, or
     an explicit (V,) permutation of the vocabulary. ``tile_counts``: optional int32 (2,) tensor
     that receives [tiles computed, tiles filtered] (added to its contents). ``buffered``: None =
     the buffered path where ``buffered_path_applies`` (exact 16-bit), True/False to force it (for

@@ -18,6 +18,10 @@ Algorithm (split-vocabulary online softmax, two launches, no locks):
      the one program whose vocab run holds the target.
   2. ``_combine_kernel``: lse = logsumexp over the splits; loss = lse - (1 - ls) z_y - ls / V sum_j z_j,
      0 where the target is ignore_index, NaN where it is outside [0, V).
+  3. Only in ``lce_forward_with_keep``: step 1 also stores each token's log-sum-exp over each vocab
+     tile, and ``_keep_flags_kernel`` turns them, with the lse and z_y, into the backward filter's
+     keep flag per (token tile, vocab tile) -- so that the backward can skip the skipped tiles'
+     recompute. Tokens in windows that bound the stored log-sum-exps (TILE_LSE_BYTES).
 
 Sizes: the number of splits is picked on the host (integers only, no device sync) so that
 (token tiles x splits) fills whole waves of the GPU; the partial buffers hold splits x N floats

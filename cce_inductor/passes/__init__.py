@@ -24,6 +24,7 @@ Options (``enable(**options)`` or ``torch.compile(..., backend="cce", options={.
                    values, but no grad_fn, so no N x V gradient in the backward -- and gradients
                    no longer flow through them. For code that returns logits only to look at them.
     exact          the op's exact= (default True: no gradient filtering; False: the bounded filter)
+    filter_dc      the op's filter_dc= (default False; with exact=False: dC filtered too, recompute skipped)
     impl           the op's impl= ("auto", "triton", "torch")
     max_workspace_bytes  the op's max_workspace_bytes= (None: off; memory for speed)
 

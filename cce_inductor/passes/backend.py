@@ -5,7 +5,7 @@ declared in pyproject.toml, without importing cce_inductor first. The function i
 decorated with ``@register_backend`` (registering the same name twice fails).
 
 Options: ``torch.compile(model, backend="cce", options={...})`` -- the rewrite's own keys
-(``detach_logits``, ``exact``, ``impl``, ``max_workspace_bytes``; see :class:`Options`) are taken out, every other key is an
+(``detach_logits``, ``exact``, ``filter_dc``, ``impl``, ``max_workspace_bytes``; see :class:`Options`) are taken out, every other key is an
 Inductor config patch, as with the default backend; ``mode=`` maps to Inductor's mode options.
 """
 

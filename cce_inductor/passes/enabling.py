@@ -103,6 +103,7 @@ def enable(**options) -> Enabled:
             ``requires_grad=False``): no N x V gradient in the backward, and no gradient through
             them. Off by default.
         exact: the op's ``exact=``: True (default) no gradient filtering, False the bounded filter.
+        filter_dc: the op's ``filter_dc=`` (with exact=False: dC filtered too, recompute skipped).
         impl: the op's ``impl=`` ("auto", "triton", "torch").
         max_workspace_bytes: the op's ``max_workspace_bytes=`` (None: off).
     """

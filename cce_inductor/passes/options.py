@@ -21,6 +21,8 @@ class Options:
             Off by default: returned logits keep their exact semantics.
         exact: the op's ``exact=``; True (the default) means no gradient filtering in the Triton
             backward, False opts in to the bounded filter (see ``linear_cross_entropy``).
+        filter_dc: the op's ``filter_dc=`` (with exact=False only): dC filtered too, and the
+            filtered tiles' recompute skipped where the forward can flag them.
         impl: the op's ``impl=``: "auto" (Triton on CUDA, torch otherwise), "triton" or "torch".
         max_workspace_bytes: the op's ``max_workspace_bytes=`` (memory for speed; None = off): a
             bounded buffer of logits for a chunk of tokens, gradients formed in the forward. Applies
@@ -29,13 +31,16 @@ class Options:
 
     detach_logits: bool = False
     exact: bool = True
+    filter_dc: bool = False
     impl: str = "auto"
     max_workspace_bytes: int | None = None
 
     def __post_init__(self):
-        for name in ("detach_logits", "exact"):
+        for name in ("detach_logits", "exact", "filter_dc"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"cce option {name} must be a bool, got {getattr(self, name)!r}")
+        if self.filter_dc and self.exact:
+            raise ValueError("cce option filter_dc=True needs exact=False")
         budget = self.max_workspace_bytes
         if budget is not None and (isinstance(budget, bool) or not isinstance(budget, int) or budget <= 0):
             raise ValueError(f"cce option max_workspace_bytes must be a positive int or None, got {budget!r}")

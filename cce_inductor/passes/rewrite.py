@@ -122,6 +122,8 @@ def _apply(graph: Graph, m: Match, options: Options) -> None:
                 kwargs["label_smoothing"] = m.label_smoothing
             kwargs["impl"] = options.impl
             kwargs["exact"] = options.exact
+            if options.filter_dc:
+                kwargs["filter_dc"] = True
             if options.max_workspace_bytes is not None:
                 kwargs["max_workspace_bytes"] = options.max_workspace_bytes
             out = b.function(linear_cross_entropy, e, weight, targets, bias, **kwargs)
