@@ -17,7 +17,9 @@ Printed per GEMM, summed over the chunks: the longest program's time in each ord
 the same launches with every tile kept (which the skipping would ideally bring down to the kept
 fraction): index order (tile = pid, pid + programs, ...; the kernels' BALANCED_FILTERED_* = False),
 snake order of the tiles sorted by work (the kernels' ``_balanced_position``), greedy longest-first
-to the least-loaded program (LPT, dynamic; not built), and the even split (total / programs).
+to the least-loaded program (LPT, dynamic; not built), and the even split (total / programs). For dE
+also split-K (not built): each output tile's kept list cut in two halves, each half a tile of its own
+(paying the overhead: its own epilogue), dealt in snake order ("halves snake") or LPT ("halves lpt").
 Prints only; numbers worth keeping go to docs/PERF_NOTES.md."""
 
 from __future__ import annotations
@@ -75,6 +77,7 @@ def longest_program(work: list[float], programs: int, order: str) -> float:
 
 
 ORDERS = ("index", "snake", "lpt", "even")
+SPLIT_ORDERS = ("halves snake", "halves lpt")
 
 
 def schedule_fractions(keep: torch.Tensor, dim: int, chunk: int, programs: int, overhead: float) -> dict:
@@ -82,6 +85,7 @@ def schedule_fractions(keep: torch.Tensor, dim: int, chunk: int, programs: int, 
     d_tiles = -(-dim // BLOCK_D)
     chunk_tiles = chunk // BLOCK_V
     totals = {gemm: dict.fromkeys(ORDERS + ("all kept",), 0.0) for gemm in ("dE", "dC")}
+    totals["dE"].update(dict.fromkeys(SPLIT_ORDERS, 0.0))
     for k0 in range(0, keep.shape[1], chunk_tiles):
         part = keep[:, k0 : k0 + chunk_tiles]
         rows, cols = part.shape
@@ -93,7 +97,10 @@ def schedule_fractions(keep: torch.Tensor, dim: int, chunk: int, programs: int, 
             for order in ORDERS:
                 totals[gemm][order] += longest_program(work, programs, order)
             totals[gemm]["all kept"] += longest_program([full] * len(work), programs, "index")
-    return {gemm: {order: t[order] / t["all kept"] for order in ORDERS} for gemm, t in totals.items()}
+        halves = [4 * h + overhead for x in part.sum(1) for _ in range(d_tiles) for h in ((int(x) + 1) // 2, int(x) // 2)]
+        for order in SPLIT_ORDERS:
+            totals["dE"][order] += longest_program(halves, programs, order.split()[1])
+    return {gemm: {order: t[order] / t["all kept"] for order in t if order != "all kept"} for gemm, t in totals.items()}
 
 
 def main(argv=None) -> None:

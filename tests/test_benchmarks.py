@@ -315,5 +315,7 @@ def test_schedule_study_orders_and_flags():
     fractions = schedule_fractions(keep, 512, 2048, 7, 0.0)
     for gemm in ("dE", "dC"):
         assert fractions[gemm]["even"] <= fractions[gemm]["lpt"] <= fractions[gemm]["index"] <= 1.0
+    # split-K halves without a per-tile overhead: the same total work, so the even split bounds them
+    assert fractions["dE"]["even"] <= min(fractions["dE"]["halves snake"], fractions["dE"]["halves lpt"])
     with pytest.raises(ValueError, match="multiple"):
         keep_flags(peaked.e[:200], peaked.c, peaked.targets[:200], 0.25)
