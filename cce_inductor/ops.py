@@ -125,13 +125,13 @@ def lce_backward(
     label_smoothing: float,
     impl: str,
     filter_grad: bool,
-    filter_dc: bool,
     needs_e: bool,
     needs_c: bool,
     needs_bias: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Gradients of sum(grad_loss * loss + grad_lse * lse); an empty tensor for each not needed.
-    ``keep``: the forward's keep flags (empty: none; then dC is exact whatever ``filter_dc`` says)."""
+    ``keep``: the forward's keep flags (``lce_forward`` with filter_dc), which the Triton backward
+    then follows, dC filtered like dE; empty: none, dC exact."""
     needs_bias = needs_bias and bias is not None
     if impl == "triton":
         flags = {"keep": keep, "dc_filter": "dropped"} if keep.numel() else {}
@@ -149,7 +149,7 @@ def lce_backward(
 
 @lce_backward.register_fake
 def _(e, c, targets, bias, lse, grad_loss, grad_lse, keep, ignore_index, softcap, label_smoothing, impl,
-      filter_grad, filter_dc, needs_e, needs_c, needs_bias):
+      filter_grad, needs_e, needs_c, needs_bias):
     return (
         torch.empty_like(e) if needs_e else e.new_empty(0),
         torch.empty_like(c) if needs_c else e.new_empty(0),
@@ -158,11 +158,11 @@ def _(e, c, targets, bias, lse, grad_loss, grad_lse, keep, ignore_index, softcap
 
 
 def _setup_context(ctx, inputs, output):
-    e, c, targets, bias, ignore_index, softcap, label_smoothing, impl, filter_grad, filter_dc = inputs
+    e, c, targets, bias, ignore_index, softcap, label_smoothing, impl, filter_grad, _filter_dc = inputs
     _, lse, keep = output
     ctx.mark_non_differentiable(keep)
     ctx.save_for_backward(e, c, targets, bias, lse, keep)
-    ctx.options = (ignore_index, softcap, label_smoothing, impl, filter_grad, filter_dc)
+    ctx.options = (ignore_index, softcap, label_smoothing, impl, filter_grad)  # filter_dc: in keep
 
 
 def _backward(ctx, grad_loss, grad_lse, _grad_keep):

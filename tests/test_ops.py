@@ -178,7 +178,7 @@ def test_opcheck():
         assert keep.numel() == 0  # the torch path forms no keep flags
         grads = (torch.randn(9), torch.randn(9, dtype=lse.dtype))
         bw_args = (e.detach(), c.detach(), y, None if bias is None else bias.detach(), lse.detach(), *grads, keep,
-                   -100, 2.0, 0.1, "torch", True, True, True, True, bias is not None)
+                   -100, 2.0, 0.1, "torch", True, True, True, bias is not None)
         torch.library.opcheck(torch.ops.cce_inductor.lce_backward.default, bw_args)
 
 
