@@ -86,6 +86,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from .forward import keep_shape
 from .common import (
     HAS_FLATTEN, LOG2E, TileConfig, as_f32, backward_config, buffered_config, capped_logits, dot, dot_precision,
     dot_upcast, filtered_dc_config, filtered_de_config, logit_tile, prepare_inputs, sm_count, tma_descriptor,
@@ -154,6 +155,8 @@ FILTERED_DE_PERSISTENT = True
 # 49.14 / 49.04 ms against 50.28 / 50.42 ms at 8192 x 2304 x 256000 (LM-like / uniform), 41.86 / 42.93
 # against 42.73 / 43.32 ms at 8192 x 4096 x 128256. The atomic kernel always runs the masked one.
 LEAN_DZ_EPILOGUE = True
+# Tiles per step of _listed_tiles_kernel's loop over a dz launch (a launch may hold up to 64 x 64).
+LIST_BLOCK = 1024
 # torch builds with a mixed-precision addmm (16-bit operands, float32 result): the buffered path's
 # dE accumulator needs it on CUDA (torch >= 2.8 or so; older builds take the atomic path).
 _HAS_ADDMM_DTYPE = "dtype_out" in torch.ops.aten.addmm.overloads()
@@ -1007,7 +1010,7 @@ def lce_backward(
         if buffered is False or (buffered is None and not buffered_path_applies(e, None)):
             raise ValueError("keep flags from the forward run in the buffered path only (16-bit inputs, a torch "
                              "with a mixed-precision addmm)")
-        tiles_shape = (triton.cdiv(num_tokens, buffered_config(e).block_n), triton.cdiv(vocab, buffered_config(e).block_v))
+        tiles_shape = keep_shape(num_tokens, vocab, buffered_config(e))
         if keep.dtype != torch.int8 or tuple(keep.shape) != tiles_shape or keep.stride(1) != 1:
             raise ValueError(f"keep must be an int8 tensor of shape {tiles_shape} with unit column stride, got "
                              f"{keep.dtype} {tuple(keep.shape)}")
@@ -1084,7 +1087,7 @@ def lce_backward(
                 keep, tile_lists, tile_list_counts, tile_counts if tile_counts is not None else dummy,
                 num_tokens, vocab, window_rows, chunk_cols, num_chunks, keep.stride(0), list_stride,
                 BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, GROUP_N=cfg.group_n,
-                BLOCK=min(1024, triton.next_power_of_2(list_stride)), COUNT_TILES=tile_counts is not None,
+                BLOCK=min(LIST_BLOCK, triton.next_power_of_2(list_stride)), COUNT_TILES=tile_counts is not None,
                 num_warps=4,
             )
 

@@ -398,8 +398,9 @@ def test_forward_keep_flags_are_the_backward_rule(windows):
     assert not keep[3 // 16].all()  # the ignored token keeps nothing by itself
 
 
+@pytest.mark.parametrize("list_block", [1024, 2], ids=["one_step", "steps_of_2"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["float32_pointers", "fp16_tma"])
-def test_listed_backward_matches_the_dropped_reference(dtype):
+def test_listed_backward_matches_the_dropped_reference(dtype, list_block):
     """The backward with the forward's keep flags (lce_backward(keep=...)): the dz kernel recomputes
     only the listed tiles, the filtered dE and dC GEMMs (no stand-ins) run over them, in 3 windows x
     ragged chunks (40 tokens, 150 entries in chunks of 48). Against reference.filtered_backward with
@@ -409,7 +410,8 @@ def test_listed_backward_matches_the_dropped_reference(dtype):
     dc_filter="dropped" changes, to 1e-4 of it (against float64 it is 5e-4 off here: the float32
     logits put the exact kernel 8e-6 off float64, and the dropped part is only 1% of the gradients).
     float16: TMA loads and the lean epilogue. dE is the dz-kernel-flagged filtered path's, bit for bit
-    (the same kept tiles, the same GEMM)."""
+    (the same kept tiles, the same GEMM). "steps_of_2": the tile lists formed two tiles a step
+    (LIST_BLOCK patched), as a GPU launch of more than 1024 tiles is."""
     from cce_inductor.kernels import backward, forward
 
     d = 45 if dtype == torch.float32 else 48
@@ -418,7 +420,8 @@ def test_listed_backward_matches_the_dropped_reference(dtype):
     args = (e, c, None, y, lse, gl, gs, -100, 0.0, 0.0)
     budget = e.element_size() * 16 * 48 + 4 * 16 * d
     counts = torch.zeros(2, dtype=torch.int32)
-    with mock.patch.object(backward, "CHUNK_V", 48), mock.patch.object(backward, "LEAN_DZ_EPILOGUE", dtype != torch.float32):
+    with mock.patch.object(backward, "CHUNK_V", 48), mock.patch.object(backward, "LEAN_DZ_EPILOGUE", dtype != torch.float32), \
+            mock.patch.object(backward, "LIST_BLOCK", list_block):
         assert backward.buffered_window(e, c.shape[0], budget, True, True) == (16, 48)
         listed = lce_backward(*args, True, True, True, False, buffered=True, buffer_bytes=budget, keep=keep,
                               tile_counts=counts)
