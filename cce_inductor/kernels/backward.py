@@ -411,6 +411,64 @@ def _filtered_de_kernel(
 
 
 @triton.jit
+def _filtered_de_stream_k_kernel(
+    # data as _filtered_de_kernel's
+    Dz, C, Dz_desc, C_desc, Keep, Acc, Acc_desc,
+    n_count, D, v_begin, v_count, num_programs,
+    stride_dzn, stride_cv, stride_accn, keep_stride,
+    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr, TILE_V: tl.constexpr,
+    KEEP_WIDTH: tl.constexpr, ITEMS: tl.constexpr, MIN_STEPS: tl.constexpr, TMA: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, EPILOGUE_PARTS: tl.constexpr,
+):
+    """_filtered_de_kernel's sums with the work split evenly over the programs (stream-K): the
+    output tiles' kept K steps laid end to end (token tiles in order, D tiles fastest; a tile with
+    nothing kept takes no room), each program one contiguous run of them (at least MIN_STEPS), so
+    that a tile may be summed in parts by neighbouring programs. Each part is added into Acc
+    atomically -- a TMA reduce-add through Acc_desc in EPILOGUE_PARTS column blocks where that is > 0,
+    else float32 atomics through pointers -- so the float32 sums' order, and with it their last
+    bits, can change from run to run. ITEMS >= the token tiles (a power of two): every program holds
+    their keep counts and finds its tiles by the prefix sums."""
+    STEPS: tl.constexpr = TILE_V // BLOCK_K  # K steps per vocab tile
+    tiles_n = tl.cdiv(n_count, BLOCK_N)
+    tiles_d = tl.cdiv(D, BLOCK_D)
+    num_v_tiles = tl.cdiv(v_count, TILE_V)
+    rows = tl.arange(0, ITEMS)
+    slots = tl.arange(0, KEEP_WIDTH)
+    flags = tl.load(Keep + rows[:, None] * keep_stride + slots[None, :],
+                    mask=(rows[:, None] < tiles_n) & (slots[None, :] < num_v_tiles), other=0)
+    work = tl.sum((flags != 0).to(tl.int32), axis=1) * STEPS  # [ITEMS] K steps of each of the row's tiles
+    starts = (tl.cumsum(work, axis=0) - work) * tiles_d  # [ITEMS] the row's first position
+    total = tl.sum(work, axis=0) * tiles_d
+    share = tl.maximum(tl.cdiv(total, num_programs), MIN_STEPS)
+    pos = tl.program_id(0) * share
+    end = tl.minimum(pos + share, total)
+    while pos < end:
+        # the row holding position pos: the last one starting at or before it (rows with nothing
+        # kept start where the next one does, and are passed over)
+        pid_n = tl.sum(((starts <= pos) & (rows < tiles_n)).to(tl.int32), axis=0) - 1
+        row_work = tl.sum(tl.where(rows == pid_n, work, 0), axis=0)
+        within = pos - tl.sum(tl.where(rows == pid_n, starts, 0), axis=0)
+        pid_d = within // row_work
+        k_lo = within - pid_d * row_work
+        k_hi = tl.minimum(row_work, k_lo + (end - pos))
+        keep = tl.load(Keep + pid_n * keep_stride + slots, mask=slots < num_v_tiles, other=0) != 0
+        w0, w1, w2, w3, p1, p2, p3 = _kept_tile_lists(keep, KEEP_WIDTH)
+        n0 = pid_n * BLOCK_N
+        d0 = pid_d * BLOCK_D
+        offs_n = (n0 + tl.arange(0, BLOCK_N)).to(tl.int64)
+        offs_d = d0 + tl.arange(0, BLOCK_D)
+        acc = _kept_steps_product(Dz, C, Dz_desc, C_desc, n0, d0, offs_n, offs_d, k_lo, k_hi,
+                                  w0, w1, w2, w3, p1, p2, p3, n_count, D, v_begin, v_count, stride_dzn, stride_cv,
+                                  BLOCK_N, BLOCK_D, BLOCK_K, TILE_V, TMA, DOT_PRECISION, UPCAST)
+        if EPILOGUE_PARTS > 0:
+            _add_through_descriptor(Acc_desc, n0, d0, acc, Acc.dtype.element_ty, True, EPILOGUE_PARTS, True)
+        else:
+            mask = (offs_n[:, None] < n_count) & (offs_d[None, :] < D)
+            tl.atomic_add(Acc + offs_n[:, None] * stride_accn + offs_d[None, :], acc, mask=mask, sem="relaxed")
+        pos += k_hi - k_lo
+
+
+@triton.jit
 def _items_by_work(Keep, num_items, num_flags, item_stride, flag_stride, ITEMS: tl.constexpr, FLAGS: tl.constexpr):
     """The launch's items (the dE GEMM's token tiles: rows of Keep; the dC GEMM's vocab tiles: its
     columns) in descending order of their kept tiles, as sort keys count * ITEMS + (ITEMS - 1 - item)
@@ -469,9 +527,30 @@ def _filtered_de_tile(
     d0 = pid_d * BLOCK_D
     offs_n = (n0 + tl.arange(0, BLOCK_N)).to(tl.int64)
     offs_d = d0 + tl.arange(0, BLOCK_D)
+    acc = _kept_steps_product(Dz, C, Dz_desc, C_desc, n0, d0, offs_n, offs_d, 0, num_kept * STEPS,
+                              w0, w1, w2, w3, p1, p2, p3, n_count, D, v_begin, v_count, stride_dzn, stride_cv,
+                              BLOCK_N, BLOCK_D, BLOCK_K, TILE_V, TMA, DOT_PRECISION, UPCAST)
+    if EPILOGUE_PARTS > 0:
+        _add_through_descriptor(Acc_desc, n0, d0, acc, Acc.dtype.element_ty, True, EPILOGUE_PARTS, EPILOGUE_REDUCE)
+    else:
+        acc_ptrs = Acc + offs_n[:, None] * stride_accn + offs_d[None, :]
+        any_kept = tl.full([BLOCK_D], 0, tl.int32) + num_kept > 0  # as a vector: the interpreter takes no scalar mask
+        mask = (offs_n[:, None] < n_count) & (offs_d[None, :] < D) & any_kept[None, :]
+        tl.store(acc_ptrs, tl.load(acc_ptrs, mask=mask, other=0.0) + acc, mask=mask)
+
+
+@triton.jit
+def _kept_steps_product(Dz, C, Dz_desc, C_desc, n0, d0, offs_n, offs_d, k_lo, k_hi, w0, w1, w2, w3, p1, p2, p3,
+                        n_count, D, v_begin, v_count, stride_dzn, stride_cv, BLOCK_N: tl.constexpr,
+                        BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr, TILE_V: tl.constexpr, TMA: tl.constexpr,
+                        DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """The float32 [BLOCK_N, BLOCK_D] sum over a token tile's kept K steps [k_lo, k_hi) (its kept
+    vocab tiles' ``_kept_tile_lists``, TILE_V // BLOCK_K steps each) of dz[n0 rows, step] @ C[step,
+    d0 columns]; no branch, reduction or loop-carried index in the loop body (so it stays pipelined)."""
+    STEPS: tl.constexpr = TILE_V // BLOCK_K
     offs_k = tl.arange(0, BLOCK_K)
     acc = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
-    for i in range(num_kept * STEPS):
+    for i in range(k_lo, k_hi):
         vocab_tile = _kept_tile(i // STEPS, w0, w1, w2, w3, p1, p2, p3)
         k0 = vocab_tile * TILE_V + (i % STEPS) * BLOCK_K  # column of the chunk
         if TMA:  # zero outside the buffer's v_count columns (and C's rows): no masks
@@ -485,13 +564,7 @@ def _filtered_de_tile(
             b = tl.load(C + (v_begin + ks)[:, None] * stride_cv + offs_d[None, :],
                         mask=mask_k[:, None] & (offs_d[None, :] < D), other=0.0)
         acc = dot(a, b, acc, DOT_PRECISION, UPCAST)
-    if EPILOGUE_PARTS > 0:
-        _add_through_descriptor(Acc_desc, n0, d0, acc, Acc.dtype.element_ty, True, EPILOGUE_PARTS, EPILOGUE_REDUCE)
-    else:
-        acc_ptrs = Acc + offs_n[:, None] * stride_accn + offs_d[None, :]
-        any_kept = tl.full([BLOCK_D], 0, tl.int32) + num_kept > 0  # as a vector: the interpreter takes no scalar mask
-        mask = (offs_n[:, None] < n_count) & (offs_d[None, :] < D) & any_kept[None, :]
-        tl.store(acc_ptrs, tl.load(acc_ptrs, mask=mask, other=0.0) + acc, mask=mask)
+    return acc
 
 
 @triton.jit
@@ -720,6 +793,25 @@ BALANCED_FILTERED_DC = True
 # program would hold their [items, KEEP_WIDTH] keep flags for the sort (not measured; the goal
 # shapes have 14-16 token tiles per window and 24-46 vocab tiles per chunk).
 MAX_BALANCED_ITEMS = 256
+# The filtered dE GEMM's kept K steps split evenly over its programs (stream-K,
+# _filtered_de_stream_k_kernel) instead of whole output tiles per program; then the filtered path's
+# windows need not fit the dE GEMM's waves (buffered_window), so they are the exact path's. Off where
+# torch.use_deterministic_algorithms(True) is set: a tile summed in parts by two programs adds them
+# in a run-dependent order. Predicted before the H200 run: at 8192 x 2304 x 256000 (the tile schedule
+# there needs windows of 1792 tokens, 5 of them, the last two thirds empty of work: 5 waves of dE
+# per chunk column against 4.36 of work) dE -1.5 to -2 ms and cuBLAS's dC -1 ms on the exact path's
+# 2048-token windows; at 8192 x 4096 x 128256 LM-like (57% kept) dE -0.5 to -1 ms; uniform there
+# (1.94 waves) within noise.
+STREAM_K_FILTERED_DE = True
+# The least K steps a stream-K program takes, so that a launch with little kept is not cut into
+# many partial tiles, each with its own reduce-add (not measured).
+STREAM_K_MIN_STEPS = 16
+
+
+def stream_k_applies() -> bool:
+    """Whether the filtered dE GEMM splits its work as stream-K (STREAM_K_FILTERED_DE, and no
+    deterministic algorithms requested from torch); read at each call."""
+    return STREAM_K_FILTERED_DE and not torch.are_deterministic_algorithms_enabled()
 
 
 def epilogue_descriptor(t: Tensor, cfg: TileConfig, rows: int, parts: int):
@@ -744,7 +836,8 @@ def _balanced_items(items: int, balanced: bool, tiles: int, programs: int) -> in
 def filtered_de_gemm(acc: Tensor, dz: Tensor, c: Tensor, keep: Tensor, v_begin: int, cfg: TileConfig,
                      tile_v: int, sms: int, *, dz_desc=None, c_desc=None, acc_desc=None,
                      epilogue_parts: int | None = None, epilogue_reduce: bool | None = None,
-                     balanced: bool | None = None, keep_stride: int | None = None) -> None:
+                     balanced: bool | None = None, keep_stride: int | None = None,
+                     stream_k: bool | None = None) -> None:
     """acc (float32, the window's (n, D)) += dz @ C[v_begin : v_begin + v_count] over the vocab tiles
     (``tile_v`` wide, the dz kernel's) that ``keep`` (int8, one row of flags per token tile, as the dz
     kernel wrote them) kept; dz: (n, v_count), unit column stride. TMA loads where both descriptors
@@ -755,7 +848,11 @@ def filtered_de_gemm(acc: Tensor, dz: Tensor, c: Tensor, keep: Tensor, v_begin: 
     goes through the descriptor on a GPU. ``balanced`` (None: BALANCED_FILTERED_DE): the tiles in
     order of work (``_balanced_position``; persistent launches only). ``keep_stride``: the flags' row
     stride (None: one row per token tile of this chunk's vocab tiles, packed, as the dz kernel writes
-    them; the forward's flags of the whole vocabulary are a strided view)."""
+    them; the forward's flags of the whole vocabulary are a strided view). ``stream_k`` (None:
+    ``stream_k_applies()``): the work split evenly over the programs instead
+    (``_filtered_de_stream_k_kernel``; ``balanced`` then has no effect; its epilogue is the TMA
+    reduce-add where the epilogue goes through the descriptor on a GPU, else float32 atomics through
+    pointers); at most MAX_BALANCED_ITEMS token tiles, else the tile schedule."""
     n_count, v_count = dz.shape
     dim = acc.shape[1]
     tma = dz_desc is not None and c_desc is not None
@@ -770,12 +867,25 @@ def filtered_de_gemm(acc: Tensor, dz: Tensor, c: Tensor, keep: Tensor, v_begin: 
     items = _balanced_items(tiles_n, balanced and FILTERED_DE_PERSISTENT, tiles, programs)
     # the kernel's lists hold 64 tiles (buffered_shape keeps to it; a patched shape might not)
     assert triton.cdiv(v_count, tile_v) <= MAX_CHUNK_TILES, "chunk wider than the dE GEMM's lists"
+    keep_width = max(16, triton.next_power_of_2(triton.cdiv(v_count, tile_v)))
+    keep_stride = triton.cdiv(v_count, tile_v) if keep_stride is None else keep_stride
+    if (stream_k_applies() if stream_k is None else stream_k) and tiles_n <= MAX_BALANCED_ITEMS:
+        most_steps = tiles * triton.cdiv(v_count, tile_v) * (tile_v // cfg.block_v)  # every tile kept
+        sk_programs = max(1, min(sms, triton.cdiv(most_steps, STREAM_K_MIN_STEPS)))
+        sk_parts = parts if reduce else 0
+        _filtered_de_stream_k_kernel[(sk_programs,)](
+            dz, c, dz_desc if tma else dz, c_desc if tma else c, keep, acc, acc_desc if sk_parts else acc,
+            n_count, dim, v_begin, v_count, sk_programs, dz.stride(0), c.stride(0), acc.stride(0), keep_stride,
+            BLOCK_N=cfg.block_n, BLOCK_D=cfg.block_d, BLOCK_K=cfg.block_v, TILE_V=tile_v, KEEP_WIDTH=keep_width,
+            ITEMS=triton.next_power_of_2(tiles_n), MIN_STEPS=STREAM_K_MIN_STEPS, TMA=tma,
+            DOT_PRECISION=dot_precision(dz.dtype), UPCAST=dot_upcast(dz), EPILOGUE_PARTS=sk_parts,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )
+        return
     _filtered_de_kernel[(programs,)](
         dz, c, dz_desc if tma else dz, c_desc if tma else c, keep, acc, acc_desc if parts else acc,
-        n_count, dim, v_begin, v_count, programs, dz.stride(0), c.stride(0), acc.stride(0),
-        triton.cdiv(v_count, tile_v) if keep_stride is None else keep_stride,
-        BLOCK_N=cfg.block_n, BLOCK_D=cfg.block_d, BLOCK_K=cfg.block_v, TILE_V=tile_v,
-        KEEP_WIDTH=max(16, triton.next_power_of_2(triton.cdiv(v_count, tile_v))),
+        n_count, dim, v_begin, v_count, programs, dz.stride(0), c.stride(0), acc.stride(0), keep_stride,
+        BLOCK_N=cfg.block_n, BLOCK_D=cfg.block_d, BLOCK_K=cfg.block_v, TILE_V=tile_v, KEEP_WIDTH=keep_width,
         TMA=tma, DOT_PRECISION=dot_precision(dz.dtype), UPCAST=dot_upcast(dz),
         FLATTEN=tma and HAS_FLATTEN and FILTERED_DE_PERSISTENT, EPILOGUE_PARTS=parts, EPILOGUE_REDUCE=reduce,
         BALANCED=items > 0, ITEMS=max(items, 1), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
@@ -1363,12 +1473,16 @@ def buffered_window(e: Tensor, vocab: int, buffer_bytes: int = BUFFER_BYTES, fil
     (N, D) = e.shape, its dtype and device, exact, with dE ``filtered`` or (and) dC ``filtered_dc``
     (``buffered_shape``; windows and chunks fit to the device's SMs where WAVE_ALIGNED_WINDOWS; a
     filtered path's chunks hold at most MAX_CHUNK_TILES vocab tiles; the filtered dE GEMM's launches
-    count; with dC filtered, windows hold at most MAX_WINDOW_TILES token tiles)."""
+    count unless it runs as stream-K (``stream_k_applies``), whose windows hold at most
+    MAX_BALANCED_ITEMS token tiles; with dC filtered, at most MAX_WINDOW_TILES)."""
     cfg = buffered_config(e)
     if filtered or filtered_dc:
-        de_d_tiles = triton.cdiv(e.shape[1], filtered_de_config(e).block_d) if filtered else 0
+        stream_k = filtered and stream_k_applies()
+        de_d_tiles = triton.cdiv(e.shape[1], filtered_de_config(e).block_d) if filtered and not stream_k else 0
+        # window caps: the filtered dC GEMM's lists of token tiles; stream-K's per-program keep counts
+        caps = [MAX_WINDOW_TILES] * bool(filtered_dc) + [MAX_BALANCED_ITEMS] * stream_k
         shape_options = dict(max_chunk_tiles=MAX_CHUNK_TILES, de_d_tiles=de_d_tiles,
-                             max_window_tiles=MAX_WINDOW_TILES if filtered_dc else None)
+                             max_window_tiles=min(caps) if caps else None)
     else:
         shape_options = dict(max_chunk_tiles=None)
     return buffered_shape(e.shape[0], e.shape[1], vocab, e.element_size(), buffer_bytes, cfg.block_n, cfg.block_v,

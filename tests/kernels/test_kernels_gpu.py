@@ -169,6 +169,31 @@ def test_determinism():
     print("backward bitwise equal:", all(torch.equal(a, b) for a, b in zip(first[1:], second[1:])))
 
 
+def test_filtered_backward_under_torch_determinism():
+    """The filtered backward's dE GEMM runs as stream-K (a tile's parts added in a run-dependent
+    order) unless torch's deterministic algorithms are on: then two runs are bitwise equal, and the
+    two schedules agree up to float32 rounding (then rounded to bf16)."""
+    inp = make_inputs("lm", 2048, 1024, 32768, device="cuda", seed=4)
+    n = inp.e.shape[0]
+    _, lse = kernels.lce_forward(inp.e, inp.c, None, inp.targets, -100, 0.0, 0.0)
+    g = torch.full((n,), 1.0 / n, device="cuda")
+
+    def grads():
+        return kernels.lce_backward(inp.e, inp.c, None, inp.targets, lse, g, torch.zeros_like(g), -100, 0.0,
+                                    0.0, True, True, True, False)[:2]
+
+    free = grads()
+    before = torch.are_deterministic_algorithms_enabled()
+    try:
+        torch.use_deterministic_algorithms(True, warn_only=True)  # warn_only: cuBLAS needs an env var otherwise
+        first, second = grads(), grads()
+    finally:
+        torch.use_deterministic_algorithms(before)
+    assert all(torch.equal(a, b) for a, b in zip(first, second))
+    for a, b in zip(free, first):
+        assert _rel(a, b) <= 1e-3
+
+
 def test_filter_skips_only_where_the_softmax_allows():
     uniform = make_inputs("uniform", 2048, 512, 65536, device="cuda", seed=3)
     assert kernels.skipped_fraction(uniform.e, uniform.c, uniform.targets) == 0.0
@@ -188,7 +213,8 @@ def test_filtered_gemms_reduce_and_order_of_work():
     partial) x 3000 entries (12 vocab tiles, the last partial; a chunk starting at row 40 of C) x D =
     512, keep counts differing between token tiles, 5 programs (dE: 16 tiles, dC: 48, several waves
     each, so both orders run). Both orders and dE's load-and-store epilogue give the same float32
-    sums, bit for bit."""
+    sums, bit for bit; dE as stream-K (its work split evenly over the programs, a tile's parts
+    reduce-added by TMA or by pointer atomics) the same sums up to their order."""
     from cce_inductor.kernels import backward
     from cce_inductor.kernels.common import buffered_config, filtered_dc_config, filtered_de_config, tma_descriptor
 
@@ -215,13 +241,21 @@ def test_filtered_gemms_reduce_and_order_of_work():
     kept = torch.where(mask, dz.double(), 0.0)
     de_want = 1.0 + kept @ c[v_begin:].double()
     dc_want = dc_old.double() + kept.T @ e.double() + col_sums.bfloat16().double().T @ means.bfloat16().double()
+    for reduce in (True, False):
+        acc = torch.ones(n, d, device="cuda")
+        backward.filtered_de_gemm(acc, dz, c, keep.view(-1), v_begin, de_cfg, cfg.block_v, 5,
+                                  dz_desc=descs["dz_de"], c_desc=descs["c_de"],
+                                  acc_desc=backward.epilogue_descriptor(acc, de_cfg, de_cfg.block_n, 2),
+                                  epilogue_parts=2, epilogue_reduce=reduce, stream_k=True)
+        print("stream-K, reduce", reduce, "dE %.2e" % _rel(acc, de_want))
+        assert _rel(acc, de_want) < 1e-5
     results = []
     for balanced, reduce in ((True, True), (False, True), (True, False)):
         acc = torch.ones(n, d, device="cuda")
         backward.filtered_de_gemm(acc, dz, c, keep.view(-1), v_begin, de_cfg, cfg.block_v, 5,
                                   dz_desc=descs["dz_de"], c_desc=descs["c_de"],
                                   acc_desc=backward.epilogue_descriptor(acc, de_cfg, de_cfg.block_n, 2),
-                                  epilogue_parts=2, epilogue_reduce=reduce, balanced=balanced)
+                                  epilogue_parts=2, epilogue_reduce=reduce, balanced=balanced, stream_k=False)
         dc = dc_old.clone()
         backward.filtered_dc_gemm(dc, dz, e, keep.view(-1), col_sums, means, True, dc_cfg, cfg.block_n, cfg.block_v,
                                   5, dz_desc=descs["dz_dc"], e_desc=descs["e_dc"],

@@ -1,0 +1,84 @@
+"""The filtered dE GEMM as stream-K (its kept K steps split evenly over the programs) against the tile schedule.
+
+    python -m benchmarks.stream_k_de [--shapes N,D,V ...] [--regimes lm uniform] [--rounds 3] [--profile]
+
+bf16, mean loss (grad_loss = 1/N, grad_lse = 0). Per point, in interleaved rounds
+(benchmarks/rounds.py), in units of T = the cuBLAS logits GEMM of the same process, the backward:
+exact; filtered with dC by cuBLAS (the default filter) and listed (the forward's keep flags,
+``filter_dc``), each with the dE GEMM as stream-K (``STREAM_K_FILTERED_DE``, the default; the
+filtered path then takes the exact path's windows) and with whole tiles per program (the
+schedule kept for torch's deterministic mode, with windows sized to its waves). Each variant's
+window and chunk, s (the fraction of tiles skipped), and dE's difference between the two schedules
+and against float64 math (reference.chunked_backward). ``--profile``: the filtered backward's
+kernels by time under each schedule. Prints only; numbers worth keeping go to docs/PERF_NOTES.md."""
+
+from __future__ import annotations
+
+import argparse
+from unittest import mock
+
+import torch
+import triton
+from triton.testing import do_bench
+
+from cce_inductor import reference
+from cce_inductor.kernels import FILTER_EPS, backward, lce_backward, lce_forward
+from cce_inductor.kernels.forward import lce_forward_with_keep
+
+from .points import add_point_arguments, points
+from .rounds import interleaved_ms, print_profile, summary
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_point_arguments(parser)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--profile", action="store_true")
+    args = parser.parse_args(argv)
+    print(torch.cuda.get_device_name(), "torch", torch.__version__, "triton", triton.__version__, flush=True)
+    for n, d, v, regime, inp in points(args):
+        e, c, y = inp.e, inp.c, inp.targets
+        g = torch.full((n,), 1.0 / n, device="cuda")
+        zero = torch.zeros_like(g)
+        _, lse = lce_forward(e, c, None, y, -100, 0.0, 0.0)
+        _, _, keep = lce_forward_with_keep(e, c, None, y, -100, FILTER_EPS)
+        gemm_ms = do_bench(lambda: e @ c.T, return_mode="median")
+        print(f"N={n} D={d} V={v} {regime}: T (e @ c.T) {gemm_ms:.2f} ms", flush=True)
+
+        def backward_call(mode, stream_k=True, **extra):
+            options = {"listed": {"keep": keep}}.get(mode, {})
+
+            def run():
+                with mock.patch.object(backward, "STREAM_K_FILTERED_DE", stream_k):
+                    return lce_backward(e, c, None, y, lse, g, zero, -100, 0.0, 0.0, mode != "exact", True, True,
+                                        False, **options, **extra)
+            return run
+
+        variants = {"exact": backward_call("exact")}
+        for mode in ("filtered", "listed"):
+            for stream_k in (True, False):
+                with mock.patch.object(backward, "STREAM_K_FILTERED_DE", stream_k):
+                    shape = backward.buffered_window(e, v, filtered=True, filtered_dc=mode == "listed")
+                label = f"{mode}, {'stream-K' if stream_k else 'tiles'} {shape[0]} x {shape[1]}"
+                variants[label] = backward_call(mode, stream_k)
+        for label, samples in interleaved_ms(variants, rounds=args.rounds).items():
+            print(f"  backward {label:<34} {summary(samples, gemm_ms)}", flush=True)
+
+        counts = torch.zeros(2, dtype=torch.int32, device="cuda")
+        backward_call("filtered", tile_counts=counts)()
+        print(f"  s = {counts[1].item() / max(1, counts.sum().item()):.4f}", flush=True)
+        gold = reference.chunked_backward(e.float(), c.float(), None, y, lse, g, zero, -100, 0.0, 0.0, True, True,
+                                          False)[0].double()
+        for mode in ("filtered", "listed"):
+            de = {sk: backward_call(mode, sk)()[0].double() for sk in (True, False)}
+            print(f"  {mode}: dE stream-K against tiles {float((de[True] - de[False]).norm() / de[False].norm()):.2e}; "
+                  f"against float64 {float((de[True] - gold).norm() / gold.norm()):.2e} / "
+                  f"{float((de[False] - gold).norm() / gold.norm()):.2e}", flush=True)
+        del gold
+        if args.profile:
+            for stream_k in (True, False):
+                print_profile(backward_call("filtered", stream_k), f"filtered backward, stream-K {stream_k}")
+
+
+if __name__ == "__main__":
+    main()
