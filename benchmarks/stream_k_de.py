@@ -6,7 +6,8 @@ bf16, mean loss (grad_loss = 1/N, grad_lse = 0). Per point, in interleaved round
 (benchmarks/rounds.py), in units of T = the cuBLAS logits GEMM of the same process, the backward:
 exact; filtered with dC by cuBLAS (the default filter) and listed (the forward's keep flags,
 ``filter_dc``), each with the dE GEMM as stream-K (``STREAM_K_FILTERED_DE``, the default; the
-filtered path then takes the exact path's windows) and with whole tiles per program (the
+filtered path then takes the exact path's windows; for the filtered one also with its tile loop not
+flattened, STREAM_K_FLATTEN) and with whole tiles per program (the
 schedule kept for torch's deterministic mode, with windows sized to its waves). Each variant's
 window and chunk, s (the fraction of tiles skipped), and dE's difference between the two schedules
 and against float64 math (reference.chunked_backward). ``--profile``: the filtered backward's
@@ -45,22 +46,23 @@ def main(argv=None) -> None:
         gemm_ms = do_bench(lambda: e @ c.T, return_mode="median")
         print(f"N={n} D={d} V={v} {regime}: T (e @ c.T) {gemm_ms:.2f} ms", flush=True)
 
-        def backward_call(mode, stream_k=True, **extra):
+        def backward_call(mode, stream_k=True, flatten=True, **extra):
             options = {"listed": {"keep": keep}}.get(mode, {})
 
             def run():
-                with mock.patch.object(backward, "STREAM_K_FILTERED_DE", stream_k):
+                with mock.patch.object(backward, "STREAM_K_FILTERED_DE", stream_k), \
+                        mock.patch.object(backward, "STREAM_K_FLATTEN", flatten):
                     return lce_backward(e, c, None, y, lse, g, zero, -100, 0.0, 0.0, mode != "exact", True, True,
                                         False, **options, **extra)
             return run
 
         variants = {"exact": backward_call("exact")}
-        for mode in ("filtered", "listed"):
-            for stream_k in (True, False):
-                with mock.patch.object(backward, "STREAM_K_FILTERED_DE", stream_k):
-                    shape = backward.buffered_window(e, v, filtered=True, filtered_dc=mode == "listed")
-                label = f"{mode}, {'stream-K' if stream_k else 'tiles'} {shape[0]} x {shape[1]}"
-                variants[label] = backward_call(mode, stream_k)
+        for mode, stream_k, flatten in (("filtered", True, True), ("filtered", True, False), ("filtered", False, True),
+                                        ("listed", True, True), ("listed", False, True)):
+            with mock.patch.object(backward, "STREAM_K_FILTERED_DE", stream_k):
+                shape = backward.buffered_window(e, v, filtered=True, filtered_dc=mode == "listed")
+            kind = ("stream-K" if flatten else "stream-K unflat") if stream_k else "tiles"
+            variants[f"{mode}, {kind} {shape[0]} x {shape[1]}"] = backward_call(mode, stream_k, flatten)
         for label, samples in interleaved_ms(variants, rounds=args.rounds).items():
             print(f"  backward {label:<34} {summary(samples, gemm_ms)}", flush=True)
 

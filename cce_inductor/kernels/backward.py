@@ -418,7 +418,7 @@ def _filtered_de_stream_k_kernel(
     stride_dzn, stride_cv, stride_accn, keep_stride,
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr, TILE_V: tl.constexpr,
     KEEP_WIDTH: tl.constexpr, ITEMS: tl.constexpr, MIN_STEPS: tl.constexpr, TMA: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, EPILOGUE_PARTS: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, FLATTEN: tl.constexpr, EPILOGUE_PARTS: tl.constexpr,
 ):
     """_filtered_de_kernel's sums with the work split evenly over the programs (stream-K): the
     output tiles' kept K steps laid end to end (token tiles in order, D tiles fastest; a tile with
@@ -427,7 +427,9 @@ def _filtered_de_stream_k_kernel(
     atomically -- a TMA reduce-add through Acc_desc in EPILOGUE_PARTS column blocks where that is > 0,
     else float32 atomics through pointers -- so the float32 sums' order, and with it their last
     bits, can change from run to run. ITEMS >= the token tiles (a power of two): every program holds
-    their keep counts and finds its tiles by the prefix sums."""
+    their keep counts and finds its tiles by the prefix sums. The program walks the tiles its run
+    touches in a counted loop (FLATTEN: folded into the K loop, as _filtered_de_kernel's), a tile
+    of a row with nothing kept adding its zeros."""
     STEPS: tl.constexpr = TILE_V // BLOCK_K  # K steps per vocab tile
     tiles_n = tl.cdiv(n_count, BLOCK_N)
     tiles_d = tl.cdiv(D, BLOCK_D)
@@ -440,32 +442,64 @@ def _filtered_de_stream_k_kernel(
     starts = (tl.cumsum(work, axis=0) - work) * tiles_d  # [ITEMS] the row's first position
     total = tl.sum(work, axis=0) * tiles_d
     share = tl.maximum(tl.cdiv(total, num_programs), MIN_STEPS)
-    pos = tl.program_id(0) * share
-    end = tl.minimum(pos + share, total)
-    while pos < end:
-        # the row holding position pos: the last one starting at or before it (rows with nothing
-        # kept start where the next one does, and are passed over)
-        pid_n = tl.sum(((starts <= pos) & (rows < tiles_n)).to(tl.int32), axis=0) - 1
-        row_work = tl.sum(tl.where(rows == pid_n, work, 0), axis=0)
-        within = pos - tl.sum(tl.where(rows == pid_n, starts, 0), axis=0)
-        pid_d = within // row_work
-        k_lo = within - pid_d * row_work
-        k_hi = tl.minimum(row_work, k_lo + (end - pos))
-        keep = tl.load(Keep + pid_n * keep_stride + slots, mask=slots < num_v_tiles, other=0) != 0
-        w0, w1, w2, w3, p1, p2, p3 = _kept_tile_lists(keep, KEEP_WIDTH)
-        n0 = pid_n * BLOCK_N
-        d0 = pid_d * BLOCK_D
-        offs_n = (n0 + tl.arange(0, BLOCK_N)).to(tl.int64)
-        offs_d = d0 + tl.arange(0, BLOCK_D)
-        acc = _kept_steps_product(Dz, C, Dz_desc, C_desc, n0, d0, offs_n, offs_d, k_lo, k_hi,
-                                  w0, w1, w2, w3, p1, p2, p3, n_count, D, v_begin, v_count, stride_dzn, stride_cv,
-                                  BLOCK_N, BLOCK_D, BLOCK_K, TILE_V, TMA, DOT_PRECISION, UPCAST)
-        if EPILOGUE_PARTS > 0:
-            _add_through_descriptor(Acc_desc, n0, d0, acc, Acc.dtype.element_ty, True, EPILOGUE_PARTS, True)
-        else:
-            mask = (offs_n[:, None] < n_count) & (offs_d[None, :] < D)
-            tl.atomic_add(Acc + offs_n[:, None] * stride_accn + offs_d[None, :], acc, mask=mask, sem="relaxed")
-        pos += k_hi - k_lo
+    lo = tl.minimum(tl.program_id(0) * share, total)
+    hi = tl.minimum(lo + share, total)
+    first = _stream_k_tile_at(lo, starts, work, rows, tiles_n, tiles_d)
+    last = _stream_k_tile_at(hi - 1, starts, work, rows, tiles_n, tiles_d)
+    last = tl.where(hi > lo, last, first - 1)  # no run: no tiles
+    if FLATTEN:
+        for tile in tl.range(first, last + 1, flatten=True):
+            _stream_k_part(Dz, C, Dz_desc, C_desc, Keep, Acc, Acc_desc, tile, lo, hi, starts, work, rows, tiles_d,
+                           n_count, D, v_begin, v_count, num_v_tiles, stride_dzn, stride_cv, stride_accn,
+                           keep_stride, BLOCK_N, BLOCK_D, BLOCK_K, TILE_V, KEEP_WIDTH, TMA, DOT_PRECISION,
+                           UPCAST, EPILOGUE_PARTS)
+    else:
+        for tile in range(first, last + 1):
+            _stream_k_part(Dz, C, Dz_desc, C_desc, Keep, Acc, Acc_desc, tile, lo, hi, starts, work, rows, tiles_d,
+                           n_count, D, v_begin, v_count, num_v_tiles, stride_dzn, stride_cv, stride_accn,
+                           keep_stride, BLOCK_N, BLOCK_D, BLOCK_K, TILE_V, KEEP_WIDTH, TMA, DOT_PRECISION,
+                           UPCAST, EPILOGUE_PARTS)
+
+
+@triton.jit
+def _stream_k_tile_at(pos, starts, work, rows, tiles_n, tiles_d):
+    """The output tile (token tile * tiles_d + D tile) holding position pos of the stream-K order:
+    its row is the last one starting at or before pos (rows with nothing kept start where the next
+    one does, and are passed over)."""
+    pid_n = tl.sum(((starts <= pos) & (rows < tiles_n)).to(tl.int32), axis=0) - 1
+    row_work = tl.maximum(tl.sum(tl.where(rows == pid_n, work, 0), axis=0), 1)
+    within = pos - tl.sum(tl.where(rows == pid_n, starts, 0), axis=0)
+    return pid_n * tiles_d + tl.minimum(within // row_work, tiles_d - 1)
+
+
+@triton.jit
+def _stream_k_part(Dz, C, Dz_desc, C_desc, Keep, Acc, Acc_desc, tile, lo, hi, starts, work, rows, tiles_d,
+                   n_count, D, v_begin, v_count, num_v_tiles, stride_dzn, stride_cv, stride_accn, keep_stride,
+                   BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr, TILE_V: tl.constexpr,
+                   KEEP_WIDTH: tl.constexpr, TMA: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+                   EPILOGUE_PARTS: tl.constexpr):
+    """The part of one output tile inside the run [lo, hi): its K steps there, added into Acc."""
+    pid_n = tile // tiles_d
+    pid_d = tile % tiles_d
+    row_work = tl.sum(tl.where(rows == pid_n, work, 0), axis=0)
+    tile_start = tl.sum(tl.where(rows == pid_n, starts, 0), axis=0) + pid_d * row_work
+    k_lo = tl.maximum(lo - tile_start, 0)
+    k_hi = tl.minimum(hi - tile_start, row_work)  # <= k_lo: nothing (a row with nothing kept)
+    slots = tl.arange(0, KEEP_WIDTH)
+    keep = tl.load(Keep + pid_n * keep_stride + slots, mask=slots < num_v_tiles, other=0) != 0
+    w0, w1, w2, w3, p1, p2, p3 = _kept_tile_lists(keep, KEEP_WIDTH)
+    n0 = pid_n * BLOCK_N
+    d0 = pid_d * BLOCK_D
+    offs_n = (n0 + tl.arange(0, BLOCK_N)).to(tl.int64)
+    offs_d = d0 + tl.arange(0, BLOCK_D)
+    acc = _kept_steps_product(Dz, C, Dz_desc, C_desc, n0, d0, offs_n, offs_d, k_lo, k_hi,
+                              w0, w1, w2, w3, p1, p2, p3, n_count, D, v_begin, v_count, stride_dzn, stride_cv,
+                              BLOCK_N, BLOCK_D, BLOCK_K, TILE_V, TMA, DOT_PRECISION, UPCAST)
+    if EPILOGUE_PARTS > 0:
+        _add_through_descriptor(Acc_desc, n0, d0, acc, Acc.dtype.element_ty, True, EPILOGUE_PARTS, True)
+    else:
+        mask = (offs_n[:, None] < n_count) & (offs_d[None, :] < D)
+        tl.atomic_add(Acc + offs_n[:, None] * stride_accn + offs_d[None, :], acc, mask=mask, sem="relaxed")
 
 
 @triton.jit
@@ -806,6 +840,11 @@ STREAM_K_FILTERED_DE = True
 # The least K steps a stream-K program takes, so that a launch with little kept is not cut into
 # many partial tiles, each with its own reduce-add (not measured).
 STREAM_K_MIN_STEPS = 16
+# The stream-K kernel's loop over its tiles folded into the K loop (tl.range(flatten=True)); False
+# for measurement. A first version walking its run in a `while` loop measured 30-45% slower per
+# K step than the tile schedule on an H200 (dE 18.0 against 13.8 ms at 8192 x 2304 x 256000 LM-like,
+# 10.6 against 9.0 ms at 8192 x 4096 x 128256 LM-like; benchmarks/stream_k_de.py --profile).
+STREAM_K_FLATTEN = True
 
 
 def stream_k_applies() -> bool:
@@ -878,7 +917,8 @@ def filtered_de_gemm(acc: Tensor, dz: Tensor, c: Tensor, keep: Tensor, v_begin: 
             n_count, dim, v_begin, v_count, sk_programs, dz.stride(0), c.stride(0), acc.stride(0), keep_stride,
             BLOCK_N=cfg.block_n, BLOCK_D=cfg.block_d, BLOCK_K=cfg.block_v, TILE_V=tile_v, KEEP_WIDTH=keep_width,
             ITEMS=triton.next_power_of_2(tiles_n), MIN_STEPS=STREAM_K_MIN_STEPS, TMA=tma,
-            DOT_PRECISION=dot_precision(dz.dtype), UPCAST=dot_upcast(dz), EPILOGUE_PARTS=sk_parts,
+            DOT_PRECISION=dot_precision(dz.dtype), UPCAST=dot_upcast(dz),
+            FLATTEN=tma and HAS_FLATTEN and STREAM_K_FLATTEN, EPILOGUE_PARTS=sk_parts,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
         return
