@@ -376,7 +376,7 @@ def _filtered_de_kernel(
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr, TILE_V: tl.constexpr,
     KEEP_WIDTH: tl.constexpr, TMA: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     FLATTEN: tl.constexpr, EPILOGUE_PARTS: tl.constexpr, EPILOGUE_REDUCE: tl.constexpr,
-    BALANCED: tl.constexpr, ITEMS: tl.constexpr,
+    BALANCED: tl.constexpr, ITEMS: tl.constexpr, SPLIT: tl.constexpr, whole_tiles, pieces,
 ):
     """The filtered path's dE GEMM of one chunk: Acc[n, d] += sum over the kept vocab tiles t of
     dz[n, t] @ C[t, d] for every (token tile, D tile); the token tile's keep flags (Keep, one row
@@ -387,119 +387,36 @@ def _filtered_de_kernel(
     through pointers, 1 or 2 = through Acc_desc (tiles of [BLOCK_N, BLOCK_D // EPILOGUE_PARTS]; a tile
     with nothing kept adds its zeros too); EPILOGUE_REDUCE: there as a TMA reduce-add (no load of Acc).
     BALANCED: the output tiles in descending order of their token tile's kept count, dealt to the
-    programs in snake order (``_balanced_position``; ITEMS >= the token tiles, a power of two)."""
+    programs in snake order (``_balanced_position``; ITEMS >= the token tiles, a power of two).
+    SPLIT: the first ``whole_tiles`` tiles (the full waves) whole, the rest (the last, partial wave)
+    each in ``pieces`` parts of its kept K steps, piece j of every such tile before piece j + 1, so
+    that the programs of that wave run in step through K as a wave of whole tiles does (reading the
+    same rows of C at about the same time); each part is added into Acc atomically (the TMA
+    reduce-add, or float32 atomics through pointers: EPILOGUE_PARTS 0), in a run-dependent order."""
     num_tiles = tl.cdiv(n_count, BLOCK_N) * tl.cdiv(D, BLOCK_D)
+    if SPLIT:
+        num_items = whole_tiles + (num_tiles - whole_tiles) * pieces
+    else:
+        num_items = num_tiles
     if BALANCED:
         num_v_tiles = tl.cdiv(v_count, TILE_V)
         keys = _items_by_work(Keep, tl.cdiv(n_count, BLOCK_N), num_v_tiles, keep_stride, 1, ITEMS, KEEP_WIDTH)
     else:
         keys = tl.zeros([ITEMS], tl.int32)
     if FLATTEN:
-        for tile in tl.range(tl.program_id(0), num_tiles, num_programs, flatten=True):
-            _filtered_de_tile(Dz, C, Dz_desc, C_desc, Keep, Acc, Acc_desc, tile, num_tiles, num_programs, keys,
+        for item in tl.range(tl.program_id(0), num_items, num_programs, flatten=True):
+            _filtered_de_tile(Dz, C, Dz_desc, C_desc, Keep, Acc, Acc_desc, item, num_tiles, num_programs, keys,
                               n_count, D, v_begin, v_count, stride_dzn, stride_cv, stride_accn, keep_stride,
-                              BLOCK_N, BLOCK_D,
+                              whole_tiles, pieces, BLOCK_N, BLOCK_D,
                               BLOCK_K, TILE_V, KEEP_WIDTH, TMA, DOT_PRECISION, UPCAST, EPILOGUE_PARTS,
-                              EPILOGUE_REDUCE, BALANCED, ITEMS)
+                              EPILOGUE_REDUCE, BALANCED, ITEMS, SPLIT)
     else:
-        for tile in range(tl.program_id(0), num_tiles, num_programs):
-            _filtered_de_tile(Dz, C, Dz_desc, C_desc, Keep, Acc, Acc_desc, tile, num_tiles, num_programs, keys,
+        for item in range(tl.program_id(0), num_items, num_programs):
+            _filtered_de_tile(Dz, C, Dz_desc, C_desc, Keep, Acc, Acc_desc, item, num_tiles, num_programs, keys,
                               n_count, D, v_begin, v_count, stride_dzn, stride_cv, stride_accn, keep_stride,
-                              BLOCK_N, BLOCK_D,
+                              whole_tiles, pieces, BLOCK_N, BLOCK_D,
                               BLOCK_K, TILE_V, KEEP_WIDTH, TMA, DOT_PRECISION, UPCAST, EPILOGUE_PARTS,
-                              EPILOGUE_REDUCE, BALANCED, ITEMS)
-
-
-@triton.jit
-def _filtered_de_stream_k_kernel(
-    # data as _filtered_de_kernel's
-    Dz, C, Dz_desc, C_desc, Keep, Acc, Acc_desc,
-    n_count, D, v_begin, v_count, num_programs,
-    stride_dzn, stride_cv, stride_accn, keep_stride,
-    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr, TILE_V: tl.constexpr,
-    KEEP_WIDTH: tl.constexpr, ITEMS: tl.constexpr, MIN_STEPS: tl.constexpr, TMA: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, FLATTEN: tl.constexpr, EPILOGUE_PARTS: tl.constexpr,
-):
-    """_filtered_de_kernel's sums with the work split evenly over the programs (stream-K): the
-    output tiles' kept K steps laid end to end (token tiles in order, D tiles fastest; a tile with
-    nothing kept takes no room), each program one contiguous run of them (at least MIN_STEPS), so
-    that a tile may be summed in parts by neighbouring programs. Each part is added into Acc
-    atomically -- a TMA reduce-add through Acc_desc in EPILOGUE_PARTS column blocks where that is > 0,
-    else float32 atomics through pointers -- so the float32 sums' order, and with it their last
-    bits, can change from run to run. ITEMS >= the token tiles (a power of two): every program holds
-    their keep counts and finds its tiles by the prefix sums. The program walks the tiles its run
-    touches in a counted loop (FLATTEN: folded into the K loop, as _filtered_de_kernel's), a tile
-    of a row with nothing kept adding its zeros."""
-    STEPS: tl.constexpr = TILE_V // BLOCK_K  # K steps per vocab tile
-    tiles_n = tl.cdiv(n_count, BLOCK_N)
-    tiles_d = tl.cdiv(D, BLOCK_D)
-    num_v_tiles = tl.cdiv(v_count, TILE_V)
-    rows = tl.arange(0, ITEMS)
-    slots = tl.arange(0, KEEP_WIDTH)
-    flags = tl.load(Keep + rows[:, None] * keep_stride + slots[None, :],
-                    mask=(rows[:, None] < tiles_n) & (slots[None, :] < num_v_tiles), other=0)
-    work = tl.sum((flags != 0).to(tl.int32), axis=1) * STEPS  # [ITEMS] K steps of each of the row's tiles
-    starts = (tl.cumsum(work, axis=0) - work) * tiles_d  # [ITEMS] the row's first position
-    total = tl.sum(work, axis=0) * tiles_d
-    share = tl.maximum(tl.cdiv(total, num_programs), MIN_STEPS)
-    lo = tl.minimum(tl.program_id(0) * share, total)
-    hi = tl.minimum(lo + share, total)
-    first = _stream_k_tile_at(lo, starts, work, rows, tiles_n, tiles_d)
-    last = _stream_k_tile_at(hi - 1, starts, work, rows, tiles_n, tiles_d)
-    last = tl.where(hi > lo, last, first - 1)  # no run: no tiles
-    if FLATTEN:
-        for tile in tl.range(first, last + 1, flatten=True):
-            _stream_k_part(Dz, C, Dz_desc, C_desc, Keep, Acc, Acc_desc, tile, lo, hi, starts, work, rows, tiles_d,
-                           n_count, D, v_begin, v_count, num_v_tiles, stride_dzn, stride_cv, stride_accn,
-                           keep_stride, BLOCK_N, BLOCK_D, BLOCK_K, TILE_V, KEEP_WIDTH, TMA, DOT_PRECISION,
-                           UPCAST, EPILOGUE_PARTS)
-    else:
-        for tile in range(first, last + 1):
-            _stream_k_part(Dz, C, Dz_desc, C_desc, Keep, Acc, Acc_desc, tile, lo, hi, starts, work, rows, tiles_d,
-                           n_count, D, v_begin, v_count, num_v_tiles, stride_dzn, stride_cv, stride_accn,
-                           keep_stride, BLOCK_N, BLOCK_D, BLOCK_K, TILE_V, KEEP_WIDTH, TMA, DOT_PRECISION,
-                           UPCAST, EPILOGUE_PARTS)
-
-
-@triton.jit
-def _stream_k_tile_at(pos, starts, work, rows, tiles_n, tiles_d):
-    """The output tile (token tile * tiles_d + D tile) holding position pos of the stream-K order:
-    its row is the last one starting at or before pos (rows with nothing kept start where the next
-    one does, and are passed over)."""
-    pid_n = tl.sum(((starts <= pos) & (rows < tiles_n)).to(tl.int32), axis=0) - 1
-    row_work = tl.maximum(tl.sum(tl.where(rows == pid_n, work, 0), axis=0), 1)
-    within = pos - tl.sum(tl.where(rows == pid_n, starts, 0), axis=0)
-    return pid_n * tiles_d + tl.minimum(within // row_work, tiles_d - 1)
-
-
-@triton.jit
-def _stream_k_part(Dz, C, Dz_desc, C_desc, Keep, Acc, Acc_desc, tile, lo, hi, starts, work, rows, tiles_d,
-                   n_count, D, v_begin, v_count, num_v_tiles, stride_dzn, stride_cv, stride_accn, keep_stride,
-                   BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr, TILE_V: tl.constexpr,
-                   KEEP_WIDTH: tl.constexpr, TMA: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
-                   EPILOGUE_PARTS: tl.constexpr):
-    """The part of one output tile inside the run [lo, hi): its K steps there, added into Acc."""
-    pid_n = tile // tiles_d
-    pid_d = tile % tiles_d
-    row_work = tl.sum(tl.where(rows == pid_n, work, 0), axis=0)
-    tile_start = tl.sum(tl.where(rows == pid_n, starts, 0), axis=0) + pid_d * row_work
-    k_lo = tl.maximum(lo - tile_start, 0)
-    k_hi = tl.minimum(hi - tile_start, row_work)  # <= k_lo: nothing (a row with nothing kept)
-    slots = tl.arange(0, KEEP_WIDTH)
-    keep = tl.load(Keep + pid_n * keep_stride + slots, mask=slots < num_v_tiles, other=0) != 0
-    w0, w1, w2, w3, p1, p2, p3 = _kept_tile_lists(keep, KEEP_WIDTH)
-    n0 = pid_n * BLOCK_N
-    d0 = pid_d * BLOCK_D
-    offs_n = (n0 + tl.arange(0, BLOCK_N)).to(tl.int64)
-    offs_d = d0 + tl.arange(0, BLOCK_D)
-    acc = _kept_steps_product(Dz, C, Dz_desc, C_desc, n0, d0, offs_n, offs_d, k_lo, k_hi,
-                              w0, w1, w2, w3, p1, p2, p3, n_count, D, v_begin, v_count, stride_dzn, stride_cv,
-                              BLOCK_N, BLOCK_D, BLOCK_K, TILE_V, TMA, DOT_PRECISION, UPCAST)
-    if EPILOGUE_PARTS > 0:
-        _add_through_descriptor(Acc_desc, n0, d0, acc, Acc.dtype.element_ty, True, EPILOGUE_PARTS, True)
-    else:
-        mask = (offs_n[:, None] < n_count) & (offs_d[None, :] < D)
-        tl.atomic_add(Acc + offs_n[:, None] * stride_accn + offs_d[None, :], acc, mask=mask, sem="relaxed")
+                              EPILOGUE_REDUCE, BALANCED, ITEMS, SPLIT)
 
 
 @triton.jit
@@ -533,19 +450,27 @@ def _balanced_position(tile, num_tiles, num_programs, tiles_per_item, keys, ITEM
 
 @triton.jit
 def _filtered_de_tile(
-    Dz, C, Dz_desc, C_desc, Keep, Acc, Acc_desc, tile, num_tiles, num_programs, keys, n_count, D, v_begin, v_count,
-    stride_dzn, stride_cv, stride_accn, keep_stride, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr,
-    TILE_V: tl.constexpr, KEEP_WIDTH: tl.constexpr, TMA: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    UPCAST: tl.constexpr, EPILOGUE_PARTS: tl.constexpr, EPILOGUE_REDUCE: tl.constexpr, BALANCED: tl.constexpr,
-    ITEMS: tl.constexpr,
+    Dz, C, Dz_desc, C_desc, Keep, Acc, Acc_desc, item, num_tiles, num_programs, keys, n_count, D, v_begin, v_count,
+    stride_dzn, stride_cv, stride_accn, keep_stride, whole_tiles, pieces, BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr, TILE_V: tl.constexpr, KEEP_WIDTH: tl.constexpr, TMA: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, EPILOGUE_PARTS: tl.constexpr, EPILOGUE_REDUCE: tl.constexpr,
+    BALANCED: tl.constexpr, ITEMS: tl.constexpr, SPLIT: tl.constexpr,
 ):
-    """One output tile. The K loop runs over the kept steps only, with no branch, no reduction and no
+    """One output tile, or with SPLIT one piece of a tile of the last wave. The K loop runs over the kept steps only, with no branch, no reduction and no
     loop-carried index in its body (so it stays pipelined): the kept tiles are listed first, as four
     int64 words of 4-bit indices, one per group of 16 vocab tiles (hence at most 64 vocab tiles per
     chunk, MAX_CHUNK_TILES), and each step's tile is a function of the step. A tile with nothing kept
     skips the accumulator's read-modify-write too in the pointer epilogue (masked off: no traffic);
     through a descriptor it adds its zeros."""
     num_d_tiles = tl.cdiv(D, BLOCK_D)
+    if SPLIT:  # item -> (position of its tile in the schedule, piece of it)
+        in_tail = item >= whole_tiles
+        rest = tl.maximum(num_tiles - whole_tiles, 1)
+        tile = tl.where(in_tail, whole_tiles + (item - whole_tiles) % rest, item)
+        piece = tl.where(in_tail, (item - whole_tiles) // rest, 0)
+        parts = tl.where(in_tail, pieces, 1)
+    else:
+        tile = item
     if BALANCED:
         pid_n, pid_d = _balanced_position(tile, num_tiles, num_programs, num_d_tiles, keys, ITEMS)
     else:
@@ -561,11 +486,21 @@ def _filtered_de_tile(
     d0 = pid_d * BLOCK_D
     offs_n = (n0 + tl.arange(0, BLOCK_N)).to(tl.int64)
     offs_d = d0 + tl.arange(0, BLOCK_D)
-    acc = _kept_steps_product(Dz, C, Dz_desc, C_desc, n0, d0, offs_n, offs_d, 0, num_kept * STEPS,
+    if SPLIT:
+        k_lo = piece * (num_kept * STEPS) // parts
+        k_hi = (piece + 1) * (num_kept * STEPS) // parts
+    else:
+        k_lo = 0
+        k_hi = num_kept * STEPS
+    acc = _kept_steps_product(Dz, C, Dz_desc, C_desc, n0, d0, offs_n, offs_d, k_lo, k_hi,
                               w0, w1, w2, w3, p1, p2, p3, n_count, D, v_begin, v_count, stride_dzn, stride_cv,
                               BLOCK_N, BLOCK_D, BLOCK_K, TILE_V, TMA, DOT_PRECISION, UPCAST)
     if EPILOGUE_PARTS > 0:
         _add_through_descriptor(Acc_desc, n0, d0, acc, Acc.dtype.element_ty, True, EPILOGUE_PARTS, EPILOGUE_REDUCE)
+    elif SPLIT:  # several pieces of a tile: atomics (a tile with nothing kept adds nothing)
+        nonempty = tl.full([BLOCK_D], 0, tl.int32) + (k_hi - k_lo) > 0  # as a vector, for the interpreter
+        mask = (offs_n[:, None] < n_count) & (offs_d[None, :] < D) & nonempty[None, :]
+        tl.atomic_add(Acc + offs_n[:, None] * stride_accn + offs_d[None, :], acc, mask=mask, sem="relaxed")
     else:
         acc_ptrs = Acc + offs_n[:, None] * stride_accn + offs_d[None, :]
         any_kept = tl.full([BLOCK_D], 0, tl.int32) + num_kept > 0  # as a vector: the interpreter takes no scalar mask
@@ -827,30 +762,23 @@ BALANCED_FILTERED_DC = True
 # program would hold their [items, KEEP_WIDTH] keep flags for the sort (not measured; the goal
 # shapes have 14-16 token tiles per window and 24-46 vocab tiles per chunk).
 MAX_BALANCED_ITEMS = 256
-# The filtered dE GEMM's kept K steps split evenly over its programs (stream-K,
-# _filtered_de_stream_k_kernel) instead of whole output tiles per program; then the filtered path's
-# windows need not fit the dE GEMM's waves (buffered_window), so they are the exact path's. Off where
-# torch.use_deterministic_algorithms(True) is set: a tile summed in parts by two programs adds them
-# in a run-dependent order. Predicted before the H200 run: at 8192 x 2304 x 256000 (the tile schedule
-# there needs windows of 1792 tokens, 5 of them, the last two thirds empty of work: 5 waves of dE
-# per chunk column against 4.36 of work) dE -1.5 to -2 ms and cuBLAS's dC -1 ms on the exact path's
-# 2048-token windows; at 8192 x 4096 x 128256 LM-like (57% kept) dE -0.5 to -1 ms; uniform there
-# (1.94 waves) within noise.
-STREAM_K_FILTERED_DE = True
-# The least K steps a stream-K program takes, so that a launch with little kept is not cut into
-# many partial tiles, each with its own reduce-add (not measured).
-STREAM_K_MIN_STEPS = 16
-# The stream-K kernel's loop over its tiles folded into the K loop (tl.range(flatten=True)); False
-# for measurement. A first version walking its run in a `while` loop measured 30-45% slower per
-# K step than the tile schedule on an H200 (dE 18.0 against 13.8 ms at 8192 x 2304 x 256000 LM-like,
-# 10.6 against 9.0 ms at 8192 x 4096 x 128256 LM-like; benchmarks/stream_k_de.py --profile).
-STREAM_K_FLATTEN = True
+# The filtered dE GEMM's last, partial wave of output tiles cut into pieces along their kept K steps,
+# as many per tile as keep every program busy (programs // the wave's tiles), where that is >= 2: a
+# launch of 144 tiles on 132 SMs then takes ~1.09 waves of time instead of 2. So the filtered path's
+# windows need not fit the dE GEMM's waves (buffered_window) and are the exact path's. Off where
+# torch.use_deterministic_algorithms(True) is set: a tile's pieces are added in a run-dependent order.
+# A first version as stream-K (each program one contiguous run of the launch's kept K steps, tiles cut
+# anywhere; results/h200-2026-12-01l/stream_k_de*.log) ran 30-45% slower per K step than whole tiles
+# on an H200 (dE 17.8 against 12.5 ms at 8192 x 4096 x 128256 uniform, same windows): its programs no
+# longer step through K together, so what they read at one time spreads over the whole chunk's dz and
+# C (75 MB there, beyond the 50 MB L2). Here the pieces of a wave start at the same K offset.
+SPLIT_LAST_DE_WAVE = True
 
 
-def stream_k_applies() -> bool:
-    """Whether the filtered dE GEMM splits its work as stream-K (STREAM_K_FILTERED_DE, and no
-    deterministic algorithms requested from torch); read at each call."""
-    return STREAM_K_FILTERED_DE and not torch.are_deterministic_algorithms_enabled()
+def split_last_wave_applies() -> bool:
+    """Whether the filtered dE GEMM cuts its last partial wave into pieces (SPLIT_LAST_DE_WAVE, and
+    no deterministic algorithms requested from torch); read at each call."""
+    return SPLIT_LAST_DE_WAVE and not torch.are_deterministic_algorithms_enabled()
 
 
 def epilogue_descriptor(t: Tensor, cfg: TileConfig, rows: int, parts: int):
@@ -876,7 +804,7 @@ def filtered_de_gemm(acc: Tensor, dz: Tensor, c: Tensor, keep: Tensor, v_begin: 
                      tile_v: int, sms: int, *, dz_desc=None, c_desc=None, acc_desc=None,
                      epilogue_parts: int | None = None, epilogue_reduce: bool | None = None,
                      balanced: bool | None = None, keep_stride: int | None = None,
-                     stream_k: bool | None = None) -> None:
+                     split_last_wave: bool | None = None) -> None:
     """acc (float32, the window's (n, D)) += dz @ C[v_begin : v_begin + v_count] over the vocab tiles
     (``tile_v`` wide, the dz kernel's) that ``keep`` (int8, one row of flags per token tile, as the dz
     kernel wrote them) kept; dz: (n, v_count), unit column stride. TMA loads where both descriptors
@@ -887,11 +815,10 @@ def filtered_de_gemm(acc: Tensor, dz: Tensor, c: Tensor, keep: Tensor, v_begin: 
     goes through the descriptor on a GPU. ``balanced`` (None: BALANCED_FILTERED_DE): the tiles in
     order of work (``_balanced_position``; persistent launches only). ``keep_stride``: the flags' row
     stride (None: one row per token tile of this chunk's vocab tiles, packed, as the dz kernel writes
-    them; the forward's flags of the whole vocabulary are a strided view). ``stream_k`` (None:
-    ``stream_k_applies()``): the work split evenly over the programs instead
-    (``_filtered_de_stream_k_kernel``; ``balanced`` then has no effect; its epilogue is the TMA
-    reduce-add where the epilogue goes through the descriptor on a GPU, else float32 atomics through
-    pointers); at most MAX_BALANCED_ITEMS token tiles, else the tile schedule."""
+    them; the forward's flags of the whole vocabulary are a strided view). ``split_last_wave``
+    (None: ``split_last_wave_applies()``): the last partial wave's tiles in pieces along K
+    (SPLIT_LAST_DE_WAVE; persistent launches only), added by the TMA reduce-add where the epilogue
+    goes through the descriptor as one, else by float32 atomics through pointers."""
     n_count, v_count = dz.shape
     dim = acc.shape[1]
     tma = dz_desc is not None and c_desc is not None
@@ -908,27 +835,22 @@ def filtered_de_gemm(acc: Tensor, dz: Tensor, c: Tensor, keep: Tensor, v_begin: 
     assert triton.cdiv(v_count, tile_v) <= MAX_CHUNK_TILES, "chunk wider than the dE GEMM's lists"
     keep_width = max(16, triton.next_power_of_2(triton.cdiv(v_count, tile_v)))
     keep_stride = triton.cdiv(v_count, tile_v) if keep_stride is None else keep_stride
-    if (stream_k_applies() if stream_k is None else stream_k) and tiles_n <= MAX_BALANCED_ITEMS:
-        most_steps = tiles * triton.cdiv(v_count, tile_v) * (tile_v // cfg.block_v)  # every tile kept
-        sk_programs = max(1, min(sms, triton.cdiv(most_steps, STREAM_K_MIN_STEPS)))
-        sk_parts = parts if reduce else 0
-        _filtered_de_stream_k_kernel[(sk_programs,)](
-            dz, c, dz_desc if tma else dz, c_desc if tma else c, keep, acc, acc_desc if sk_parts else acc,
-            n_count, dim, v_begin, v_count, sk_programs, dz.stride(0), c.stride(0), acc.stride(0), keep_stride,
-            BLOCK_N=cfg.block_n, BLOCK_D=cfg.block_d, BLOCK_K=cfg.block_v, TILE_V=tile_v, KEEP_WIDTH=keep_width,
-            ITEMS=triton.next_power_of_2(tiles_n), MIN_STEPS=STREAM_K_MIN_STEPS, TMA=tma,
-            DOT_PRECISION=dot_precision(dz.dtype), UPCAST=dot_upcast(dz),
-            FLATTEN=tma and HAS_FLATTEN and STREAM_K_FLATTEN, EPILOGUE_PARTS=sk_parts,
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-        )
-        return
+    split = split_last_wave_applies() if split_last_wave is None else split_last_wave
+    whole, rest = (tiles // sms) * sms, tiles % sms
+    pieces = sms // rest if rest else 1
+    split = bool(split) and FILTERED_DE_PERSISTENT and pieces >= 2
+    if split:
+        programs = sms
+        parts = parts if reduce else 0  # the pieces are added atomically: by the TMA reduce, else pointers
+        items = _balanced_items(tiles_n, balanced, tiles, programs)
     _filtered_de_kernel[(programs,)](
         dz, c, dz_desc if tma else dz, c_desc if tma else c, keep, acc, acc_desc if parts else acc,
         n_count, dim, v_begin, v_count, programs, dz.stride(0), c.stride(0), acc.stride(0), keep_stride,
         BLOCK_N=cfg.block_n, BLOCK_D=cfg.block_d, BLOCK_K=cfg.block_v, TILE_V=tile_v, KEEP_WIDTH=keep_width,
         TMA=tma, DOT_PRECISION=dot_precision(dz.dtype), UPCAST=dot_upcast(dz),
         FLATTEN=tma and HAS_FLATTEN and FILTERED_DE_PERSISTENT, EPILOGUE_PARTS=parts, EPILOGUE_REDUCE=reduce,
-        BALANCED=items > 0, ITEMS=max(items, 1), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        BALANCED=items > 0, ITEMS=max(items, 1), SPLIT=split, whole_tiles=whole, pieces=pieces,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
 
 
@@ -1513,16 +1435,14 @@ def buffered_window(e: Tensor, vocab: int, buffer_bytes: int = BUFFER_BYTES, fil
     (N, D) = e.shape, its dtype and device, exact, with dE ``filtered`` or (and) dC ``filtered_dc``
     (``buffered_shape``; windows and chunks fit to the device's SMs where WAVE_ALIGNED_WINDOWS; a
     filtered path's chunks hold at most MAX_CHUNK_TILES vocab tiles; the filtered dE GEMM's launches
-    count unless it runs as stream-K (``stream_k_applies``), whose windows hold at most
-    MAX_BALANCED_ITEMS token tiles; with dC filtered, at most MAX_WINDOW_TILES)."""
+    count unless it cuts its last wave into pieces (``split_last_wave_applies``); with dC filtered,
+    windows hold at most MAX_WINDOW_TILES token tiles)."""
     cfg = buffered_config(e)
     if filtered or filtered_dc:
-        stream_k = filtered and stream_k_applies()
-        de_d_tiles = triton.cdiv(e.shape[1], filtered_de_config(e).block_d) if filtered and not stream_k else 0
-        # window caps: the filtered dC GEMM's lists of token tiles; stream-K's per-program keep counts
-        caps = [MAX_WINDOW_TILES] * bool(filtered_dc) + [MAX_BALANCED_ITEMS] * stream_k
+        waves_count = filtered and not split_last_wave_applies()
+        de_d_tiles = triton.cdiv(e.shape[1], filtered_de_config(e).block_d) if waves_count else 0
         shape_options = dict(max_chunk_tiles=MAX_CHUNK_TILES, de_d_tiles=de_d_tiles,
-                             max_window_tiles=min(caps) if caps else None)
+                             max_window_tiles=MAX_WINDOW_TILES if filtered_dc else None)
     else:
         shape_options = dict(max_chunk_tiles=None)
     return buffered_shape(e.shape[0], e.shape[1], vocab, e.element_size(), buffer_bytes, cfg.block_n, cfg.block_v,

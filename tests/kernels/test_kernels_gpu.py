@@ -170,8 +170,8 @@ def test_determinism():
 
 
 def test_filtered_backward_under_torch_determinism():
-    """The filtered backward's dE GEMM runs as stream-K (a tile's parts added in a run-dependent
-    order) unless torch's deterministic algorithms are on: then two runs are bitwise equal, and the
+    """The filtered backward's dE GEMM cuts its last wave into pieces (a tile's pieces added in a
+    run-dependent order) unless torch's deterministic algorithms are on: then two runs are bitwise equal, and the
     two schedules agree up to float32 rounding (then rounded to bf16)."""
     inp = make_inputs("lm", 2048, 1024, 32768, device="cuda", seed=4)
     n = inp.e.shape[0]
@@ -213,8 +213,8 @@ def test_filtered_gemms_reduce_and_order_of_work():
     partial) x 3000 entries (12 vocab tiles, the last partial; a chunk starting at row 40 of C) x D =
     512, keep counts differing between token tiles, 5 programs (dE: 16 tiles, dC: 48, several waves
     each, so both orders run). Both orders and dE's load-and-store epilogue give the same float32
-    sums, bit for bit; dE as stream-K (its work split evenly over the programs, a tile's parts
-    reduce-added by TMA or by pointer atomics) the same sums up to their order."""
+    sums, bit for bit; dE with its last wave in pieces (16 tiles on 5 programs: 15 whole, 1 in 5
+    pieces, added by the TMA reduce or by pointer atomics) the same sums up to their order."""
     from cce_inductor.kernels import backward
     from cce_inductor.kernels.common import buffered_config, filtered_dc_config, filtered_de_config, tma_descriptor
 
@@ -246,8 +246,8 @@ def test_filtered_gemms_reduce_and_order_of_work():
         backward.filtered_de_gemm(acc, dz, c, keep.view(-1), v_begin, de_cfg, cfg.block_v, 5,
                                   dz_desc=descs["dz_de"], c_desc=descs["c_de"],
                                   acc_desc=backward.epilogue_descriptor(acc, de_cfg, de_cfg.block_n, 2),
-                                  epilogue_parts=2, epilogue_reduce=reduce, stream_k=True)
-        print("stream-K, reduce", reduce, "dE %.2e" % _rel(acc, de_want))
+                                  epilogue_parts=2, epilogue_reduce=reduce, split_last_wave=True)
+        print("last wave in pieces, reduce", reduce, "dE %.2e" % _rel(acc, de_want))
         assert _rel(acc, de_want) < 1e-5
     results = []
     for balanced, reduce in ((True, True), (False, True), (True, False)):
@@ -255,7 +255,7 @@ def test_filtered_gemms_reduce_and_order_of_work():
         backward.filtered_de_gemm(acc, dz, c, keep.view(-1), v_begin, de_cfg, cfg.block_v, 5,
                                   dz_desc=descs["dz_de"], c_desc=descs["c_de"],
                                   acc_desc=backward.epilogue_descriptor(acc, de_cfg, de_cfg.block_n, 2),
-                                  epilogue_parts=2, epilogue_reduce=reduce, balanced=balanced, stream_k=False)
+                                  epilogue_parts=2, epilogue_reduce=reduce, balanced=balanced, split_last_wave=False)
         dc = dc_old.clone()
         backward.filtered_dc_gemm(dc, dz, e, keep.view(-1), col_sums, means, True, dc_cfg, cfg.block_n, cfg.block_v,
                                   5, dz_desc=descs["dz_dc"], e_desc=descs["e_dc"],

@@ -530,7 +530,8 @@ def test_filtered_gemms_in_order_of_work_match_float64(dc_tiles, loads):
         acc = torch.ones(n, d)
         acc_desc = backward.epilogue_descriptor(acc, cfg, cfg.block_n, 2) if descs else None
         backward.filtered_de_gemm(acc, dz, c, keep.view(-1), 9, cfg, tile, 4, dz_desc=descs.get("dz_de"),
-                                  c_desc=descs.get("c_de"), acc_desc=acc_desc, balanced=balanced, stream_k=False)
+                                  c_desc=descs.get("c_de"), acc_desc=acc_desc, balanced=balanced,
+                                  split_last_wave=False)
         dc = dc_old.clone()
         dc_desc = backward.epilogue_descriptor(dc, dc_cfg, dc_cfg.block_v, 1) if descs else None
         backward.filtered_dc_gemm(dc, dz, e, keep.view(-1), col_sums, means, True, dc_cfg, tile, tile, 4,
@@ -543,16 +544,19 @@ def test_filtered_gemms_in_order_of_work_match_float64(dc_tiles, loads):
 
 
 @pytest.mark.parametrize("loads", ["pointers", "tma"])
-@pytest.mark.parametrize("programs,min_steps", [(1, 16), (3, 1), (7, 1), (64, 1), (5, 16)])
-def test_filtered_de_stream_k_matches_float64(programs, min_steps, loads):
-    """The filtered dE GEMM with its kept K steps split evenly over the programs (stream-K), against
-    float64 sums over the kept tiles and against the tile schedule: 72 tokens (5 token tiles, the last
-    partial) x 100 entries (7 vocab tiles, 1 K step each here) x D = 40 (3 D tiles); rows all
-    skipped (1 and 4: a run of empty rows, and the last row), all kept (3) and partly kept, so that
-    runs start and end inside tiles, cross empty rows and cover a tile in up to a dozen parts (64
-    programs of one step each: more programs than K steps, the rest idle). A tile taken twice or a
-    part dropped is off by a whole product; the parts' float32 sums in another order differ from
-    the tile schedule's by rounding only."""
+@pytest.mark.parametrize("empty_row", [True, False])
+@pytest.mark.parametrize("balanced", [True, False])
+@pytest.mark.parametrize("programs", [6, 7, 32, 4])
+def test_filtered_de_last_wave_in_pieces_matches_float64(programs, balanced, empty_row, loads):
+    """The filtered dE GEMM with its last partial wave of tiles cut into pieces along their kept K
+    steps, against float64 sums over the kept tiles and against whole tiles: 72 tokens (5 token
+    tiles, the last partial) x 100 entries (7 vocab tiles) x D = 40 (3 D tiles): 15 output tiles; on
+    6 programs 12 whole and 3 tiles in 2 pieces, on 7 14 whole and 1 in 7 pieces (more pieces than
+    the row has kept steps: empty pieces), on 32 none whole and 15 in 2 pieces, on 4 no split (3
+    tiles left, 1 piece each). One row all kept (3), the others partly kept, and with empty_row one
+    all skipped (1: the last wave in order of work is then its tiles); in order of work and in index
+    order. A piece taken twice or dropped is off by its product; pieces summed in another order
+    differ from whole tiles by rounding only."""
     from cce_inductor.kernels import backward, common
 
     n, d, v, tile = 72, 40, 100, 16
@@ -561,48 +565,48 @@ def test_filtered_de_stream_k_matches_float64(programs, min_steps, loads):
     dz = (torch.randn(n, backward.buffer_row_stride(v), generator=gen) * 0.1).bfloat16()[:, :v]
     c = torch.randn(v + 9, d, generator=gen).bfloat16()  # the chunk starts at row 9 of C
     keep = (torch.rand(tiles_n, tiles_v, generator=gen) < 0.6).to(torch.int8)
-    keep[1], keep[4], keep[3] = 0, 0, 1
-    keep[0, 0], keep[2, 6] = 1, 1  # at least one kept step in each partly kept row
+    keep[3] = 1
+    keep[:, 0] = 1  # at least one kept step in each partly kept row
+    if empty_row:
+        keep[1] = 0
     cfg = common._INTERPRETER
     descs = {} if loads == "pointers" else dict(
         dz_desc=common.tma_descriptor(dz, [cfg.block_n, cfg.block_v], cfg),
         c_desc=common.tma_descriptor(c, [cfg.block_v, cfg.block_d], cfg))
     mask = keep.bool().repeat_interleave(tile, 0).repeat_interleave(tile, 1)[:n, :v]
     de_want = 1.0 + torch.where(mask, dz.double(), 0.0) @ c[9:].double()
-    acc_desc = backward.epilogue_descriptor
     results = {}
-    for stream_k in (True, False):
+    for split in (True, False):
         acc = torch.ones(n, d)
-        with mock.patch.object(backward, "STREAM_K_MIN_STEPS", min_steps):
-            backward.filtered_de_gemm(acc, dz, c, keep.view(-1), 9, cfg, tile, programs, stream_k=stream_k,
-                                      acc_desc=acc_desc(acc, cfg, cfg.block_n, 2) if descs else None, **descs)
-        assert _rel(acc, de_want) < 1e-6, stream_k
-        results[stream_k] = acc
+        acc_desc = backward.epilogue_descriptor(acc, cfg, cfg.block_n, 2) if descs else None
+        backward.filtered_de_gemm(acc, dz, c, keep.view(-1), 9, cfg, tile, programs, balanced=balanced,
+                                  split_last_wave=split, acc_desc=acc_desc, **descs)
+        assert _rel(acc, de_want) < 1e-6, split
+        results[split] = acc
     assert _rel(results[True], results[False]) < 1e-6
 
 
-def test_stream_k_follows_torch_determinism_and_frees_the_windows():
-    """stream-K (a run-dependent order of float32 sums) is off while torch's deterministic algorithms
-    are on, and the filtered path's windows then count the dE GEMM's waves again; with it on they
-    are the exact path's. At the Gemma shape (132 SMs): 1792 x 11776 against 2048 x 8448."""
-    from cce_inductor.kernels.backward import BUFFER_BYTES, MAX_BALANCED_ITEMS, buffered_shape, stream_k_applies
+def test_split_last_wave_follows_torch_determinism_and_frees_the_windows():
+    """The last wave in pieces (a run-dependent order of float32 sums) is off while torch's
+    deterministic algorithms are on, and the filtered path's windows then count the dE GEMM's waves
+    again; with it on they are the exact path's. At the Gemma shape (132 SMs): 1792 x 11776 against
+    2048 x 8448."""
+    from cce_inductor.kernels import backward
+    from cce_inductor.kernels.backward import BUFFER_BYTES, buffered_shape, split_last_wave_applies
 
-    assert stream_k_applies()
+    assert split_last_wave_applies()
     before = torch.are_deterministic_algorithms_enabled()
     try:
         torch.use_deterministic_algorithms(True, warn_only=True)
-        assert not stream_k_applies()
+        assert not split_last_wave_applies()
     finally:
         torch.use_deterministic_algorithms(before)
-    assert stream_k_applies()
     shape = (8192, 2304, 256000, 2, BUFFER_BYTES, 128, 256)
     exact = buffered_shape(*shape, sms=132, max_chunk_tiles=None)
     assert exact == (2048, 33 * 256)
-    assert buffered_shape(*shape, sms=132, de_d_tiles=0, max_window_tiles=MAX_BALANCED_ITEMS) == exact
+    assert buffered_shape(*shape, sms=132, de_d_tiles=0) == exact
     assert buffered_shape(*shape, sms=132, de_d_tiles=9) == (1792, 46 * 256)
-    # and buffered_window asks buffered_shape for exactly that: no dE waves while stream-K applies
-    from cce_inductor.kernels import backward
-
+    # and buffered_window asks buffered_shape for exactly that: no dE waves while the split applies
     e = torch.empty(100, 48, dtype=torch.bfloat16)
     asked = {}
     for deterministic in (False, True):
@@ -610,11 +614,10 @@ def test_stream_k_follows_torch_determinism_and_frees_the_windows():
             torch.use_deterministic_algorithms(deterministic, warn_only=True)
             with mock.patch.object(backward, "buffered_shape", wraps=backward.buffered_shape) as spy:
                 backward.buffered_window(e, 1000, filtered=True)
-            asked[deterministic] = spy.call_args.kwargs
+            asked[deterministic] = spy.call_args.kwargs["de_d_tiles"]
         finally:
             torch.use_deterministic_algorithms(before)
-    assert asked[False]["de_d_tiles"] == 0 and asked[False]["max_window_tiles"] == MAX_BALANCED_ITEMS
-    assert asked[True]["de_d_tiles"] == 3 and asked[True]["max_window_tiles"] is None  # D = 48 in tiles of 16
+    assert asked == {False: 0, True: 3}  # D = 48 in dE tiles of 16
 
 
 def test_filtered_path_refuses_a_chunk_wider_than_its_lists():

@@ -1,17 +1,17 @@
-"""The filtered dE GEMM as stream-K (its kept K steps split evenly over the programs) against the tile schedule.
+"""The filtered dE GEMM with its last partial wave of tiles cut into pieces along K, against whole tiles.
 
-    python -m benchmarks.stream_k_de [--shapes N,D,V ...] [--regimes lm uniform] [--rounds 3] [--profile]
+    python -m benchmarks.de_last_wave [--shapes N,D,V ...] [--regimes lm uniform] [--rounds 3] [--profile]
 
 bf16, mean loss (grad_loss = 1/N, grad_lse = 0). Per point, in interleaved rounds
 (benchmarks/rounds.py), in units of T = the cuBLAS logits GEMM of the same process, the backward:
 exact; filtered with dC by cuBLAS (the default filter) and listed (the forward's keep flags,
-``filter_dc``), each with the dE GEMM as stream-K (``STREAM_K_FILTERED_DE``, the default; the
-filtered path then takes the exact path's windows; for the filtered one also with its tile loop not
-flattened, STREAM_K_FLATTEN) and with whole tiles per program (the
-schedule kept for torch's deterministic mode, with windows sized to its waves). Each variant's
-window and chunk, s (the fraction of tiles skipped), and dE's difference between the two schedules
-and against float64 math (reference.chunked_backward). ``--profile``: the filtered backward's
-kernels by time under each schedule. Prints only; numbers worth keeping go to docs/PERF_NOTES.md."""
+``filter_dc``), each with the dE GEMM's last wave in pieces (``SPLIT_LAST_DE_WAVE``, the default;
+the filtered path then takes the exact path's windows) and with whole tiles only (the schedule kept
+for torch's deterministic mode, with windows sized to its waves). Each variant's window and chunk,
+s (the fraction of tiles skipped), and dE's difference between the two schedules and against
+float64 math (reference.chunked_backward). ``--profile``: the filtered backward's kernels by time
+under each schedule. (Its first logs, results/h200-2026-12-01l/stream_k_de*.log, were taken when
+it compared a stream-K version of the dE GEMM, since removed.) Prints only; numbers worth keeping go to docs/PERF_NOTES.md."""
 
 from __future__ import annotations
 
@@ -46,23 +46,22 @@ def main(argv=None) -> None:
         gemm_ms = do_bench(lambda: e @ c.T, return_mode="median")
         print(f"N={n} D={d} V={v} {regime}: T (e @ c.T) {gemm_ms:.2f} ms", flush=True)
 
-        def backward_call(mode, stream_k=True, flatten=True, **extra):
+        def backward_call(mode, split=True, **extra):
             options = {"listed": {"keep": keep}}.get(mode, {})
 
             def run():
-                with mock.patch.object(backward, "STREAM_K_FILTERED_DE", stream_k), \
-                        mock.patch.object(backward, "STREAM_K_FLATTEN", flatten):
+                with mock.patch.object(backward, "SPLIT_LAST_DE_WAVE", split):
                     return lce_backward(e, c, None, y, lse, g, zero, -100, 0.0, 0.0, mode != "exact", True, True,
                                         False, **options, **extra)
             return run
 
         variants = {"exact": backward_call("exact")}
-        for mode, stream_k, flatten in (("filtered", True, True), ("filtered", True, False), ("filtered", False, True),
-                                        ("listed", True, True), ("listed", False, True)):
-            with mock.patch.object(backward, "STREAM_K_FILTERED_DE", stream_k):
-                shape = backward.buffered_window(e, v, filtered=True, filtered_dc=mode == "listed")
-            kind = ("stream-K" if flatten else "stream-K unflat") if stream_k else "tiles"
-            variants[f"{mode}, {kind} {shape[0]} x {shape[1]}"] = backward_call(mode, stream_k, flatten)
+        for mode in ("filtered", "listed"):
+            for split in (True, False):
+                with mock.patch.object(backward, "SPLIT_LAST_DE_WAVE", split):
+                    shape = backward.buffered_window(e, v, filtered=True, filtered_dc=mode == "listed")
+                kind = "last wave in pieces" if split else "whole tiles"
+                variants[f"{mode}, {kind} {shape[0]} x {shape[1]}"] = backward_call(mode, split)
         for label, samples in interleaved_ms(variants, rounds=args.rounds).items():
             print(f"  backward {label:<34} {summary(samples, gemm_ms)}", flush=True)
 
@@ -72,14 +71,14 @@ def main(argv=None) -> None:
         gold = reference.chunked_backward(e.float(), c.float(), None, y, lse, g, zero, -100, 0.0, 0.0, True, True,
                                           False)[0].double()
         for mode in ("filtered", "listed"):
-            de = {sk: backward_call(mode, sk)()[0].double() for sk in (True, False)}
-            print(f"  {mode}: dE stream-K against tiles {float((de[True] - de[False]).norm() / de[False].norm()):.2e}; "
+            de = {split: backward_call(mode, split)()[0].double() for split in (True, False)}
+            print(f"  {mode}: dE in pieces against whole {float((de[True] - de[False]).norm() / de[False].norm()):.2e}; "
                   f"against float64 {float((de[True] - gold).norm() / gold.norm()):.2e} / "
                   f"{float((de[False] - gold).norm() / gold.norm()):.2e}", flush=True)
         del gold
         if args.profile:
-            for stream_k in (True, False):
-                print_profile(backward_call("filtered", stream_k), f"filtered backward, stream-K {stream_k}")
+            for split in (True, False):
+                print_profile(backward_call("filtered", split), f"filtered backward, last wave in pieces {split}")
 
 
 if __name__ == "__main__":
