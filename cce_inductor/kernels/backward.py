@@ -1435,11 +1435,14 @@ def buffered_window(e: Tensor, vocab: int, buffer_bytes: int = BUFFER_BYTES, fil
     (N, D) = e.shape, its dtype and device, exact, with dE ``filtered`` or (and) dC ``filtered_dc``
     (``buffered_shape``; windows and chunks fit to the device's SMs where WAVE_ALIGNED_WINDOWS; a
     filtered path's chunks hold at most MAX_CHUNK_TILES vocab tiles; the filtered dE GEMM's launches
-    count unless it cuts its last wave into pieces (``split_last_wave_applies``); with dC filtered,
-    windows hold at most MAX_WINDOW_TILES token tiles)."""
+    count unless it cuts its last wave into pieces (``split_last_wave_applies``) and dC is not
+    filtered; with dC filtered, windows hold at most MAX_WINDOW_TILES token tiles)."""
     cfg = buffered_config(e)
     if filtered or filtered_dc:
-        waves_count = filtered and not split_last_wave_applies()
+        # with dC filtered too (filter_dc), windows sized to the dE GEMM's waves measured faster all the
+        # same (results/h200-2026-12-01l/de_last_wave.log, 8192 x 2304 x 256000: 48.96 / 50.87 ms at
+        # 1792 tokens against 49.51 / 53.56 at 2048, LM-like / uniform)
+        waves_count = filtered and (filtered_dc or not split_last_wave_applies())
         de_d_tiles = triton.cdiv(e.shape[1], filtered_de_config(e).block_d) if waves_count else 0
         shape_options = dict(max_chunk_tiles=MAX_CHUNK_TILES, de_d_tiles=de_d_tiles,
                              max_window_tiles=MAX_WINDOW_TILES if filtered_dc else None)

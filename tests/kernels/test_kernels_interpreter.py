@@ -589,7 +589,7 @@ def test_filtered_de_last_wave_in_pieces_matches_float64(programs, balanced, emp
 def test_split_last_wave_follows_torch_determinism_and_frees_the_windows():
     """The last wave in pieces (a run-dependent order of float32 sums) is off while torch's
     deterministic algorithms are on, and the filtered path's windows then count the dE GEMM's waves
-    again; with it on they are the exact path's. At the Gemma shape (132 SMs): 1792 x 11776 against
+    again; with it on they are the exact path's (where dC is not filtered). At the Gemma shape (132 SMs): 1792 x 11776 against
     2048 x 8448."""
     from cce_inductor.kernels import backward
     from cce_inductor.kernels.backward import BUFFER_BYTES, buffered_shape, split_last_wave_applies
@@ -606,18 +606,20 @@ def test_split_last_wave_follows_torch_determinism_and_frees_the_windows():
     assert exact == (2048, 33 * 256)
     assert buffered_shape(*shape, sms=132, de_d_tiles=0) == exact
     assert buffered_shape(*shape, sms=132, de_d_tiles=9) == (1792, 46 * 256)
-    # and buffered_window asks buffered_shape for exactly that: no dE waves while the split applies
+    # and buffered_window asks buffered_shape for exactly that: no dE waves while the split applies,
+    # unless dC is filtered too (filter_dc: measured faster with the waves counted)
     e = torch.empty(100, 48, dtype=torch.bfloat16)
     asked = {}
     for deterministic in (False, True):
-        try:
-            torch.use_deterministic_algorithms(deterministic, warn_only=True)
-            with mock.patch.object(backward, "buffered_shape", wraps=backward.buffered_shape) as spy:
-                backward.buffered_window(e, 1000, filtered=True)
-            asked[deterministic] = spy.call_args.kwargs["de_d_tiles"]
-        finally:
-            torch.use_deterministic_algorithms(before)
-    assert asked == {False: 0, True: 3}  # D = 48 in dE tiles of 16
+        for filtered_dc in (False, True):
+            try:
+                torch.use_deterministic_algorithms(deterministic, warn_only=True)
+                with mock.patch.object(backward, "buffered_shape", wraps=backward.buffered_shape) as spy:
+                    backward.buffered_window(e, 1000, filtered=True, filtered_dc=filtered_dc)
+                asked[deterministic, filtered_dc] = spy.call_args.kwargs["de_d_tiles"]
+            finally:
+                torch.use_deterministic_algorithms(before)
+    assert asked == {(False, False): 0, (False, True): 3, (True, False): 3, (True, True): 3}  # D = 48: 3 tiles
 
 
 def test_filtered_path_refuses_a_chunk_wider_than_its_lists():
