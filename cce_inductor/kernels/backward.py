@@ -456,9 +456,8 @@ def _filtered_de_tile(
     DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, EPILOGUE_PARTS: tl.constexpr, EPILOGUE_REDUCE: tl.constexpr,
     BALANCED: tl.constexpr, ITEMS: tl.constexpr, SPLIT: tl.constexpr,
 ):
-    """One output tile, or with SPLIT one piece of a tile of the last wave. The K loop runs over the
-    kept steps only, with no branch, no reduction and no loop-carried index in its body (so it stays
-    pipelined; ``_kept_steps_product``): the kept tiles are listed first, as four
+    """One output tile, or with SPLIT one piece of a tile of the last wave. The K loop runs over the kept steps only, with no branch, no reduction and no
+    loop-carried index in its body (so it stays pipelined): the kept tiles are listed first, as four
     int64 words of 4-bit indices, one per group of 16 vocab tiles (hence at most 64 vocab tiles per
     chunk, MAX_CHUNK_TILES), and each step's tile is a function of the step. A tile with nothing kept
     skips the accumulator's read-modify-write too in the pointer epilogue (masked off: no traffic);
@@ -774,10 +773,6 @@ MAX_BALANCED_ITEMS = 256
 # longer step through K together, so what they read at one time spreads over the whole chunk's dz and
 # C (75 MB there, beyond the 50 MB L2). Here the pieces of a wave start at the same K offset.
 SPLIT_LAST_DE_WAVE = True
-# At least this many K steps per piece of a fully kept tile: fewer pieces where a chunk is narrow, so
-# that a piece's reduce-add of its whole float32 tile does not outweigh its product (not measured;
-# the goal shapes' chunks have 96-132 steps, so their 11 pieces at most are not affected).
-SPLIT_MIN_STEPS = 8
 
 
 def split_last_wave_applies() -> bool:
@@ -822,9 +817,8 @@ def filtered_de_gemm(acc: Tensor, dz: Tensor, c: Tensor, keep: Tensor, v_begin: 
     stride (None: one row per token tile of this chunk's vocab tiles, packed, as the dz kernel writes
     them; the forward's flags of the whole vocabulary are a strided view). ``split_last_wave``
     (None: ``split_last_wave_applies()``): the last partial wave's tiles in pieces along K
-    (SPLIT_LAST_DE_WAVE; persistent launches only; at least SPLIT_MIN_STEPS K steps a piece), added by
-    the TMA reduce-add where the epilogue goes through the descriptor as one, else by float32 atomics
-    through pointers."""
+    (SPLIT_LAST_DE_WAVE; persistent launches only), added by the TMA reduce-add where the epilogue
+    goes through the descriptor as one, else by float32 atomics through pointers."""
     n_count, v_count = dz.shape
     dim = acc.shape[1]
     tma = dz_desc is not None and c_desc is not None
@@ -843,8 +837,7 @@ def filtered_de_gemm(acc: Tensor, dz: Tensor, c: Tensor, keep: Tensor, v_begin: 
     keep_stride = triton.cdiv(v_count, tile_v) if keep_stride is None else keep_stride
     split = split_last_wave_applies() if split_last_wave is None else split_last_wave
     whole, rest = (tiles // sms) * sms, tiles % sms
-    most_steps = triton.cdiv(v_count, tile_v) * (tile_v // cfg.block_v)  # a fully kept tile's K steps
-    pieces = min(sms // rest, most_steps // SPLIT_MIN_STEPS) if rest else 1
+    pieces = sms // rest if rest else 1
     split = bool(split) and FILTERED_DE_PERSISTENT and pieces >= 2
     if split:
         programs = sms

@@ -555,8 +555,8 @@ def test_filtered_de_last_wave_in_pieces_matches_float64(programs, balanced, emp
     the row has kept steps: empty pieces), on 32 none whole and 15 in 2 pieces, on 4 no split (3
     tiles left, 1 piece each). One row all kept (3), the others partly kept, and with empty_row one
     all skipped (1: the last wave in order of work is then its tiles); in order of work and in index
-    order (SPLIT_MIN_STEPS patched to 1: 7 K steps a tile here). A piece taken twice or dropped is off
-    by its product; pieces summed in another order differ from whole tiles by rounding only."""
+    order. A piece taken twice or dropped is off by its product; pieces summed in another order
+    differ from whole tiles by rounding only."""
     from cce_inductor.kernels import backward, common
 
     n, d, v, tile = 72, 40, 100, 16
@@ -579,18 +579,11 @@ def test_filtered_de_last_wave_in_pieces_matches_float64(programs, balanced, emp
     for split in (True, False):
         acc = torch.ones(n, d)
         acc_desc = backward.epilogue_descriptor(acc, cfg, cfg.block_n, 2) if descs else None
-        with mock.patch.object(backward, "SPLIT_MIN_STEPS", 1):  # 7 K steps a tile here
-            backward.filtered_de_gemm(acc, dz, c, keep.view(-1), 9, cfg, tile, programs, balanced=balanced,
-                                      split_last_wave=split, acc_desc=acc_desc, **descs)
+        backward.filtered_de_gemm(acc, dz, c, keep.view(-1), 9, cfg, tile, programs, balanced=balanced,
+                                  split_last_wave=split, acc_desc=acc_desc, **descs)
         assert _rel(acc, de_want) < 1e-6, split
         results[split] = acc
     assert _rel(results[True], results[False]) < 1e-6
-    # under the default SPLIT_MIN_STEPS (8) a tile of 7 K steps is never cut: whole tiles, bit for bit
-    acc = torch.ones(n, d)
-    acc_desc = backward.epilogue_descriptor(acc, cfg, cfg.block_n, 2) if descs else None
-    backward.filtered_de_gemm(acc, dz, c, keep.view(-1), 9, cfg, tile, programs, balanced=balanced,
-                              split_last_wave=True, acc_desc=acc_desc, **descs)
-    assert torch.equal(acc, results[False])
 
 
 def test_split_last_wave_follows_torch_determinism_and_frees_the_windows():
