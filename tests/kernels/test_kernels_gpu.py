@@ -171,8 +171,8 @@ def test_determinism():
 
 def test_filtered_backward_under_torch_determinism():
     """The filtered backward's dE GEMM cuts its last wave into pieces (a tile's pieces added in a
-    run-dependent order) unless torch's deterministic algorithms are on: then two runs are bitwise equal, and the
-    two schedules agree up to float32 rounding (then rounded to bf16)."""
+    run-dependent order) unless torch's deterministic algorithms are on: then two runs are bitwise
+    equal, and the two schedules agree up to float32 rounding (then rounded to bf16)."""
     inp = make_inputs("lm", 2048, 1024, 32768, device="cuda", seed=4)
     n = inp.e.shape[0]
     _, lse = kernels.lce_forward(inp.e, inp.c, None, inp.targets, -100, 0.0, 0.0)

@@ -589,8 +589,8 @@ def test_filtered_de_last_wave_in_pieces_matches_float64(programs, balanced, emp
 def test_split_last_wave_follows_torch_determinism_and_frees_the_windows():
     """The last wave in pieces (a run-dependent order of float32 sums) is off while torch's
     deterministic algorithms are on, and the filtered path's windows then count the dE GEMM's waves
-    again; with it on they are the exact path's (where dC is not filtered). At the Gemma shape (132 SMs): 1792 x 11776 against
-    2048 x 8448."""
+    again; with it on they are the exact path's (where dC is not filtered). At the Gemma shape (132
+    SMs): 1792 x 11776 against 2048 x 8448."""
     from cce_inductor.kernels import backward
     from cce_inductor.kernels.backward import BUFFER_BYTES, buffered_shape, split_last_wave_applies
 
