@@ -582,7 +582,8 @@ def _filtered_dc_kernel(
     BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr, TILE_N: tl.constexpr,
     TILE_V: tl.constexpr, KEEP_WIDTH: tl.constexpr, ACCUMULATE: tl.constexpr, TMA: tl.constexpr,
     DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, FLATTEN: tl.constexpr,
-    EPILOGUE_PARTS: tl.constexpr, BALANCED: tl.constexpr, ITEMS: tl.constexpr, STAND_IN: tl.constexpr,
+    EPILOGUE_PARTS: tl.constexpr, EPILOGUE_REDUCE: tl.constexpr, BALANCED: tl.constexpr, ITEMS: tl.constexpr,
+    STAND_IN: tl.constexpr,
 ):
     """The filtered path's dC GEMM of one (window, chunk): for every (BLOCK_V rows, BLOCK_D columns)
     tile of the chunk's dC,
@@ -593,7 +594,9 @@ def _filtered_dc_kernel(
     lists (at most 64 token tiles per window). The sum is float32, rounded into the 16-bit dC once
     per window (ACCUMULATE: added to what earlier windows left there), as cuBLAS's addmm does.
     Persistent (D fastest, so that a vocab block's dz columns stay in L2); FLATTEN and EPILOGUE_PARTS
-    (dC's read-modify-write through dC_desc) as in the dE GEMM. BALANCED: the output tiles by their
+    (dC's read-modify-write through dC_desc) as in the dE GEMM; EPILOGUE_REDUCE (ACCUMULATE): the add
+    as a TMA reduce-add of the sum rounded to dC's dtype (rounded twice: ``_add_through_descriptor``).
+    BALANCED: the output tiles by their
     vocab tile's kept count as in the dE GEMM (ITEMS >= the chunk's vocab tiles); each vocab tile's
     TILE_V // BLOCK_V row blocks all count, also past v_count in the last one (masked or clipped)."""
     num_v_tiles = tl.cdiv(v_count, TILE_V)
@@ -608,13 +611,15 @@ def _filtered_dc_kernel(
             _filtered_dc_tile(Dz, E, Dz_desc, E_desc, Keep, ColSums, TileMeans, dC, dC_desc, tile, num_tiles,
                               num_programs, keys, n_count, D, v_count, stride_dzn, stride_en, stride_sn, stride_mn,
                               stride_dcv, keep_stride, BLOCK_V, BLOCK_D, BLOCK_K, TILE_N, TILE_V, KEEP_WIDTH,
-                              ACCUMULATE, TMA, DOT_PRECISION, UPCAST, EPILOGUE_PARTS, BALANCED, ITEMS, STAND_IN)
+                              ACCUMULATE, TMA, DOT_PRECISION, UPCAST, EPILOGUE_PARTS, EPILOGUE_REDUCE, BALANCED, ITEMS,
+                              STAND_IN)
     else:
         for tile in range(tl.program_id(0), num_tiles, num_programs):
             _filtered_dc_tile(Dz, E, Dz_desc, E_desc, Keep, ColSums, TileMeans, dC, dC_desc, tile, num_tiles,
                               num_programs, keys, n_count, D, v_count, stride_dzn, stride_en, stride_sn, stride_mn,
                               stride_dcv, keep_stride, BLOCK_V, BLOCK_D, BLOCK_K, TILE_N, TILE_V, KEEP_WIDTH,
-                              ACCUMULATE, TMA, DOT_PRECISION, UPCAST, EPILOGUE_PARTS, BALANCED, ITEMS, STAND_IN)
+                              ACCUMULATE, TMA, DOT_PRECISION, UPCAST, EPILOGUE_PARTS, EPILOGUE_REDUCE, BALANCED, ITEMS,
+                              STAND_IN)
 
 
 @triton.jit
@@ -623,8 +628,8 @@ def _filtered_dc_tile(
     v_count, stride_dzn, stride_en, stride_sn, stride_mn, stride_dcv, keep_stride,
     BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr, TILE_N: tl.constexpr,
     TILE_V: tl.constexpr, KEEP_WIDTH: tl.constexpr, ACCUMULATE: tl.constexpr, TMA: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, EPILOGUE_PARTS: tl.constexpr, BALANCED: tl.constexpr,
-    ITEMS: tl.constexpr, STAND_IN: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, EPILOGUE_PARTS: tl.constexpr, EPILOGUE_REDUCE: tl.constexpr,
+    BALANCED: tl.constexpr, ITEMS: tl.constexpr, STAND_IN: tl.constexpr,
 ):
     """One output tile (BLOCK_V divides TILE_V: the tile's rows share one column of keep flags)."""
     num_d_tiles = tl.cdiv(D, BLOCK_D)
@@ -681,7 +686,8 @@ def _filtered_dc_tile(
                         mask=skipped[:, None] & mask_d[None, :], other=0.0)
         acc = dot(sums.to(E.dtype.element_ty), means.to(E.dtype.element_ty), acc, DOT_PRECISION, UPCAST)
     if EPILOGUE_PARTS > 0:
-        _add_through_descriptor(dC_desc, v0, d0, acc, dC.dtype.element_ty, ACCUMULATE, EPILOGUE_PARTS)
+        _add_through_descriptor(dC_desc, v0, d0, acc, dC.dtype.element_ty, ACCUMULATE, EPILOGUE_PARTS,
+                                EPILOGUE_REDUCE)
     else:
         dc_ptrs = dC + offs_v[:, None] * stride_dcv + offs_d[None, :]
         mask = mask_v[:, None] & mask_d[None, :]
@@ -695,35 +701,49 @@ def _add_through_descriptor(desc, r0, c0, acc, OUT_DTYPE: tl.constexpr, ACCUMULA
                             PARTS: tl.constexpr, REDUCE: tl.constexpr = False):
     """The tensor under ``desc`` at [r0, c0] (+)= acc (float32), read and written through the TMA
     descriptor (zero-filled and clipped at the tensor's edges, so no masks; the store is asynchronous)
-    in PARTS = 1 or 2 column blocks of the tile (the descriptor's tiles: [rows, cols // PARTS]; two
-    halve the shared memory the store goes through, which a float32 128 x 256 tile beside three
-    pipeline stages does not have). REDUCE (a float32 tensor, ACCUMULATE): the add done by the TMA
-    unit in L2 (a reduce-add, no load: the same float32 sum, old + acc); GPU only, the interpreter
-    has no descriptor reductions."""
+    in PARTS = 1, 2 or 4 column blocks of the tile (the descriptor's tiles: [rows, cols // PARTS];
+    more parts, less of the shared memory the store goes through, which a float32 128 x 256 tile
+    beside three pipeline stages does not have). REDUCE (ACCUMULATE): the add done by the TMA unit in
+    L2 (a reduce-add, no load): into a float32 tensor the same float32 sum, old + acc; into a 16-bit
+    one acc is rounded to it first, so the sum rounds twice, round(old + round(acc)), where the load
+    and store round it once. GPU only: the interpreter has no descriptor reductions."""
     if REDUCE:
-        tl.static_assert(ACCUMULATE and OUT_DTYPE == tl.float32, "a reduce-add into a float32 accumulator")
+        tl.static_assert(ACCUMULATE, "a reduce-add adds to what is there")
     if PARTS == 1:
-        if REDUCE:
-            desc.atomic_add([r0, c0], acc)
-        else:
-            if ACCUMULATE:
-                acc += desc.load([r0, c0]).to(tl.float32)
-            desc.store([r0, c0], acc.to(OUT_DTYPE))
+        _add_block(desc, r0, c0, acc, OUT_DTYPE, ACCUMULATE, REDUCE)
     else:
-        tl.static_assert(PARTS == 2, "one or two parts")
-        ROWS: tl.constexpr = acc.shape[0]
-        HALF: tl.constexpr = acc.shape[1] // 2
-        left, right = tl.split(tl.permute(tl.reshape(acc, (ROWS, 2, HALF)), (0, 2, 1)))
-        if REDUCE:
-            desc.atomic_add([r0, c0], left)
-            desc.atomic_add([r0, c0 + HALF], right)
+        tl.static_assert(PARTS == 2 or PARTS == 4, "one, two or four parts")
+        left, right = _column_halves(acc)
+        if PARTS == 2:
+            _add_block(desc, r0, c0, left, OUT_DTYPE, ACCUMULATE, REDUCE)
+            _add_block(desc, r0, c0 + left.shape[1], right, OUT_DTYPE, ACCUMULATE, REDUCE)
         else:
-            if ACCUMULATE:
-                left += desc.load([r0, c0]).to(tl.float32)
-            desc.store([r0, c0], left.to(OUT_DTYPE))
-            if ACCUMULATE:
-                right += desc.load([r0, c0 + HALF]).to(tl.float32)
-            desc.store([r0, c0 + HALF], right.to(OUT_DTYPE))
+            QUARTER: tl.constexpr = left.shape[1] // 2
+            a, b = _column_halves(left)
+            _add_block(desc, r0, c0, a, OUT_DTYPE, ACCUMULATE, REDUCE)
+            _add_block(desc, r0, c0 + QUARTER, b, OUT_DTYPE, ACCUMULATE, REDUCE)
+            a, b = _column_halves(right)
+            _add_block(desc, r0, c0 + 2 * QUARTER, a, OUT_DTYPE, ACCUMULATE, REDUCE)
+            _add_block(desc, r0, c0 + 3 * QUARTER, b, OUT_DTYPE, ACCUMULATE, REDUCE)
+
+
+@triton.jit
+def _column_halves(acc):
+    """acc's first and second halves of columns."""
+    ROWS: tl.constexpr = acc.shape[0]
+    HALF: tl.constexpr = acc.shape[1] // 2
+    return tl.split(tl.permute(tl.reshape(acc, (ROWS, 2, HALF)), (0, 2, 1)))
+
+
+@triton.jit
+def _add_block(desc, r0, c0, acc, OUT_DTYPE: tl.constexpr, ACCUMULATE: tl.constexpr, REDUCE: tl.constexpr):
+    """One descriptor tile of ``_add_through_descriptor``."""
+    if REDUCE:
+        desc.atomic_add([r0, c0], acc.to(OUT_DTYPE))
+    else:
+        if ACCUMULATE:
+            acc += desc.load([r0, c0]).to(tl.float32)
+        desc.store([r0, c0], acc.to(OUT_DTYPE))
 
 
 # The filtered GEMMs' epilogues (their kernels' EPILOGUE_PARTS): 0 = the accumulator's
@@ -743,6 +763,12 @@ FILTERED_DC_EPILOGUE_PARTS = 1
 # float32 sums), where it goes through a descriptor on a GPU. Predicted: dE with every tile kept
 # 1.07-1.09x -> ~1.03-1.05x cuBLAS (dC's GEMM without its old-tile read measured 1.03-1.05x).
 FILTERED_DE_EPILOGUE_REDUCE = True
+# dC's epilogue (windows after the first) as a TMA reduce-add of the window's sum rounded to dC's
+# 16-bit dtype, so that the kernel does not load the old dC tile: the running sum then rounds twice
+# per window, round(old + round(sum)), against once (round(old + sum)) by the load and store.
+# Predicted: the dC GEMM with every tile kept 1.10-1.12x -> 1.04-1.06x cuBLAS (no read of the old
+# dC: 1.03-1.05x), its dC error vs float64 up by at most one bf16 rounding of each window's sum.
+FILTERED_DC_EPILOGUE_REDUCE = False
 # The filtered GEMMs' output tiles walked in descending order of their work (kept tiles), dealt to
 # the persistent programs in snake order (_balanced_position), instead of in index order. A CPU model
 # of one Llama-shaped window of the LM-like data (4096 x 128256, 2048 tokens, chunks of 6144, 57.5%
@@ -857,15 +883,17 @@ def filtered_de_gemm(acc: Tensor, dz: Tensor, c: Tensor, keep: Tensor, v_begin: 
 def filtered_dc_gemm(dc: Tensor, dz: Tensor, e: Tensor, keep: Tensor, col_sums: Tensor | None,
                      tile_means: Tensor | None, accumulate: bool, cfg: TileConfig, tile_n: int, tile_v: int, sms: int,
                      *, dz_desc=None, e_desc=None, dc_desc=None, epilogue_parts: int | None = None,
-                     balanced: bool | None = None, keep_stride: int | None = None) -> None:
+                     epilogue_reduce: bool | None = None, balanced: bool | None = None,
+                     keep_stride: int | None = None) -> None:
     """dc (the chunk's (v_count, D) rows of the 16-bit dC) (+)= dz^T @ e over the (``tile_n`` x
     ``tile_v``) tiles that ``keep`` kept, plus col_sums^T @ tile_means for the rest (the stand-ins;
     col_sums float32 (token tiles, v_count), 0 where kept; tile_means float32 (token tiles, D)); added
     to dc's contents where ``accumulate``. dz: (n, v_count), unit column stride. TMA loads where
     dz_desc ([cfg.block_n, cfg.block_v]) and e_desc ([cfg.block_n, cfg.block_d]) are given; the
     epilogue as in ``filtered_de_gemm`` (None: FILTERED_DC_EPILOGUE_PARTS; ``dc_desc`` from
-    ``epilogue_descriptor(dc, cfg, cfg.block_v, parts)``; never a reduce: dC is 16-bit, and its
-    running sum rounds once per window); ``balanced`` (None: BALANCED_FILTERED_DC) and ``keep_stride``
+    ``epilogue_descriptor(dc, cfg, cfg.block_v, parts)``), where ``accumulate`` as a TMA reduce-add
+    of the rounded sum if ``epilogue_reduce`` (None: FILTERED_DC_EPILOGUE_REDUCE; on a GPU, through
+    the descriptor only); ``balanced`` (None: BALANCED_FILTERED_DC) and ``keep_stride``
     as there. col_sums and tile_means None: no stand-ins (a skipped tile's dC terms are dropped)."""
     n_count, dim = e.shape
     v_count = dc.shape[0]
@@ -873,6 +901,8 @@ def filtered_dc_gemm(dc: Tensor, dz: Tensor, e: Tensor, keep: Tensor, col_sums: 
     tma = dz_desc is not None and e_desc is not None
     parts = FILTERED_DC_EPILOGUE_PARTS if epilogue_parts is None else epilogue_parts
     parts = parts if tma and dc_desc is not None else 0
+    reduce = FILTERED_DC_EPILOGUE_REDUCE if epilogue_reduce is None else epilogue_reduce
+    reduce = bool(reduce) and bool(accumulate) and parts > 0 and dc.device.type == "cuda"
     tiles_v, tiles_d = triton.cdiv(v_count, tile_v), triton.cdiv(dim, cfg.block_d)
     balanced_tiles = tiles_v * (tile_v // cfg.block_v) * tiles_d  # whole vocab tiles' row blocks
     items = _balanced_items(tiles_v, BALANCED_FILTERED_DC if balanced is None else balanced, balanced_tiles,
@@ -889,8 +919,8 @@ def filtered_dc_gemm(dc: Tensor, dz: Tensor, e: Tensor, keep: Tensor, col_sums: 
         BLOCK_V=cfg.block_v, BLOCK_D=cfg.block_d, BLOCK_K=cfg.block_n, TILE_N=tile_n, TILE_V=tile_v,
         KEEP_WIDTH=max(16, triton.next_power_of_2(tiles_n)), ACCUMULATE=bool(accumulate), TMA=tma,
         DOT_PRECISION=dot_precision(e.dtype), UPCAST=dot_upcast(e), FLATTEN=tma and HAS_FLATTEN,
-        EPILOGUE_PARTS=parts, BALANCED=items > 0, ITEMS=max(items, 1), STAND_IN=stand_in, num_warps=cfg.num_warps,
-        num_stages=cfg.num_stages,
+        EPILOGUE_PARTS=parts, EPILOGUE_REDUCE=reduce, BALANCED=items > 0, ITEMS=max(items, 1), STAND_IN=stand_in,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
 
 

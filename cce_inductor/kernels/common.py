@@ -125,7 +125,7 @@ def tma_descriptor(t: Tensor, block_shape: list[int], cfg: TileConfig, accumulat
     TMA, triton has no host descriptors, the GPU is older than Hopper, the dtype is float32 (its
     configs use pointer loads and IEEE dots; ``accumulator``: a float32 tensor that an epilogue
     reads and writes, which may), or the alignment TMA needs (16-byte base and row stride, unit last
-    stride) does not hold -- e.g. rows of an odd length D."""
+    stride, at least 16 bytes of a tile's row) does not hold -- e.g. rows of an odd length D."""
     if not cfg.tma or TensorDescriptor is None or t.dim() != 2 or 0 in t.shape:
         return None
     if t.dtype == torch.float32 and not accumulator:
@@ -133,7 +133,7 @@ def tma_descriptor(t: Tensor, block_shape: list[int], cfg: TileConfig, accumulat
     if t.device.type == "cuda" and _capability(_device_index(t.device)) < 9:
         return None
     size = t.element_size()
-    if t.stride(1) != 1 or (t.stride(0) * size) % 16 or t.data_ptr() % 16:
+    if t.stride(1) != 1 or (t.stride(0) * size) % 16 or t.data_ptr() % 16 or block_shape[-1] * size < 16:
         return None
     return TensorDescriptor(t, list(t.shape), list(t.stride()), list(block_shape))
 

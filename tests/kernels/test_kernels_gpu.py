@@ -214,7 +214,9 @@ def test_filtered_gemms_reduce_and_order_of_work():
     512, keep counts differing between token tiles, 5 programs (dE: 16 tiles, dC: 48, several waves
     each, so both orders run). Both orders and dE's load-and-store epilogue give the same float32
     sums, bit for bit; dE with its last wave in pieces (16 tiles on 5 programs: 15 whole, 1 in 5
-    pieces, added by the TMA reduce or by pointer atomics) the same sums up to their order."""
+    pieces, added by the TMA reduce or by pointer atomics) the same sums up to their order; dE's
+    epilogue in four column blocks the same sums; dC's as a bf16 TMA reduce-add the sum rounded
+    twice."""
     from cce_inductor.kernels import backward
     from cce_inductor.kernels.common import buffered_config, filtered_dc_config, filtered_de_config, tma_descriptor
 
@@ -241,13 +243,13 @@ def test_filtered_gemms_reduce_and_order_of_work():
     kept = torch.where(mask, dz.double(), 0.0)
     de_want = 1.0 + kept @ c[v_begin:].double()
     dc_want = dc_old.double() + kept.T @ e.double() + col_sums.bfloat16().double().T @ means.bfloat16().double()
-    for reduce in (True, False):
+    for reduce, parts in ((True, 2), (False, 2), (True, 4)):
         acc = torch.ones(n, d, device="cuda")
         backward.filtered_de_gemm(acc, dz, c, keep.view(-1), v_begin, de_cfg, cfg.block_v, 5,
                                   dz_desc=descs["dz_de"], c_desc=descs["c_de"],
-                                  acc_desc=backward.epilogue_descriptor(acc, de_cfg, de_cfg.block_n, 2),
-                                  epilogue_parts=2, epilogue_reduce=reduce, split_last_wave=True)
-        print("last wave in pieces, reduce", reduce, "dE %.2e" % _rel(acc, de_want))
+                                  acc_desc=backward.epilogue_descriptor(acc, de_cfg, de_cfg.block_n, parts),
+                                  epilogue_parts=parts, epilogue_reduce=reduce, split_last_wave=True)
+        print("last wave in pieces, reduce", reduce, "parts", parts, "dE %.2e" % _rel(acc, de_want))
         assert _rel(acc, de_want) < 1e-5
     results = []
     for balanced, reduce in ((True, True), (False, True), (True, False)):
@@ -267,6 +269,25 @@ def test_filtered_gemms_reduce_and_order_of_work():
         results.append((acc, dc))
     for other in results[1:]:
         assert all(torch.equal(a, b) for a, b in zip(results[0], other))
+    # dE's epilogue in four blocks: the same sums; dC's as a bf16 reduce-add (the sum rounded to bf16,
+    # then added in L2 and rounded again; in one and two blocks)
+    acc = torch.ones(n, d, device="cuda")
+    backward.filtered_de_gemm(acc, dz, c, keep.view(-1), v_begin, de_cfg, cfg.block_v, 5,
+                              dz_desc=descs["dz_de"], c_desc=descs["c_de"],
+                              acc_desc=backward.epilogue_descriptor(acc, de_cfg, de_cfg.block_n, 4),
+                              epilogue_parts=4, epilogue_reduce=True, split_last_wave=False)
+    assert torch.equal(acc, results[0][0])
+    for parts in (1, 2):
+        dc = dc_old.clone()
+        backward.filtered_dc_gemm(dc, dz, e, keep.view(-1), col_sums, means, True, dc_cfg, cfg.block_n, cfg.block_v,
+                                  5, dz_desc=descs["dz_dc"], e_desc=descs["e_dc"],
+                                  dc_desc=backward.epilogue_descriptor(dc, dc_cfg, dc_cfg.block_v, parts),
+                                  epilogue_parts=parts, epilogue_reduce=True)
+        twice = (dc_old.float() + (dc_want - dc_old.double()).float().bfloat16().float()).bfloat16()
+        print("dC reduce-add, parts", parts, "dC %.2e, against the twice-rounded sum %.2e"
+              % (_rel(dc, dc_want), _rel(dc, twice)))
+        assert _rel(dc, dc_want) < 4e-3
+        assert _rel(dc, twice) < 1e-3  # what is left: the kernel's float32 sum against float64's
 
 
 def test_corrected_dc_filter_matches_the_reference():

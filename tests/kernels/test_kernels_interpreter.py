@@ -459,11 +459,11 @@ def test_listed_backward_refuses_what_it_cannot_do():
             lce_backward(*args, filter_grad, True, True, True, **options)
 
 
-@pytest.mark.parametrize("parts", [1, 2])
+@pytest.mark.parametrize("parts", [1, 2, 4])
 @pytest.mark.parametrize("dc_tiles", ["dz_tiles", "split"])
 def test_filtered_gemm_epilogues_through_descriptors_agree(dc_tiles, parts):
     """The filtered GEMMs' epilogues through TMA descriptors (dE's float32 and dC's 16-bit
-    read-modify-write, in one or two column blocks) give the pointer epilogues' gradients bit for
+    read-modify-write, in one, two or four column blocks) give the pointer epilogues' gradients bit for
     bit: the same float32 sums, only the loads and stores change (``_peaked_filter_case`` in fp16, D =
     48: TMA loads; 3 windows, so dC accumulates; ragged chunks and a partial last token tile, which the
     descriptors clip)."""
@@ -473,7 +473,10 @@ def test_filtered_gemm_epilogues_through_descriptors_agree(dc_tiles, parts):
     e = args[0]
     args = args + (True, True, True, True)
     dc_cfg = _dc_gemm_config(dc_tiles)
-    assert backward.epilogue_descriptor(e, dc_cfg, 16, parts) is not None
+    # four parts of 16 columns: dE's float32 blocks are TMA's 16-byte minimum, dC's 16-bit ones under it
+    # (its epilogue then goes through pointers)
+    assert backward.epilogue_descriptor(e.float(), dc_cfg, 16, parts) is not None
+    assert (backward.epilogue_descriptor(e, dc_cfg, 16, parts) is None) == (parts == 4)
     assert backward.epilogue_descriptor(e, dc_cfg, 16, 0) is None
 
     def grads(de_parts, dc_parts):
