@@ -17,7 +17,8 @@ for one):
   the bf16 TMA reduce-add (``DC_VARIANTS``).
 (results/h200-2026-12-01i/ and -j/filtered_gemm_variants*.log time earlier variants: pointer
 epilogues, the old dC tile loaded before the K loop, dz^T read K-major, index order against order of
-work.)
+work; results/h200-2026-12-01m/filtered_gemm_configs.log these, when dC's default was the load and
+store.)
 
 Times in interleaved rounds (benchmarks/rounds.py), as ms per call, TFLOP/s of the GEMM's full work
 (2 x rows x chunk x D, whatever is kept) and the ratio to cuBLAS's accumulating call; each variant's
@@ -58,8 +59,8 @@ DE_VARIANTS = [
 ]
 # (label, K step in tokens, stages, epilogue blocks, reduce-add): the dC GEMM's 128 x 256 output tile.
 DC_VARIANTS = [
-    ("K 64, 3 stages, 1 block (default)", 64, 3, 1, False),
-    ("K 64, 3 stages, 1 block, bf16 reduce", 64, 3, 1, True),
+    ("K 64, 3 stages, 1 block, bf16 reduce (default)", 64, 3, 1, True),
+    ("K 64, 3 stages, 1 block, load and store", 64, 3, 1, False),
     ("K 64, 3 stages, 2 blocks, bf16 reduce", 64, 3, 2, True),
     ("K 64, 4 stages, 2 blocks, bf16 reduce", 64, 4, 2, True),
     ("K 64, 4 stages, 4 blocks", 64, 4, 4, False),
@@ -173,8 +174,8 @@ BACKWARD_VARIANTS = [
     ("filtered (default)", "filtered", None, None),
     ("filtered, dE K 64, 4 stages, 4 blocks", "filtered", (64, 4, 4), None),
     ("filtered, dE K 128, 2 stages, 4 blocks", "filtered", (128, 2, 4), None),
-    ("filter_dc (default)", "listed", None, None),
-    ("filter_dc, dC bf16 reduce", "listed", None, (64, 3, 1, True)),
+    ("filter_dc (default: dC's bf16 reduce)", "listed", None, None),
+    ("filter_dc, dC load and store", "listed", None, (64, 3, 1, False)),
     ("filter_dc, dC 4 stages, 2 blocks, bf16 reduce", "listed", None, (64, 4, 2, True)),
     ("filter_dc, both: dE 4 stages 4 blocks, dC reduce", "listed", (64, 4, 4), (64, 3, 1, True)),
 ]

@@ -54,6 +54,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
+from cce_inductor import filter_choice
 from cce_inductor.testing import REGIMES, make_inputs, regime_stats
 
 from . import table
@@ -443,6 +444,19 @@ def _time_round(row: dict, method: Method, prepared: Prepared, point: _Point, pa
     e.grad = c.grad = None
 
 
+def _note_filter_choice(row: dict, prepared: Prepared, point: _Point) -> None:
+    """For a filtered method: in how many of its backward calls the filter ran (cce_inductor.
+    filter_choice: exact where the latest measured s < MIN_SKIPPED, but every PROBE_EVERY-th)."""
+    if prepared.filter_records is None:
+        return
+    with filter_choice.records(prepared.filter_records):
+        state = filter_choice.state(point.c)
+    if state is not None:
+        s = "none yet" if state["skipped"] is None else f"{state['skipped']:.4f}"
+        row["note"] += (f"; filter ran in {state['filtered']} of {state['calls']} backward calls "
+                        f"(filter_choice, latest s {s})")
+
+
 def _finish(row: dict) -> None:
     """Each pass's time: the median over its rounds."""
     for name, samples in row.get("rounds_ms", {}).items():
@@ -543,6 +557,9 @@ class _Runner:
                     stopped.setdefault(m.name, f"inputs failed at N={shape.n}")
             return
         free_bytes = torch.cuda.mem_get_info(device)[0] if _is_cuda(device) else None
+        for prepared in setups.values():  # no filter choice carried over from another point
+            if not isinstance(prepared, str) and prepared.filter_records is not None:
+                prepared.filter_records.clear()
         checked: dict[str, dict] = {}  # method -> its row's fields; absent: skipped (reasons below)
         reasons: dict[str, str] = {}
         for method in self.methods:
@@ -569,8 +586,9 @@ class _Runner:
                 _time_round(row, method, setups[method.name], point,
                             passes if method.has_backward else ("fwd",), timer, device)
                 _free(device, collect=row["status"] != "ok")
-        for fields in checked.values():
+        for name, fields in checked.items():
             _finish(fields)
+            _note_filter_choice(fields, setups[name], point)
         t_ms = checked["gemm"].get("fwd_ms") if "gemm" in checked else None
         for method in self.methods:
             if method.name not in checked:

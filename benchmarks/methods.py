@@ -12,6 +12,7 @@ Peers are imported only when importable; none of their code lives in this reposi
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import importlib.metadata
 from dataclasses import dataclass, field
@@ -21,6 +22,8 @@ from unittest import mock
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from cce_inductor import filter_choice
 
 LossFn = Callable[[Tensor, Tensor, Tensor], Tensor]
 
@@ -43,6 +46,9 @@ class Prepared:
     note: str = ""
     # (e, c, targets) -> fraction of backward tiles skipped by gradient filtering, where exposed.
     skipped_fraction: Callable[[Tensor, Tensor, Tensor], float] | None = None
+    # The filtered backward's records (cce_inductor.filter_choice) while this method runs: emptied at
+    # each point, read for the row's note.
+    filter_records: dict | None = None
 
 
 @dataclass(frozen=True)
@@ -153,18 +159,26 @@ def _setup_ours(exact: bool, dc_filter: str | None = None, filter_dc: bool = Fal
             impl, note = "triton", f"impl='triton', exact={exact}" + (", filter_dc=True" if filter_dc else "")
         else:
             raise Unavailable("impl='triton' needs CUDA")
-        context = contextlib.nullcontext
+        patch = contextlib.nullcontext
         if dc_filter is not None:
             from cce_inductor.kernels import backward
 
             note += f", kernels.backward.DC_FILTER={dc_filter!r}"
-            context = lambda: mock.patch.object(backward, "DC_FILTER", dc_filter)  # noqa: E731
+            patch = lambda: mock.patch.object(backward, "DC_FILTER", dc_filter)  # noqa: E731
+        # the filtered backward's choice of running its filter (cce_inductor.filter_choice), recorded
+        # apart from the other methods' on the same weight
+        store = collections.OrderedDict() if not exact and impl == "triton" else None
+
+        @contextlib.contextmanager
+        def context():
+            with patch(), (filter_choice.records(store) if store is not None else contextlib.nullcontext()):
+                yield
 
         def loss(e, c, targets):
             return cce_inductor.linear_cross_entropy(e, c, targets, impl=impl, exact=exact, filter_dc=filter_dc)
 
         skipped = None if (exact or impl != "triton") else _kernel_skipped_fraction()
-        return Prepared(loss, context=context, note=note, skipped_fraction=skipped)
+        return Prepared(loss, context=context, note=note, skipped_fraction=skipped, filter_records=store)
 
     return setup
 

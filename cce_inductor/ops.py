@@ -22,7 +22,7 @@ import os
 import torch
 from torch import Tensor
 
-from . import reference
+from . import filter_choice, reference
 
 REDUCTIONS = ("none", "sum", "mean")
 IMPLS = ("auto", "torch", "triton")
@@ -131,14 +131,17 @@ def lce_backward(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Gradients of sum(grad_loss * loss + grad_lse * lse); an empty tensor for each not needed.
     ``keep``: the forward's keep flags (``lce_forward`` with filter_dc), which the Triton backward
-    then follows, dC filtered like dE; empty: none, dC exact."""
+    then follows, dC filtered like dE; empty: none, dC exact. ``filter_grad``: the Triton backward
+    runs filtered where the filter has lately skipped enough to pay, else exact (``filter_choice``)."""
     needs_bias = needs_bias and bias is not None
     if impl == "triton":
-        flags = {"keep": keep, "dc_filter": "dropped"} if keep.numel() else {}
+        choice = filter_choice.choose(c) if filter_grad else filter_choice.Choice(False)
+        flags = {"keep": keep, "dc_filter": "dropped"} if keep.numel() and choice.filtered else {}
         grads = _triton_kernels().lce_backward(
             e, c, bias, targets, lse, grad_loss, grad_lse, ignore_index, softcap, label_smoothing,
-            filter_grad, needs_e, needs_c, needs_bias, **flags,
+            choice.filtered, needs_e, needs_c, needs_bias, tile_counts=choice.counts, **flags,
         )
+        choice.record()
     else:
         grads = reference.chunked_backward(
             e, c, bias, targets, lse, grad_loss, grad_lse, ignore_index, softcap, label_smoothing,
@@ -436,12 +439,17 @@ def linear_cross_entropy(
             skip the dE product of a (token tile, vocab tile) block when every token's gradient mass
             in it is below ``kernels.FILTER_EPS`` (1/8) times its share |tile|/V: the mass dropped
             from any token is then < 1/8 of its gradient scale, whatever the data (a near-uniform
-            softmax is never filtered); dC and dbias stay exact. Not recommended today: the filtered
-            backward (a Triton dE GEMM over the kept tiles) is slower than the exact mode's unless it
-            skips much (4.15-4.74 T against 4.26-4.34 T fw+bw on an H200; faster only on LM-like
-            data at the Llama shape, s = 0.43, and Mistral's, s = 0.20; results/h200-2026-12-01f),
-            and the dropped tail mass is biased: in the committed 300-step convergence run the
-            filtered loss strayed up to 0.015 above eager's early on, three times as far as
+            softmax is never filtered); dC and dbias stay exact. The filtered backward (a Triton dE
+            GEMM over the kept tiles) is faster than the exact one only where it skips enough (on an
+            H200: 3.99 against 4.25 T fw+bw at the Llama shape on LM-like data, s = 0.43; 4.33
+            against 4.22 T at Gemma's, s = 0.003; results/h200-2026-12-01l), so each backward
+            counts the blocks it skips and, where the latest count (read without a device sync, so
+            from an earlier call) is under ``filter_choice.MIN_SKIPPED`` (10%), the calls run exact
+            -- every 32nd still filtered, to count again; the first call, and every call under
+            ``torch.use_deterministic_algorithms(True)`` or a CUDA graph capture, filters
+            (``cce_inductor.filter_choice``). Either way each token loses less than 1/8 of its
+            gradient scale. The dropped tail mass is biased: in the committed 300-step convergence
+            run the filtered loss strayed up to 0.015 above eager's early on, three times as far as
             torch.compile's rounding, though well inside the 0.13 that another random init moves it
             (results/h100-2026-11-23d/convergence.png; at 1/4 it sat 0.02-0.04 above). The torch
             path is always exact.
@@ -456,8 +464,9 @@ def linear_cross_entropy(
             128256, LM-like: 1.5e-3, 2.1e-3, 2.9e-3 at N = 2K, 4K, 8K). On an H200 at 8192 x 4096 x
             128256, LM-like (s = 0.43): forward + backward 3.15 T against 3.88 T with dC exact and
             4.14 T in exact mode, dC 4.1e-3 from float64 (exact mode 3.4e-3, torch bf16 9.4e-3);
-            where little is skipped it is slower than exact mode (8192 x 2304 x 256000: 4.62
-            against 4.36 T; benchmarks/listed_backward.py, results/h200-2026-12-01k).
+            where little is skipped its backward is slower than exact mode's (8192 x 2304 x 256000:
+            4.62 against 4.36 T fw+bw; benchmarks/listed_backward.py, results/h200-2026-12-01k), and
+            there it runs exact as ``exact=False`` does (above), its forward still forming the flags.
         max_workspace_bytes: memory for speed (None: off). The Triton path may hold the logits of a
             chunk of tokens in a buffer of at most this many bytes (at least one token's row), and
             then forms the gradients in the forward, in the same pass as the logits: three GEMMs

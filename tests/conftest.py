@@ -16,6 +16,15 @@ HAS_CUDA = torch.cuda.is_available()
 
 
 @pytest.fixture(autouse=True)
+def _fresh_filter_choice():
+    """Every test starts with no record of earlier filtered backwards (cce_inductor.filter_choice
+    keys them by the weight's address, which a later test's tensor may reuse)."""
+    from cce_inductor import filter_choice
+
+    filter_choice.reset()
+
+
+@pytest.fixture(autouse=True)
 def _seeded_global_generator():
     """Every test starts from the same state of torch's global generator (CPU and CUDA), so that a
     test's draws do not depend on which tests ran before it (a subset, another order, -x). Tests that

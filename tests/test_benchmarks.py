@@ -319,3 +319,24 @@ def test_schedule_study_orders_and_flags():
     assert fractions["dE"]["even"] <= min(fractions["dE"]["halves snake"], fractions["dE"]["halves lpt"])
     with pytest.raises(ValueError, match="multiple"):
         keep_flags(peaked.e[:200], peaked.c, peaked.targets[:200], 0.25)
+
+
+def test_filtered_rows_say_how_often_the_filter_ran():
+    """A filtered method's row notes in how many backward calls its filter ran
+    (cce_inductor.filter_choice), from the method's own records, not the process's."""
+    import collections
+    import types
+
+    from benchmarks.methods import Prepared
+    from cce_inductor import filter_choice
+
+    store, c = collections.OrderedDict(), torch.zeros(4, 4)
+    with filter_choice.records(store):
+        choice = filter_choice.choose(c)
+        choice.counts.copy_(torch.tensor([10, 0], dtype=torch.int32))
+        choice.record()
+        assert not filter_choice.choose(c).filtered
+    row = {"note": "impl='triton'"}
+    lce_bench._note_filter_choice(row, Prepared(loss=None, filter_records=store), types.SimpleNamespace(c=c))
+    assert row["note"] == "impl='triton'; filter ran in 1 of 2 backward calls (filter_choice, latest s 0.0000)"
+    assert filter_choice.state(c) is None

@@ -766,9 +766,14 @@ FILTERED_DE_EPILOGUE_REDUCE = True
 # dC's epilogue (windows after the first) as a TMA reduce-add of the window's sum rounded to dC's
 # 16-bit dtype, so that the kernel does not load the old dC tile: the running sum then rounds twice
 # per window, round(old + round(sum)), against once (round(old + sum)) by the load and store.
-# Predicted: the dC GEMM with every tile kept 1.10-1.12x -> 1.04-1.06x cuBLAS (no read of the old
-# dC: 1.03-1.05x), its dC error vs float64 up by at most one bf16 rounding of each window's sum.
-FILTERED_DC_EPILOGUE_REDUCE = False
+# Predicted: the dC GEMM with every tile kept 1.10-1.12x -> 1.04-1.06x cuBLAS. Measured on an H200
+# (results/h200-2026-12-01m/filtered_gemm_configs.log): 1.066 / 1.100x against 1.075 / 1.115x at
+# the goal shapes' filter_dc windows (every tile kept; 2 blocks or 4 stages no better); the backward
+# with filter_dc, in rounds, 50.83 / 50.89 against 51.23 / 51.64 ms at 8192 x 2304 x 256000 (LM-like
+# / uniform), 29.25 / 43.86 against 30.89 / 44.11 at 8192 x 4096 x 128256; dC against float64 3.34e-3
+# against 2.96e-3, 4.38e-3 against 4.09e-3 at the LM-like points (torch bf16: 9.5e-3, 9.4e-3),
+# 8.5e-4 / 1.30e-3 against 8.2e-4 / 1.24e-3 at the uniform ones (exact mode's: 8.4e-4 / 1.30e-3).
+FILTERED_DC_EPILOGUE_REDUCE = True
 # The filtered GEMMs' output tiles walked in descending order of their work (kept tiles), dealt to
 # the persistent programs in snake order (_balanced_position), instead of in index order. A CPU model
 # of one Llama-shaped window of the LM-like data (4096 x 128256, 2048 tokens, chunks of 6144, 57.5%
