@@ -64,9 +64,9 @@ class Choice:
             return
         if self.counts.device.type == "cuda":
             host = torch.empty(2, dtype=torch.int32, pin_memory=True)
-            host.copy_(self.counts, non_blocking=True)
+            host.copy_(self.counts, non_blocking=True)  # on the counts' device's current stream
             event = torch.cuda.Event()
-            event.record()
+            event.record(torch.cuda.current_stream(self.counts.device))
             self._record.pending = (host, event)
         else:  # the CPU (the interpreter): the counts are there once the kernels have run
             self._record.pending = (self.counts, None)

@@ -596,9 +596,9 @@ def _filtered_dc_kernel(
     Persistent (D fastest, so that a vocab block's dz columns stay in L2); FLATTEN and EPILOGUE_PARTS
     (dC's read-modify-write through dC_desc) as in the dE GEMM; EPILOGUE_REDUCE (ACCUMULATE): the add
     as a TMA reduce-add of the sum rounded to dC's dtype (rounded twice: ``_add_through_descriptor``).
-    BALANCED: the output tiles by their
-    vocab tile's kept count as in the dE GEMM (ITEMS >= the chunk's vocab tiles); each vocab tile's
-    TILE_V // BLOCK_V row blocks all count, also past v_count in the last one (masked or clipped)."""
+    BALANCED: the output tiles by their vocab tile's kept count as in the dE GEMM (ITEMS >= the
+    chunk's vocab tiles); each vocab tile's TILE_V // BLOCK_V row blocks all count, also past v_count
+    in the last one (masked or clipped)."""
     num_v_tiles = tl.cdiv(v_count, TILE_V)
     if BALANCED:
         num_tiles = num_v_tiles * (TILE_V // BLOCK_V) * tl.cdiv(D, BLOCK_D)
