@@ -237,7 +237,7 @@ def test_filtered_ours_reports_the_kernels_skipped_fraction():
         assert 0.0 <= s <= 1.0
 
 
-@pytest.mark.parametrize("module", ["backward_profile", "backward_variants", "filtered_gemm_variants",
+@pytest.mark.parametrize("module", ["backward_profile", "backward_variants", "filter_threshold", "filtered_gemm_variants",
                                     "gemm_core_variants", "host_overhead",
                                     "kernel_timing", "softcap_cost"])
 def test_gpu_only_scripts_import_and_parse_their_arguments(module, capsys):
