@@ -33,8 +33,12 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-# The filtered backward runs where the latest measured fraction of skipped tiles is at least this:
-# between the measured s = 0.003 (1-3% slower than exact) and s = 0.204 (1% and 6% faster).
+# The filtered backward runs where the latest measured fraction of skipped tiles is at least this.
+# Measured fw+bw on an H200 against exact mode, LM-like data with E scaled to move s
+# (benchmarks/filter_threshold.py, results/h200-2026-12-01m/filter_threshold.log): exact=False
+# +1.4 / +0.4 ms at s = 0.03 / 0.04 (the Llama / Gemma goal shapes), a tie at s = 0.13 / 0.16,
+# -2.1 / -1.8 ms at 0.30 / 0.34; with filter_dc +2.4 / +0.5 ms, -1.1 / -2.1 ms, -7.7 / -9.1 ms. One
+# threshold for both: 0.1 sits between their break-even points (~0.14 and ~0.08).
 MIN_SKIPPED = 0.1
 # While exact is chosen, every this-many-th call runs filtered, to measure s again.
 PROBE_EVERY = 32
