@@ -238,7 +238,7 @@ def test_filtered_ours_reports_the_kernels_skipped_fraction():
 
 
 @pytest.mark.parametrize("module", ["backward_profile", "backward_variants", "filter_threshold", "filtered_gemm_variants",
-                                    "gemm_core_variants", "host_overhead",
+                                    "gemm_core_variants", "host_overhead", "workspace_rows",
                                     "kernel_timing", "softcap_cost"])
 def test_gpu_only_scripts_import_and_parse_their_arguments(module, capsys):
     """The scripts that need a GPU to measure still import and answer --help here, so that a
