@@ -5,10 +5,12 @@
 For each shape, the chunk ``max_workspace_bytes=2**30`` gives (``workspace.workspace_rows``) of
 LM-like bf16 logits (``testing.make_inputs``, the chunk's rows of e @ c.T), mean loss: the row kernel
 (lse, loss, dz in place) timed in interleaved rounds (benchmarks/rounds.py), each call on a fresh
-copy of the logits, under each of ``VARIANTS`` (block bytes per load, warps, programs per SM, and
-sweep 1's statistics per lane, ``ROW_LANE_STATS``). Per variant: ms per call (the copy's time,
-measured alone, taken off), the bandwidth of its three passes over the chunk (read, read, write), and
-its loss and dz against the default's. Prints only; numbers worth keeping go to docs/PERF_NOTES.md."""
+copy of the logits, under each of ``VARIANTS`` (block bytes per load, warps, programs per SM). Per
+variant: ms per call (the copy's time, measured alone, taken off), the bandwidth of its three passes
+over the chunk (read, read, write), and its loss and dz against the default's.
+(results/h200-2026-12-01m/workspace_rows.log also times a version of the kernel whose first sweep kept
+its running max and sum per lane, reduced once per row: 5-9% slower with 16 warps, up to 2x with 8;
+since removed.) Prints only; numbers worth keeping go to docs/PERF_NOTES.md."""
 
 from __future__ import annotations
 
@@ -25,14 +27,11 @@ from cce_inductor.testing import make_inputs
 from .points import GOAL_SHAPES
 from .rounds import interleaved_ms
 
-# (label, block bytes, warps, programs per SM, lane statistics); the first is the default.
+# (label, block bytes, warps, programs per SM); the first is the default.
 VARIANTS = [
-    ("32 KB blocks, 16 warps, 1 program/SM (default)", 32768, 16, 1, False),
-    ("32 KB, 16 warps, 1/SM, lane statistics", 32768, 16, 1, True),
-    ("16 KB, 8 warps, 1/SM, lane statistics", 16384, 8, 1, True),
-    ("16 KB, 8 warps, 2/SM", 16384, 8, 2, False),
-    ("16 KB, 8 warps, 2/SM, lane statistics", 16384, 8, 2, True),
-    ("8 KB, 4 warps, 4/SM, lane statistics", 8192, 4, 4, True),
+    ("32 KB blocks, 16 warps, 1 program/SM (default)", 32768, 16, 1),
+    ("16 KB, 8 warps, 2/SM", 16384, 8, 2),
+    ("8 KB, 4 warps, 4/SM", 8192, 4, 4),
 ]
 
 
@@ -56,11 +55,11 @@ def main(argv=None) -> None:
         print(f"\n=== N={n} D={d} V={v}: a chunk of {rows} x {v} bf16 logits ({gb / 3:.2f} GB); "
               f"its copy {copy_ms:.3f} ms", flush=True)
 
-        def call(block_bytes, warps, per_sm, lane_stats):
+        def call(block_bytes, warps, per_sm):
             def run():
                 z.copy_(logits)
                 workspace._launch_rows(z, targets, weight, loss, -100, 0.0, 0.0, True, block_bytes=block_bytes,
-                                       warps=warps, programs_per_sm=per_sm, lane_stats=lane_stats)
+                                       warps=warps, programs_per_sm=per_sm)
             return run
 
         variants, results = {}, {}

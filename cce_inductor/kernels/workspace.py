@@ -50,9 +50,6 @@ from .common import prepare_inputs, sm_count
 # row's second sweep then finds its recent blocks in L2 (132 rows x 256 KB at V = 128256 fit).
 _GPU_BLOCK_BYTES = 32 * 1024
 _GPU_WARPS = 16
-# The row kernel's sweep 1 with per-lane running max and sum, reduced once per row (LANE_STATS),
-# instead of a reduction across the block at every block. Not measured yet: off.
-ROW_LANE_STATS = False
 # Interpreter: tiny blocks, so that small test rows span several blocks and the masked tail.
 _INTERPRETER_BLOCK_V = 16
 _INTERPRETER_PROGRAMS = 3
@@ -105,10 +102,8 @@ def _fused_rows_kernel(
     # constants
     ignore_index, softcap, target_weight, uniform_weight,
     BLOCK_V: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_SMOOTHING: tl.constexpr, WRITE_GRAD: tl.constexpr,
-    ROUND_BF16: tl.constexpr, LANE_STATS: tl.constexpr,
+    ROUND_BF16: tl.constexpr,
 ):
-    """LANE_STATS: sweep 1 keeps its running max and sum per lane of the block (no reduction across
-    the block in the loop) and reduces them once per row; else it reduces every block."""
     pid = tl.program_id(0).to(tl.int64)
     num_programs = tl.num_programs(0)
     num_blocks = tl.cdiv(V, BLOCK_V)
@@ -121,40 +116,20 @@ def _fused_rows_kernel(
         in_range = (target >= 0) & (target < V)
 
         # Sweep 1: lse (online max and sum of exp) and, with label smoothing, the sum of the logits.
-        if LANE_STATS:
-            lane_max = tl.full((BLOCK_V,), float("-inf"), tl.float32)
-            lane_sum = tl.zeros((BLOCK_V,), tl.float32)
-            lane_logits = tl.zeros((BLOCK_V,), tl.float32)
-            for b in range(0, num_blocks):
-                offs_v = b * BLOCK_V + tl.arange(0, BLOCK_V)  # [BLOCK_V]
-                mask_v = offs_v < V
-                u = tl.load(z_row + offs_v, mask=mask_v, other=0.0).to(tl.float32)
-                z, _ = _capped(u, softcap, HAS_SOFTCAP)
-                z = tl.where(mask_v, z, float("-inf"))
-                new_max = tl.maximum(lane_max, z)
-                shift = tl.where(new_max == float("-inf"), 0.0, new_max)  # a lane with nothing yet: no -inf - -inf
-                lane_sum = lane_sum * tl.exp(lane_max - shift) + tl.exp(z - shift)
-                lane_max = new_max
-                if HAS_SMOOTHING:
-                    lane_logits += tl.where(mask_v, z, 0.0)
-            run_max = tl.max(lane_max, axis=0)
-            run_sum = tl.sum(lane_sum * tl.exp(lane_max - run_max), axis=0)
-            logit_sum = tl.sum(lane_logits, axis=0)
-        else:
-            run_max = tl.full((), float("-inf"), tl.float32)
-            run_sum = tl.zeros((), tl.float32)
-            logit_sum = tl.zeros((), tl.float32)
-            for b in range(0, num_blocks):
-                offs_v = b * BLOCK_V + tl.arange(0, BLOCK_V)  # [BLOCK_V]
-                mask_v = offs_v < V
-                u = tl.load(z_row + offs_v, mask=mask_v, other=0.0).to(tl.float32)
-                z, _ = _capped(u, softcap, HAS_SOFTCAP)
-                z = tl.where(mask_v, z, float("-inf"))
-                new_max = tl.maximum(run_max, tl.max(z, axis=0))
-                run_sum = run_sum * tl.exp(run_max - new_max) + tl.sum(tl.exp(z - new_max), axis=0)
-                run_max = new_max
-                if HAS_SMOOTHING:
-                    logit_sum += tl.sum(tl.where(mask_v, z, 0.0), axis=0)
+        run_max = tl.full((), float("-inf"), tl.float32)
+        run_sum = tl.zeros((), tl.float32)
+        logit_sum = tl.zeros((), tl.float32)
+        for b in range(0, num_blocks):
+            offs_v = b * BLOCK_V + tl.arange(0, BLOCK_V)  # [BLOCK_V]
+            mask_v = offs_v < V
+            u = tl.load(z_row + offs_v, mask=mask_v, other=0.0).to(tl.float32)
+            z, _ = _capped(u, softcap, HAS_SOFTCAP)
+            z = tl.where(mask_v, z, float("-inf"))
+            new_max = tl.maximum(run_max, tl.max(z, axis=0))
+            run_sum = run_sum * tl.exp(run_max - new_max) + tl.sum(tl.exp(z - new_max), axis=0)
+            run_max = new_max
+            if HAS_SMOOTHING:
+                logit_sum += tl.sum(tl.where(mask_v, z, 0.0), axis=0)
         lse = run_max + tl.log(run_sum)
 
         # The target logit from the same stored value as the sweep saw.
@@ -201,11 +176,10 @@ def _round_by_hand(t: Tensor) -> bool:
 
 def _launch_rows(z: Tensor, targets: Tensor, weight: Tensor, loss: Tensor, ignore_index: int, softcap: float,
                  label_smoothing: float, write_grad: bool, *, block_bytes: int | None = None,
-                 warps: int | None = None, programs_per_sm: int = 1, lane_stats: bool | None = None):
+                 warps: int | None = None, programs_per_sm: int = 1):
     """The row kernel over z's rows. On a GPU ``block_bytes`` (None: _GPU_BLOCK_BYTES) of a row per
-    block load, ``warps`` (None: _GPU_WARPS), ``programs_per_sm`` programs per SM; ``lane_stats``
-    (None: ROW_LANE_STATS) the kernel's LANE_STATS. The keywords are for measurements
-    (benchmarks/workspace_rows.py)."""
+    block load, ``warps`` (None: _GPU_WARPS) and ``programs_per_sm`` programs per SM: keywords for
+    measurements (benchmarks/workspace_rows.py)."""
     rows, vocab = z.shape
     if z.device.type == "cuda":
         block_v = min(triton.next_power_of_2(vocab), (block_bytes or _GPU_BLOCK_BYTES) // z.element_size())
@@ -217,8 +191,7 @@ def _launch_rows(z: Tensor, targets: Tensor, weight: Tensor, loss: Tensor, ignor
         rows, vocab, z.stride(0),
         ignore_index, float(softcap), 1.0 - label_smoothing, label_smoothing / vocab,
         BLOCK_V=block_v, HAS_SOFTCAP=softcap != 0.0, HAS_SMOOTHING=label_smoothing != 0.0, WRITE_GRAD=write_grad,
-        ROUND_BF16=_round_by_hand(z), LANE_STATS=ROW_LANE_STATS if lane_stats is None else bool(lane_stats),
-        num_warps=warps,
+        ROUND_BF16=_round_by_hand(z), num_warps=warps,
     )
 
 

@@ -75,16 +75,6 @@ def test_float32_matches_float64(case, rows, spy):
     assert all(v == case.v for _, v in spy)
 
 
-@interpreter
-@pytest.mark.parametrize("case", APPLICABLE, ids=lambda c: c.name)
-def test_lane_statistics_match_float64(case, monkeypatch):
-    """The row kernel with its first sweep's running max and sum kept per lane and reduced once per
-    row (``ROW_LANE_STATS``; lanes that see only the masked tail stay at -inf without a NaN): the same
-    float64 checks, five rows a chunk."""
-    monkeypatch.setattr(workspace, "ROW_LANE_STATS", True)
-    check_case(with_workspace(case, 5, torch.float32), torch.float32, "cpu")
-
-
 LOW_PRECISION = [c for c in APPLICABLE if c.name in ("plain", "everything", "ignore_is_a_class", "sum_everything")]
 
 
