@@ -5,9 +5,10 @@
 For each shape, the chunk ``max_workspace_bytes=2**30`` gives (``workspace.workspace_rows``) of
 LM-like bf16 logits (``testing.make_inputs``, the chunk's rows of e @ c.T), mean loss: the row kernel
 (lse, loss, dz in place) timed in interleaved rounds (benchmarks/rounds.py), each call on a fresh
-copy of the logits, under each of ``VARIANTS`` (block bytes per load, warps, programs per SM). Per
-variant: ms per call (the copy's time, measured alone, taken off), the bandwidth of its three passes
-over the chunk (read, read, write), and its loss and dz against the default's.
+copy of the logits, under each of ``VARIANTS`` (block bytes per load, warps, programs per SM, the
+next block's load issued before this one's math, evict_first hints on the second sweep). Per
+variant: its registers and spills, ms per call (the copy's time, measured alone, taken off), the
+bandwidth of its three passes over the chunk (read, read, write), its loss and dz against the default's.
 (results/h200-2026-12-01m/workspace_rows.log also times a version of the kernel whose first sweep kept
 its running max and sum per lane, reduced once per row: 5-9% slower with 16 warps, up to 2x with 8;
 since removed.) Prints only; numbers worth keeping go to docs/PERF_NOTES.md."""
@@ -27,11 +28,17 @@ from cce_inductor.testing import make_inputs
 from .points import GOAL_SHAPES
 from .rounds import interleaved_ms
 
-# (label, block bytes, warps, programs per SM); the first is the default.
+# (label, then the launcher's keywords in SPEC_KEYWORDS' order); the first is the default.
+SPEC_KEYWORDS = ("block_bytes", "warps", "programs_per_sm", "prefetch", "evict_sweep2")
 VARIANTS = [
-    ("32 KB blocks, 16 warps, 1 program/SM (default)", 32768, 16, 1),
-    ("16 KB, 8 warps, 2/SM", 16384, 8, 2),
-    ("8 KB, 4 warps, 4/SM", 8192, 4, 4),
+    ("32 KB blocks, 16 warps, 1 program/SM (default)", 32768, 16, 1, False, False),
+    ("32 KB, 16 warps, 1/SM, prefetch", 32768, 16, 1, True, False),
+    ("32 KB, 16 warps, 1/SM, prefetch, evict_first", 32768, 16, 1, True, True),
+    ("16 KB, 16 warps, 1/SM, prefetch", 16384, 16, 1, True, False),
+    ("64 KB, 16 warps, 1/SM, prefetch", 65536, 16, 1, True, False),
+    ("16 KB, 8 warps, 2/SM", 16384, 8, 2, False, False),
+    ("16 KB, 8 warps, 2/SM, prefetch", 16384, 8, 2, True, False),
+    ("16 KB, 8 warps, 2/SM, prefetch, evict_first", 16384, 8, 2, True, True),
 ]
 
 
@@ -55,17 +62,19 @@ def main(argv=None) -> None:
         print(f"\n=== N={n} D={d} V={v}: a chunk of {rows} x {v} bf16 logits ({gb / 3:.2f} GB); "
               f"its copy {copy_ms:.3f} ms", flush=True)
 
-        def call(block_bytes, warps, per_sm):
+        def call(*spec):
             def run():
                 z.copy_(logits)
-                workspace._launch_rows(z, targets, weight, loss, -100, 0.0, 0.0, True, block_bytes=block_bytes,
-                                       warps=warps, programs_per_sm=per_sm)
+                return workspace._launch_rows(z, targets, weight, loss, -100, 0.0, 0.0, True,
+                                              **dict(zip(SPEC_KEYWORDS, spec)))
             return run
 
         variants, results = {}, {}
         for label, *spec in VARIANTS:  # compile each, keep its result; one that fails is reported
             try:
-                call(*spec)()
+                compiled = call(*spec)()
+                print(f"  {label}: {getattr(compiled, 'n_regs', '?')} registers, "
+                      f"{getattr(compiled, 'n_spills', '?')} spills", flush=True)
                 results[label] = (loss.clone(), z.clone())
                 variants[label] = call(*spec)
             except Exception as exc:

@@ -83,14 +83,29 @@ def _capped(u, softcap, HAS_SOFTCAP: tl.constexpr):
 
 
 @triton.jit
-def _store_rounded(ptrs, x, mask, ROUND_BF16: tl.constexpr):
+def _store_rounded(ptrs, x, mask, ROUND_BF16: tl.constexpr, EVICT_FIRST: tl.constexpr = False):
     """Store float32 x in the pointee dtype, rounded to nearest even. The Triton interpreter's
     float32 -> bfloat16 cast truncates instead (a GPU rounds), so there the rounding is done by hand."""
     if ROUND_BF16:
         bits = x.to(tl.uint32, bitcast=True)
         bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
         x = bits.to(tl.float32, bitcast=True)
-    tl.store(ptrs, x.to(ptrs.dtype.element_ty), mask=mask)
+    if EVICT_FIRST:
+        tl.store(ptrs, x.to(ptrs.dtype.element_ty), mask=mask, eviction_policy="evict_first")
+    else:
+        tl.store(ptrs, x.to(ptrs.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _load_block(z_row, block, V, BLOCK_V: tl.constexpr, EVICT_FIRST: tl.constexpr):
+    """Block ``block`` of a row in its stored dtype; lanes outside [0, V) masked (a block index outside
+    the row loads nothing)."""
+    offs_v = block * BLOCK_V + tl.arange(0, BLOCK_V)  # [BLOCK_V]
+    mask_v = (offs_v >= 0) & (offs_v < V)
+    if EVICT_FIRST:
+        return tl.load(z_row + offs_v, mask=mask_v, other=0.0, eviction_policy="evict_first")
+    else:
+        return tl.load(z_row + offs_v, mask=mask_v, other=0.0)
 
 
 @triton.jit
@@ -102,7 +117,7 @@ def _fused_rows_kernel(
     # constants
     ignore_index, softcap, target_weight, uniform_weight,
     BLOCK_V: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_SMOOTHING: tl.constexpr, WRITE_GRAD: tl.constexpr,
-    ROUND_BF16: tl.constexpr,
+    ROUND_BF16: tl.constexpr, PREFETCH: tl.constexpr, EVICT_SWEEP2: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)
     num_programs = tl.num_programs(0)
@@ -116,13 +131,22 @@ def _fused_rows_kernel(
         in_range = (target >= 0) & (target < V)
 
         # Sweep 1: lse (online max and sum of exp) and, with label smoothing, the sum of the logits.
+        # With PREFETCH the next block's load is issued before this block is reduced, so that two
+        # blocks are in flight per program instead of one.
         run_max = tl.full((), float("-inf"), tl.float32)
         run_sum = tl.zeros((), tl.float32)
         logit_sum = tl.zeros((), tl.float32)
+        if PREFETCH:
+            raw_next = _load_block(z_row, 0, V, BLOCK_V, False)
         for b in range(0, num_blocks):
             offs_v = b * BLOCK_V + tl.arange(0, BLOCK_V)  # [BLOCK_V]
             mask_v = offs_v < V
-            u = tl.load(z_row + offs_v, mask=mask_v, other=0.0).to(tl.float32)
+            if PREFETCH:
+                raw = raw_next
+                raw_next = _load_block(z_row, b + 1, V, BLOCK_V, False)
+            else:
+                raw = _load_block(z_row, b, V, BLOCK_V, False)
+            u = raw.to(tl.float32)
             z, _ = _capped(u, softcap, HAS_SOFTCAP)
             z = tl.where(mask_v, z, float("-inf"))
             new_max = tl.maximum(run_max, tl.max(z, axis=0))
@@ -143,17 +167,25 @@ def _fused_rows_kernel(
 
         # Sweep 2, last block first: overwrite the row with w * (p - (1 - ls) onehot - ls / V).
         if WRITE_GRAD:
+            if PREFETCH:
+                raw_next = _load_block(z_row, num_blocks - 1, V, BLOCK_V, EVICT_SWEEP2)
             for b in range(0, num_blocks):
-                offs_v = (num_blocks - 1 - b) * BLOCK_V + tl.arange(0, BLOCK_V)  # [BLOCK_V]
+                block = num_blocks - 1 - b
+                offs_v = block * BLOCK_V + tl.arange(0, BLOCK_V)  # [BLOCK_V]
                 mask_v = offs_v < V
-                u = tl.load(z_row + offs_v, mask=mask_v, other=0.0).to(tl.float32)
+                if PREFETCH:
+                    raw = raw_next
+                    raw_next = _load_block(z_row, block - 1, V, BLOCK_V, EVICT_SWEEP2)
+                else:
+                    raw = _load_block(z_row, block, V, BLOCK_V, EVICT_SWEEP2)
+                u = raw.to(tl.float32)
                 z, slope = _capped(u, softcap, HAS_SOFTCAP)
                 g = tl.exp(z - lse) - uniform_weight
                 g = tl.where(offs_v == target, g - target_weight, g) * weight
                 if HAS_SOFTCAP:
                     g = g * slope
                 g = tl.where(valid, g, 0.0)  # ignored rows: exactly 0 (their logits are overwritten too)
-                _store_rounded(z_row + offs_v, g, mask_v, ROUND_BF16)
+                _store_rounded(z_row + offs_v, g, mask_v, ROUND_BF16, EVICT_SWEEP2)
 
 
 @triton.jit
@@ -176,7 +208,8 @@ def _round_by_hand(t: Tensor) -> bool:
 
 def _launch_rows(z: Tensor, targets: Tensor, weight: Tensor, loss: Tensor, ignore_index: int, softcap: float,
                  label_smoothing: float, write_grad: bool, *, block_bytes: int | None = None,
-                 warps: int | None = None, programs_per_sm: int = 1):
+                 warps: int | None = None, programs_per_sm: int = 1, prefetch: bool = False,
+                 evict_sweep2: bool = False):
     """The row kernel over z's rows. On a GPU ``block_bytes`` (None: _GPU_BLOCK_BYTES) of a row per
     block load, ``warps`` (None: _GPU_WARPS) and ``programs_per_sm`` programs per SM: keywords for
     measurements (benchmarks/workspace_rows.py)."""
@@ -186,12 +219,12 @@ def _launch_rows(z: Tensor, targets: Tensor, weight: Tensor, loss: Tensor, ignor
         programs, warps = min(rows, programs_per_sm * sm_count(z.device)), warps or _GPU_WARPS
     else:
         block_v, programs, warps = _INTERPRETER_BLOCK_V, min(rows, _INTERPRETER_PROGRAMS), 1
-    _fused_rows_kernel[(programs,)](
+    return _fused_rows_kernel[(programs,)](
         z, targets, weight, loss,
         rows, vocab, z.stride(0),
         ignore_index, float(softcap), 1.0 - label_smoothing, label_smoothing / vocab,
         BLOCK_V=block_v, HAS_SOFTCAP=softcap != 0.0, HAS_SMOOTHING=label_smoothing != 0.0, WRITE_GRAD=write_grad,
-        ROUND_BF16=_round_by_hand(z), num_warps=warps,
+        ROUND_BF16=_round_by_hand(z), PREFETCH=prefetch, EVICT_SWEEP2=evict_sweep2, num_warps=warps,
     )
 
 
