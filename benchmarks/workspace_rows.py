@@ -6,9 +6,10 @@ For each shape, the chunk ``max_workspace_bytes=2**30`` gives (``workspace.works
 LM-like bf16 logits (``testing.make_inputs``, the chunk's rows of e @ c.T), mean loss: the row kernel
 (lse, loss, dz in place) timed in interleaved rounds (benchmarks/rounds.py), each call on a fresh
 copy of the logits, under each of ``VARIANTS`` (block bytes per load, warps, programs per SM, the
-next block's load issued before this one's math, evict_first hints on the second sweep). Per
-variant: its registers and spills, ms per call (the copy's time, measured alone, taken off), the
-bandwidth of its three passes over the chunk (read, read, write), its loss and dz against the default's.
+next block's load issued before this one's math, evict_first hints on the second sweep, the
+launch's num_stages). Per variant: its registers and spills, ms per call (the copy's time, measured
+alone, taken off), the bandwidth of its three passes over the chunk (read, read, write), its loss
+and dz against the default's.
 (results/h200-2026-12-01m/workspace_rows.log also times a version of the kernel whose first sweep kept
 its running max and sum per lane, reduced once per row: 5-9% slower with 16 warps, up to 2x with 8;
 since removed.) Prints only; numbers worth keeping go to docs/PERF_NOTES.md."""
@@ -29,16 +30,18 @@ from .points import GOAL_SHAPES
 from .rounds import interleaved_ms
 
 # (label, then the launcher's keywords in SPEC_KEYWORDS' order); the first is the default.
-SPEC_KEYWORDS = ("block_bytes", "warps", "programs_per_sm", "prefetch", "evict_sweep2")
+SPEC_KEYWORDS = ("block_bytes", "warps", "programs_per_sm", "prefetch", "evict_sweep2", "stages")
 VARIANTS = [
-    ("32 KB blocks, 16 warps, 1 program/SM (default)", 32768, 16, 1, False, False),
-    ("32 KB, 16 warps, 1/SM, prefetch", 32768, 16, 1, True, False),
-    ("32 KB, 16 warps, 1/SM, prefetch, evict_first", 32768, 16, 1, True, True),
-    ("16 KB, 16 warps, 1/SM, prefetch", 16384, 16, 1, True, False),
-    ("64 KB, 16 warps, 1/SM, prefetch", 65536, 16, 1, True, False),
-    ("16 KB, 8 warps, 2/SM", 16384, 8, 2, False, False),
-    ("16 KB, 8 warps, 2/SM, prefetch", 16384, 8, 2, True, False),
-    ("16 KB, 8 warps, 2/SM, prefetch, evict_first", 16384, 8, 2, True, True),
+    ("32 KB blocks, 16 warps, 1 program/SM (default)", 32768, 16, 1, False, False, None),
+    ("32 KB, 16 warps, 1/SM, num_stages 1", 32768, 16, 1, False, False, 1),
+    ("32 KB, 16 warps, 1/SM, num_stages 4", 32768, 16, 1, False, False, 4),
+    ("32 KB, 16 warps, 1/SM, prefetch", 32768, 16, 1, True, False, None),
+    ("32 KB, 16 warps, 1/SM, prefetch, evict_first", 32768, 16, 1, True, True, None),
+    ("16 KB, 16 warps, 1/SM, prefetch", 16384, 16, 1, True, False, None),
+    ("64 KB, 16 warps, 1/SM, prefetch", 65536, 16, 1, True, False, None),
+    ("16 KB, 8 warps, 2/SM", 16384, 8, 2, False, False, None),
+    ("16 KB, 8 warps, 2/SM, prefetch", 16384, 8, 2, True, False, None),
+    ("16 KB, 8 warps, 2/SM, prefetch, evict_first", 16384, 8, 2, True, True, None),
 ]
 
 

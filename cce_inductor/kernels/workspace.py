@@ -209,10 +209,13 @@ def _round_by_hand(t: Tensor) -> bool:
 def _launch_rows(z: Tensor, targets: Tensor, weight: Tensor, loss: Tensor, ignore_index: int, softcap: float,
                  label_smoothing: float, write_grad: bool, *, block_bytes: int | None = None,
                  warps: int | None = None, programs_per_sm: int = 1, prefetch: bool = False,
-                 evict_sweep2: bool = False):
-    """The row kernel over z's rows. On a GPU ``block_bytes`` (None: _GPU_BLOCK_BYTES) of a row per
-    block load, ``warps`` (None: _GPU_WARPS) and ``programs_per_sm`` programs per SM: keywords for
-    measurements (benchmarks/workspace_rows.py)."""
+                 evict_sweep2: bool = False, stages: int | None = None):
+    """The row kernel over z's rows; returns the launched kernel. Keywords for measurements
+    (benchmarks/workspace_rows.py), on a GPU: ``block_bytes`` of a row per block load (None:
+    _GPU_BLOCK_BYTES), ``warps`` (None: _GPU_WARPS), ``programs_per_sm``, ``prefetch`` (the next
+    block's load before this block's math), ``evict_sweep2`` (evict_first on the second sweep's loads
+    and stores), ``stages`` (the launch's num_stages; None: Triton's default). Results do not depend
+    on them."""
     rows, vocab = z.shape
     if z.device.type == "cuda":
         block_v = min(triton.next_power_of_2(vocab), (block_bytes or _GPU_BLOCK_BYTES) // z.element_size())
@@ -225,6 +228,7 @@ def _launch_rows(z: Tensor, targets: Tensor, weight: Tensor, loss: Tensor, ignor
         ignore_index, float(softcap), 1.0 - label_smoothing, label_smoothing / vocab,
         BLOCK_V=block_v, HAS_SOFTCAP=softcap != 0.0, HAS_SMOOTHING=label_smoothing != 0.0, WRITE_GRAD=write_grad,
         ROUND_BF16=_round_by_hand(z), PREFETCH=prefetch, EVICT_SWEEP2=evict_sweep2, num_warps=warps,
+        **({} if stages is None else {"num_stages": stages}),
     )
 
 

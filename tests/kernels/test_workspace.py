@@ -2,9 +2,9 @@
 
 On the CPU under the Triton interpreter (set by conftest): the op's cases against the float64
 definition with workspaces of one row, a few rows (several chunks, a partial last one) and all rows;
-the chunking rule; the upstream scalar; fallbacks; errors; registration and compile. On a GPU
-(marked ``gpu``): the same cases, the bf16 accuracy bar of the kernels issue, 64-bit offsets and the
-memory bound.
+the chunking rule; the row kernel's launch variants; the upstream scalar; fallbacks; errors;
+registration and compile. On a GPU (marked ``gpu``): the same cases and launch variants, the bf16
+accuracy bar of the kernels issue, 64-bit offsets and the memory bound.
 """
 
 import math
@@ -110,6 +110,52 @@ def test_chunks_are_even_with_a_partial_last_one(spy):
     check_case(with_workspace(case, 10, torch.float32), torch.float32, "cpu")
     # 37 tokens, 10 fit: 4 chunks of 10 -> spread evenly: 10, 10, 10, 7.
     assert [r for r, _ in spy] == [10, 10, 10, 7]
+
+
+# The row kernel's measurement keywords (benchmarks/workspace_rows.py) that change its code.
+ROW_LAUNCHES = {"prefetch": {"prefetch": True}, "evict_first": {"evict_sweep2": True},
+                "prefetch_evict_first": {"prefetch": True, "evict_sweep2": True}}
+
+
+def _rows_float64(z, targets, weight, ignore_index, softcap, smoothing):
+    """The row kernel's definition in float64: (loss per row, dz)."""
+    u = z.double()
+    capped = softcap * torch.tanh(u / softcap) if softcap else u
+    slope = 1 - torch.tanh(u / softcap) ** 2 if softcap else torch.ones_like(u)
+    valid = targets != ignore_index
+    safe = torch.where(valid, targets, 0)
+    lse = torch.logsumexp(capped, -1)
+    vocab = z.shape[1]
+    loss = lse - (1 - smoothing) * capped.gather(1, safe[:, None])[:, 0] - smoothing / vocab * capped.sum(-1)
+    dz = torch.softmax(capped, -1) - smoothing / vocab
+    dz[torch.arange(len(z)), safe] -= 1 - smoothing
+    dz = dz * weight * slope * valid[:, None]
+    return torch.where(valid, loss, 0.0), dz
+
+
+@interpreter
+@pytest.mark.parametrize("launch", ROW_LAUNCHES.values(), ids=ROW_LAUNCHES.keys())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+@pytest.mark.parametrize("vocab, softcap, smoothing", [(37, 0.0, 0.0), (48, 5.0, 0.0), (5, 0.0, 0.2), (70, 3.0, 0.1)])
+def test_row_kernel_launch_variants(vocab, softcap, smoothing, dtype, launch):
+    """The launch keywords change only the row kernel's schedule: loss and dz bit for bit the default
+    launch's, and (float32) both within 1e-5 of float64. Rows of less than one to five blocks of 16,
+    masked tails, peaked rows, an ignored row; 7 rows on 3 programs (a grid stride)."""
+    g = torch.Generator().manual_seed(vocab)
+    z0 = (torch.randn(7, vocab, generator=g) * torch.tensor([1.0, 8.0, 0.5, 3.0, 1.0, 12.0, 2.0])[:, None]).to(dtype)
+    targets = torch.randint(0, vocab, (7,), generator=g)
+    targets[3] = -100
+    weight = torch.full((), 1 / 6)
+    outputs = []
+    for keywords in ({}, launch):
+        z, loss = z0.clone(), torch.empty(7)
+        workspace._launch_rows(z, targets, weight, loss, -100, softcap, smoothing, True, **keywords)
+        outputs.append((loss, z))
+    (loss, dz), (loss_variant, dz_variant) = outputs
+    assert torch.equal(loss_variant, loss) and torch.equal(dz_variant, dz)
+    if dtype == torch.float32:
+        want_loss, want_dz = _rows_float64(z0, targets, weight, -100, softcap, smoothing)
+        assert rel(loss, want_loss) <= 1e-5 and rel(dz, want_dz) <= 1e-5, (rel(loss, want_loss), rel(dz, want_dz))
 
 
 def test_workspace_rows_rule():
@@ -383,6 +429,29 @@ def test_gpu_bf16_accuracy_bar(regime):
     assert loss_err <= 1e-3
     for name, (err, torch_err) in errs.items():
         assert err <= max(1.5 * torch_err, 5e-3), (regime, name, err, torch_err)
+
+
+@gpu
+@pytest.mark.parametrize("launch", [*ROW_LAUNCHES.values(), {"stages": 1}, {"prefetch": True, "stages": 4}],
+                         ids=[*ROW_LAUNCHES.keys(), "num_stages_1", "prefetch_num_stages_4"])
+@pytest.mark.parametrize("vocab, softcap", [(128256, 0.0), (50001, 30.0)])
+def test_gpu_row_kernel_launch_variants(vocab, softcap, launch):
+    """On the GPU's code path too, the schedule keywords leave loss and dz bit for bit the default's
+    (bf16 rows of 4 and 8 blocks, an odd V's masked tail, an ignored row, more rows than programs)."""
+    g = torch.Generator(device="cuda").manual_seed(0)
+    rows = 300
+    z0 = (torch.randn(rows, vocab, device="cuda", generator=g) * 4).bfloat16()
+    targets = torch.randint(0, vocab, (rows,), device="cuda", generator=g)
+    targets[7] = -100
+    weight = torch.full((), 1 / (rows - 1), device="cuda")
+    outputs = []
+    for keywords in ({}, launch):
+        z, loss = z0.clone(), torch.empty(rows, device="cuda")
+        workspace._launch_rows(z, targets, weight, loss, -100, softcap, 0.0, True, **keywords)
+        outputs.append((loss, z))
+    (loss, dz), (loss_variant, dz_variant) = outputs
+    assert torch.equal(loss_variant, loss) and torch.equal(dz_variant, dz)
+    assert torch.isfinite(loss).all() and dz[7].abs().max() == 0
 
 
 @gpu
