@@ -17,6 +17,7 @@ shifted view of the targets (e is never copied), picks the implementation and ap
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -44,6 +45,13 @@ def _triton_runs_on(device: torch.device) -> bool:
     return device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
 
 
+def _on_device_of(t: Tensor):
+    """Makes t's CUDA device current for the call. Triton launches on the current device and its
+    current stream, not on the tensors' device: a model split over GPUs (e.g. device_map="auto")
+    calls the op with tensors on cuda:1 while cuda:0 is current."""
+    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
+
+
 # ----------------------------------------------------------------------------- custom ops
 
 
@@ -65,15 +73,16 @@ def lce_forward(
     keep flags (int8, ``keep_flags_shape``) where ``forward_flags_apply``, else an empty int8 tensor.
     ``filter_grad`` and ``filter_dc`` are the backward's (``filter_dc``: the caller never
     differentiates lse -- the flags are the filter's rule only where grad_lse is 0)."""
-    if forward_flags_apply(e, bias, softcap, label_smoothing, impl, filter_grad, filter_dc):
-        from .kernels.backward import FILTER_EPS
-        from .kernels.forward import lce_forward_with_keep
+    with _on_device_of(e):
+        if forward_flags_apply(e, bias, softcap, label_smoothing, impl, filter_grad, filter_dc):
+            from .kernels.backward import FILTER_EPS
+            from .kernels.forward import lce_forward_with_keep
 
-        return lce_forward_with_keep(e, c, bias, targets, ignore_index, FILTER_EPS)
-    none = e.new_empty(0, dtype=torch.int8)
-    if impl == "triton":
-        return (*_triton_kernels().lce_forward(e, c, bias, targets, ignore_index, softcap, label_smoothing), none)
-    return (*reference.chunked_forward(e, c, bias, targets, ignore_index, softcap, label_smoothing), none)
+            return lce_forward_with_keep(e, c, bias, targets, ignore_index, FILTER_EPS)
+        none = e.new_empty(0, dtype=torch.int8)
+        if impl == "triton":
+            return (*_triton_kernels().lce_forward(e, c, bias, targets, ignore_index, softcap, label_smoothing), none)
+        return (*reference.chunked_forward(e, c, bias, targets, ignore_index, softcap, label_smoothing), none)
 
 
 def forward_flags_apply(e: Tensor, bias: Tensor | None, softcap: float, label_smoothing: float, impl: str,
@@ -134,19 +143,20 @@ def lce_backward(
     then follows, dC filtered like dE; empty: none, dC exact. ``filter_grad``: the Triton backward
     runs filtered where the filter has lately skipped enough to pay, else exact (``filter_choice``)."""
     needs_bias = needs_bias and bias is not None
-    if impl == "triton":
-        choice = filter_choice.choose(c) if filter_grad else filter_choice.Choice(False)
-        flags = {"keep": keep, "dc_filter": "dropped"} if keep.numel() and choice.filtered else {}
-        grads = _triton_kernels().lce_backward(
-            e, c, bias, targets, lse, grad_loss, grad_lse, ignore_index, softcap, label_smoothing,
-            choice.filtered, needs_e, needs_c, needs_bias, tile_counts=choice.counts, **flags,
-        )
-        choice.record()
-    else:
-        grads = reference.chunked_backward(
-            e, c, bias, targets, lse, grad_loss, grad_lse, ignore_index, softcap, label_smoothing,
-            needs_e, needs_c, needs_bias,
-        )
+    with _on_device_of(e):
+        if impl == "triton":
+            choice = filter_choice.choose(c) if filter_grad else filter_choice.Choice(False)
+            flags = {"keep": keep, "dc_filter": "dropped"} if keep.numel() and choice.filtered else {}
+            grads = _triton_kernels().lce_backward(
+                e, c, bias, targets, lse, grad_loss, grad_lse, ignore_index, softcap, label_smoothing,
+                choice.filtered, needs_e, needs_c, needs_bias, tile_counts=choice.counts, **flags,
+            )
+            choice.record()
+        else:
+            grads = reference.chunked_backward(
+                e, c, bias, targets, lse, grad_loss, grad_lse, ignore_index, softcap, label_smoothing,
+                needs_e, needs_c, needs_bias,
+            )
     return tuple(g if g is not None else e.new_empty(0) for g in grads)
 
 
@@ -251,8 +261,9 @@ def lce_fused_reduced(
     the raw op must not keep them; ``linear_cross_entropy`` returns only the loss."""
     from .kernels import workspace
 
-    out = workspace.lce_fused_reduced(e, c, bias, targets, ignore_index, softcap, label_smoothing, mean,
-                                      max_workspace_bytes, needs_e, needs_c, needs_bias)
+    with _on_device_of(e):
+        out = workspace.lce_fused_reduced(e, c, bias, targets, ignore_index, softcap, label_smoothing, mean,
+                                          max_workspace_bytes, needs_e, needs_c, needs_bias)
     return tuple(t if t is not None else e.new_empty(0) for t in out)
 
 
@@ -272,7 +283,8 @@ def lce_scale_(grad: Tensor, scale: Tensor) -> None:
     """grad *= scale (one element) in float32 math; no memory traffic when the scale is 1."""
     from .kernels import workspace
 
-    workspace.scale_(grad, scale)
+    with _on_device_of(grad):
+        workspace.scale_(grad, scale)
 
 
 @lce_scale_.register_fake

@@ -328,3 +328,57 @@ def test_filter_dc_skips_the_recompute_only_where_the_flags_hold():
     assert 0 < int((~want[0][3]).sum()) < want[0][3].numel()
     for got, got_exact, ref, ref_exact in zip(listed, exact, want[0][:2], want[1][:2]):
         assert rel(got, ref) <= 1.5 * rel(got_exact, ref_exact)
+
+
+def test_every_op_makes_its_inputs_device_current(monkeypatch):
+    """Triton launches on the current CUDA device, so each custom op enters its inputs' device
+    (``ops._on_device_of``) around its work: forward, backward, the workspace op and its scaling.
+    Recorded here on the CPU; a CUDA tensor gets ``torch.cuda.device`` of its own index."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from cce_inductor import ops
+
+    with FakeTensorMode():
+        on_gpu1 = torch.empty(2, device="cuda:1")
+    assert isinstance(ops._on_device_of(on_gpu1), torch.cuda.device) and ops._on_device_of(on_gpu1).idx == 1
+
+    entered = []
+    guard = ops._on_device_of
+
+    def recording(t):
+        entered.append(t.device.type)
+        return guard(t)
+
+    monkeypatch.setattr(ops, "_on_device_of", recording)
+    e, c, y, _ = make_case((6,), 8, 11, dtype=torch.float32, peaked=False, ignore_frac=0.0, ignore_index=-100,
+                           bias=False, seed=0)
+    e.requires_grad_()
+    linear_cross_entropy(e, c, y, impl="torch").backward()
+    assert entered == ["cpu", "cpu"]  # lce_forward, lce_backward
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        entered.clear()
+        (2 * linear_cross_entropy(e, c, y, impl="triton", max_workspace_bytes=4 * 11 * 2)).backward()
+        assert entered == ["cpu", "cpu"]  # lce_fused_reduced, lce_scale_ (once: only e needs a gradient)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
+@pytest.mark.parametrize("options", [{}, {"exact": False}, {"max_workspace_bytes": 2**20}],
+                         ids=["exact", "filtered", "workspace"])
+def test_gpu_inputs_on_a_device_that_is_not_current(options):
+    """Tensors on cuda:1 while cuda:0 is current (a model split over GPUs): the loss and gradients of
+    cuda:1 current (launched on the wrong device they are garbage or an error; within 1e-3, not bit
+    for bit: the filtered backward's reduce-adds land in any order)."""
+    e, c, y, _ = make_case((300,), 64, 5000, dtype=torch.bfloat16, peaked=True, ignore_frac=0.1,
+                           ignore_index=-100, bias=False, seed=0)
+    results = []
+    for current in (1, 0):
+        with torch.cuda.device(current):
+            ins = [t.to("cuda:1") for t in (e, c, y)]
+            ins[0].requires_grad_(), ins[1].requires_grad_()
+            loss = linear_cross_entropy(*ins, impl="triton", **options)
+            loss.backward()
+            torch.cuda.synchronize(1)
+            results.append([loss.detach().cpu(), ins[0].grad.cpu(), ins[1].grad.cpu()])
+    for want, got in zip(*results):
+        assert rel(got, want) <= 1e-3
