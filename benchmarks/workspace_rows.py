@@ -1,15 +1,18 @@
 """The workspace path's row kernel alone, under its launch variants, on one chunk of logits.
 
     python -m benchmarks.workspace_rows [--shapes N,D,V ...] [--rounds 3]
+    python -m benchmarks.workspace_rows --offline      (no GPU: registers and spills for sm_90)
 
 For each shape, the chunk ``max_workspace_bytes=2**30`` gives (``workspace.workspace_rows``) of
 LM-like bf16 logits (``testing.make_inputs``, the chunk's rows of e @ c.T), mean loss: the row kernel
 (lse, loss, dz in place) timed in interleaved rounds (benchmarks/rounds.py), each call on a fresh
 copy of the logits, under each of ``VARIANTS`` (block bytes per load, warps, programs per SM, the
-next block's load issued before this one's math, evict_first hints on the second sweep, the
-launch's num_stages). Per variant: its registers and spills, ms per call (the copy's time, measured
-alone, taken off), the bandwidth of its three passes over the chunk (read, read, write), its loss
-and dz against the default's.
+next block's load issued before this one's math, evict_first hints on the second sweep). Per
+variant: its registers and spills, ms per call (the copy's time, measured alone, taken off), the
+bandwidth of its three passes over the chunk (read, read, write), its loss and dz against the
+default's. ``--offline`` compiles the variants for sm_90 with the local Triton instead
+(``offline_resources``; Triton's pipeliner leaves these loops alone: the launch's num_stages 1 and 3
+gave the same PTX, so it is not a variant).
 (results/h200-2026-12-01m/workspace_rows.log also times a version of the kernel whose first sweep kept
 its running max and sum per lane, reduced once per row: 5-9% slower with 16 warps, up to 2x with 8;
 since removed.) Prints only; numbers worth keeping go to docs/PERF_NOTES.md."""
@@ -30,26 +33,74 @@ from .points import GOAL_SHAPES
 from .rounds import interleaved_ms
 
 # (label, then the launcher's keywords in SPEC_KEYWORDS' order); the first is the default.
-SPEC_KEYWORDS = ("block_bytes", "warps", "programs_per_sm", "prefetch", "evict_sweep2", "stages")
+SPEC_KEYWORDS = ("block_bytes", "warps", "programs_per_sm", "prefetch", "evict_sweep2")
 VARIANTS = [
-    ("32 KB blocks, 16 warps, 1 program/SM (default)", 32768, 16, 1, False, False, None),
-    ("32 KB, 16 warps, 1/SM, num_stages 1", 32768, 16, 1, False, False, 1),
-    ("32 KB, 16 warps, 1/SM, num_stages 4", 32768, 16, 1, False, False, 4),
-    ("32 KB, 16 warps, 1/SM, prefetch", 32768, 16, 1, True, False, None),
-    ("32 KB, 16 warps, 1/SM, prefetch, evict_first", 32768, 16, 1, True, True, None),
-    ("16 KB, 16 warps, 1/SM, prefetch", 16384, 16, 1, True, False, None),
-    ("64 KB, 16 warps, 1/SM, prefetch", 65536, 16, 1, True, False, None),
-    ("16 KB, 8 warps, 2/SM", 16384, 8, 2, False, False, None),
-    ("16 KB, 8 warps, 2/SM, prefetch", 16384, 8, 2, True, False, None),
-    ("16 KB, 8 warps, 2/SM, prefetch, evict_first", 16384, 8, 2, True, True, None),
+    ("32 KB blocks, 16 warps, 1 program/SM (default)", 32768, 16, 1, False, False),
+    ("32 KB, 16 warps, 1/SM, prefetch", 32768, 16, 1, True, False),
+    ("32 KB, 16 warps, 1/SM, prefetch, evict_first", 32768, 16, 1, True, True),
+    ("16 KB, 16 warps, 1/SM, prefetch", 16384, 16, 1, True, False),
+    ("16 KB, 8 warps, 2/SM", 16384, 8, 2, False, False),
+    ("16 KB, 8 warps, 2/SM, prefetch", 16384, 8, 2, True, False),
+    ("16 KB, 8 warps, 2/SM, prefetch, evict_first", 16384, 8, 2, True, True),
 ]
+
+
+def offline_resources(arch: int = 90, vocab: int = 256000) -> list[tuple[str, bool, int, int, int, int]]:
+    """Each variant compiled for sm_``arch`` without a GPU (Triton's own ptxas; V and the row stride
+    divisible by 16, as at the goal shapes), plain and with softcap + label smoothing:
+    (label, softcap and smoothing, registers per thread, stack bytes per thread (spills), 16-byte
+    global loads in the PTX, programs that fit on an SM by its 64K registers)."""
+    import re
+    import subprocess
+    import tempfile
+
+    from triton import knobs
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    if not isinstance(workspace._fused_rows_kernel, triton.runtime.JITFunction):
+        raise SystemExit("--offline compiles for a GPU: run it without TRITON_INTERPRET=1")
+    signature = {"Z": "*bf16", "Targets": "*i64", "Weight": "*fp32", "Loss": "*fp32", "M": "i32", "V": "i32",
+                 "stride_zm": "i32", "ignore_index": "i32", "softcap": "fp32", "target_weight": "fp32",
+                 "uniform_weight": "fp32"}
+    aligned = {(i,): [["tt.divisibility", 16]] for i in (0, 1, 2, 3, 5, 6)}  # pointers, V, the row stride
+    rows = []
+    for label, *spec in VARIANTS:
+        launch = dict(zip(SPEC_KEYWORDS, spec))
+        for options in (False, True):
+            constants = dict(BLOCK_V=min(triton.next_power_of_2(vocab), launch["block_bytes"] // 2),
+                             HAS_SOFTCAP=options, HAS_SMOOTHING=options, WRITE_GRAD=True, ROUND_BF16=False,
+                             PREFETCH=launch["prefetch"], EVICT_SWEEP2=launch["evict_sweep2"])
+            source = ASTSource(fn=workspace._fused_rows_kernel,
+                               signature={**signature, **{k: "constexpr" for k in constants}},
+                               constexprs=constants, attrs=aligned)
+            compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32),
+                                      options={"num_warps": launch["warps"]})
+            with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
+                cubin.write(compiled.asm["cubin"])
+                cubin.flush()
+                usage = subprocess.run([knobs.nvidia.cuobjdump.path, "--dump-resource-usage", cubin.name],
+                                       capture_output=True, text=True, check=True).stdout
+            registers = int(re.search(r"REG:(\d+)", usage).group(1))
+            stack = int(re.search(r"STACK:(\d+)", usage).group(1))
+            fit = 65536 // (-(-registers // 8) * 8 * 32 * launch["warps"])  # registers go out 8 at a time
+            rows.append((label, options, registers, stack, fit, len(re.findall(r"ld\.global\S*\.v4", compiled.asm["ptx"]))))
+    return rows
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shapes", nargs="+", default=list(GOAL_SHAPES), help="N,D,V each")
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--offline", action="store_true",
+                        help="no GPU: compile each variant for sm_90 and print its registers and spills")
     args = parser.parse_args(argv)
+    if args.offline:
+        print("triton", triton.__version__, "sm_90, V = 256000")
+        for label, options, registers, stack, fit, loads in offline_resources():
+            print(f"  {label:<50} {'softcap+smoothing' if options else 'plain':<18} {registers:4d} registers "
+                  f"{stack:5d} stack bytes  {fit} per SM fit  {loads:3d} 16-byte loads")
+        return
     print(torch.cuda.get_device_name(), "torch", torch.__version__, "triton", triton.__version__, flush=True)
     for shape in args.shapes:
         n, d, v = map(int, shape.split(","))

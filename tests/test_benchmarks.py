@@ -340,3 +340,31 @@ def test_filtered_rows_say_how_often_the_filter_ran():
     lce_bench._note_filter_choice(row, Prepared(loss=None, filter_records=store), types.SimpleNamespace(c=c))
     assert row["note"] == "impl='triton'; filter ran in 1 of 2 backward calls (filter_choice, latest s 0.0000)"
     assert filter_choice.state(c) is None
+
+
+def test_row_kernel_variants_compile_for_hopper_without_spills():
+    """benchmarks/workspace_rows.py --offline: every launch variant of the workspace row kernel (the
+    default first) compiles for sm_90 with this machine's Triton and its ptxas, no GPU needed, with
+    no stack frame (no register spills), plain and with softcap + label smoothing; the prefetch
+    variants issue twice the 16-byte loads. Run in a child process: the interpreter (set for the
+    test session) replaces the kernel with a Python function."""
+    import subprocess
+
+    knobs = pytest.importorskip("triton.knobs")
+    if not os.path.exists(knobs.nvidia.cuobjdump.path or ""):
+        pytest.skip("Triton's cuobjdump is not installed here")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    code = "import json; from benchmarks.workspace_rows import offline_resources; print(json.dumps(offline_resources()))"
+    done = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = json.loads(done.stdout.strip().splitlines()[-1])
+    from benchmarks.workspace_rows import VARIANTS
+
+    assert [r[0] for r in rows[::2]] == [v[0] for v in VARIANTS]
+    for label, options, registers, stack, fit, loads in rows:
+        assert stack == 0 and registers <= 255 and fit >= 1, (label, options, registers, stack)
+    loads = {(r[0], r[1]): r[5] for r in rows}
+    for label, block_bytes, warps, _, prefetch, _ in VARIANTS:
+        per_block = block_bytes // (16 * 32 * warps)  # 16-byte loads per thread per block
+        assert loads[(label, False)] == (4 if prefetch else 2) * per_block, label

@@ -30,8 +30,10 @@ plus one read-modify-write of dC per chunk after the first in the addmm epilogue
 Limits: float32 inputs go through cuBLAS with torch's own TF32 setting; the logits are rounded to the
 input dtype before the softmax (as a plain bf16 torch computation); dC's rounding error grows like
 sqrt(chunks) (bf16: as torch's up to ~4 chunks); V < 2^31 (row offsets are int64). Compiled offline for
-sm_90 (Triton 3.9's ptxas, bf16, 16 warps): 116 registers, no spills, 16-byte loads and stores when
-V % 16 == 0 (other V: narrower accesses).
+sm_90 (Triton 3.9's ptxas, bf16, 16 warps; ``benchmarks/workspace_rows.py --offline``): 89 registers,
+114 with softcap and label smoothing, no spills, 16-byte loads and stores when V % 16 == 0 (other V:
+narrower accesses). ``PREFETCH`` and ``EVICT_SWEEP2`` are schedule variants for measurement (off;
+the launcher's keywords), with the same results bit for bit.
 ``scale_`` multiplies the gradients by the upstream scalar in the backward: float32 math, one
 rounding, and no memory traffic at all when the scalar is 1 (read on the device, no host sync).
 """
@@ -209,13 +211,12 @@ def _round_by_hand(t: Tensor) -> bool:
 def _launch_rows(z: Tensor, targets: Tensor, weight: Tensor, loss: Tensor, ignore_index: int, softcap: float,
                  label_smoothing: float, write_grad: bool, *, block_bytes: int | None = None,
                  warps: int | None = None, programs_per_sm: int = 1, prefetch: bool = False,
-                 evict_sweep2: bool = False, stages: int | None = None):
+                 evict_sweep2: bool = False):
     """The row kernel over z's rows; returns the launched kernel. Keywords for measurements
     (benchmarks/workspace_rows.py), on a GPU: ``block_bytes`` of a row per block load (None:
     _GPU_BLOCK_BYTES), ``warps`` (None: _GPU_WARPS), ``programs_per_sm``, ``prefetch`` (the next
     block's load before this block's math), ``evict_sweep2`` (evict_first on the second sweep's loads
-    and stores), ``stages`` (the launch's num_stages; None: Triton's default). Results do not depend
-    on them."""
+    and stores). Results do not depend on them."""
     rows, vocab = z.shape
     if z.device.type == "cuda":
         block_v = min(triton.next_power_of_2(vocab), (block_bytes or _GPU_BLOCK_BYTES) // z.element_size())
@@ -228,7 +229,6 @@ def _launch_rows(z: Tensor, targets: Tensor, weight: Tensor, loss: Tensor, ignor
         ignore_index, float(softcap), 1.0 - label_smoothing, label_smoothing / vocab,
         BLOCK_V=block_v, HAS_SOFTCAP=softcap != 0.0, HAS_SMOOTHING=label_smoothing != 0.0, WRITE_GRAD=write_grad,
         ROUND_BF16=_round_by_hand(z), PREFETCH=prefetch, EVICT_SWEEP2=evict_sweep2, num_warps=warps,
-        **({} if stages is None else {"num_stages": stages}),
     )
 
 
