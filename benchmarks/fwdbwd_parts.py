@@ -1,7 +1,7 @@
 """Where the op's forward+backward time goes, against its forward and backward timed apart.
 
     python -m benchmarks.fwdbwd_parts [--shapes N,D,V ...] [--regimes uniform lm]
-                                      [--workspace-programs 132 78 ...]
+                                      [--workspace-programs 132 78 ...] [--workspace-variants 0 1 ...]
 
 bf16, the public op ``linear_cross_entropy(e, c, targets)`` (mean, exact) with e and c requiring
 grad. Per shape and regime, in interleaved rounds (benchmarks/rounds.py): T = the cuBLAS logits GEMM
@@ -13,7 +13,9 @@ ms more than its forward and backward timed apart, and the other points did not
 (results/h200-2026-12-01c, -d). ``--workspace-programs``: the workspace path
 (``max_workspace_bytes=2**30``) forward+backward with its row kernel launched on that many programs
 (default: one per SM), for whether fewer rows in flight let the row's second sweep find it in L2
-(132 rows of 512 KB at V = 256000 do not fit in 50 MB). ``--sustained K``: K forward+backward calls
+(132 rows of 512 KB at V = 256000 do not fit in 50 MB). ``--workspace-variants``: the same
+forward+backward with the row kernel launched as ``benchmarks/workspace_rows.py``'s VARIANTS of
+those indices (0: the default), to see a variant's gain at op level. ``--sustained K``: K forward+backward calls
 back to back (after K untimed ones) under the profiler, their kernels' time per call against the
 loop's time per call (CUDA events): the difference is time the GPU spent between kernels; kernels
 slower than in the single profiled call mean a lower clock under sustained load. Prints only."""
@@ -21,6 +23,7 @@ slower than in the single profiled call mean a lower clock under sustained load.
 from __future__ import annotations
 
 import argparse
+import functools
 import statistics
 from unittest import mock
 
@@ -30,6 +33,7 @@ import triton
 from cce_inductor import linear_cross_entropy
 from cce_inductor.kernels import workspace
 
+from . import workspace_rows
 from .points import add_point_arguments, points
 from .rounds import interleaved_ms, print_profile, summary
 
@@ -39,6 +43,8 @@ def main(argv=None) -> None:
     add_point_arguments(parser, regimes=("uniform", "lm"))
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--workspace-programs", nargs="*", type=int, default=[])
+    parser.add_argument("--workspace-variants", nargs="*", type=int, default=[],
+                        choices=range(len(workspace_rows.VARIANTS)), metavar="INDEX")
     parser.add_argument("--sustained", type=int, default=0, metavar="K",
                         help="also profile K forward+backward calls back to back")
     args = parser.parse_args(argv)
@@ -62,13 +68,22 @@ def main(argv=None) -> None:
                 with mock.patch.object(workspace, "sm_count", lambda device: programs):
                     fwdbwd(max_workspace_bytes=2**30)
             runs[f"workspace 1 GiB fw+bw, {programs} row programs"] = ws
+        launch_rows = workspace._launch_rows
+        for index in args.workspace_variants:
+            label, *spec = workspace_rows.VARIANTS[index]
+            launch = functools.partial(launch_rows, **dict(zip(workspace_rows.SPEC_KEYWORDS, spec)))
+
+            def ws_variant(launch=launch):
+                with mock.patch.object(workspace, "_launch_rows", launch):
+                    fwdbwd(max_workspace_bytes=2**30)
+            runs[f"workspace 1 GiB fw+bw, rows: {label}"] = ws_variant
         times = interleaved_ms(runs, args.rounds)
         gemm_ms = min(times["T (e @ c.T)"])
         print(f"N={n} D={d} V={v} {regime}:", flush=True)
         for label, samples in times.items():
-            print(f"  {label:<46} {summary(samples, gemm_ms)}", flush=True)
+            print(f"  {label:<72} {summary(samples, gemm_ms)}", flush=True)
         fw, fb = (statistics.median(times[k]) for k in ("forward", "forward+backward"))
-        print(f"  {'backward (difference)':<46} {fb - fw:7.2f} ms  {(fb - fw) / gemm_ms:5.3f} T", flush=True)
+        print(f"  {'backward (difference)':<72} {fb - fw:7.2f} ms  {(fb - fw) / gemm_ms:5.3f} T", flush=True)
         print_profile(fwdbwd, "forward+backward", rows=12)
         if args.sustained:
             sustained_profile(fwdbwd, args.sustained)
