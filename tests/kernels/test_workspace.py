@@ -134,7 +134,7 @@ def _rows_float64(z, targets, weight, ignore_index, softcap, smoothing):
 
 
 @interpreter
-@pytest.mark.parametrize("launch", ROW_LAUNCHES.values(), ids=ROW_LAUNCHES.keys())
+@pytest.mark.parametrize("launch", [ROW_LAUNCHES["prefetch"]], ids=["prefetch"])  # the interpreter ignores eviction hints
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
 @pytest.mark.parametrize("vocab, softcap, smoothing", [(37, 0.0, 0.0), (48, 5.0, 0.0), (5, 0.0, 0.2), (70, 3.0, 0.1)])
 def test_row_kernel_launch_variants(vocab, softcap, smoothing, dtype, launch):
