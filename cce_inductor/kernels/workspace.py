@@ -221,7 +221,8 @@ def _launch_rows(z: Tensor, targets: Tensor, weight: Tensor, loss: Tensor, ignor
     (benchmarks/workspace_rows.py), on a GPU: ``block_bytes`` of a row per block load (None:
     _GPU_BLOCK_BYTES), ``warps`` (None: _GPU_WARPS), ``programs_per_sm``, ``prefetch`` (the next
     block's load before this block's math), ``evict_sweep2`` (evict_first on the second sweep's loads
-    and stores). Results do not depend on them."""
+    and stores). ``prefetch`` and ``evict_sweep2`` leave the results bit for bit; ``block_bytes`` and
+    ``warps`` change the order of the row's sums (the last bits)."""
     rows, vocab = z.shape
     if z.device.type == "cuda":
         block_v = min(triton.next_power_of_2(vocab), (block_bytes or _GPU_BLOCK_BYTES) // z.element_size())
