@@ -68,7 +68,7 @@ def offline_resources(arch: int = 90, vocab: int = 256000) -> list[tuple[str, bo
     for label, *spec in VARIANTS:
         launch = dict(zip(SPEC_KEYWORDS, spec))
         for options in (False, True):
-            constants = dict(BLOCK_V=min(triton.next_power_of_2(vocab), launch["block_bytes"] // 2),
+            constants = dict(BLOCK_V=workspace._gpu_block_v(vocab, 2, launch["block_bytes"]),
                              HAS_SOFTCAP=options, HAS_SMOOTHING=options, WRITE_GRAD=True, ROUND_BF16=False,
                              PREFETCH=launch["prefetch"], EVICT_SWEEP2=launch["evict_sweep2"])
             source = ASTSource(fn=workspace._fused_rows_kernel,

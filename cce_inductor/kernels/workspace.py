@@ -213,6 +213,11 @@ def _round_by_hand(t: Tensor) -> bool:
     return t.device.type != "cuda" and t.dtype == torch.bfloat16
 
 
+def _gpu_block_v(vocab: int, element_size: int, block_bytes: int | None = None) -> int:
+    """Logits per block load on a GPU: ``block_bytes`` (None: _GPU_BLOCK_BYTES) of a row, at most the row."""
+    return min(triton.next_power_of_2(vocab), (block_bytes or _GPU_BLOCK_BYTES) // element_size)
+
+
 def _launch_rows(z: Tensor, targets: Tensor, weight: Tensor, loss: Tensor, ignore_index: int, softcap: float,
                  label_smoothing: float, write_grad: bool, *, block_bytes: int | None = None,
                  warps: int | None = None, programs_per_sm: int = 1, prefetch: bool = False,
@@ -225,7 +230,7 @@ def _launch_rows(z: Tensor, targets: Tensor, weight: Tensor, loss: Tensor, ignor
     ``warps`` change the order of the row's sums (the last bits)."""
     rows, vocab = z.shape
     if z.device.type == "cuda":
-        block_v = min(triton.next_power_of_2(vocab), (block_bytes or _GPU_BLOCK_BYTES) // z.element_size())
+        block_v = _gpu_block_v(vocab, z.element_size(), block_bytes)
         programs, warps = min(rows, programs_per_sm * sm_count(z.device)), warps or _GPU_WARPS
     else:
         block_v, programs, warps = _INTERPRETER_BLOCK_V, min(rows, _INTERPRETER_PROGRAMS), 1

@@ -117,6 +117,13 @@ ROW_LAUNCHES = {"prefetch": {"prefetch": True}, "evict_first": {"evict_sweep2": 
                 "prefetch_evict_first": {"prefetch": True, "evict_sweep2": True}}
 
 
+def _rows_launched(z0, targets, weight, softcap, smoothing, keywords):
+    """(loss per row, dz): the row kernel launched with ``keywords`` on a copy of z0."""
+    z, loss = z0.clone(), torch.empty(len(z0), device=z0.device)
+    workspace._launch_rows(z, targets, weight, loss, -100, softcap, smoothing, True, **keywords)
+    return loss, z
+
+
 def _rows_float64(z, targets, weight, ignore_index, softcap, smoothing):
     """The row kernel's definition in float64: (loss per row, dz)."""
     u = z.double()
@@ -146,12 +153,8 @@ def test_row_kernel_launch_variants(vocab, softcap, smoothing, dtype, launch):
     targets = torch.randint(0, vocab, (7,), generator=g)
     targets[3] = -100
     weight = torch.full((), 1 / 6)
-    outputs = []
-    for keywords in ({}, launch):
-        z, loss = z0.clone(), torch.empty(7)
-        workspace._launch_rows(z, targets, weight, loss, -100, softcap, smoothing, True, **keywords)
-        outputs.append((loss, z))
-    (loss, dz), (loss_variant, dz_variant) = outputs
+    (loss, dz), (loss_variant, dz_variant) = (_rows_launched(z0, targets, weight, softcap, smoothing, keywords)
+                                              for keywords in ({}, launch))
     assert torch.equal(loss_variant, loss) and torch.equal(dz_variant, dz)
     if dtype == torch.float32:
         want_loss, want_dz = _rows_float64(z0, targets, weight, -100, softcap, smoothing)
@@ -443,12 +446,8 @@ def test_gpu_row_kernel_launch_variants(vocab, softcap, launch):
     targets = torch.randint(0, vocab, (rows,), device="cuda", generator=g)
     targets[7] = -100
     weight = torch.full((), 1 / (rows - 1), device="cuda")
-    outputs = []
-    for keywords in ({}, launch):
-        z, loss = z0.clone(), torch.empty(rows, device="cuda")
-        workspace._launch_rows(z, targets, weight, loss, -100, softcap, 0.0, True, **keywords)
-        outputs.append((loss, z))
-    (loss, dz), (loss_variant, dz_variant) = outputs
+    (loss, dz), (loss_variant, dz_variant) = (_rows_launched(z0, targets, weight, softcap, 0.0, keywords)
+                                              for keywords in ({}, launch))
     assert torch.equal(loss_variant, loss) and torch.equal(dz_variant, dz)
     assert torch.isfinite(loss).all() and dz[7].abs().max() == 0
 
