@@ -35,8 +35,8 @@ from .rounds import interleaved_ms
 # (label, then the launcher's keywords in SPEC_KEYWORDS' order); the first is the default.
 SPEC_KEYWORDS = ("block_bytes", "warps", "programs_per_sm", "prefetch", "evict_sweep2")
 VARIANTS = [
-    ("32 KB blocks, 16 warps, 1 program/SM (default)", 32768, 16, 1, False, False),
-    ("32 KB, 16 warps, 1/SM, prefetch", 32768, 16, 1, True, False),
+    ("32 KB blocks, 16 warps, 1 program/SM, prefetch (default)", 32768, 16, 1, True, False),
+    ("32 KB, 16 warps, 1/SM, no prefetch (the default to 2026-12-01)", 32768, 16, 1, False, False),
     ("32 KB, 16 warps, 1/SM, prefetch, evict_first", 32768, 16, 1, True, True),
     ("16 KB, 16 warps, 1/SM, prefetch", 16384, 16, 1, True, False),
     ("16 KB, 8 warps, 2/SM", 16384, 8, 2, False, False),

@@ -30,10 +30,12 @@ plus one read-modify-write of dC per chunk after the first in the addmm epilogue
 Limits: float32 inputs go through cuBLAS with torch's own TF32 setting; the logits are rounded to the
 input dtype before the softmax (as a plain bf16 torch computation); dC's rounding error grows like
 sqrt(chunks) (bf16: as torch's up to ~4 chunks); V < 2^31 (row offsets are int64). Compiled offline for
-sm_90 (Triton 3.9's ptxas, bf16, 16 warps; ``benchmarks/workspace_rows.py --offline``): 99 registers,
-116 with softcap and label smoothing, no spills, 16-byte loads and stores when V % 16 == 0 (other V:
-narrower accesses). ``PREFETCH`` and ``EVICT_SWEEP2`` are schedule variants for measurement (off;
-the launcher's keywords), with the same results bit for bit.
+sm_90 (Triton 3.9's ptxas, bf16, 16 warps; ``benchmarks/workspace_rows.py --offline``): 102 registers,
+128 with softcap and label smoothing, no spills, 16-byte loads and stores when V % 16 == 0 (other V:
+narrower accesses). ``PREFETCH`` (on by default: the next block's load issued before this block's
+math, two loads in flight per program; on an H200 a 1 GiB chunk's row pass went from 1.23 / 1.17 ms
+to 1.06 / 1.08 ms at the goal shapes, docs/PERF_NOTES.md) and ``EVICT_SWEEP2`` (off) are schedule
+choices (the launcher's keywords) with the same results bit for bit.
 ``scale_`` multiplies the gradients by the upstream scalar in the backward: float32 math, one
 rounding, and no memory traffic at all when the scalar is 1 (read on the device, no host sync).
 """
@@ -220,12 +222,12 @@ def _gpu_block_v(vocab: int, element_size: int, block_bytes: int | None = None) 
 
 def _launch_rows(z: Tensor, targets: Tensor, weight: Tensor, loss: Tensor, ignore_index: int, softcap: float,
                  label_smoothing: float, write_grad: bool, *, block_bytes: int | None = None,
-                 warps: int | None = None, programs_per_sm: int = 1, prefetch: bool = False,
+                 warps: int | None = None, programs_per_sm: int = 1, prefetch: bool = True,
                  evict_sweep2: bool = False):
     """The row kernel over z's rows; returns the launched kernel. Keywords for measurements
     (benchmarks/workspace_rows.py), on a GPU: ``block_bytes`` of a row per block load (None:
     _GPU_BLOCK_BYTES), ``warps`` (None: _GPU_WARPS), ``programs_per_sm``, ``prefetch`` (the next
-    block's load before this block's math), ``evict_sweep2`` (evict_first on the second sweep's loads
+    block's load before this block's math; the default), ``evict_sweep2`` (evict_first on the second sweep's loads
     and stores). ``prefetch`` and ``evict_sweep2`` leave the results bit for bit; ``block_bytes`` and
     ``warps`` change the order of the row's sums (the last bits)."""
     rows, vocab = z.shape
