@@ -1,16 +1,19 @@
 """Model-level memory and speed of a whole training step: plain torch.compile against backend="cce".
 
-    python -m benchmarks.model_step --out model_step.json             # GPU: ~4-5 minutes on an H100
+    python -m benchmarks.model_step --out model_step.json             # GPU: ~6-8 minutes
+    python -m benchmarks.model_step --no-search --out model_step.json # the fixed batch only: ~4 minutes
     python -m benchmarks.model_step --small --out /tmp/model_step.json # CPU smoke test, tiny models
 
 For two model shapes with large vocabularies -- Gemma-2-2B-like (V = 256000, hidden 2304, final logit
 softcapping 30) and Llama-3.2-1B-like (V = 128256, hidden 2048, tied embeddings) -- with random bf16
 weights, in one process: a training step (forward, backward, AdamW step) of the unmodified Hugging Face
-model, `model(input_ids=ids, labels=ids).loss`, compiled plainly and with backend="cce". For each:
+model, `model(input_ids=ids, labels=ids).loss`, compiled plainly, with backend="cce", and with
+backend="cce" and options={"max_workspace_bytes": 2**30} (``--backends`` picks). For each:
   * at a fixed batch: peak memory (max_memory_allocated over the step; the weights and the AdamW
     state, which are the same for both, are reported apart), median step time and tokens/s;
   * the largest batch that fits (doubling, then bisecting to 1/8 of the last doubling; each probe is
-    one step; out-of-memory is caught and the memory freed), and tokens/s at that batch.
+    one step; out-of-memory is caught and the memory freed), and tokens/s at that batch (not with
+    ``--no-search``).
 The batch dimension is compiled as dynamic (one compilation serves every batch size).
 
 Departures from the real models, all printed and recorded: fewer layers than the real model (the
@@ -42,8 +45,12 @@ import torch  # noqa: E402
 
 import cce_inductor  # noqa: E402
 
-BACKENDS = ("inductor", "cce")
-LABELS = {"inductor": "torch.compile", "cce": 'backend="cce"'}
+BACKENDS = ("inductor", "cce", "cce_workspace")
+LABELS = {"inductor": "torch.compile", "cce": 'backend="cce"', "cce_workspace": 'backend="cce", 1 GiB workspace'}
+# backend -> (torch.compile's backend, its options): "cce_workspace" buys speed with the op's bounded
+# buffer of logits (max_workspace_bytes; the gradients formed in the forward).
+COMPILE_ARGS = {"inductor": ("inductor", None), "cce": ("cce", None),
+                "cce_workspace": ("cce", {"max_workspace_bytes": 2**30})}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -114,7 +121,8 @@ class TrainingStep:
         def loss_fn(ids):
             return model(input_ids=ids, labels=ids).loss
 
-        self.compiled = torch.compile(loss_fn, backend=backend)
+        compile_backend, options = COMPILE_ARGS[backend]
+        self.compiled = torch.compile(loss_fn, backend=compile_backend, options=options)
         self.opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=device.type == "cuda")
         self.vocab = model.config.vocab_size
         self.device = device
@@ -209,7 +217,7 @@ def largest_batch(step: TrainingStep, seq: int, start: int, cap: int) -> tuple[i
     return lo, False, probes
 
 
-def measure(shape: ModelShape, backend: str, settings: Settings, device: torch.device) -> dict:
+def measure(shape: ModelShape, backend: str, settings: Settings, device: torch.device, search: bool = True) -> dict:
     torch.compiler.reset()
     model = build_model(shape, settings, device)
     step = TrainingStep(model, backend, device)
@@ -236,17 +244,18 @@ def measure(shape: ModelShape, backend: str, settings: Settings, device: torch.d
 
     fixed = result["fixed"]
     print(f"  {LABELS[backend]}: batch {settings.batch}: peak {fmt_gb(fixed['peak_bytes'])}, "
-          f"{fixed['step_s'] * 1e3:.0f} ms/step, {fixed['tokens_per_s']:,.0f} tokens/s; searching the largest batch",
-          flush=True)
-    best, capped, probes = largest_batch(step, settings.seq, settings.batch, settings.max_batch)
-    result.update(max_batch=best, max_batch_capped=capped, probes=probes)
-    try:
-        result["at_max_batch"] = timed_steps(step, best, settings.seq, settings.max_batch_reps)
-    except RuntimeError as err:  # fragmentation after the search: report the batch, not its speed
-        if not is_oom(err):
-            raise
-        result["at_max_batch"] = None
-    step.free()
+          f"{fixed['step_s'] * 1e3:.0f} ms/step, {fixed['tokens_per_s']:,.0f} tokens/s"
+          + ("; searching the largest batch" if search else ""), flush=True)
+    result.update(max_batch=None, max_batch_capped=None, probes=[], at_max_batch=None)
+    if search:
+        best, capped, probes = largest_batch(step, settings.seq, settings.batch, settings.max_batch)
+        result.update(max_batch=best, max_batch_capped=capped, probes=probes)
+        try:
+            result["at_max_batch"] = timed_steps(step, best, settings.seq, settings.max_batch_reps)
+        except RuntimeError as err:  # fragmentation after the search: report the batch, not its speed
+            if not is_oom(err):
+                raise
+        step.free()
     result["compilations"] = torch._dynamo.utils.counters["stats"]["unique_graphs"] - graphs_before
     result["wall_s"] = time.perf_counter() - t0
     del step, model
@@ -278,7 +287,7 @@ def table(record: dict) -> str:
         if f is None:
             lines.append(f"| {name} | {LABELS[r['backend']]} | OOM | | | | | |")
             continue
-        largest = f"{r['max_batch']}{'+' if r['max_batch_capped'] else ''}"
+        largest = "-" if r["max_batch"] is None else f"{r['max_batch']}{'+' if r['max_batch_capped'] else ''}"
         lines.append(
             f"| {name} | {LABELS[r['backend']]} | {fmt_gb(f['peak_bytes'])} | {fmt_gb(f['state_bytes'])} | "
             f"{f['step_s'] * 1e3:.0f} | {f['tokens_per_s']:,.0f} | {largest} | "
@@ -286,17 +295,21 @@ def table(record: dict) -> str:
         )
     for shape in record["shapes"]:
         runs = {r["backend"]: r for r in record["results"] if r["model"] == shape["name"] and r.get("fixed")}
-        if set(runs) != set(BACKENDS) or runs["cce"]["fixed"]["peak_bytes"] is None:
-            continue
-        plain, cce = runs["inductor"], runs["cce"]
+        plain = runs.get("inductor")
         tokens = record["settings"]["batch"] * seq
-        lines.append(
-            f"\n{shape['name']}: backend=\"cce\" lowers the peak by "
-            f"{fmt_gb(plain['fixed']['peak_bytes'] - cce['fixed']['peak_bytes'])} at {tokens} tokens "
-            f"(the {tokens} x {shape['vocab']} logits alone are {fmt_gb(tokens * shape['vocab'] * 2)} in bf16); "
-            f"largest batch {plain['max_batch']} -> {cce['max_batch']}{'+' if cce['max_batch_capped'] else ''}; "
-            f"tokens/s at batch {record['settings']['batch']}: x{cce['fixed']['tokens_per_s'] / plain['fixed']['tokens_per_s']:.2f}"
-        )
+        for backend in BACKENDS[1:]:
+            cce = runs.get(backend)
+            if plain is None or cce is None or cce["fixed"]["peak_bytes"] is None:
+                continue
+            largest = ("" if cce["max_batch"] is None or plain["max_batch"] is None else
+                       f"largest batch {plain['max_batch']} -> {cce['max_batch']}{'+' if cce['max_batch_capped'] else ''}; ")
+            lines.append(
+                f"\n{shape['name']}: {LABELS[backend]} lowers the peak by "
+                f"{fmt_gb(plain['fixed']['peak_bytes'] - cce['fixed']['peak_bytes'])} at {tokens} tokens "
+                f"(the {tokens} x {shape['vocab']} logits alone are {fmt_gb(tokens * shape['vocab'] * 2)} in bf16); "
+                f"{largest}tokens/s at batch {record['settings']['batch']}: "
+                f"x{cce['fixed']['tokens_per_s'] / plain['fixed']['tokens_per_s']:.2f}"
+            )
     return "\n".join(lines)
 
 
@@ -322,6 +335,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--seq", type=int)
     parser.add_argument("--batch", type=int, help="the fixed batch both backends are compared at")
     parser.add_argument("--models", nargs="+", help="a subset of the model names")
+    parser.add_argument("--backends", nargs="+", choices=BACKENDS, default=list(BACKENDS))
+    parser.add_argument("--no-search", action="store_true", help="only the fixed batch: no largest-batch search")
     args = parser.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     small = args.small or device.type == "cpu"
@@ -345,7 +360,7 @@ def main(argv=None) -> dict:
     t0 = time.perf_counter()
     record = {
         "what": "peak memory and tokens/s of a whole training step (forward, backward, AdamW), "
-                "plain torch.compile vs backend='cce', and the largest batch that fits",
+                "plain torch.compile vs backend='cce' (and with a 1 GiB workspace), and the largest batch that fits",
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "device": device_name, "versions": versions(), "command": " ".join(sys.argv), "note": note,
         "settings": dataclasses.asdict(settings), "shapes": [dataclasses.asdict(s) for s in shapes],
@@ -355,8 +370,8 @@ def main(argv=None) -> dict:
     for shape in shapes:
         print(f"{shape.name}: V={shape.vocab}, hidden {shape.hidden}, {shape.layers} layers, "
               f"seq {settings.seq}", flush=True)
-        for backend in BACKENDS:
-            record["results"].append(measure(shape, backend, settings, device))
+        for backend in args.backends:
+            record["results"].append(measure(shape, backend, settings, device, search=not args.no_search))
             record["wall_s"] = time.perf_counter() - t0
             args.out.write_text(json.dumps(record, indent=1))  # after each run: a partial run keeps its data
             print(f"  ({record['wall_s']:.0f}s so far)", flush=True)

@@ -116,7 +116,7 @@ def test_convergence_data_is_deterministic():
 
 def test_model_step_small(tmp_path):
     out = tmp_path / "model_step.json"
-    record = load("benchmarks/model_step.py").main(["--small", "--out", str(out)])
+    record = load("benchmarks/model_step.py").main(["--small", "--out", str(out), "--backends", "inductor", "cce"])
     assert json.loads(out.read_text())["device"] == record["device"]
     assert [(r["model"], r["backend"]) for r in record["results"]] == [
         (s["name"], b) for s in record["shapes"] for b in ("inductor", "cce")
@@ -125,6 +125,19 @@ def test_model_step_small(tmp_path):
         assert r["fixed"]["tokens_per_s"] > 0
         assert r["max_batch"] == record["settings"]["max_batch"] and r["max_batch_capped"]
         assert r["compilations"] == 1, "the batch dimension must be compiled as dynamic"
+
+
+def test_model_step_workspace_backend_without_search(tmp_path, capsys):
+    """The third backend (backend="cce" with a 1 GiB workspace; on the CPU the option is ignored) at
+    the fixed batch only: it compiles once, no batch is searched, and the report names it."""
+    out = tmp_path / "model_step.json"
+    record = load("benchmarks/model_step.py").main(
+        ["--small", "--out", str(out), "--models", "llama-tiny", "--no-search", "--backends", "inductor", "cce_workspace"])
+    assert [r["backend"] for r in record["results"]] == ["inductor", "cce_workspace"]
+    for r in record["results"]:
+        assert r["fixed"]["tokens_per_s"] > 0 and r["compilations"] == 1
+        assert r["max_batch"] is None and r["at_max_batch"] is None and r["probes"] == []
+    assert '| llama-tiny (1/16) | backend="cce", 1 GiB workspace |' in capsys.readouterr().out
 
 
 class _FakeStep:
