@@ -31,11 +31,12 @@ Limits: float32 inputs go through cuBLAS with torch's own TF32 setting; the logi
 input dtype before the softmax (as a plain bf16 torch computation); dC's rounding error grows like
 sqrt(chunks) (bf16: as torch's up to ~4 chunks); V < 2^31 (row offsets are int64). Compiled offline for
 sm_90 (Triton 3.9's ptxas, bf16, 16 warps; ``benchmarks/workspace_rows.py --offline``): 102 registers,
-128 with softcap and label smoothing, no spills, 16-byte loads and stores when V % 16 == 0 (other V:
-narrower accesses). ``PREFETCH`` (on by default: the next block's load issued before this block's
-math, two loads in flight per program; on an H200 a 1 GiB chunk's row pass went from 1.23 / 1.17 ms
-to 1.06 / 1.08 ms at the goal shapes, docs/PERF_NOTES.md) and ``EVICT_SWEEP2`` (off) are schedule
-choices (the launcher's keywords) with the same results bit for bit.
+128 with softcap and label smoothing, no spills (Triton 3.6 on an H200 reports 64 registers and 4
+spilled for the plain kernel), 16-byte loads and stores when V % 16 == 0 (other V: narrower
+accesses). ``PREFETCH`` (on by default: the next block's load issued before this block's math, two
+loads in flight per program; on an H200 a 1 GiB chunk's row pass went from 1.23 / 1.17 ms to 1.06 /
+1.08 ms at the goal shapes, docs/PERF_NOTES.md) and ``EVICT_SWEEP2`` (off) are schedule choices
+(the launcher's keywords) with the same results bit for bit.
 ``scale_`` multiplies the gradients by the upstream scalar in the backward: float32 math, one
 rounding, and no memory traffic at all when the scalar is 1 (read on the device, no host sync).
 """
