@@ -1,7 +1,7 @@
 """Model-level memory and speed of a whole training step: plain torch.compile against backend="cce".
 
-    python -m benchmarks.model_step --out model_step.json             # GPU: ~6-8 minutes
-    python -m benchmarks.model_step --no-search --out model_step.json # the fixed batch only: ~4 minutes
+    python -m benchmarks.model_step --out model_step.json             # GPU (H200: 417 s for the first two backends)
+    python -m benchmarks.model_step --no-search --out model_step.json # the fixed batch only (one model, two backends: 87 s)
     python -m benchmarks.model_step --small --out /tmp/model_step.json # CPU smoke test, tiny models
 
 For two model shapes with large vocabularies -- Gemma-2-2B-like (V = 256000, hidden 2304, final logit

@@ -228,9 +228,9 @@ def _launch_rows(z: Tensor, targets: Tensor, weight: Tensor, loss: Tensor, ignor
     """The row kernel over z's rows; returns the launched kernel. Keywords for measurements
     (benchmarks/workspace_rows.py), on a GPU: ``block_bytes`` of a row per block load (None:
     _GPU_BLOCK_BYTES), ``warps`` (None: _GPU_WARPS), ``programs_per_sm``, ``prefetch`` (the next
-    block's load before this block's math; the default), ``evict_sweep2`` (evict_first on the second sweep's loads
-    and stores). ``prefetch`` and ``evict_sweep2`` leave the results bit for bit; ``block_bytes`` and
-    ``warps`` change the order of the row's sums (the last bits)."""
+    block's load before this block's math; on by default), ``evict_sweep2`` (evict_first on the
+    second sweep's loads and stores). ``prefetch`` and ``evict_sweep2`` leave the results bit for bit;
+    ``block_bytes`` and ``warps`` change the order of the row's sums (the last bits)."""
     rows, vocab = z.shape
     if z.device.type == "cuda":
         block_v = _gpu_block_v(vocab, z.element_size(), block_bytes)
