@@ -45,12 +45,12 @@ import torch  # noqa: E402
 
 import cce_inductor  # noqa: E402
 
-BACKENDS = ("inductor", "cce", "cce_workspace")
-LABELS = {"inductor": "torch.compile", "cce": 'backend="cce"', "cce_workspace": 'backend="cce", 1 GiB workspace'}
 # backend -> (torch.compile's backend, its options): "cce_workspace" buys speed with the op's bounded
 # buffer of logits (max_workspace_bytes; the gradients formed in the forward).
 COMPILE_ARGS = {"inductor": ("inductor", None), "cce": ("cce", None),
                 "cce_workspace": ("cce", {"max_workspace_bytes": 2**30})}
+BACKENDS = tuple(COMPILE_ARGS)
+LABELS = {"inductor": "torch.compile", "cce": 'backend="cce"', "cce_workspace": 'backend="cce", 1 GiB workspace'}
 
 
 @dataclasses.dataclass(frozen=True)
