@@ -18,7 +18,9 @@ forward+backward with the row kernel launched as ``benchmarks/workspace_rows.py`
 those indices (0: the default), to see a variant's gain at op level. ``--sustained K``: K forward+backward calls
 back to back (after K untimed ones) under the profiler, their kernels' time per call against the
 loop's time per call (CUDA events): the difference is time the GPU spent between kernels; kernels
-slower than in the single profiled call mean a lower clock under sustained load. Prints only."""
+slower than in the single profiled call mean a lower clock under sustained load; with workspace
+variants or programs, each of those runs profiled the same way twice, alternating, with the row
+kernel's own time per call. Prints only."""
 
 from __future__ import annotations
 
@@ -87,10 +89,18 @@ def main(argv=None) -> None:
         print_profile(fwdbwd, "forward+backward", rows=12)
         if args.sustained:
             sustained_profile(fwdbwd, args.sustained)
+            # the workspace variants twice, alternating, so that a drift of the clock between
+            # profiles shows as a spread between a variant's two profiles rather than as a gain
+            variant_runs = [(label, run) for label, run in runs.items() if label.startswith("workspace")]
+            for _ in range(2 if variant_runs else 0):
+                for label, run in variant_runs:
+                    print(f"  {label}:", flush=True)
+                    sustained_profile(run, args.sustained, kernel="_fused_rows_kernel")
 
 
-def sustained_profile(run, calls: int) -> None:
-    """Kernel time per call of ``calls`` back-to-back calls against their wall time per call."""
+def sustained_profile(run, calls: int, kernel: str | None = None) -> None:
+    """Kernel time per call of ``calls`` back-to-back calls against their wall time per call; with
+    ``kernel``, also the time per call of the kernels whose name contains it."""
     for _ in range(calls):
         run()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -106,6 +116,9 @@ def sustained_profile(run, calls: int) -> None:
     wall_ms = start.elapsed_time(end) / calls
     print(f"  sustained, {calls} calls: kernels {busy_ms:.2f} ms per call, loop {wall_ms:.2f} ms per call, "
           f"between kernels {wall_ms - busy_ms:.2f} ms", flush=True)
+    if kernel is not None:
+        own_ms = sum(ev.time_range.elapsed_us() for ev in kernels if kernel in ev.name) / 1e3 / calls
+        print(f"  sustained, {calls} calls: {kernel} {own_ms:.3f} ms per call", flush=True)
     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=8), flush=True)
 
 

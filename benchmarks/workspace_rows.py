@@ -1,16 +1,19 @@
 """The workspace path's row kernel alone, under its launch variants, on one chunk of logits.
 
-    python -m benchmarks.workspace_rows [--shapes N,D,V ...] [--rounds 3]
+    python -m benchmarks.workspace_rows [--shapes N,D,V ...] [--rounds 3] [--softcaps 0 30] [--baseline FILE]
     python -m benchmarks.workspace_rows --offline      (no GPU: registers and spills for sm_90)
 
 For each shape, the chunk ``max_workspace_bytes=2**30`` gives (``workspace.workspace_rows``) of
-LM-like bf16 logits (``testing.make_inputs``, the chunk's rows of e @ c.T), mean loss: the row kernel
+LM-like bf16 logits (``testing.make_inputs``, the chunk's rows of e @ c.T), mean loss, under each of
+``--softcaps`` (a final logit softcap: more registers per thread): the row kernel
 (lse, loss, dz in place) timed in interleaved rounds (benchmarks/rounds.py), each call on a fresh
 copy of the logits, under each of ``VARIANTS`` (block bytes per load, warps, programs per SM, the
 next block's load issued before this one's math, evict_first hints on the second sweep). Per
 variant: its registers and spills, ms per call (the copy's time, measured alone, taken off), the
 bandwidth of its three passes over the chunk (read, read, write), its loss and dz against the
-default's. ``--offline`` compiles the variants for sm_90 with the local Triton instead
+default's. ``--baseline FILE`` times another version of the kernel's module (e.g. the previous
+commit's, from ``git show``) under the first two variants' launches in the same rounds, so that a
+change of the kernel's math is measured side by side. ``--offline`` compiles the variants for sm_90 with the local Triton instead
 (``offline_resources``; Triton's pipeliner leaves these loops alone: the launch's num_stages 1 and 3
 gave the same PTX, so it is not a variant).
 (results/h200-2026-12-01m/workspace_rows.log also times a version of the kernel whose first sweep kept
@@ -20,6 +23,7 @@ since removed.) Prints only; numbers worth keeping go to docs/PERF_NOTES.md."""
 from __future__ import annotations
 
 import argparse
+import pathlib
 import statistics
 
 import torch
@@ -35,13 +39,14 @@ from .rounds import interleaved_ms
 # (label, then the launcher's keywords in SPEC_KEYWORDS' order); the first is the default.
 SPEC_KEYWORDS = ("block_bytes", "warps", "programs_per_sm", "prefetch", "evict_sweep2")
 VARIANTS = [
-    ("32 KB blocks, 16 warps, 1 program/SM, prefetch (default)", 32768, 16, 1, True, False),
+    ("16 KB, 8 warps, 2/SM, prefetch, evict_first (default)", 16384, 8, 2, True, True),
+    ("32 KB, 16 warps, 1/SM, prefetch (the default to 2026-12-02)", 32768, 16, 1, True, False),
     ("32 KB, 16 warps, 1/SM, no prefetch (the default to 2026-12-01)", 32768, 16, 1, False, False),
     ("32 KB, 16 warps, 1/SM, prefetch, evict_first", 32768, 16, 1, True, True),
     ("16 KB, 16 warps, 1/SM, prefetch", 16384, 16, 1, True, False),
     ("16 KB, 8 warps, 2/SM", 16384, 8, 2, False, False),
     ("16 KB, 8 warps, 2/SM, prefetch", 16384, 8, 2, True, False),
-    ("16 KB, 8 warps, 2/SM, prefetch, evict_first", 16384, 8, 2, True, True),
+    ("8 KB, 8 warps, 2/SM, prefetch, evict_first", 8192, 8, 2, True, True),
 ]
 
 
@@ -70,7 +75,7 @@ def offline_resources(arch: int = 90, vocab: int = 256000) -> list[tuple[str, bo
         for options in (False, True):
             constants = dict(BLOCK_V=workspace._gpu_block_v(vocab, 2, launch["block_bytes"]),
                              HAS_SOFTCAP=options, HAS_SMOOTHING=options, WRITE_GRAD=True, ROUND_BF16=False,
-                             PREFETCH=launch["prefetch"], EVICT_SWEEP2=launch["evict_sweep2"])
+                             PREFETCH=launch["prefetch"], EVICT_SWEEP2=launch["evict_sweep2"], FAST_RCP=True)
             source = ASTSource(fn=workspace._fused_rows_kernel,
                                signature={**signature, **{k: "constexpr" for k in constants}},
                                constexprs=constants, attrs=aligned)
@@ -88,10 +93,25 @@ def offline_resources(arch: int = 90, vocab: int = 256000) -> list[tuple[str, bo
     return rows
 
 
+def _load_baseline(path: pathlib.Path):
+    """``path`` imported as a sibling of cce_inductor/kernels/workspace.py (its relative imports resolve)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("cce_inductor.kernels._workspace_baseline", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shapes", nargs="+", default=list(GOAL_SHAPES), help="N,D,V each")
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--softcaps", nargs="+", type=float, default=[0.0],
+                        help="final logit softcaps to time the rows under (0: none; Gemma 2's is 30)")
+    parser.add_argument("--baseline", type=pathlib.Path,
+                        help="another version of cce_inductor/kernels/workspace.py (e.g. from `git show`): "
+                             "its row kernel timed too, under the first two variants' launches")
     parser.add_argument("--offline", action="store_true",
                         help="no GPU: compile each variant for sm_90 and print its registers and spills")
     args = parser.parse_args(argv)
@@ -102,7 +122,8 @@ def main(argv=None) -> None:
                   f"{stack:5d} stack bytes  {fit} per SM fit  {loads:3d} 16-byte loads")
         return
     print(torch.cuda.get_device_name(), "torch", torch.__version__, "triton", triton.__version__, flush=True)
-    for shape in args.shapes:
+    baseline = _load_baseline(args.baseline) if args.baseline else None
+    for shape, softcap in ((shape, softcap) for shape in args.shapes for softcap in args.softcaps):
         n, d, v = map(int, shape.split(","))
         inputs = make_inputs("lm", n, d, v, device="cuda", seed=0)
         rows = workspace.workspace_rows(n, v, 2, 2**30)
@@ -113,24 +134,34 @@ def main(argv=None) -> None:
         z, loss = torch.empty_like(logits), torch.empty(rows, device="cuda")
         copy_ms = do_bench(lambda: z.copy_(logits), return_mode="median")
         gb = 3 * z.numel() * z.element_size() / 1e9
-        print(f"\n=== N={n} D={d} V={v}: a chunk of {rows} x {v} bf16 logits ({gb / 3:.2f} GB); "
-              f"its copy {copy_ms:.3f} ms", flush=True)
+        print(f"\n=== N={n} D={d} V={v}, softcap {softcap:g}: a chunk of {rows} x {v} bf16 logits "
+              f"({gb / 3:.2f} GB); its copy {copy_ms:.3f} ms", flush=True)
 
         def call(*spec):
             def run():
                 z.copy_(logits)
-                return workspace._launch_rows(z, targets, weight, loss, -100, 0.0, 0.0, True,
+                return workspace._launch_rows(z, targets, weight, loss, -100, softcap, 0.0, True,
                                               **dict(zip(SPEC_KEYWORDS, spec)))
             return run
 
+        def baseline_call(*spec):
+            def run():
+                z.copy_(logits)
+                return baseline._launch_rows(z, targets, weight, loss, -100, softcap, 0.0, True,
+                                             **dict(zip(SPEC_KEYWORDS, spec)))
+            return run
+
+        runs = [(label, call(*spec)) for label, *spec in VARIANTS]
+        if args.baseline:
+            runs += [(f"baseline: {label}", baseline_call(*spec)) for label, *spec in VARIANTS[:2]]
         variants, results = {}, {}
-        for label, *spec in VARIANTS:  # compile each, keep its result; one that fails is reported
+        for label, run in runs:  # compile each, keep its result; one that fails is reported
             try:
-                compiled = call(*spec)()
+                compiled = run()
                 print(f"  {label}: {getattr(compiled, 'n_regs', '?')} registers, "
                       f"{getattr(compiled, 'n_spills', '?')} spills", flush=True)
                 results[label] = (loss.clone(), z.clone())
-                variants[label] = call(*spec)
+                variants[label] = run
             except Exception as exc:
                 print(f"  {label}: failed: {type(exc).__name__}: {str(exc).splitlines()[0][:160]}", flush=True)
         default_loss, default_dz = results[VARIANTS[0][0]]

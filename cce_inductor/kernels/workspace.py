@@ -46,15 +46,21 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra import libdevice
 from torch import Tensor
 
 from .common import prepare_inputs, sm_count
 
-# Row kernel on a GPU: 32 KB of the row per block load (16384 16-bit or 8192 float32 logits, 32 or
-# 16 per thread with 16 warps), one program per SM, each walking rows with a grid stride -- the
-# row's second sweep then finds its recent blocks in L2 (132 rows x 256 KB at V = 128256 fit).
-_GPU_BLOCK_BYTES = 32 * 1024
-_GPU_WARPS = 16
+# Row kernel on a GPU: 16 KB of the row per block load (8192 16-bit or 4096 float32 logits, 32 or
+# 16 per thread with 8 warps), two programs per SM, each walking rows with a grid stride; the row's
+# second sweep runs backwards, so its first blocks are the ones the first sweep read last (still in
+# L2). Two 8-warp programs, each with two loads in flight (PREFETCH), keep more bytes in flight per SM
+# than one 16-warp program of 32 KB blocks: measured on an H200 (docs/PERF_NOTES.md, 2026-12-02),
+# a 1 GiB chunk's row pass 1.06 -> 0.99 ms alone and 5.2 -> 4.9 ms a call at Gemma's shape under
+# sustained load; evict_first on the second sweep (the row is not read again) 0-2% more.
+_GPU_BLOCK_BYTES = 16 * 1024
+_GPU_WARPS = 8
+_GPU_PROGRAMS_PER_SM = 2
 # Interpreter: tiny blocks, so that small test rows span several blocks and the masked tail.
 _INTERPRETER_BLOCK_V = 16
 _INTERPRETER_PROGRAMS = 3
@@ -75,16 +81,28 @@ def workspace_rows(num_tokens: int, vocab: int, element_size: int, max_workspace
     return aligned if aligned <= fit else rows
 
 
+# The row kernel works in base-2 units (z * log2(e)), so that each exponential is one exp2: Triton
+# lowers tl.exp to a multiply by log2(e) and an ex2 with a denormal range fix-up (five instructions
+# on sm_90), tl.exp2 to the ex2 alone (denormal results flush to zero: < 2^-126, nothing a sum of
+# exponentials or a bf16 gradient of 1 / #tokens scale keeps).
+_LOG2E = 1.4426950408889634
+_LN2 = 0.6931471805599453
+
+
 @triton.jit
-def _capped(u, softcap, HAS_SOFTCAP: tl.constexpr):
-    """(z, dz/du): z = softcap * tanh(u / softcap) and sech^2(u / softcap) from one exp2; (u, 1) without."""
+def _capped_log2(u, softcap, HAS_SOFTCAP: tl.constexpr, FAST_RCP: tl.constexpr):
+    """(z * log2(e), dz/du) for z = softcap * tanh(u / softcap), tanh and sech^2 from one exp2;
+    (u * log2(e), 1) without a softcap."""
     if HAS_SOFTCAP:
-        a = tl.exp2(-2.8853900817779268 * tl.abs(u / softcap))  # exp(-2|u| / cap), in (0, 1]
-        r = 1.0 / (1.0 + a)
+        a = tl.exp2(tl.abs(u) * (-2.0 * 1.4426950408889634 / softcap))  # exp(-2|u| / cap), in (0, 1]
+        if FAST_RCP:
+            r = libdevice.fast_dividef(1.0, 1.0 + a)
+        else:
+            r = 1.0 / (1.0 + a)
         t = (1.0 - a) * r  # tanh(|u| / cap)
-        return softcap * tl.where(u < 0, -t, t), 4.0 * a * r * r
+        return (softcap * 1.4426950408889634) * tl.where(u < 0, -t, t), 4.0 * a * r * r
     else:
-        return u, 1.0
+        return u * 1.4426950408889634, 1.0
 
 
 @triton.jit
@@ -128,7 +146,7 @@ def _fused_rows_kernel(
     # constants
     ignore_index, softcap, target_weight, uniform_weight,
     BLOCK_V: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_SMOOTHING: tl.constexpr, WRITE_GRAD: tl.constexpr,
-    ROUND_BF16: tl.constexpr, PREFETCH: tl.constexpr, EVICT_SWEEP2: tl.constexpr,
+    ROUND_BF16: tl.constexpr, PREFETCH: tl.constexpr, EVICT_SWEEP2: tl.constexpr, FAST_RCP: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)
     num_programs = tl.num_programs(0)
@@ -141,9 +159,9 @@ def _fused_rows_kernel(
         valid = target != ignore_index
         in_range = (target >= 0) & (target < V)
 
-        # Sweep 1: lse (online max and sum of exp) and, with label smoothing, the sum of the logits.
-        # With PREFETCH the next block's load is issued before this block is reduced, so that two
-        # blocks are in flight per program instead of one.
+        # Sweep 1: lse (online max and sum of exp) and, with label smoothing, the sum of the logits,
+        # all in base-2 units. With PREFETCH the next block's load is issued before this block is
+        # reduced, so that two blocks are in flight per program instead of one.
         run_max = tl.full((), float("-inf"), tl.float32)
         run_sum = tl.zeros((), tl.float32)
         logit_sum = tl.zeros((), tl.float32)
@@ -158,22 +176,22 @@ def _fused_rows_kernel(
             else:
                 raw = _load(z_row + offs_v, mask_v, False)
             u = raw.to(tl.float32)
-            z, _ = _capped(u, softcap, HAS_SOFTCAP)
-            z = tl.where(mask_v, z, float("-inf"))
-            new_max = tl.maximum(run_max, tl.max(z, axis=0))
-            run_sum = run_sum * tl.exp(run_max - new_max) + tl.sum(tl.exp(z - new_max), axis=0)
+            z2, _ = _capped_log2(u, softcap, HAS_SOFTCAP, FAST_RCP)
+            z2 = tl.where(mask_v, z2, float("-inf"))
+            new_max = tl.maximum(run_max, tl.max(z2, axis=0))
+            run_sum = run_sum * tl.exp2(run_max - new_max) + tl.sum(tl.exp2(z2 - new_max), axis=0)
             run_max = new_max
             if HAS_SMOOTHING:
-                logit_sum += tl.sum(tl.where(mask_v, z, 0.0), axis=0)
-        lse = run_max + tl.log(run_sum)
+                logit_sum += tl.sum(tl.where(mask_v, z2, 0.0), axis=0)
+        lse2 = run_max + tl.log2(run_sum)
 
         # The target logit from the same stored value as the sweep saw.
         safe_target = tl.where(valid & in_range, target, 0)
-        z_target, _ = _capped(tl.load(z_row + safe_target).to(tl.float32), softcap, HAS_SOFTCAP)
-        loss = lse - target_weight * z_target
+        z2_target, _ = _capped_log2(tl.load(z_row + safe_target).to(tl.float32), softcap, HAS_SOFTCAP, FAST_RCP)
+        loss2 = lse2 - target_weight * z2_target
         if HAS_SMOOTHING:
-            loss -= uniform_weight * logit_sum
-        loss = tl.where(in_range, loss, float("nan"))
+            loss2 -= uniform_weight * logit_sum
+        loss = tl.where(in_range, loss2 * 0.6931471805599453, float("nan"))
         tl.store(Loss + row, tl.where(valid, loss, 0.0))
 
         # Sweep 2, last block first: overwrite the row with w * (p - (1 - ls) onehot - ls / V).
@@ -189,8 +207,8 @@ def _fused_rows_kernel(
                 else:
                     raw = _load(z_row + offs_v, mask_v, EVICT_SWEEP2)
                 u = raw.to(tl.float32)
-                z, slope = _capped(u, softcap, HAS_SOFTCAP)
-                g = tl.exp(z - lse) - uniform_weight
+                z2, slope = _capped_log2(u, softcap, HAS_SOFTCAP, FAST_RCP)
+                g = tl.exp2(z2 - lse2) - uniform_weight
                 g = tl.where(offs_v == target, g - target_weight, g) * weight
                 if HAS_SOFTCAP:
                     g = g * slope
@@ -223,18 +241,20 @@ def _gpu_block_v(vocab: int, element_size: int, block_bytes: int | None = None) 
 
 def _launch_rows(z: Tensor, targets: Tensor, weight: Tensor, loss: Tensor, ignore_index: int, softcap: float,
                  label_smoothing: float, write_grad: bool, *, block_bytes: int | None = None,
-                 warps: int | None = None, programs_per_sm: int = 1, prefetch: bool = True,
-                 evict_sweep2: bool = False):
+                 warps: int | None = None, programs_per_sm: int | None = None, prefetch: bool = True,
+                 evict_sweep2: bool = True):
     """The row kernel over z's rows; returns the launched kernel. Keywords for measurements
     (benchmarks/workspace_rows.py), on a GPU: ``block_bytes`` of a row per block load (None:
-    _GPU_BLOCK_BYTES), ``warps`` (None: _GPU_WARPS), ``programs_per_sm``, ``prefetch`` (the next
-    block's load before this block's math; on by default), ``evict_sweep2`` (evict_first on the
-    second sweep's loads and stores). ``prefetch`` and ``evict_sweep2`` leave the results bit for bit;
+    _GPU_BLOCK_BYTES), ``warps`` (None: _GPU_WARPS), ``programs_per_sm`` (None:
+    _GPU_PROGRAMS_PER_SM), ``prefetch`` (the next block's load before this block's math),
+    ``evict_sweep2`` (evict_first on the second sweep's loads and stores); both on by default.
+    ``prefetch``, ``evict_sweep2`` and ``programs_per_sm`` leave the results bit for bit;
     ``block_bytes`` and ``warps`` change the order of the row's sums (the last bits)."""
     rows, vocab = z.shape
     if z.device.type == "cuda":
         block_v = _gpu_block_v(vocab, z.element_size(), block_bytes)
-        programs, warps = min(rows, programs_per_sm * sm_count(z.device)), warps or _GPU_WARPS
+        programs = min(rows, (programs_per_sm or _GPU_PROGRAMS_PER_SM) * sm_count(z.device))
+        warps = warps or _GPU_WARPS
     else:
         block_v, programs, warps = _INTERPRETER_BLOCK_V, min(rows, _INTERPRETER_PROGRAMS), 1
     return _fused_rows_kernel[(programs,)](
@@ -242,7 +262,8 @@ def _launch_rows(z: Tensor, targets: Tensor, weight: Tensor, loss: Tensor, ignor
         rows, vocab, z.stride(0),
         ignore_index, float(softcap), 1.0 - label_smoothing, label_smoothing / vocab,
         BLOCK_V=block_v, HAS_SOFTCAP=softcap != 0.0, HAS_SMOOTHING=label_smoothing != 0.0, WRITE_GRAD=write_grad,
-        ROUND_BF16=_round_by_hand(z), PREFETCH=prefetch, EVICT_SWEEP2=evict_sweep2, num_warps=warps,
+        ROUND_BF16=_round_by_hand(z), PREFETCH=prefetch, EVICT_SWEEP2=evict_sweep2,
+        FAST_RCP=z.device.type == "cuda", num_warps=warps,
     )
 
 

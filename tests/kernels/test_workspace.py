@@ -112,10 +112,11 @@ def test_chunks_are_even_with_a_partial_last_one(spy):
     assert [r for r, _ in spy] == [10, 10, 10, 7]
 
 
-# The row kernel's schedule keywords (benchmarks/workspace_rows.py) that change its code, against its
-# default launch (which prefetches).
-ROW_LAUNCHES = {"no_prefetch": {"prefetch": False}, "evict_first": {"evict_sweep2": True},
-                "no_prefetch_evict_first": {"prefetch": False, "evict_sweep2": True}}
+# The row kernel's schedule keywords (benchmarks/workspace_rows.py) that leave its results bit for
+# bit, against its default launch (which prefetches, hints evict_first, and runs two programs per SM).
+ROW_LAUNCHES = {"no_prefetch": {"prefetch": False}, "no_evict_first": {"evict_sweep2": False},
+                "no_prefetch_no_evict_first": {"prefetch": False, "evict_sweep2": False},
+                "one_program_per_sm": {"programs_per_sm": 1}}
 
 
 def _rows_launched(z0, targets, weight, softcap, smoothing, keywords):
@@ -451,6 +452,28 @@ def test_gpu_row_kernel_launch_variants(vocab, softcap, launch):
                                               for keywords in ({}, launch))
     assert torch.equal(loss_variant, loss) and torch.equal(dz_variant, dz)
     assert torch.isfinite(loss).all() and dz[7].abs().max() == 0
+
+
+@gpu
+@pytest.mark.parametrize("vocab, softcap", [(128256, 0.0), (50001, 30.0)])
+def test_gpu_row_kernel_block_size_changes_only_the_last_bits(vocab, softcap):
+    """The block size and warps change the order of each row's sums: the launch before 2026-12-02
+    (32 KB blocks, 16 warps, one program per SM) against the default, and both against float64."""
+    g = torch.Generator(device="cuda").manual_seed(1)
+    rows = 300
+    z0 = (torch.randn(rows, vocab, device="cuda", generator=g) * 4).bfloat16()
+    targets = torch.randint(0, vocab, (rows,), device="cuda", generator=g)
+    targets[7] = -100
+    weight = torch.full((), 1 / (rows - 1), device="cuda")
+    old = {"block_bytes": 32768, "warps": 16, "programs_per_sm": 1, "evict_sweep2": False}
+    (loss, dz), (loss_old, dz_old) = (_rows_launched(z0, targets, weight, softcap, 0.0, keywords)
+                                      for keywords in ({}, old))
+    want_loss, want_dz = _rows_float64(z0, targets, weight, -100, softcap, 0.0)
+    assert rel(loss, loss_old) <= 1e-6 and rel(loss, want_loss) <= 1e-5
+    # dz in bf16: a last-bit difference of the float32 lse moves a stored value by at most one bf16 step
+    step = 2.0**-7 * dz_old.float().abs()
+    assert ((dz.float() - dz_old.float()).abs() <= step).all()
+    assert rel(dz.float(), want_dz) <= 4e-3 and rel(dz_old.float(), want_dz) <= 4e-3
 
 
 @gpu
