@@ -29,14 +29,16 @@ row kernel (read, read, write: 6 bytes per logit for 16-bit Z, fewer where the s
 plus one read-modify-write of dC per chunk after the first in the addmm epilogue.
 Limits: float32 inputs go through cuBLAS with torch's own TF32 setting; the logits are rounded to the
 input dtype before the softmax (as a plain bf16 torch computation); dC's rounding error grows like
-sqrt(chunks) (bf16: as torch's up to ~4 chunks); V < 2^31 (row offsets are int64). Compiled offline for
-sm_90 (Triton 3.9's ptxas, bf16, 16 warps; ``benchmarks/workspace_rows.py --offline``): 102 registers,
-128 with softcap and label smoothing, no spills (Triton 3.6 on an H200 reports 64 registers and 4
-spilled for the plain kernel), 16-byte loads and stores when V % 16 == 0 (other V: narrower
-accesses). ``PREFETCH`` (on by default: the next block's load issued before this block's math, two
-loads in flight per program; on an H200 a 1 GiB chunk's row pass went from 1.23 / 1.17 ms to 1.06 /
-1.08 ms at the goal shapes, docs/PERF_NOTES.md) and ``EVICT_SWEEP2`` (off) are schedule choices
-(the launcher's keywords) with the same results bit for bit.
+sqrt(chunks) (bf16: as torch's up to ~4 chunks); V < 2^31 (row offsets are int64). Launch (on a
+GPU): 16 KB of the row per block load, 8 warps, two programs per SM, the next block's load issued
+before this block's math (``PREFETCH``), evict_first on the second sweep (``EVICT_SWEEP2``): on an H200
+a 1 GiB chunk's row pass takes 0.93 / 0.91 ms at the goal shapes (3.4 TB/s over its three passes)
+and 1.44 / 1.45 ms with softcap 30, where the math is the bound (docs/PERF_NOTES.md). Triton 3.6
+reports 124 registers (126 with softcap) and no spills for it; offline, Triton 3.9's ptxas for sm_90
+103 registers, 185 with softcap and label smoothing (one program per SM then fits), no spills
+(``benchmarks/workspace_rows.py --offline``); 16-byte loads and stores when V % 16 == 0 (other V:
+narrower accesses). The launcher's keywords (the schedule) leave the results bit for bit, but for the
+block size and warps (the order of a row's sums).
 ``scale_`` multiplies the gradients by the upstream scalar in the backward: float32 math, one
 rounding, and no memory traffic at all when the scalar is 1 (read on the device, no host sync).
 """
@@ -81,12 +83,15 @@ def workspace_rows(num_tokens: int, vocab: int, element_size: int, max_workspace
     return aligned if aligned <= fit else rows
 
 
-# The row kernel works in base-2 units (z * log2(e)), so that each exponential is one exp2: Triton
-# lowers tl.exp to a multiply by log2(e) and an ex2 with a denormal range fix-up (five instructions
-# on sm_90), tl.exp2 to the ex2 alone (denormal results flush to zero: < 2^-126, nothing a sum of
-# exponentials or a bf16 gradient of 1 / #tokens scale keeps).
-_LOG2E = 1.4426950408889634
-_LN2 = 0.6931471805599453
+# The row kernel works in base-2 units (z * log2(e); the constants below are log2(e) and ln(2)), so
+# that each exponential is one exp2: Triton lowers tl.exp to a multiply by log2(e) and an ex2 with a
+# denormal range fix-up (five instructions on sm_90), tl.exp2 to the ex2 alone, which flushes
+# results below 2^-126 to zero (no sum of exponentials, and no gradient entry that is then rounded
+# to bf16 next to entries of order 1 / #tokens, keeps them). With a softcap, 1 / (1 + a) is
+# ``fast_dividef`` on a GPU: a in (0, 1], so div.full's range fix-up for huge divisors is dead code.
+# Measured on an H200 (docs/PERF_NOTES.md, 2026-12-02): the kernel's sm_90 code 2600 -> 2016
+# instructions with softcap (1344 -> 1208 without), a 1 GiB chunk 1.78 -> 1.44 ms with softcap 30 and
+# 0.99 -> 0.93 ms without; the last bits of loss and dz change (the sums are rounded in another unit).
 
 
 @triton.jit
