@@ -436,18 +436,23 @@ def test_gpu_bf16_accuracy_bar(regime):
         assert err <= max(1.5 * torch_err, 5e-3), (regime, name, err, torch_err)
 
 
+def _gpu_rows(vocab, seed):
+    """300 bf16 rows of logits ~ N(0, 16) on the GPU, row 7 ignored: (z0, targets, mean weight)."""
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    rows = 300
+    z0 = (torch.randn(rows, vocab, device="cuda", generator=g) * 4).bfloat16()
+    targets = torch.randint(0, vocab, (rows,), device="cuda", generator=g)
+    targets[7] = -100
+    return z0, targets, torch.full((), 1 / (rows - 1), device="cuda")
+
+
 @gpu
 @pytest.mark.parametrize("launch", ROW_LAUNCHES.values(), ids=ROW_LAUNCHES.keys())
 @pytest.mark.parametrize("vocab, softcap", [(128256, 0.0), (50001, 30.0)])
 def test_gpu_row_kernel_launch_variants(vocab, softcap, launch):
     """On the GPU's code path too, the schedule keywords leave loss and dz bit for bit the default's
     (bf16 rows of 4 and 8 blocks, an odd V's masked tail, an ignored row, more rows than programs)."""
-    g = torch.Generator(device="cuda").manual_seed(0)
-    rows = 300
-    z0 = (torch.randn(rows, vocab, device="cuda", generator=g) * 4).bfloat16()
-    targets = torch.randint(0, vocab, (rows,), device="cuda", generator=g)
-    targets[7] = -100
-    weight = torch.full((), 1 / (rows - 1), device="cuda")
+    z0, targets, weight = _gpu_rows(vocab, seed=0)
     (loss, dz), (loss_variant, dz_variant) = (_rows_launched(z0, targets, weight, softcap, 0.0, keywords)
                                               for keywords in ({}, launch))
     assert torch.equal(loss_variant, loss) and torch.equal(dz_variant, dz)
@@ -459,12 +464,7 @@ def test_gpu_row_kernel_launch_variants(vocab, softcap, launch):
 def test_gpu_row_kernel_block_size_changes_only_the_last_bits(vocab, softcap):
     """The block size and warps change the order of each row's sums: the launch before 2026-12-02
     (32 KB blocks, 16 warps, one program per SM) against the default, and both against float64."""
-    g = torch.Generator(device="cuda").manual_seed(1)
-    rows = 300
-    z0 = (torch.randn(rows, vocab, device="cuda", generator=g) * 4).bfloat16()
-    targets = torch.randint(0, vocab, (rows,), device="cuda", generator=g)
-    targets[7] = -100
-    weight = torch.full((), 1 / (rows - 1), device="cuda")
+    z0, targets, weight = _gpu_rows(vocab, seed=1)
     old = {"block_bytes": 32768, "warps": 16, "programs_per_sm": 1, "evict_sweep2": False}
     (loss, dz), (loss_old, dz_old) = (_rows_launched(z0, targets, weight, softcap, 0.0, keywords)
                                       for keywords in ({}, old))
