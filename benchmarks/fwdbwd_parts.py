@@ -92,7 +92,7 @@ def main(argv=None) -> None:
             # the workspace variants twice, alternating, so that a drift of the clock between
             # profiles shows as a spread between a variant's two profiles rather than as a gain
             variant_runs = [(label, run) for label, run in runs.items() if label.startswith("workspace")]
-            for _ in range(2 if variant_runs else 0):
+            for _ in range(2):
                 for label, run in variant_runs:
                     print(f"  {label}:", flush=True)
                     sustained_profile(run, args.sustained, kernel="_fused_rows_kernel")

@@ -23,6 +23,7 @@ since removed.) Prints only; numbers worth keeping go to docs/PERF_NOTES.md."""
 from __future__ import annotations
 
 import argparse
+import itertools
 import pathlib
 import statistics
 
@@ -123,7 +124,7 @@ def main(argv=None) -> None:
         return
     print(torch.cuda.get_device_name(), "torch", torch.__version__, "triton", triton.__version__, flush=True)
     baseline = _load_baseline(args.baseline) if args.baseline else None
-    for shape, softcap in ((shape, softcap) for shape in args.shapes for softcap in args.softcaps):
+    for shape, softcap in itertools.product(args.shapes, args.softcaps):
         n, d, v = map(int, shape.split(","))
         inputs = make_inputs("lm", n, d, v, device="cuda", seed=0)
         rows = workspace.workspace_rows(n, v, 2, 2**30)
@@ -137,23 +138,16 @@ def main(argv=None) -> None:
         print(f"\n=== N={n} D={d} V={v}, softcap {softcap:g}: a chunk of {rows} x {v} bf16 logits "
               f"({gb / 3:.2f} GB); its copy {copy_ms:.3f} ms", flush=True)
 
-        def call(*spec):
+        def call(module, *spec):
             def run():
                 z.copy_(logits)
-                return workspace._launch_rows(z, targets, weight, loss, -100, softcap, 0.0, True,
-                                              **dict(zip(SPEC_KEYWORDS, spec)))
+                return module._launch_rows(z, targets, weight, loss, -100, softcap, 0.0, True,
+                                           **dict(zip(SPEC_KEYWORDS, spec)))
             return run
 
-        def baseline_call(*spec):
-            def run():
-                z.copy_(logits)
-                return baseline._launch_rows(z, targets, weight, loss, -100, softcap, 0.0, True,
-                                             **dict(zip(SPEC_KEYWORDS, spec)))
-            return run
-
-        runs = [(label, call(*spec)) for label, *spec in VARIANTS]
-        if args.baseline:
-            runs += [(f"baseline: {label}", baseline_call(*spec)) for label, *spec in VARIANTS[:2]]
+        runs = [(label, call(workspace, *spec)) for label, *spec in VARIANTS]
+        if baseline is not None:
+            runs += [(f"baseline: {label}", call(baseline, *spec)) for label, *spec in VARIANTS[:2]]
         variants, results = {}, {}
         for label, run in runs:  # compile each, keep its result; one that fails is reported
             try:
