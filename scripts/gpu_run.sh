@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Everything a GPU run needs, in one call: install, GPU tests, benchmarks. Logs and JSON go to $1.
-#   scripts/gpu_run.sh OUT_DIR [stage ...]      stages: tests bench models convergence examples rows (default: all
-#   but rows; rows: the workspace row kernel's launch variants, benchmarks/workspace_rows.py)
-# Peer wheels (cut-cross-entropy, liger-kernel) are taken from .whl/ when it is there; see docs/GPU.md.
+#   scripts/gpu_run.sh OUT_DIR [stage ...]      stages: tests bench models convergence examples (default: all)
+# BENCH_ARGS / MODEL_ARGS pass extra arguments to the benchmark and the model step; TESTS_TIMEOUT and
+# EXAMPLE_TIMEOUT bound the tests and each example (seconds).
+# Peer wheels (cut-cross-entropy, liger-kernel) are taken from .whl/ when it is there (README, "Benchmarks").
 set -uo pipefail
 out=${1:?usage: scripts/gpu_run.sh OUT_DIR [stage ...]}
 shift
@@ -34,8 +35,6 @@ for stage in $stages; do
         examples) for ex in quickstart hf_causal_lm nanogpt classifier explain_model; do
                       echo "--- examples/$ex.py (GPU size)"; timeout "${EXAMPLE_TIMEOUT:-300}" python3 "examples/$ex.py" || status=1
                   done 2>&1 | tee "$out/examples.log" ;;
-        rows) python3 -m benchmarks.workspace_rows ${ROWS_ARGS:-} 2>&1 | tee "$out/workspace_rows.log"
-              status=$((status | PIPESTATUS[0])) ;;
         *) echo "unknown stage $stage"; status=1 ;;
     esac
 done

@@ -1,6 +1,5 @@
 """The benchmark harness end to end in its CPU smoke mode: JSON, table, plot, failure handling."""
 
-import importlib
 import json
 import math
 import os
@@ -238,90 +237,6 @@ def test_filtered_ours_reports_the_kernels_skipped_fraction():
         assert 0.0 <= s <= 1.0
 
 
-@pytest.mark.parametrize("module", ["backward_profile", "backward_variants", "filter_threshold", "filtered_gemm_variants",
-                                    "gemm_core_variants", "host_overhead", "workspace_rows",
-                                    "kernel_timing", "softcap_cost"])
-def test_gpu_only_scripts_import_and_parse_their_arguments(module, capsys):
-    """The scripts that need a GPU to measure still import and answer --help here, so that a
-    refactor of the package they call is caught in CI rather than on the device."""
-    main = importlib.import_module(f"benchmarks.{module}").main
-    with pytest.raises(SystemExit) as exit_info:
-        main(["--help"])
-    assert exit_info.value.code == 0
-    assert "usage" in capsys.readouterr().out
-
-
-def test_dc_filter_study_corrects_exactly_where_e_is_constant_in_a_tile():
-    """benchmarks/dc_filter_study.py: where every row of E within a 128-token tile is the same, the
-    rank-1 term of a skipped tile (its column sums of dz times the tile's mean row) is exactly what
-    the tile contributed to dC, so the corrected dC matches the unfiltered one while the dropped one
-    does not; eps = 0 skips nothing."""
-    from benchmarks.dc_filter_study import filtered_gradients
-    from cce_inductor.testing import make_inputs, sample_targets
-
-    inp = make_inputs("lm", 256, 64, 8192, dtype=torch.float32, seed=0)
-    e = inp.e.view(2, 128, 64).mean(1).repeat_interleave(128, 0)
-    y = sample_targets(e, inp.c, torch.Generator().manual_seed(1))
-    r = filtered_gradients(e, inp.c, y, 0.25)
-    assert 0 < r["s"] < 1 and r["dc_dropped"] > 1e-2 and r["de_dropped"] > 1e-3
-    assert r["dc_corrected"] < 1e-6
-    assert filtered_gradients(e, inp.c, y, 0.0) == {"s": 0.0, "de_dropped": 0.0, "dc_dropped": 0.0, "dc_corrected": 0.0}
-    with pytest.raises(ValueError, match="multiple"):
-        filtered_gradients(e[:200], inp.c, y[:200], 0.25)
-
-
-def test_dc_filter_study_prints_a_line_per_point(capsys):
-    from benchmarks import dc_filter_study
-
-    dc_filter_study.main(["--d", "32", "--v", "1024", "--ns", "128", "256", "--eps", "0.125"])
-    lines = capsys.readouterr().out.strip().splitlines()
-    assert len(lines) == 2 and all("dC dropped + rank-1 per tile" in line for line in lines)
-
-
-def test_skip_bound_study_bounds_are_nested_within_the_rule():
-    """benchmarks/skip_bound_study.py: each bound skips no more than the next, finer one (tile max,
-    tile log-mass, token log-mass, the filter's rule), and the data (eps 1, so that this small head
-    skips) leave the tile log-mass bound something to skip."""
-    from benchmarks.skip_bound_study import skip_fractions
-    from cce_inductor.testing import make_inputs
-
-    x = make_inputs("lm", 256, 512, 16384, dtype=torch.float32, seed=0)
-    s = skip_fractions(x.e, x.c, x.targets, 1.0)
-    assert 0.0 <= s["tile max"] <= s["tile log-mass"] <= s["token log-mass"] <= s["rule"]
-    assert s["tile log-mass"] > 0 and s["rule"] > 0.2
-    with pytest.raises(ValueError, match="multiple"):
-        skip_fractions(x.e[:200], x.c, x.targets[:200], 0.25)
-
-
-def test_schedule_study_orders_and_flags():
-    """benchmarks/schedule_study.py: the even split bounds every order from below, LPT is never
-    worse than index order, every order of an all-kept window is the all-kept launch itself (1.0;
-    the even split below it where the tiles do not fill whole waves), and the keep flags are the
-    filter's rule (a uniform softmax keeps every tile)."""
-    from benchmarks.schedule_study import ORDERS, keep_flags, longest_program, schedule_fractions
-    from cce_inductor.testing import make_inputs
-
-    work = [9.0, 1.0, 1.0, 7.0, 2.0, 2.0, 8.0, 3.0]
-    spans = {order: longest_program(work, 3, order) for order in ORDERS}
-    assert spans["even"] == 11 and spans["index"] == 24 and spans["lpt"] <= spans["index"]
-    assert spans["even"] <= min(spans["snake"], spans["lpt"])
-    ones = torch.ones(4, 6, dtype=torch.bool)
-    for fractions in schedule_fractions(ones, 512, 512, 5, 0.0).values():
-        assert fractions["index"] == fractions["snake"] == fractions["lpt"] == 1.0 and fractions["even"] <= 1.0
-    x = make_inputs("uniform", 256, 64, 1024, dtype=torch.float32, seed=0)
-    assert keep_flags(x.e, x.c, x.targets, 0.125).all()
-    peaked = make_inputs("lm", 256, 512, 16384, dtype=torch.float32, seed=0)
-    keep = keep_flags(peaked.e, peaked.c, peaked.targets, 1.0)
-    assert 0 < keep.float().mean() < 1
-    fractions = schedule_fractions(keep, 512, 2048, 7, 0.0)
-    for gemm in ("dE", "dC"):
-        assert fractions[gemm]["even"] <= fractions[gemm]["lpt"] <= fractions[gemm]["index"] <= 1.0
-    # split-K halves without a per-tile overhead: the same total work, so the even split bounds them
-    assert fractions["dE"]["even"] <= min(fractions["dE"]["halves snake"], fractions["dE"]["halves lpt"])
-    with pytest.raises(ValueError, match="multiple"):
-        keep_flags(peaked.e[:200], peaked.c, peaked.targets[:200], 0.25)
-
-
 def test_filtered_rows_say_how_often_the_filter_ran():
     """A filtered method's row notes in how many backward calls its filter ran
     (cce_inductor.filter_choice), from the method's own records, not the process's."""
@@ -341,34 +256,3 @@ def test_filtered_rows_say_how_often_the_filter_ran():
     lce_bench._note_filter_choice(row, Prepared(loss=None, filter_records=store), types.SimpleNamespace(c=c))
     assert row["note"] == "impl='triton'; filter ran in 1 of 2 backward calls (filter_choice, latest s 0.0000)"
     assert filter_choice.state(c) is None
-
-
-def test_row_kernel_variants_compile_for_hopper_without_spills():
-    """benchmarks/workspace_rows.py --offline: every launch variant of the workspace row kernel (the
-    default first) compiles for sm_90 with this machine's Triton and its ptxas, no GPU needed, plain
-    and with softcap + label smoothing; the default launch with no stack frame (no register spills;
-    a 16-warp program is held to 128 registers a thread, and the 32 KB prefetching variants spill a
-    few bytes with softcap + smoothing); the prefetch variants issue twice the 16-byte loads. Run in a
-    child process: the interpreter (set for the test session) replaces the kernel with a Python
-    function."""
-    import subprocess
-
-    knobs = pytest.importorskip("triton.knobs")
-    if not os.path.exists(knobs.nvidia.cuobjdump.path or ""):
-        pytest.skip("Triton's cuobjdump is not installed here")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    code = "import json; from benchmarks.workspace_rows import offline_resources; print(json.dumps(offline_resources()))"
-    done = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-2000:]
-    rows = json.loads(done.stdout.strip().splitlines()[-1])
-    from benchmarks.workspace_rows import VARIANTS
-
-    assert [r[0] for r in rows[::2]] == [v[0] for v in VARIANTS]
-    for label, options, registers, stack, fit, loads in rows:
-        assert registers <= 255 and fit >= 1, (label, options, registers)
-        assert stack == 0 or label != VARIANTS[0][0], (label, options, registers, stack)
-    loads = {(r[0], r[1]): r[5] for r in rows}
-    for label, block_bytes, warps, _, prefetch, _ in VARIANTS:
-        per_block = block_bytes // (16 * 32 * warps)  # 16-byte loads per thread per block
-        assert loads[(label, False)] == (4 if prefetch else 2) * per_block, label
