@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from .options import Options
-from .rewrite import rewrite_graph
+from .rewrite import rewrite_and_defer
 
 
 def split_options(options: dict[str, Any] | None) -> tuple[Options, dict[str, Any]]:
@@ -36,6 +36,7 @@ def cce_backend(gm: torch.fx.GraphModule, example_inputs, **kwargs):
         raise TypeError(f"cce backend: unexpected arguments {sorted(kwargs)}")
     if mode not in (None, "default"):
         patches = {**torch._inductor.list_mode_options(mode), **patches}
-    rewrite_graph(gm.graph, options)
+    _, deferral = rewrite_and_defer(gm.graph, options)
     gm.recompile()
-    return compile_fx(gm, example_inputs, config_patches=patches or None)
+    compiled = compile_fx(gm, example_inputs, config_patches=patches or None)
+    return compiled if deferral is None else deferral.wrap(compiled, detach=options.detach_logits)

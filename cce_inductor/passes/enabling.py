@@ -85,6 +85,7 @@ class Enabled:
             inductor_config.pre_grad_custom_pass = _compose(
                 [p for p in _passes(current) if p is not self.graph_pass]
             )
+        inductor_hook().uninstall_if_unused()
         return False
 
     def __repr__(self) -> str:
@@ -112,6 +113,7 @@ def enable(**options) -> Enabled:
     others = [p for p in _passes(previous) if not isinstance(p, CCEGraphPass)]
     installed = _compose(others + [graph_pass])
     inductor_config.pre_grad_custom_pass = installed
+    inductor_hook().install()
     return Enabled(previous, installed, graph_pass)
 
 
@@ -121,3 +123,12 @@ def disable() -> None:
     inductor_config.pre_grad_custom_pass = _compose(
         [p for p in _passes(current) if not isinstance(p, CCEGraphPass)]
     )
+    inductor_hook().uninstall_if_unused()
+
+
+def inductor_hook():
+    """The module that defers returned logits for the default backend (imported late: it
+    imports this one)."""
+    from . import inductor_hook
+
+    return inductor_hook

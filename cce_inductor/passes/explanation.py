@@ -21,12 +21,12 @@ import torch
 from .enabling import active_options
 from .options import Options
 from .report import SiteReport
-from .rewrite import rewrite_graph
+from .rewrite import rewrite_and_defer
 
 log = logging.getLogger("cce_inductor")
 
 # Sinks of the explain() calls in progress; see _capture_backend.
-_SINKS: list[tuple[Options, list]] = []
+_SINKS: list[tuple[Options, bool, list]] = []
 
 
 @dataclass
@@ -104,14 +104,16 @@ def _format_site(s: SiteReport) -> list[str]:
         out.append("      " + ", ".join(f"{k}={v}" for k, v in s.details.items()))
     if s.status == "rewritten":
         out.append(f"      N x V bytes avoided: {_fmt_bytes(s.bytes_avoided)} (estimate)")
+    for name in s.deferred:
+        out.append(f"      returned logits {name}: deferred, formed only if read (backend=\"cce\")")
     for r in s.remaining:
         out.append(f"      stays: {r.node} {r.shape} {r.dtype} {_fmt_bytes(r.nbytes)} -- {r.why}")
     return out
 
 
-def _analyse(gm: torch.fx.GraphModule, options: Options) -> list[SiteReport]:
+def _analyse(gm: torch.fx.GraphModule, options: Options, defer: bool) -> list[SiteReport]:
     copied = torch.fx.GraphModule(gm, copy.deepcopy(gm.graph))
-    return rewrite_graph(copied.graph, options, log_sites=False)
+    return rewrite_and_defer(copied.graph, options, log_sites=False, defer=defer)[0]
 
 
 def _capture_backend(gm: torch.fx.GraphModule, example_inputs):
@@ -121,8 +123,8 @@ def _capture_backend(gm: torch.fx.GraphModule, example_inputs):
 
     def run(*args):
         if _SINKS:
-            options, sink = _SINKS[-1]
-            sink.append(_analyse(gm, options))
+            options, defer, sink = _SINKS[-1]
+            sink.append(_analyse(gm, options, defer))
         return gm.forward(*args)
 
     return run
@@ -136,14 +138,17 @@ def explain(fn, *args, **kwargs) -> Explanation:
     """Run ``fn(*args, **kwargs)`` once under torch.compile and report, for every loss call in
     its graphs, whether the rewrite replaces it (with the shapes and the N x V bytes avoided, and
     the N x V tensors that stay because the logits escape) or leaves it alone, and why."""
-    options = active_options() or Options()
+    # Under enable() the report is the pre-grad pass's, which cannot defer returned logits;
+    # otherwise it is backend="cce"'s.
+    enabled = active_options()
+    options = enabled or Options()
     # A fresh code object per call: Dynamo caches compiled frames on code objects, and the
     # trampoline of an earlier call must not be reused (or pile up entries) here.
     code = _trampoline.__code__.replace()
     trampoline = types.FunctionType(code, _trampoline.__globals__, "_cce_explain")
     compiled = torch.compile(trampoline, backend=_capture_backend)
     sink: list = []
-    _SINKS.append((options, sink))
+    _SINKS.append((options, enabled is None, sink))
     try:
         compiled(fn, args, kwargs)
     finally:

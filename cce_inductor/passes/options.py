@@ -19,6 +19,10 @@ class Options:
             flow through the returned logits (a loss computed from them outside the compiled
             region does not reach the model). Uses inside the compiled region are unchanged.
             Off by default: returned logits keep their exact semantics.
+        defer_logits: (``backend="cce"`` only) logits the compiled region returns next to a
+            rewritten loss are not computed in it: the caller gets a tensor that forms them when
+            first read, with eager's values and gradients (see ``cce_inductor.deferred``).
+            ``enable()`` cannot change what a compiled region returns and ignores it.
         exact: the op's ``exact=``; True (the default) means no gradient filtering in the Triton
             backward, False opts in to the bounded filter (see ``linear_cross_entropy``).
         filter_dc: the op's ``filter_dc=`` (with exact=False only): dC filtered too, and the
@@ -30,13 +34,14 @@ class Options:
     """
 
     detach_logits: bool = False
+    defer_logits: bool = True
     exact: bool = True
     filter_dc: bool = False
     impl: str = "auto"
     max_workspace_bytes: int | None = None
 
     def __post_init__(self):
-        for name in ("detach_logits", "exact", "filter_dc"):
+        for name in ("detach_logits", "defer_logits", "exact", "filter_dc"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"cce option {name} must be a bool, got {getattr(self, name)!r}")
         if self.filter_dc and self.exact:

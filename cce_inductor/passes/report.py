@@ -45,6 +45,7 @@ class SiteReport:
     details: dict = field(default_factory=dict)
     bytes_avoided: int | None = None  # N x V bytes no longer in the graph (estimate)
     remaining: list[Remaining] = field(default_factory=list)
+    deferred: list[str] = field(default_factory=list)  # returned logits formed only when read
 
     def summary(self) -> str:
         where = f" at {self.location}" if self.location else ""

@@ -23,6 +23,7 @@ from torch.fx.node import map_arg
 
 from ..ops import linear_cross_entropy
 from . import nodes as N
+from .deferral import Deferral, plan_deferral
 from .matcher import Match, NoMatch, Skip, find_anchors, match_site
 from .options import Options
 from .report import SiteReport, escapes, note_remaining, rewritten_report, skip_report
@@ -36,6 +37,15 @@ log = logging.getLogger("cce_inductor")
 def rewrite_graph(graph: Graph, options: Options | None = None, log_sites: bool = True) -> list[SiteReport]:
     """Rewrite every matched site of ``graph`` in place; one report per loss call, each also
     logged (INFO, logger "cce_inductor") unless ``log_sites`` is False."""
+    return rewrite_and_defer(graph, options, log_sites, defer=False)[0]
+
+
+def rewrite_and_defer(
+    graph: Graph, options: Options | None = None, log_sites: bool = True, defer: bool = True
+) -> tuple[list[SiteReport], Deferral | None]:
+    """:func:`rewrite_graph`, then (with ``defer`` and the ``defer_logits`` option) the rewritten
+    sites' returned logits deferred: the graph's outputs change (see :mod:`.deferral`), and the
+    returned :class:`Deferral` rebuilds them around the compiled graph."""
     options = options or Options()
     reports: list[SiteReport] = []
     applied: list[tuple[SiteReport, Match]] = []
@@ -52,6 +62,10 @@ def rewrite_graph(graph: Graph, options: Options | None = None, log_sites: bool 
                 applied.append((report, site))
                 continue
         reports.append(skip_report(site))
+    deferral = plan_deferral(graph) if defer and options.defer_logits and applied else None
+    if deferral is not None:
+        for report, m in applied:
+            report.deferred = [d.node for d in deferral.deferred if d.projection is m.projection]
     # Only now, with every site rewritten, is it known which logits stay.
     for report, m in applied:
         leaks = escapes(graph, m)
@@ -60,7 +74,7 @@ def rewrite_graph(graph: Graph, options: Options | None = None, log_sites: bool 
     if log_sites:
         for report in reports:
             _log(report)
-    return reports
+    return reports, deferral
 
 
 def _log(report: SiteReport) -> None:
