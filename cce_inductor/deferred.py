@@ -238,5 +238,7 @@ _STEP_HOOK = None
 def install_step_hook() -> None:
     """Register the optimizer pre-step hook once per process (it only forms deferred logits)."""
     global _STEP_HOOK
-    if _STEP_HOOK is None and hasattr(torch.optim.Optimizer, "register_optimizer_step_pre_hook"):
-        _STEP_HOOK = torch.optim.optimizer.register_optimizer_step_pre_hook(_form_before_step)
+    from torch.optim import optimizer
+
+    if _STEP_HOOK is None and hasattr(optimizer, "register_optimizer_step_pre_hook"):
+        _STEP_HOOK = optimizer.register_optimizer_step_pre_hook(_form_before_step)
