@@ -11,6 +11,11 @@ All are ``torch.library`` custom ops with fake implementations, so torch.compile
 opaque calls (no graph break, symbolic sizes). The forward op has a registered autograd that calls
 the backward op, and an autocast rule that computes in the autocast dtype, as F.linear would.
 
+Every tensor the ops return is contiguous (row-major), whatever the strides of their inputs, and
+their fakes say so: Inductor checks a custom op's real outputs against its fake's sizes and strides,
+so the two must agree for every input layout, a transposed e or c included (``F.linear(x.t(), W)``;
+``h @ W`` with W stored (D, V), which the rewrite passes as ``c = W.t()``).
+
 ``linear_cross_entropy`` validates the arguments, flattens the leading dims, turns ``shift`` into a
 shifted view of the targets (e is never copied), picks the implementation and applies the reduction.
 """
@@ -50,6 +55,18 @@ def _on_device_of(t: Tensor):
     current stream, not on the tensors' device: a model split over GPUs (e.g. device_map="auto")
     calls the op with tensors on cuda:1 while cuda:0 is current."""
     return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
+
+
+def _dense_like(t: Tensor) -> Tensor:
+    """An uninitialized contiguous tensor of t's shape, dtype and device: the layout of every gradient
+    the ops return (the fakes' outputs; ``torch.empty_like`` would keep a transposed input's strides)."""
+    return t.new_empty(t.shape)
+
+
+def _dense(t: Tensor | None, like: Tensor) -> Tensor:
+    """A real output in the fakes' layout: t made contiguous (a no-op for what the kernels and the
+    torch path allocate), or an empty tensor where there is none."""
+    return like.new_empty(0) if t is None else t.contiguous()
 
 
 # ----------------------------------------------------------------------------- custom ops
@@ -157,16 +174,16 @@ def lce_backward(
                 e, c, bias, targets, lse, grad_loss, grad_lse, ignore_index, softcap, label_smoothing,
                 needs_e, needs_c, needs_bias,
             )
-    return tuple(g if g is not None else e.new_empty(0) for g in grads)
+    return tuple(_dense(g, e) for g in grads)
 
 
 @lce_backward.register_fake
 def _(e, c, targets, bias, lse, grad_loss, grad_lse, keep, ignore_index, softcap, label_smoothing, impl,
       filter_grad, needs_e, needs_c, needs_bias):
     return (
-        torch.empty_like(e) if needs_e else e.new_empty(0),
-        torch.empty_like(c) if needs_c else e.new_empty(0),
-        torch.empty_like(bias) if (needs_bias and bias is not None) else e.new_empty(0),
+        _dense_like(e) if needs_e else e.new_empty(0),
+        _dense_like(c) if needs_c else e.new_empty(0),
+        _dense_like(bias) if (needs_bias and bias is not None) else e.new_empty(0),
     )
 
 
@@ -264,7 +281,7 @@ def lce_fused_reduced(
     with _on_device_of(e):
         out = workspace.lce_fused_reduced(e, c, bias, targets, ignore_index, softcap, label_smoothing, mean,
                                           max_workspace_bytes, needs_e, needs_c, needs_bias)
-    return tuple(t if t is not None else e.new_empty(0) for t in out)
+    return tuple(_dense(t, e) for t in out)
 
 
 @lce_fused_reduced.register_fake
@@ -272,9 +289,9 @@ def _(e, c, targets, bias, ignore_index, softcap, label_smoothing, mean, max_wor
       needs_bias):
     return (
         e.new_empty((), dtype=torch.float32),
-        torch.empty_like(e) if needs_e else e.new_empty(0),
-        torch.empty_like(c) if needs_c else e.new_empty(0),
-        torch.empty_like(bias) if (needs_bias and bias is not None) else e.new_empty(0),
+        _dense_like(e) if needs_e else e.new_empty(0),
+        _dense_like(c) if needs_c else e.new_empty(0),
+        _dense_like(bias) if (needs_bias and bias is not None) else e.new_empty(0),
     )
 
 

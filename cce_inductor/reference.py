@@ -182,7 +182,8 @@ def chunked_backward(
     """Gradients of sum(grad_loss * loss + grad_lse * lse) w.r.t. e, c and bias (None where not
     needed). With z the (capped) logits and p = softmax(z):
     dz = (grad_loss + grad_lse) * p - grad_loss * ((1 - ls) * onehot(y) + ls / V),
-    times sech^2(u / cap) under a softcap; dE = dz @ C, dC = dz^T @ E, dbias = sum_n dz."""
+    times sech^2(u / cap) under a softcap; dE = dz @ C, dC = dz^T @ E, dbias = sum_n dz.
+    The gradients are contiguous, in the dtypes of e, c and bias."""
     num_tokens, vocab = e.shape[0], c.shape[0]
     acc = dict(dtype=_compute_dtype(e.dtype), device=e.device)
     coef_loss, coef_p, safe_targets = _token_coefficients(targets, grad_loss, grad_lse, ignore_index, vocab,
@@ -192,8 +193,10 @@ def chunked_backward(
     # The vocabulary is the outer loop so that each chunk of dC is finished before the next starts:
     # the accumulators are one vocab chunk of dC plus dE (N x D), never V x D.
     de = torch.zeros(e.shape, **acc) if needs_e else None
-    dc = torch.empty_like(c) if needs_c else None
-    dbias = torch.empty_like(bias) if needs_bias else None
+    # Contiguous whatever the inputs' strides (the op's fakes promise it; empty_like would keep the
+    # strides of a transposed c, e.g. W.t() of a weight stored (D, V)).
+    dc = c.new_empty(c.shape) if needs_c else None
+    dbias = bias.new_empty(bias.shape) if needs_bias else None
     vocab_step = _vocab_chunk(min(num_tokens, TOKEN_CHUNK), vocab)
     for v0, v1 in _chunks(vocab, vocab_step):
         c_chunk = c[v0:v1].to(acc["dtype"])
