@@ -14,7 +14,9 @@ the backward op, and an autocast rule that computes in the autocast dtype, as F.
 Every tensor the ops return is contiguous (row-major), whatever the strides of their inputs, and
 their fakes say so: Inductor checks a custom op's real outputs against its fake's sizes and strides,
 so the two must agree for every input layout, a transposed e or c included (``F.linear(x.t(), W)``;
-``h @ W`` with W stored (D, V), which the rewrite passes as ``c = W.t()``).
+``h @ W`` with W stored (D, V), which the rewrite passes as ``c = W.t()``). The forward ops check the
+targets (``_check_targets``): one outside [0, V) that is not ignore_index is an error, in eager mode
+and under torch.compile alike, never a loss or gradient of another class.
 
 ``linear_cross_entropy`` validates the arguments, flattens the leading dims, turns ``shift`` into a
 shifted view of the targets (e is never copied), picks the implementation and applies the reduction.
@@ -69,6 +71,30 @@ def _dense(t: Tensor | None, like: Tensor) -> Tensor:
     return like.new_empty(0) if t is None else t.contiguous()
 
 
+class TargetOutOfRangeError(IndexError, ValueError):
+    """A target outside [0, V) that is not ignore_index. An IndexError, as eager F.cross_entropy
+    raises, and a ValueError, as the op's other argument errors are."""
+
+
+def _check_targets(targets: Tensor, vocab: int, ignore_index: int) -> None:
+    """Targets must lie in [0, vocab) or equal ignore_index. In the op's body, which runs eagerly even
+    under torch.compile, so the check holds for compiled programs too. CPU tensors: a host check
+    (host memory: no device sync) that raises TargetOutOfRangeError. Other devices:
+    ``torch._assert_async``, a device-side assert (a CUDA error at the next synchronization, as
+    Inductor's own index checks give) -- no host sync on the op path."""
+    if targets.numel() == 0:
+        return
+    bad = (targets != ignore_index) & ((targets < 0) | (targets >= vocab))
+    if targets.device.type == "cpu":
+        if bad.any():
+            raise TargetOutOfRangeError(
+                f"targets must be in [0, V={vocab}) or equal ignore_index={ignore_index}; found "
+                f"{int(targets[bad][0])}"
+            )
+    else:
+        torch._assert_async(~bad.any(), f"cce_inductor: a target is outside [0, V={vocab}) and not ignore_index")
+
+
 # ----------------------------------------------------------------------------- custom ops
 
 
@@ -89,8 +115,11 @@ def lce_forward(
     Returns loss (N,), float32, lse (N,) in ``lse_dtype(e.dtype, impl)``, and the backward filter's
     keep flags (int8, ``keep_flags_shape``) where ``forward_flags_apply``, else an empty int8 tensor.
     ``filter_grad`` and ``filter_dc`` are the backward's (``filter_dc``: the caller never
-    differentiates lse -- the flags are the filter's rule only where grad_lse is 0)."""
+    differentiates lse -- the flags are the filter's rule only where grad_lse is 0).
+    A target outside [0, V) that is not ignore_index raises on the CPU and device-asserts elsewhere
+    (``_check_targets``)."""
     with _on_device_of(e):
+        _check_targets(targets, c.shape[0], ignore_index)
         if forward_flags_apply(e, bias, softcap, label_smoothing, impl, filter_grad, filter_dc):
             from .kernels.backward import FILTER_EPS
             from .kernels.forward import lce_forward_with_keep
@@ -275,10 +304,12 @@ def lce_fused_reduced(
     w.r.t. e, c, bias (an empty tensor for each not needed), formed in the forward chunk by chunk in
     a logits buffer of at most ``max_workspace_bytes`` (see ``kernels/workspace.py``). Triton only.
     Its backward scales the returned gradient tensors in place (no second copy of dC), so a caller of
-    the raw op must not keep them; ``linear_cross_entropy`` returns only the loss."""
+    the raw op must not keep them; ``linear_cross_entropy`` returns only the loss. Targets are checked
+    as in ``lce_forward``."""
     from .kernels import workspace
 
     with _on_device_of(e):
+        _check_targets(targets, c.shape[0], ignore_index)
         out = workspace.lce_fused_reduced(e, c, bias, targets, ignore_index, softcap, label_smoothing, mean,
                                           max_workspace_bytes, needs_e, needs_c, needs_bias)
     return tuple(_dense(t, e) for t in out)
@@ -390,12 +421,12 @@ def _check_inputs(e, c, targets, bias, ignore_index, softcap, reduction, shift, 
         raise TypeError(f"softcap must be None or a number > 0, got {softcap!r}") from None
     if not softcap_ok:
         raise ValueError(f"softcap must be None or > 0, got {softcap!r}")
-    try:
-        smoothing_ok = 0.0 <= label_smoothing <= 1.0
+    try:  # as F.cross_entropy: above 1 is an error, anything else not above 0 (NaN too) means none
+        smoothing_too_large = label_smoothing > 1.0
     except TypeError:
-        raise TypeError(f"label_smoothing must be a number in [0, 1], got {label_smoothing!r}") from None
-    if not smoothing_ok:
-        raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing!r}")
+        raise TypeError(f"label_smoothing must be a number <= 1, got {label_smoothing!r}") from None
+    if smoothing_too_large:
+        raise ValueError(f"label_smoothing must be between 0.0 and 1.0. Got: {label_smoothing}")
     if not isinstance(shift, int) or isinstance(shift, bool) or shift < 0:
         raise ValueError(f"shift must be an int >= 0, got {shift!r}")
     if shift and (e.dim() < 2 or shift >= e.shape[-2]):
@@ -410,16 +441,6 @@ def _check_inputs(e, c, targets, bias, ignore_index, softcap, reduction, shift, 
             f"impl='triton' needs CUDA tensors and importable Triton kernels (or TRITON_INTERPRET=1 "
             f"on the CPU); got tensors on {e.device}"
         )
-
-
-def _check_target_range(targets: Tensor, vocab: int, ignore_index: int):
-    """Out-of-range targets are an error where checking costs no device sync (CPU, eager)."""
-    if targets.device.type != "cpu" or torch.compiler.is_compiling() or targets.numel() == 0:
-        return
-    valid = targets[targets != ignore_index]
-    if valid.numel() and (int(valid.min()) < 0 or int(valid.max()) >= vocab):
-        bad = valid[(valid < 0) | (valid >= vocab)][0]
-        raise ValueError(f"targets must be in [0, V={vocab}) or equal ignore_index={ignore_index}; found {int(bad)}")
 
 
 def linear_cross_entropy(
@@ -445,21 +466,29 @@ def linear_cross_entropy(
     reduction=reduction, label_smoothing=label_smoothing)`` with ``z = e @ c.T + bias`` (and
     ``z = softcap * tanh(z / softcap)`` when ``softcap`` is set), computed with float32 accumulation;
     the loss is float32. Under ``torch.autocast`` it computes in the autocast dtype, as F.linear would.
+    Any strides are accepted (a transposed e or c, e.g. ``c = W.t()`` for a weight stored (D, V));
+    the gradients the op forms are contiguous.
 
     Args:
         e: embeddings, shape (..., D); float32, bfloat16 or float16.
         c: classifier weight, shape (V, D), the dtype of e.
         targets: class indices, shape e.shape[:-1], any integer dtype. Targets equal to
-            ``ignore_index`` contribute nothing. Other targets outside [0, V) raise a ValueError on the
-            CPU in eager mode; on a GPU (no device sync is made to check) and under torch.compile
-            their token's loss is NaN.
+            ``ignore_index`` (any int, also a valid class id) contribute nothing. Any other target
+            outside [0, V) is an error, as for torch -- in eager mode and under torch.compile alike,
+            never a loss or gradient of another class: on the CPU a ``TargetOutOfRangeError`` (an
+            IndexError and a ValueError) is raised; on a GPU a device-side assert fires (checking
+            on the host would need a device sync), which surfaces as a CUDA error at the next
+            synchronization and leaves the CUDA context unusable, as torch's own device asserts do.
         bias: optional (V,), the dtype of e.
         softcap: logit soft-capping ``cap * tanh(z / cap)`` (Gemma 2); None for none.
         reduction: "mean" (over non-ignored targets; NaN when all are ignored, as torch),
             "sum", or "none" (per-token losses shaped like the shifted targets, 0 where ignored).
         shift: pair e[..., t, :] with targets[..., t + shift] along the token dim (the
-            second-to-last dim of e) -- the causal-LM label shift -- without copying e.
-        label_smoothing: as in F.cross_entropy, in [0, 1].
+            second-to-last dim of e) -- the causal-LM label shift -- without copying e. Targets
+            shifted out (the first ``shift`` of each row) are not read.
+        label_smoothing: as in F.cross_entropy: above 1.0 raises a ValueError; 0, a negative value
+            or NaN means no smoothing (torch treats them so), so that a call torch accepts is never
+            an error here.
         return_lse: also return the per-token log-sum-exp of the logits (e.g. for z-loss), shaped
             like the per-token loss; it is defined at ignored positions too and is differentiable.
         impl: "triton" (the CUDA kernels), "torch" (chunked pure torch, the CPU path) or "auto"
@@ -522,8 +551,7 @@ def linear_cross_entropy(
         >>> loss.backward()
     """
     _check_inputs(e, c, targets, bias, ignore_index, softcap, reduction, shift, label_smoothing, impl)
-    vocab = c.shape[0]
-    _check_target_range(targets, vocab, ignore_index)
+    smoothing = float(label_smoothing) if label_smoothing > 0.0 else 0.0  # NaN and negatives: none, as torch
     if not isinstance(exact, bool):  # exact=None would silently turn the gradient filter on
         raise TypeError(f"exact must be a bool, got {exact!r}")
     if not isinstance(filter_dc, bool):
@@ -550,12 +578,12 @@ def linear_cross_entropy(
     if max_workspace_bytes is not None and _workspace_applies(e, reduction, return_lse, impl):
         grad_on = torch.is_grad_enabled()
         needs = [grad_on and t is not None and t.requires_grad for t in (e, c, bias)]
-        out, *_ = lce_fused_reduced(e2d, c, flat_targets, bias, ignore_index, float(softcap or 0.0),
-                                    float(label_smoothing), reduction == "mean", max_workspace_bytes, *needs)
+        out, *_ = lce_fused_reduced(e2d, c, flat_targets, bias, ignore_index, float(softcap or 0.0), smoothing,
+                                    reduction == "mean", max_workspace_bytes, *needs)
         return out
     # an lse returned to the caller may be differentiated: the forward's keep flags assume it is not
     loss, lse, _ = lce_forward(
-        e2d, c, flat_targets, bias, ignore_index, float(softcap or 0.0), float(label_smoothing), impl, not exact,
+        e2d, c, flat_targets, bias, ignore_index, float(softcap or 0.0), smoothing, impl, not exact,
         filter_dc and not return_lse,
     )
 

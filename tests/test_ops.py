@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 
 import cce_inductor
 from cce_inductor import linear_cross_entropy
+from cce_inductor.ops import TargetOutOfRangeError
 from cce_inductor.reference import naive_linear_cross_entropy
 
 OPTIONS = dict(ignore_index=-100, softcap=None, reduction="mean", shift=0, label_smoothing=0.0, return_lse=False)
@@ -242,8 +243,8 @@ E, C, Y = torch.randn(2, 3, 8), torch.randn(11, 8), torch.randint(0, 11, (2, 3))
         (dict(reduction="avg"), ValueError, "reduction must be"),
         (dict(softcap=0.0), ValueError, "softcap"),
         (dict(softcap=-1.0), ValueError, "softcap"),
-        (dict(label_smoothing=1.5), ValueError, "label_smoothing"),
-        (dict(label_smoothing=-0.1), ValueError, "label_smoothing"),
+        (dict(label_smoothing=1.5), ValueError, r"label_smoothing must be between 0.0 and 1.0. Got: 1.5"),
+        (dict(label_smoothing=float("inf")), ValueError, "label_smoothing must be between"),
         (dict(softcap="30"), TypeError, "softcap must be"),
         (dict(label_smoothing=None), TypeError, "label_smoothing must be"),
         (dict(exact=None), TypeError, "exact must be"),
@@ -257,7 +258,7 @@ E, C, Y = torch.randn(2, 3, 8), torch.randn(11, 8), torch.randint(0, 11, (2, 3))
         (dict(filter_dc=1), TypeError, "filter_dc must be a bool"),
         (dict(filter_dc=True), ValueError, "filter_dc=True .* needs exact=False"),
         (dict(targets=torch.full((2, 3), 11)), ValueError, "targets must be in"),
-        (dict(targets=torch.full((2, 3), -5)), ValueError, "targets must be in"),
+        (dict(targets=torch.full((2, 3), -5)), IndexError, "targets must be in .* found -5"),
         (dict(e=E.to("meta")), ValueError, "one device"),
     ],
 )
@@ -268,10 +269,61 @@ def test_bad_input_raises(kwargs, error, match):
         linear_cross_entropy(args.pop("e"), args.pop("c"), args.pop("targets"), **args)
 
 
-def test_ignore_index_outside_vocab_is_fine():
+@pytest.mark.parametrize("impl", ["torch", pytest.param("triton", marks=pytest.mark.skipif(
+    os.environ.get("TRITON_INTERPRET") != "1", reason="the Triton path on the CPU: the interpreter"))])
+def test_ignore_index_any_int(impl):
+    """ignore_index is any int, as in F.cross_entropy: a valid class id, negative, outside [0, V),
+    beyond int32; the loss and dE equal torch's in float64."""
+    values = (1, -1, 11, 2**40) if impl == "torch" else (11, 2**40)
+    for ignore_index in values:
+        y = Y.clone()
+        y[0, 1] = y[1, 2] = ignore_index
+        e = E.clone().requires_grad_()
+        loss = linear_cross_entropy(e, C, y, ignore_index=ignore_index, impl=impl)
+        loss.backward()
+        e64 = E.double().requires_grad_()
+        ref = F.cross_entropy((e64 @ C.double().T).flatten(0, 1), y.flatten(), ignore_index=ignore_index)
+        ref.backward()
+        torch.testing.assert_close(loss.double(), ref, rtol=1e-5, atol=0)
+        assert rel(e.grad, e64.grad) < 1e-5
+
+
+@pytest.mark.parametrize("smoothing", [-0.1, -math.inf, math.nan, 0])
+def test_label_smoothing_not_above_zero_means_none_as_in_torch(smoothing):
+    """F.cross_entropy treats a label_smoothing that is not above 0 (negative, NaN) as none; so does
+    the op (it raised for negatives, so a compiled program failed where torch runs)."""
     y = Y.clone()
     y[0, 0] = -100
-    linear_cross_entropy(E, C, y)
+    z = (E.double() @ C.double().T).flatten(0, 1)
+    torch_none = F.cross_entropy(z, y.flatten())
+    torch.testing.assert_close(F.cross_entropy(z, y.flatten(), label_smoothing=smoothing), torch_none)
+    for reduction in ("mean", "none"):
+        ours = linear_cross_entropy(E, C, y, label_smoothing=smoothing, reduction=reduction)
+        want = linear_cross_entropy(E, C, y, reduction=reduction)
+        assert torch.equal(ours, want)
+    torch.testing.assert_close(linear_cross_entropy(E, C, y, label_smoothing=smoothing).double(), torch_none,
+                               rtol=1e-5, atol=0)
+
+
+def test_label_smoothing_above_one_raises_as_in_torch():
+    with pytest.raises(RuntimeError, match="label_smoothing must be between 0.0 and 1.0. Got: 1.5"):
+        F.cross_entropy(E @ C.T, Y, label_smoothing=1.5)  # torch's own wording, which the op's error repeats
+    with pytest.raises(ValueError, match="label_smoothing must be between 0.0 and 1.0. Got: 1.5"):
+        linear_cross_entropy(E, C, Y, label_smoothing=1.5)
+
+
+def test_out_of_range_target_is_an_index_error_and_shifted_out_targets_are_not_read():
+    """Eager torch raises an IndexError for an out-of-range target: the op's error is one (and a
+    ValueError). With shift, the targets shifted out (the first of each row) are never paired with
+    a token, as in torch's ``cross_entropy(z[:, :-1], y[:, 1:])``: they are not checked."""
+    y = Y.clone()
+    y[1, 0] = 11
+    with pytest.raises(IndexError):
+        F.cross_entropy((E[:, :-1] @ C.T).flatten(0, 1), y[:, :-1].flatten())
+    with pytest.raises(TargetOutOfRangeError, match="found 11"):
+        linear_cross_entropy(E, C, y)
+    ref = F.cross_entropy((E.double()[:, :-1] @ C.double().T).flatten(0, 1), y[:, 1:].flatten())
+    torch.testing.assert_close(linear_cross_entropy(E, C, y, shift=1).double(), ref, rtol=1e-5, atol=0)
 
 
 def test_public_api():
