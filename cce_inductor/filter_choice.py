@@ -1,13 +1,9 @@
 """Whether a filtered backward (``exact=False``) runs its filter, from how much it skipped lately.
 
 The filtered backward replaces cuBLAS's dE GEMM (and with ``filter_dc`` its dC GEMM) by Triton GEMMs
-over the tiles the filter keeps. Those run at ~1.08-1.09x cuBLAS's time with every tile kept (an
-H200, bf16: results/h200-2026-12-01m/filtered_gemm_configs.log), so the filter pays only where it
-skips enough tiles; where it skips few, the exact backward is faster and at least as accurate (it
-drops nothing). Measured fw+bw on an H200 (results/h200-2026-12-01l/bench.json), filtered against
-exact: s = 0.003 (Gemma's shape, LM-like) 4.33 against 4.22 T, s = 0 (uniform) 4.34-4.35 against
-4.25-4.29 T; s = 0.204 (Mistral's, LM-like) 4.07 / 3.87 T (``filter_dc``) against 4.12 T; s = 0.434
-(Llama's, LM-like) 3.99 / 3.26 T against 4.25 T.
+over the tiles the filter keeps. With every tile kept those are somewhat slower than cuBLAS's, so the
+filter pays only where it skips enough tiles; where it skips few, the exact backward is faster and
+at least as accurate (it drops nothing). docs/RESULTS.md has the measurements.
 
 So each filtered backward counts the tiles it skips (``tile_counts``), copies the two counts to the
 host without waiting (a pinned buffer and an event), and a later call reads them once the event has
@@ -33,12 +29,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-# The filtered backward runs where the latest measured fraction of skipped tiles is at least this.
-# Measured fw+bw on an H200 against exact mode, LM-like data with E scaled to move s
-# (benchmarks/filter_threshold.py, results/h200-2026-12-01m/filter_threshold.log): exact=False
-# +1.4 / +0.4 ms at s = 0.03 / 0.04 (the Llama / Gemma goal shapes), a tie at s = 0.13 / 0.16,
-# -2.1 / -1.8 ms at 0.30 / 0.34; with filter_dc +2.4 / +0.5 ms, -1.1 / -2.1 ms, -7.7 / -9.1 ms. One
-# threshold for both: 0.1 sits between their break-even points (~0.14 and ~0.08).
+# The filtered backward runs where the latest measured fraction of skipped tiles is at least this:
+# one threshold for exact=False and filter_dc, between the two modes' break-even fractions against
+# exact mode (docs/PERF_NOTES.md).
 MIN_SKIPPED = 0.1
 # While exact is chosen, every this-many-th call runs filtered, to measure s again.
 PROBE_EVERY = 32

@@ -498,33 +498,25 @@ def linear_cross_entropy(
             in it is below ``kernels.FILTER_EPS`` (1/8) times its share |tile|/V: the mass dropped
             from any token is then < 1/8 of its gradient scale, whatever the data (a near-uniform
             softmax is never filtered); dC and dbias stay exact. The filtered backward (a Triton dE
-            GEMM over the kept tiles) is faster than the exact one only where it skips enough (on an
-            H200: 3.99 against 4.25 T fw+bw at the Llama shape on LM-like data, s = 0.43; 4.33
-            against 4.22 T at Gemma's, s = 0.003; results/h200-2026-12-01l), so each backward
-            counts the blocks it skips and, where the latest count (read without a device sync, so
-            from an earlier call) is under ``filter_choice.MIN_SKIPPED`` (10%), the calls run exact
-            -- every 32nd still filtered, to count again; the first call, and every call under
-            ``torch.use_deterministic_algorithms(True)`` or a CUDA graph capture, filters
-            (``cce_inductor.filter_choice``). Either way each token loses less than 1/8 of its
-            gradient scale. The dropped tail mass is biased: in the committed 300-step convergence
-            run the filtered loss strayed up to 0.015 above eager's early on, three times as far as
-            torch.compile's rounding, though well inside the 0.13 that another random init moves it
-            (results/h100-2026-11-23d/convergence.png; at 1/4 it sat 0.02-0.04 above). The torch
-            path is always exact.
+            GEMM over the kept tiles) is faster than the exact one only where it skips enough, so
+            each backward counts the blocks it skips and, where the latest count (read without a
+            device sync, so from an earlier call) is under ``filter_choice.MIN_SKIPPED``, the calls
+            run exact -- every ``filter_choice.PROBE_EVERY``-th still filtered, to count again; the
+            first call, and every call under ``torch.use_deterministic_algorithms(True)`` or a CUDA
+            graph capture, filters (``cce_inductor.filter_choice``). Either way each token loses
+            less than 1/8 of its gradient scale. The dropped mass is biased (it is always the small
+            probabilities that go), so a filtered training run's loss can stray from an exact one's
+            (docs/RESULTS.md has a convergence run). The torch path is always exact.
         filter_dc: a bool, only with ``exact=False`` (else a ValueError); False (the default): dC
             stays exact. True: a skipped block is dropped from dC too, and where the forward can tell
             which blocks the filter will skip -- the Triton path, bfloat16 or float16, no bias, no
             softcap, no label smoothing, return_lse=False -- it forms the filter's keep flags itself
-            (from each token's log-sum-exp over each 256-entry block of the vocabulary; (N/128) x
-            (V/256) bytes kept for the backward), so that the backward recomputes only the kept
-            blocks. Elsewhere dC stays exact. dC's dropped terms have no relative bound (they add up
-            along the tokens), so its error grows with N (a CPU float32 study at D = 4096, V =
-            128256, LM-like: 1.5e-3, 2.1e-3, 2.9e-3 at N = 2K, 4K, 8K). On an H200 at 8192 x 4096 x
-            128256, LM-like (s = 0.43): forward + backward 3.15 T against 3.88 T with dC exact and
-            4.14 T in exact mode, dC 4.1e-3 from float64 (exact mode 3.4e-3, torch bf16 9.4e-3);
-            where little is skipped its backward is slower than exact mode's (8192 x 2304 x 256000:
-            4.62 against 4.36 T fw+bw; benchmarks/listed_backward.py, results/h200-2026-12-01k), and
-            there it runs exact as ``exact=False`` does (above), its forward still forming the flags.
+            (from each token's log-sum-exp over each vocabulary block of the forward's tiles; one
+            byte per (token tile, vocabulary tile) kept for the backward), so that the backward
+            recomputes only the kept blocks. Elsewhere dC stays exact. dC's dropped terms have no
+            relative bound (they add up along the tokens), so its error grows with N. Where little
+            is skipped it runs exact as ``exact=False`` does (above), its forward still forming
+            the flags.
         max_workspace_bytes: memory for speed (None: off). The Triton path may hold the logits of a
             chunk of tokens in a buffer of at most this many bytes (at least one token's row), and
             then forms the gradients in the forward, in the same pass as the logits: three GEMMs
@@ -536,8 +528,7 @@ def linear_cross_entropy(
             bfloat16 or float32 (float16 gradients formed before a GradScaler's loss scale is known
             would underflow); otherwise ignored: the default path runs, with the same results up to
             rounding. A positive int; anything else raises. Rounding: dC is accumulated across chunks
-            in C's dtype, one rounding per chunk (bf16: as accurate as plain torch up to ~4 chunks,
-            the error then grows like sqrt(chunks)); 1 GiB is 4 chunks of 8192 x 256000 bf16 logits.
+            in C's dtype, one rounding per chunk, so its rounding error grows like sqrt(chunks).
 
     Returns:
         The loss, or ``(loss, lse)`` with ``return_lse=True``.
