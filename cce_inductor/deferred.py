@@ -21,8 +21,11 @@ Hazards, and what is done about them:
   would have returned the old values. An optimizer step pre-hook forms every live deferred
   logits tensor built from a parameter about to be stepped; any other in-place change of an
   ingredient (its version counter moved) makes a read raise instead of returning other values.
-* The weight's storage was freed after the forward (FSDP2 with ``reshard_after_forward=True`` on
-  a module holding the head): a read raises with the fix, rather than reading freed memory.
+* The weight's storage is freed soon after the forward: FSDP2 frees its unsharded parameters after
+  the forward (``reshard_after_forward``) or after the backward. Logits made of an FSDP2
+  parameter are formed at once, when the compiled region returns (eager mode's N x V tensor, but
+  still no N x V gradient or backward GEMMs for them). Where freed storage is not recognized in
+  advance, a read raises with the fix rather than reading freed memory.
 """
 
 from __future__ import annotations
@@ -107,11 +110,9 @@ class DeferredLogits(torch.Tensor):
             if t.numel() and t.untyped_storage().size() == 0:
                 raise RuntimeError(
                     "cce_inductor: the logits returned by a compiled region are formed when first "
-                    "read, but the weight or hidden states they are made of were freed after the "
-                    "forward (FSDP2 with reshard_after_forward=True on the module that holds the "
-                    "head). Read the logits before the next forward/backward, set "
-                    "reshard_after_forward=False on that module, or compile with "
-                    "options={'defer_logits': False}."
+                    "read, but the weight or hidden states they are made of have been freed since "
+                    "the forward (e.g. a sharded parameter, gathered for the forward only). Read the "
+                    "logits before it is freed, or compile with options={'defer_logits': False}."
                 )
             if t._version != version:
                 raise RuntimeError(
@@ -216,10 +217,39 @@ class _FormLogits(torch.autograd.Function):
 def defer(recipe: Recipe, like: Tensor, ingredients: Sequence[Tensor], track_grad: bool = True) -> DeferredLogits:
     """Logits of ``like``'s metadata, formed from ``ingredients`` by ``recipe`` when read. With
     ``track_grad``, grad mode on and an ingredient requiring grad, gradients reaching the logits
-    flow to the ingredients."""
+    flow to the ingredients. Formed at once where an ingredient is freed before a read could come (FSDP2)."""
     if track_grad and torch.is_grad_enabled() and any(t.requires_grad for t in ingredients):
-        return _FormLogits.apply(recipe, like, *ingredients)
-    return DeferredLogits(recipe, ingredients, like)
+        logits = _FormLogits.apply(recipe, like, *ingredients)
+    else:
+        logits = DeferredLogits(recipe, ingredients, like)
+    if any(_freed_by_fsdp2(t) for t in ingredients):
+        logits.form()  # eager mode's cost in memory, but still no N x V gradient in the backward
+    return logits
+
+
+def _freed_by_fsdp2(t: Tensor) -> bool:
+    """Whether ``t`` is an unsharded parameter of FSDP2, which frees it after the forward
+    (``reshard_after_forward``) or after the backward. Reading FSDP2's state is local: no
+    collective is issued (a re-gather at read time would need every rank to read)."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return False
+    try:
+        from torch.distributed._composable_state import _module_state_mapping
+
+        storage = t.untyped_storage()._cdata
+        for state in list(_module_state_mapping.values()):
+            state = state() if isinstance(state, weakref.ref) else state
+            groups = getattr(state, "_fsdp_param_groups", None) or [getattr(state, "_fsdp_param_group", None)]
+            for group in groups:
+                if group is None:
+                    continue
+                for param in group.fsdp_params:
+                    unsharded = getattr(param, "_unsharded_param", None)
+                    if unsharded is t or (unsharded is not None and unsharded.untyped_storage()._cdata == storage):
+                        return True
+    except Exception:  # noqa: BLE001 - FSDP2's private layout moved: keep deferring (a read then raises clearly)
+        return False
+    return False
 
 
 def _form_before_step(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
