@@ -1,14 +1,16 @@
 """Model-level memory and speed of a whole training step: plain torch.compile against backend="cce".
 
-    python -m benchmarks.model_step --out model_step.json             # GPU (H200: 417 s for the first two backends)
-    python -m benchmarks.model_step --no-search --out model_step.json # the fixed batch only (one model, two backends: 87 s)
+    python -m benchmarks.model_step --out model_step.json             # GPU, with the largest-batch search
+    python -m benchmarks.model_step --no-search --out model_step.json # the fixed batch only
     python -m benchmarks.model_step --small --out /tmp/model_step.json # CPU smoke test, tiny models
 
 For two model shapes with large vocabularies -- Gemma-2-2B-like (V = 256000, hidden 2304, final logit
 softcapping 30) and Llama-3.2-1B-like (V = 128256, hidden 2048, tied embeddings) -- with random bf16
 weights, in one process: a training step (forward, backward, AdamW step) of the unmodified Hugging Face
 model, `model(input_ids=ids, labels=ids).loss`, compiled plainly, with backend="cce", and with
-backend="cce" and options={"max_workspace_bytes": 2**30} (``--backends`` picks). For each:
+backend="cce" and options={"max_workspace_bytes": 2**30}; and the model itself compiled as a module
+(plainly and with backend="cce"), its output -- logits included -- kept alive through the backward
+and the optimizer step, as a training loop keeps it (``--backends`` picks). For each:
   * at a fixed batch: peak memory (max_memory_allocated over the step; the weights and the AdamW
     state, which are the same for both, are reported apart), median step time and tokens/s;
   * the largest batch that fits (doubling, then bisecting to 1/8 of the last doubling; each probe is
@@ -45,12 +47,17 @@ import torch  # noqa: E402
 
 import cce_inductor  # noqa: E402
 
-# backend -> (torch.compile's backend, its options): "cce_workspace" buys speed with the op's bounded
-# buffer of logits (max_workspace_bytes; the gradients formed in the forward).
-COMPILE_ARGS = {"inductor": ("inductor", None), "cce": ("cce", None),
-                "cce_workspace": ("cce", {"max_workspace_bytes": 2**30})}
+# backend -> (torch.compile's backend, its options, whether the model itself is compiled):
+# "cce_workspace" buys speed with the op's bounded buffer of logits (max_workspace_bytes; the
+# gradients formed in the forward). The "_module" ways compile the model as a module, as users do:
+# it returns its logits, and the step keeps its output alive through the backward and the optimizer
+# step, as a training loop does (``out = model(...); out.loss.backward(); opt.step()``).
+COMPILE_ARGS = {"inductor": ("inductor", None, False), "cce": ("cce", None, False),
+                "cce_workspace": ("cce", {"max_workspace_bytes": 2**30}, False),
+                "inductor_module": ("inductor", None, True), "cce_module": ("cce", None, True)}
 BACKENDS = tuple(COMPILE_ARGS)
-LABELS = {"inductor": "torch.compile", "cce": 'backend="cce"', "cce_workspace": 'backend="cce", 1 GiB workspace'}
+LABELS = {"inductor": "torch.compile", "cce": 'backend="cce"', "cce_workspace": 'backend="cce", 1 GiB workspace',
+          "inductor_module": "torch.compile(model)", "cce_module": 'torch.compile(model, backend="cce")'}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -121,8 +128,9 @@ class TrainingStep:
         def loss_fn(ids):
             return model(input_ids=ids, labels=ids).loss
 
-        compile_backend, options = COMPILE_ARGS[backend]
-        self.compiled = torch.compile(loss_fn, backend=compile_backend, options=options)
+        compile_backend, options, module = COMPILE_ARGS[backend]
+        self.module = module
+        self.compiled = torch.compile(model if module else loss_fn, backend=compile_backend, options=options)
         self.opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=device.type == "cuda")
         self.vocab = model.config.vocab_size
         self.device = device
@@ -130,10 +138,12 @@ class TrainingStep:
     def __call__(self, batch: int, seq: int) -> float:
         ids = torch.randint(0, self.vocab, (batch, seq), device=self.device)
         torch._dynamo.maybe_mark_dynamic(ids, 0)
-        loss = self.compiled(ids)
+        out = self.compiled(input_ids=ids, labels=ids) if self.module else None
+        loss = out.loss if self.module else self.compiled(ids)
         loss.backward()
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
+        del out  # the output (logits included) lived through the backward and the step
         return loss.detach()
 
     def free(self):
