@@ -245,3 +245,23 @@ def test_gradient_checkpointing():
     assert_close(out.loss, expected.loss)
     for (name, p), q in zip(model.named_parameters(), ref.parameters()):
         assert_close(p.grad, q.grad, what=name)
+
+
+def test_hf_trainer_with_torch_compile_under_enable(tmp_path):
+    """Trainer(torch_compile=True) compiles with backend="inductor" (accelerate accepts no other
+    name); inside ``cce_inductor.enable()`` the loss is rewritten and the logits deferred."""
+    pytest.importorskip("accelerate")
+    model, ids = _llama(), _ids()
+    ref = copy.deepcopy(model)
+    rows = [{"input_ids": row, "labels": row} for row in ids]
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path), torch_compile=True, max_steps=1, per_device_train_batch_size=B,
+        learning_rate=0.0, report_to=[], save_strategy="no", use_cpu=True, dataloader_num_workers=0,
+    )
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=rows)
+    with cce_inductor.enable():
+        _, code = run_and_get_code(trainer.train)
+    code = "\n".join(code)
+    assert "cce_inductor.lce_forward" in code and nxv_buffers(code, B * T, V) == []
+    expected = ref(input_ids=ids, labels=ids).loss
+    assert abs(trainer.state.log_history[-1]["train_loss"] - expected.item()) < 1e-4
