@@ -6,6 +6,11 @@
 The model is ordinary PyTorch -- an embedding, a few residual MLP blocks, a linear head and
 F.cross_entropy -- and knows nothing of cce_inductor. The whole change to a training script is the
 backend name; cce_inductor.explain() shows what the rewrite found.
+
+Expected output: explain()'s report with one loss call, rewritten; a loss that falls at every step
+from about ln(V) (9.0 on the CPU, 11.8 on a GPU) -- the data is one random batch trained on again at
+every step, so the model memorizes it; the size of the N x V logits that were never materialized;
+on a GPU, the measured peak memory of a training step with backend="cce" below plain torch.compile's.
 """
 
 import argparse
@@ -103,6 +108,8 @@ def main(argv=None) -> dict:
               f'backend="cce" {peaks["cce"] / 2**30:.2f} GiB '
               f"(saved {(peaks['inductor'] - peaks['cce']) / 2**30:.2f} GiB)", flush=True)
         result["peak_bytes"] = peaks
+    print(f"\nDone: {len(report.rewritten)} of {len(report.sites)} loss call(s) rewritten; loss {losses[0]:.4f} -> "
+          f"{losses[-1]:.4f} over {len(losses)} steps (one batch trained on repeatedly, so it falls).", flush=True)
     return result
 
 
