@@ -259,20 +259,23 @@ def _setup_nothing(ctx, inputs, output):
 lce_backward.register_autograd(_no_double_backward, setup_context=_setup_nothing)
 
 
-def _register_autocast(op, device_type: str):
+def _register_autocast(op, device_type: str, cast: bool = True):
     """Under autocast, cast the floating inputs to the autocast dtype in effect at the call (as
-    F.linear does) and run the op with autocast off. ``torch.library.register_autocast`` takes one
-    fixed dtype, so the rule is registered at the dispatcher directly."""
+    F.linear does; ``cast=False``: leave them as they are) and run the op with autocast off, so that
+    its body computes in the dtypes it chose (a backward called inside an autocast region would
+    otherwise run the torch path's logit matmuls in the autocast dtype). ``torch.library.register_autocast``
+    takes one fixed dtype, so the rule is registered at the dispatcher directly."""
     key_name = "Autocast" + torch._C._dispatch_key_for_device(device_type)
     keyset = torch._C.DispatchKeySet(getattr(torch._C.DispatchKey, key_name))
     overload = op._opoverload
     namespace, name = overload._schema.name.split("::")
 
     def kernel(_keyset, *args):
-        dtype = torch.get_autocast_dtype(device_type)
-        cast = tuple(a.to(dtype) if isinstance(a, Tensor) and a.is_floating_point() else a for a in args)
+        if cast:
+            dtype = torch.get_autocast_dtype(device_type)
+            args = tuple(a.to(dtype) if isinstance(a, Tensor) and a.is_floating_point() else a for a in args)
         with torch._C._ExcludeDispatchKeyGuard(keyset):
-            return overload(*cast)
+            return overload(*args)
 
     _LIB.impl(name, kernel, key_name, with_keyset=True)
 
@@ -280,6 +283,7 @@ def _register_autocast(op, device_type: str):
 _LIB = torch.library.Library("cce_inductor", "FRAGMENT")
 for _device_type in ("cpu", "cuda"):
     _register_autocast(lce_forward, _device_type)
+    _register_autocast(lce_backward, _device_type, cast=False)  # its inputs are the forward's
 
 
 # ----------------------------------------------------------------------------- workspace path
@@ -372,6 +376,7 @@ def _fused_backward(ctx, grad_loss, *_):
 lce_fused_reduced.register_autograd(_fused_backward, setup_context=_fused_setup_context)
 for _device_type in ("cpu", "cuda"):
     _register_autocast(lce_fused_reduced, _device_type)
+    _register_autocast(lce_scale_, _device_type, cast=False)
 
 
 def _workspace_applies(e: Tensor, reduction: str, return_lse: bool, impl: str) -> bool:

@@ -160,11 +160,16 @@ def test_autocast_computes_like_f_linear():
     ref = naive_linear_cross_entropy(e.bfloat16(), c.bfloat16(), y)
     assert ours.dtype == torch.float32
     torch.testing.assert_close(ours.double(), ref, rtol=1e-5, atol=1e-6)
-    # Gradients flow back to the float32 leaves through the autocast cast.
+    # Gradients flow back to the float32 leaves through the autocast cast, and a backward run inside
+    # the autocast region computes as one outside it: those of bfloat16 inputs (its logit matmuls
+    # ran in bfloat16 there).
     e.requires_grad_()
     with torch.autocast("cpu", dtype=torch.bfloat16):
         linear_cross_entropy(e, c, y).backward()
     assert e.grad.dtype == torch.float32
+    e16 = e.detach().bfloat16().requires_grad_()
+    linear_cross_entropy(e16, c.bfloat16(), y).backward()
+    assert torch.equal(e.grad, e16.grad.float())
 
 
 def test_opcheck():
