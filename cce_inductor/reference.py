@@ -69,13 +69,13 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def _logits(e_chunk: Tensor, c_chunk: Tensor, b_chunk: Tensor | None, softcap: float):
-    """Logits of one chunk in the compute dtype; with softcap also d(capped)/d(uncapped) = sech^2(u / cap),
-    which the backward needs. It is computed as 4a / (1 + a)^2 with a = exp(-2|u / cap|): the
-    textbook 1 - tanh^2 cancels catastrophically where the cap saturates."""
-    dtype = _compute_dtype(e_chunk.dtype)
-    z = e_chunk.to(dtype) @ c_chunk.to(dtype).T  # [n, v]
+    """Logits of one chunk, e_chunk and c_chunk given in the compute dtype (the callers convert each
+    chunk once); with softcap also d(capped)/d(uncapped) = sech^2(u / cap), which the backward needs.
+    It is computed as 4a / (1 + a)^2 with a = exp(-2|u / cap|): the textbook 1 - tanh^2 cancels
+    catastrophically where the cap saturates."""
+    z = e_chunk @ c_chunk.T  # [n, v]
     if b_chunk is not None:
-        z = z + b_chunk.to(dtype)
+        z.add_(b_chunk.to(z.dtype))
     if softcap:
         u = z / softcap
         a = torch.exp(-2.0 * u.abs())
@@ -103,18 +103,21 @@ def _token_coefficients(targets: Tensor, grad_loss: Tensor, grad_lse: Tensor, ig
 
 def _logit_grad(e_rows: Tensor, c_chunk: Tensor, b_chunk: Tensor | None, v0: int, vocab: int, softcap: float,
                 label_smoothing: float, lse: Tensor, g_loss: Tensor, g_p: Tensor, safe_targets: Tensor) -> Tensor:
-    """dz of these rows over vocabulary ids [v0, v0 + len(c_chunk)), in the compute dtype:
-    g_p * p - g_loss * ((1 - ls) * onehot(y) + ls / V), times sech^2(u / cap) under a softcap."""
+    """dz of these rows over vocabulary ids [v0, v0 + len(c_chunk)), in the compute dtype (that of
+    e_rows and c_chunk): g_p * p - g_loss * ((1 - ls) * onehot(y) + ls / V), times sech^2(u / cap)
+    under a softcap."""
     z, dcap = _logits(e_rows, c_chunk, b_chunk, softcap)
-    g = g_p[:, None] * torch.exp(z - lse[:, None])
+    # In place on the chunk's fresh logits: each step would otherwise allocate (and fault in) another
+    # chunk-sized temporary. The same operations as out of place, so the same values.
+    g = z.sub_(lse[:, None]).exp_().mul_(g_p[:, None])
     if label_smoothing:
-        g = g - g_loss[:, None] * (label_smoothing / vocab)
+        g.sub_(g_loss[:, None] * (label_smoothing / vocab))
     v1 = v0 + c_chunk.shape[0]
     in_chunk = (safe_targets >= v0) & (safe_targets < v1)
     onehot = torch.where(in_chunk, g_loss * (1.0 - label_smoothing), torch.zeros((), dtype=g.dtype, device=g.device))
-    g = g.scatter_add(1, (safe_targets - v0).clamp(0, v1 - v0 - 1)[:, None], -onehot[:, None])
+    g.scatter_add_(1, (safe_targets - v0).clamp(0, v1 - v0 - 1)[:, None], -onehot[:, None])
     if softcap:
-        g = g * dcap
+        g.mul_(dcap)
     return g
 
 
@@ -135,16 +138,13 @@ def chunked_forward(
     loss = torch.empty(num_tokens, dtype=torch.float32, device=e.device)
     lse = torch.empty(num_tokens, **acc)
     for n0, n1 in _chunks(num_tokens, TOKEN_CHUNK):
-        e_chunk, t = e[n0:n1], targets[n0:n1]
+        e_chunk, t = e[n0:n1].to(acc["dtype"]), targets[n0:n1]
         run_max = torch.full((n1 - n0,), float("-inf"), **acc)
         run_sum = torch.zeros(n1 - n0, **acc)
         target_logit = torch.zeros(n1 - n0, **acc)
         logit_sum = torch.zeros(n1 - n0, **acc)
         for v0, v1 in _chunks(vocab, _vocab_chunk(n1 - n0, vocab)):
-            z, _ = _logits(e_chunk, c[v0:v1], None if bias is None else bias[v0:v1], softcap)
-            new_max = torch.maximum(run_max, z.amax(dim=1))
-            run_sum = run_sum * torch.exp(run_max - new_max) + torch.exp(z - new_max[:, None]).sum(1)
-            run_max = new_max
+            z, _ = _logits(e_chunk, c[v0:v1].to(acc["dtype"]), None if bias is None else bias[v0:v1], softcap)
             # Take the target logit from the same matmul as the log-sum-exp, so that a confident
             # token's loss (lse - z_y, a small difference of large numbers) cancels exactly.
             in_chunk = (t >= v0) & (t < v1)
@@ -152,6 +152,10 @@ def chunked_forward(
             target_logit = torch.where(in_chunk, z.gather(1, local[:, None])[:, 0], target_logit)
             if label_smoothing:
                 logit_sum = logit_sum + z.sum(1)
+            new_max = torch.maximum(run_max, z.amax(dim=1))
+            # exp(z - max) in place on the chunk's logits (read above for the last time)
+            run_sum = run_sum * torch.exp(run_max - new_max) + z.sub_(new_max[:, None]).exp_().sum(1)
+            run_max = new_max
         chunk_lse = run_max + torch.log(run_sum)
         chunk_loss = chunk_lse - (1.0 - label_smoothing) * target_logit
         if label_smoothing:
@@ -205,12 +209,13 @@ def chunked_backward(
         db_chunk = torch.zeros(v1 - v0, **acc) if needs_bias else None
         for n0, n1 in _chunks(num_tokens, TOKEN_CHUNK):
             rows = slice(n0, n1)
-            g = _logit_grad(e[rows], c_chunk, b_chunk, v0, vocab, softcap, label_smoothing, lse[rows],
+            e_rows = e[rows].to(acc["dtype"])
+            g = _logit_grad(e_rows, c_chunk, b_chunk, v0, vocab, softcap, label_smoothing, lse[rows],
                             coef_loss[rows], coef_p[rows], safe_targets[rows])
             if needs_e:
                 de[n0:n1] += g @ c_chunk
             if needs_c:
-                dc_chunk += g.T @ e[n0:n1].to(acc["dtype"])
+                dc_chunk += g.T @ e_rows
             if needs_bias:
                 db_chunk += g.sum(0)
         if needs_c:
