@@ -99,10 +99,10 @@ def test_torch_path_fakes_match_reals(layout):
 
 
 @interpreter
-@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("layout", ["contiguous", "both_transposed", "sliced"])
 def test_triton_path_fakes_match_reals(layout):
     """The Triton forward and backward (float32: the atomic backward) and the workspace op with its
-    in-place scaling."""
+    in-place scaling. (e or c transposed alone: on the torch path above; here both at once.)"""
     e, c, y, b, grad = _inputs(layout)
     _forward_and_backward("triton", e, c, y, b, grad)
     out = assert_fake_matches_real(ops.lce_fused_reduced.default, e, c, y, b, -100, 0.0, 0.0, True, 4 * V * 3,
