@@ -6,8 +6,13 @@ Contract with ``ops.py`` (mirrors ``reference.chunked_forward`` / ``chunked_back
     lce_backward(e, c, bias, targets, lse, grad_loss, grad_lse, ignore_index, softcap,
                  label_smoothing, filter_grad, needs_e, needs_c, needs_bias) -> (de, dc, dbias)
 
-``forward.py`` and ``backward.py`` say how (algorithm, tiles, limits, the filter rule and its
-bound); ``common.py`` holds the fixed tile configs. ``skipped_fraction`` measures the filter.
+``forward.py`` says how the forward works; ``backward.py`` chooses the backward's strategy, each in
+its own module with its algorithm, tiles and limits: ``backward_buffered.py`` (16-bit: a dz buffer
+and GEMMs), with ``backward_filtered_de.py`` and ``backward_filtered_dc.py`` (the filter's GEMMs over
+the kept tiles), and ``backward_atomic.py`` (float32 atomics); ``backward_shared.py`` holds what they
+share (the gradient of a logit tile, the filter's rule and its bound). ``common.py`` holds the fixed
+tile configs; ``workspace.py`` the ``max_workspace_bytes`` path. ``skipped_fraction`` measures the
+filter.
 """
 
 try:

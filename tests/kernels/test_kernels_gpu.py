@@ -121,7 +121,8 @@ def test_buffered_and_atomic_paths_agree():
     """The exact 16-bit backward goes through the dz buffer and cuBLAS (several windows and chunks
     here); the atomic path is the one the filter uses. Both against float32 math on the same inputs
     (bias, softcap, label smoothing, ignored tokens), and against each other."""
-    from cce_inductor.kernels.backward import _HAS_ADDMM_DTYPE, buffered_shape
+    from cce_inductor.kernels.backward import _HAS_ADDMM_DTYPE
+    from cce_inductor.kernels.backward_buffered import buffered_shape
 
     print("torch has addmm(out_dtype):", _HAS_ADDMM_DTYPE)
     n, d, v = 3000, 1024, 50000
@@ -217,12 +218,15 @@ def test_filtered_gemms_reduce_and_order_of_work():
     pieces, added by the TMA reduce or by pointer atomics) the same sums up to their order; dE's
     epilogue in four column blocks the same sums; dC's as a bf16 TMA reduce-add the sum rounded
     twice."""
-    from cce_inductor.kernels import backward
+    from cce_inductor.kernels.backward_buffered import buffer_row_stride
+    from cce_inductor.kernels.backward_filtered_dc import _tile_means, filtered_dc_gemm
+    from cce_inductor.kernels.backward_filtered_de import filtered_de_gemm
+    from cce_inductor.kernels.backward_shared import epilogue_descriptor
     from cce_inductor.kernels.common import buffered_config, filtered_dc_config, filtered_de_config, tma_descriptor
 
     n, d, v, v_begin = 1000, 512, 3000, 40
     gen = torch.Generator(device="cuda").manual_seed(11)
-    dz = (torch.randn(n, backward.buffer_row_stride(v), device="cuda", generator=gen) * 1e-2).bfloat16()[:, :v]
+    dz = (torch.randn(n, buffer_row_stride(v), device="cuda", generator=gen) * 1e-2).bfloat16()[:, :v]
     e = torch.randn(n, d, device="cuda", generator=gen).bfloat16()
     c = (torch.randn(v_begin + v, d, device="cuda", generator=gen) / d**0.5).bfloat16()
     cfg = buffered_config(e)
@@ -232,7 +236,7 @@ def test_filtered_gemms_reduce_and_order_of_work():
     keep = (torch.rand(tiles_n, tiles_v, device="cuda", generator=gen) < rates).to(torch.int8)
     mask = keep.bool().repeat_interleave(cfg.block_n, 0).repeat_interleave(cfg.block_v, 1)[:n, :v]
     col_sums = torch.randn(tiles_n, v, device="cuda", generator=gen) * 1e-2 * ~mask[:: cfg.block_n]
-    means = backward._tile_means(e, cfg.block_n)
+    means = _tile_means(e, cfg.block_n)
     dc_old = torch.randn(v, d, device="cuda", generator=gen).bfloat16()
     descs = dict(dz_de=tma_descriptor(dz, [de_cfg.block_n, de_cfg.block_v], de_cfg),
                  c_de=tma_descriptor(c, [de_cfg.block_v, de_cfg.block_d], de_cfg),
@@ -245,24 +249,24 @@ def test_filtered_gemms_reduce_and_order_of_work():
     dc_want = dc_old.double() + kept.T @ e.double() + col_sums.bfloat16().double().T @ means.bfloat16().double()
     for reduce, parts in ((True, 2), (False, 2), (True, 4)):
         acc = torch.ones(n, d, device="cuda")
-        backward.filtered_de_gemm(acc, dz, c, keep.view(-1), v_begin, de_cfg, cfg.block_v, 5,
-                                  dz_desc=descs["dz_de"], c_desc=descs["c_de"],
-                                  acc_desc=backward.epilogue_descriptor(acc, de_cfg, de_cfg.block_n, parts),
-                                  epilogue_parts=parts, epilogue_reduce=reduce, split_last_wave=True)
+        filtered_de_gemm(acc, dz, c, keep.view(-1), v_begin, de_cfg, cfg.block_v, 5,
+                         dz_desc=descs["dz_de"], c_desc=descs["c_de"],
+                         acc_desc=epilogue_descriptor(acc, de_cfg, de_cfg.block_n, parts),
+                         epilogue_parts=parts, epilogue_reduce=reduce, split_last_wave=True)
         print("last wave in pieces, reduce", reduce, "parts", parts, "dE %.2e" % _rel(acc, de_want))
         assert _rel(acc, de_want) < 1e-5
     results = []
     for balanced, reduce in ((True, True), (False, True), (True, False)):
         acc = torch.ones(n, d, device="cuda")
-        backward.filtered_de_gemm(acc, dz, c, keep.view(-1), v_begin, de_cfg, cfg.block_v, 5,
-                                  dz_desc=descs["dz_de"], c_desc=descs["c_de"],
-                                  acc_desc=backward.epilogue_descriptor(acc, de_cfg, de_cfg.block_n, 2),
-                                  epilogue_parts=2, epilogue_reduce=reduce, balanced=balanced, split_last_wave=False)
+        filtered_de_gemm(acc, dz, c, keep.view(-1), v_begin, de_cfg, cfg.block_v, 5,
+                         dz_desc=descs["dz_de"], c_desc=descs["c_de"],
+                         acc_desc=epilogue_descriptor(acc, de_cfg, de_cfg.block_n, 2),
+                         epilogue_parts=2, epilogue_reduce=reduce, balanced=balanced, split_last_wave=False)
         dc = dc_old.clone()
-        backward.filtered_dc_gemm(dc, dz, e, keep.view(-1), col_sums, means, True, dc_cfg, cfg.block_n, cfg.block_v,
-                                  5, dz_desc=descs["dz_dc"], e_desc=descs["e_dc"],
-                                  dc_desc=backward.epilogue_descriptor(dc, dc_cfg, dc_cfg.block_v, 1),
-                                  epilogue_parts=1, balanced=balanced)
+        filtered_dc_gemm(dc, dz, e, keep.view(-1), col_sums, means, True, dc_cfg, cfg.block_n, cfg.block_v,
+                         5, dz_desc=descs["dz_dc"], e_desc=descs["e_dc"],
+                         dc_desc=epilogue_descriptor(dc, dc_cfg, dc_cfg.block_v, 1),
+                         epilogue_parts=1, balanced=balanced)
         print("balanced", balanced, "reduce", reduce, "dE %.2e dC %.2e" % (_rel(acc, de_want), _rel(dc, dc_want)))
         assert _rel(acc, de_want) < 1e-5
         assert _rel(dc, dc_want) < 4e-3  # one bf16 rounding of the sum
@@ -272,17 +276,17 @@ def test_filtered_gemms_reduce_and_order_of_work():
     # dE's epilogue in four blocks: the same sums; dC's as a bf16 reduce-add (the sum rounded to bf16,
     # then added in L2 and rounded again; in one and two blocks)
     acc = torch.ones(n, d, device="cuda")
-    backward.filtered_de_gemm(acc, dz, c, keep.view(-1), v_begin, de_cfg, cfg.block_v, 5,
-                              dz_desc=descs["dz_de"], c_desc=descs["c_de"],
-                              acc_desc=backward.epilogue_descriptor(acc, de_cfg, de_cfg.block_n, 4),
-                              epilogue_parts=4, epilogue_reduce=True, split_last_wave=False)
+    filtered_de_gemm(acc, dz, c, keep.view(-1), v_begin, de_cfg, cfg.block_v, 5,
+                     dz_desc=descs["dz_de"], c_desc=descs["c_de"],
+                     acc_desc=epilogue_descriptor(acc, de_cfg, de_cfg.block_n, 4),
+                     epilogue_parts=4, epilogue_reduce=True, split_last_wave=False)
     assert torch.equal(acc, results[0][0])
     for parts in (1, 2):
         dc = dc_old.clone()
-        backward.filtered_dc_gemm(dc, dz, e, keep.view(-1), col_sums, means, True, dc_cfg, cfg.block_n, cfg.block_v,
-                                  5, dz_desc=descs["dz_dc"], e_desc=descs["e_dc"],
-                                  dc_desc=backward.epilogue_descriptor(dc, dc_cfg, dc_cfg.block_v, parts),
-                                  epilogue_parts=parts, epilogue_reduce=True)
+        filtered_dc_gemm(dc, dz, e, keep.view(-1), col_sums, means, True, dc_cfg, cfg.block_n, cfg.block_v,
+                         5, dz_desc=descs["dz_dc"], e_desc=descs["e_dc"],
+                         dc_desc=epilogue_descriptor(dc, dc_cfg, dc_cfg.block_v, parts),
+                         epilogue_parts=parts, epilogue_reduce=True)
         twice = (dc_old.float() + (dc_want - dc_old.double()).float().bfloat16().float()).bfloat16()
         print("dC reduce-add, parts", parts, "dC %.2e, against the twice-rounded sum %.2e"
               % (_rel(dc, dc_want), _rel(dc, twice)))

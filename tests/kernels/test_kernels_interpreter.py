@@ -30,7 +30,11 @@ import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
 from cce_inductor.kernels import lce_backward, lce_forward  # noqa: E402
-from cce_inductor.kernels.backward import _balanced_position, _items_by_work, _kept_tile, _kept_tile_lists  # noqa: E402
+from cce_inductor.kernels import backward, backward_buffered, backward_filtered_dc, backward_filtered_de  # noqa: E402
+from cce_inductor.kernels import common, forward  # noqa: E402
+from cce_inductor.kernels.backward_shared import (  # noqa: E402
+    _balanced_position, _items_by_work, _kept_tile, _kept_tile_lists, epilogue_descriptor,
+)
 from cce_inductor.kernels.forward import vocab_splits  # noqa: E402
 
 
@@ -115,8 +119,6 @@ def test_buffered_windows_and_chunks(needs, options, chunk_room):
     (16, 16, 5 tokens) x 4 chunks (32, 32, 32, 5 entries); or, with room for 48 columns, the exact
     path's chunks widened to 48 (3 vocab tiles of 16 per launch, one wave on the interpreter's 4
     "SMs": 3 launches per window against 4 at 32): 3 chunks (48, 48, 5 entries)."""
-    from cce_inductor.kernels import backward
-
     softcap, ls = options.get("softcap", 0.0), options.get("label_smoothing", 0.0)
     e, c, b, y = _inputs(dtype=torch.bfloat16, bias=True, scale=2.0)
     y[3] = -100
@@ -124,8 +126,8 @@ def test_buffered_windows_and_chunks(needs, options, chunk_room):
     gl, gs = torch.rand(37), torch.rand(37)
     args = (e, c, b, y, lse, gl, gs, -100, softcap, ls, False, *needs)
     budget = 2 * 16 * chunk_room + 4 * 16 * 45
-    with mock.patch.object(backward, "CHUNK_V", 32):
-        assert backward.buffered_window(e, 101, budget) == (16, chunk_room)
+    with mock.patch.object(backward_buffered, "CHUNK_V", 32):
+        assert backward_buffered.buffered_window(e, 101, budget) == (16, chunk_room)
         grads = lce_backward(*args, buffered=True, buffer_bytes=budget)
     atomic = lce_backward(*args, buffered=False)
     gold = _reference_grads(e, c, b, y, lse, gl, gs, softcap=softcap, ls=ls)
@@ -149,8 +151,6 @@ def test_tma_and_pointer_loads_agree(dtype):
     chunks (one narrower than a tile, stored through the padded buffer) and partial tiles."""
     import dataclasses
 
-    from cce_inductor.kernels import backward, common
-
     e, c, b, y = _inputs(n=37, d=40, v=101, dtype=dtype, bias=True, scale=2.0)
     y[5] = -100
     cfg = common.forward_config(e)
@@ -161,7 +161,7 @@ def test_tma_and_pointer_loads_agree(dtype):
     results = {}
     for tma in (True, False):
         with mock.patch.object(common, "_INTERPRETER", dataclasses.replace(common._INTERPRETER, tma=tma)), \
-                mock.patch.object(backward, "CHUNK_V", 40):
+                mock.patch.object(backward_buffered, "CHUNK_V", 40):
             loss, lse = lce_forward(e, c, b, y, -100, softcap, ls)
             grads = lce_backward(e, c, b, y, lse, gl, gs, -100, softcap, ls, False, True, True, True,
                                  buffered=True, buffer_bytes=2 * 16 * 40 + 4 * 16 * 40)
@@ -259,8 +259,6 @@ def test_filtered_buffered_path_drops_what_the_atomic_filter_drops(needs, v, chu
     z log2(e) - lse log2(e) rounds at ~|lse| * 2^-24, and at these logits (|lse| up to ~120) that
     alone moves dE by 1.4e-5, 1e-3 of the dropped part (test_lean_dz_epilogue_matches_the_masked_one
     covers the lean one)."""
-    from cce_inductor.kernels import backward
-
     n = 40
     e, c, b, y = _inputs(n=n, v=v, scale=30.0, bias=True)
     y = (e @ c.T + b).argmax(1)
@@ -271,7 +269,7 @@ def test_filtered_buffered_path_drops_what_the_atomic_filter_drops(needs, v, chu
     args = (e, c, b, y, lse, gl, gs, -100, 0.0, 0.0)
     counts = {path: torch.zeros(2, dtype=torch.int32) for path in ("buffered", "atomic")}
     budget = 4 * 16 * (min(chunk, 64 * 16) + 45)  # windows of 16 tokens
-    with mock.patch.object(backward, "CHUNK_V", chunk), mock.patch.object(backward, "LEAN_DZ_EPILOGUE", False):
+    with mock.patch.object(backward_buffered, "CHUNK_V", chunk), mock.patch.object(backward_buffered, "LEAN_DZ_EPILOGUE", False):
         buffered = lce_backward(*args, True, *needs, buffered=True, buffer_bytes=budget, tile_counts=counts["buffered"],
                                 dc_filter="exact")
         exact = lce_backward(*args, False, *needs, buffered=True, buffer_bytes=budget)
@@ -292,8 +290,6 @@ _DC_GEMM_SPLIT = dict(block_n=8, block_v=8)  # dC GEMM tiles: 2 K steps per toke
 def _dc_gemm_config(dc_tiles):
     """The interpreter's tiles for the filtered dC GEMM: the dz kernel's ("dz_tiles") or split in both
     directions ("split")."""
-    from cce_inductor.kernels import common
-
     return common._INTERPRETER if dc_tiles == "dz_tiles" else dataclasses.replace(common._INTERPRETER,
                                                                                 **_DC_GEMM_SPLIT)
 
@@ -330,16 +326,14 @@ def test_corrected_dc_filter_matches_the_reference(dtype, dc_tiles):
     exact kernel's distance from float64, from the float64 filtered ones (a missing stand-in would be
     ~3x off here). Not bf16: the interpreter's float32 -> bf16 casts truncate (the GPU's round to
     nearest), which would put the Triton-written dC ~1.5x further off than the exact path's torch GEMM."""
-    from cce_inductor.kernels import backward, common
-
     args, budget = _peaked_filter_case(dtype, 45 if dtype == torch.float32 else 48)
     e, c, b, y, lse, gl, gs = args[:7]
     counts = torch.zeros(2, dtype=torch.int32)
     dc_cfg = _dc_gemm_config(dc_tiles)
     lean = dtype != torch.float32
-    with mock.patch.object(backward, "CHUNK_V", 48), mock.patch.object(backward, "LEAN_DZ_EPILOGUE", lean), \
-            mock.patch.object(backward, "filtered_dc_config", lambda e: dc_cfg):
-        assert backward.buffered_window(e, c.shape[0], budget, True, True) == (16, 48)
+    with mock.patch.object(backward_buffered, "CHUNK_V", 48), mock.patch.object(backward_buffered, "LEAN_DZ_EPILOGUE", lean), \
+            mock.patch.object(backward_buffered, "filtered_dc_config", lambda e: dc_cfg):
+        assert backward_buffered.buffered_window(e, c.shape[0], budget, True, True) == (16, 48)
         assert (common.tma_descriptor(e, [16, 16], dc_cfg) is None) == (dtype == torch.float32)
         filtered = lce_backward(*args, True, True, True, True, buffered=True, buffer_bytes=budget, tile_counts=counts,
                                 dc_filter="corrected")
@@ -380,8 +374,6 @@ def test_forward_keep_flags_are_the_backward_rule(windows):
     reference.filtered_backward's (the backward's rule in float64 for the plain loss) on a peaked
     softmax with partial token and vocab tiles, an ignored token and unlikely targets; in one window of
     tokens or in three (TILE_LSE_BYTES patched down to one token tile's scratch)."""
-    from cce_inductor.kernels import forward
-
     e, c, y, gl, gs = _peaked_plain_loss_case(torch.float32, 45)
     v_tiles = -(-c.shape[0] // 16)
     budget = forward.TILE_LSE_BYTES if windows == 1 else 4 * 16 * v_tiles
@@ -412,17 +404,15 @@ def test_listed_backward_matches_the_dropped_reference(dtype, list_block):
     float16: TMA loads and the lean epilogue. dE is the dz-kernel-flagged filtered path's, bit for bit
     (the same kept tiles, the same GEMM). "steps_of_2": the tile lists formed two tiles a step
     (LIST_BLOCK patched), as a GPU launch of more than 1024 tiles is."""
-    from cce_inductor.kernels import backward, forward
-
     d = 45 if dtype == torch.float32 else 48
     e, c, y, gl, gs = _peaked_plain_loss_case(dtype, d)
     _, lse, keep = forward.lce_forward_with_keep(e, c, None, y, -100, kernels.FILTER_EPS)
     args = (e, c, None, y, lse, gl, gs, -100, 0.0, 0.0)
     budget = e.element_size() * 16 * 48 + 4 * 16 * d
     counts = torch.zeros(2, dtype=torch.int32)
-    with mock.patch.object(backward, "CHUNK_V", 48), mock.patch.object(backward, "LEAN_DZ_EPILOGUE", dtype != torch.float32), \
-            mock.patch.object(backward, "LIST_BLOCK", list_block):
-        assert backward.buffered_window(e, c.shape[0], budget, True, True) == (16, 48)
+    with mock.patch.object(backward_buffered, "CHUNK_V", 48), mock.patch.object(backward_buffered, "LEAN_DZ_EPILOGUE", dtype != torch.float32), \
+            mock.patch.object(backward_buffered, "LIST_BLOCK", list_block):
+        assert backward_buffered.buffered_window(e, c.shape[0], budget, True, True) == (16, 48)
         listed = lce_backward(*args, True, True, True, False, buffered=True, buffer_bytes=budget, keep=keep,
                               tile_counts=counts)
         flagged = lce_backward(*args, True, True, False, False, buffered=True, buffer_bytes=budget)
@@ -467,23 +457,21 @@ def test_filtered_gemm_epilogues_through_descriptors_agree(dc_tiles, parts):
     bit: the same float32 sums, only the loads and stores change (``_peaked_filter_case`` in fp16, D =
     48: TMA loads; 3 windows, so dC accumulates; ragged chunks and a partial last token tile, which the
     descriptors clip)."""
-    from cce_inductor.kernels import backward
-
     args, budget = _peaked_filter_case(torch.float16, 48)
     e = args[0]
     args = args + (True, True, True, True)
     dc_cfg = _dc_gemm_config(dc_tiles)
     # four parts of 16 columns: dE's float32 blocks are TMA's 16-byte minimum, dC's 16-bit ones under it
     # (its epilogue then goes through pointers)
-    assert backward.epilogue_descriptor(e.float(), dc_cfg, 16, parts) is not None
-    assert (backward.epilogue_descriptor(e, dc_cfg, 16, parts) is None) == (parts == 4)
-    assert backward.epilogue_descriptor(e, dc_cfg, 16, 0) is None
+    assert epilogue_descriptor(e.float(), dc_cfg, 16, parts) is not None
+    assert (epilogue_descriptor(e, dc_cfg, 16, parts) is None) == (parts == 4)
+    assert epilogue_descriptor(e, dc_cfg, 16, 0) is None
 
     def grads(de_parts, dc_parts):
-        with mock.patch.object(backward, "CHUNK_V", 48), mock.patch.object(backward, "filtered_dc_config",
+        with mock.patch.object(backward_buffered, "CHUNK_V", 48), mock.patch.object(backward_buffered, "filtered_dc_config",
                                                                            lambda e: dc_cfg), \
-                mock.patch.object(backward, "FILTERED_DE_EPILOGUE_PARTS", de_parts), \
-                mock.patch.object(backward, "FILTERED_DC_EPILOGUE_PARTS", dc_parts):
+                mock.patch.object(backward_filtered_de, "FILTERED_DE_EPILOGUE_PARTS", de_parts), \
+                mock.patch.object(backward_filtered_dc, "FILTERED_DC_EPILOGUE_PARTS", dc_parts):
             return lce_backward(*args, buffered=True, buffer_bytes=budget, dc_filter="corrected")
 
     for got, want in zip(grads(parts, parts), grads(0, 0)):
@@ -502,18 +490,16 @@ def test_filtered_gemms_in_order_of_work_match_float64(dc_tiles, loads):
     a whole tile's product; both orders give the same float32 sums, bit for bit. "split": the dC
     GEMM's row blocks half a vocab tile (the last tile's second block past the chunk: masked or
     clipped)."""
-    from cce_inductor.kernels import backward, common
-
     n, d, v, tile = 72, 40, 100, 16
     tiles_n, tiles_v = -(-n // tile), -(-v // tile)
     gen = torch.Generator().manual_seed(3)
-    dz = (torch.randn(n, backward.buffer_row_stride(v), generator=gen) * 0.1).half()[:, :v]  # rows as the buffer's
+    dz = (torch.randn(n, backward_buffered.buffer_row_stride(v), generator=gen) * 0.1).half()[:, :v]  # rows as the buffer's
     e = torch.randn(n, d, generator=gen).half()
     c = torch.randn(v + 9, d, generator=gen).half()  # the chunk starts at row 9 of C
     keep = (torch.rand(tiles_n, tiles_v, generator=gen) < torch.linspace(0.2, 0.9, tiles_n)[:, None]).to(torch.int8)
     keep[1], keep[3], keep[:, 5] = 0, 1, 0
     col_sums = torch.randn(tiles_n, v, generator=gen) * (keep == 0).repeat_interleave(tile, 1)[:, :v]
-    means = backward._tile_means(e, tile)
+    means = backward_filtered_dc._tile_means(e, tile)
     dc_old = torch.randn(v, d, generator=gen).half()
     cfg, dc_cfg = common._INTERPRETER, _dc_gemm_config(dc_tiles)
     if loads == "pointers":
@@ -531,13 +517,13 @@ def test_filtered_gemms_in_order_of_work_match_float64(dc_tiles, loads):
     results = []
     for balanced in (True, False):
         acc = torch.ones(n, d)
-        acc_desc = backward.epilogue_descriptor(acc, cfg, cfg.block_n, 2) if descs else None
-        backward.filtered_de_gemm(acc, dz, c, keep.view(-1), 9, cfg, tile, 4, dz_desc=descs.get("dz_de"),
+        acc_desc = epilogue_descriptor(acc, cfg, cfg.block_n, 2) if descs else None
+        backward_filtered_de.filtered_de_gemm(acc, dz, c, keep.view(-1), 9, cfg, tile, 4, dz_desc=descs.get("dz_de"),
                                   c_desc=descs.get("c_de"), acc_desc=acc_desc, balanced=balanced,
                                   split_last_wave=False)
         dc = dc_old.clone()
-        dc_desc = backward.epilogue_descriptor(dc, dc_cfg, dc_cfg.block_v, 1) if descs else None
-        backward.filtered_dc_gemm(dc, dz, e, keep.view(-1), col_sums, means, True, dc_cfg, tile, tile, 4,
+        dc_desc = epilogue_descriptor(dc, dc_cfg, dc_cfg.block_v, 1) if descs else None
+        backward_filtered_dc.filtered_dc_gemm(dc, dz, e, keep.view(-1), col_sums, means, True, dc_cfg, tile, tile, 4,
                                   dz_desc=descs.get("dz_dc"), e_desc=descs.get("e_dc"), dc_desc=dc_desc,
                                   balanced=balanced)
         assert _rel(acc, de_want) < 1e-6
@@ -560,12 +546,10 @@ def test_filtered_de_last_wave_in_pieces_matches_float64(programs, balanced, emp
     all skipped (1: the last wave in order of work is then its tiles); in order of work and in index
     order. A piece taken twice or dropped is off by its product; pieces summed in another order
     differ from whole tiles by rounding only."""
-    from cce_inductor.kernels import backward, common
-
     n, d, v, tile = 72, 40, 100, 16
     tiles_n, tiles_v = -(-n // tile), -(-v // tile)
     gen = torch.Generator().manual_seed(5)
-    dz = (torch.randn(n, backward.buffer_row_stride(v), generator=gen) * 0.1).bfloat16()[:, :v]
+    dz = (torch.randn(n, backward_buffered.buffer_row_stride(v), generator=gen) * 0.1).bfloat16()[:, :v]
     c = torch.randn(v + 9, d, generator=gen).bfloat16()  # the chunk starts at row 9 of C
     keep = (torch.rand(tiles_n, tiles_v, generator=gen) < 0.6).to(torch.int8)
     keep[3] = 1
@@ -581,8 +565,8 @@ def test_filtered_de_last_wave_in_pieces_matches_float64(programs, balanced, emp
     results = {}
     for split in (True, False):
         acc = torch.ones(n, d)
-        acc_desc = backward.epilogue_descriptor(acc, cfg, cfg.block_n, 2) if descs else None
-        backward.filtered_de_gemm(acc, dz, c, keep.view(-1), 9, cfg, tile, programs, balanced=balanced,
+        acc_desc = epilogue_descriptor(acc, cfg, cfg.block_n, 2) if descs else None
+        backward_filtered_de.filtered_de_gemm(acc, dz, c, keep.view(-1), 9, cfg, tile, programs, balanced=balanced,
                                   split_last_wave=split, acc_desc=acc_desc, **descs)
         assert _rel(acc, de_want) < 1e-6, split
         results[split] = acc
@@ -594,8 +578,8 @@ def test_split_last_wave_follows_torch_determinism_and_frees_the_windows():
     deterministic algorithms are on, and the filtered path's windows then count the dE GEMM's waves
     again; with it on they are the exact path's (where dC is not filtered). At the Gemma shape (132
     SMs): 1792 x 11776 against 2048 x 8448."""
-    from cce_inductor.kernels import backward
-    from cce_inductor.kernels.backward import BUFFER_BYTES, buffered_shape, split_last_wave_applies
+    from cce_inductor.kernels.backward_buffered import BUFFER_BYTES, buffered_shape
+    from cce_inductor.kernels.backward_filtered_de import split_last_wave_applies
 
     assert split_last_wave_applies()
     before = torch.are_deterministic_algorithms_enabled()
@@ -617,8 +601,9 @@ def test_split_last_wave_follows_torch_determinism_and_frees_the_windows():
         for filtered_dc in (False, True):
             try:
                 torch.use_deterministic_algorithms(deterministic, warn_only=True)
-                with mock.patch.object(backward, "buffered_shape", wraps=backward.buffered_shape) as spy:
-                    backward.buffered_window(e, 1000, filtered=True, filtered_dc=filtered_dc)
+                shape = backward_buffered.buffered_shape
+                with mock.patch.object(backward_buffered, "buffered_shape", wraps=shape) as spy:
+                    backward_buffered.buffered_window(e, 1000, filtered=True, filtered_dc=filtered_dc)
                 asked[deterministic, filtered_dc] = spy.call_args.kwargs["de_d_tiles"]
             finally:
                 torch.use_deterministic_algorithms(before)
@@ -628,11 +613,9 @@ def test_split_last_wave_follows_torch_determinism_and_frees_the_windows():
 def test_filtered_path_refuses_a_chunk_wider_than_its_lists():
     """The filtered dE GEMM lists at most MAX_CHUNK_TILES = 64 kept tiles per token tile; a chunk of 65
     (a patched shape: buffered_shape never makes one) is refused instead of dropping the 65th."""
-    from cce_inductor.kernels import backward
-
     e, c, _, y = _inputs(n=16, v=65 * 16 + 7, dtype=torch.bfloat16)
     _, lse = lce_forward(e, c, None, y, -100, 0.0, 0.0)
-    with mock.patch.object(backward, "buffered_window", lambda *args, **kwargs: (16, 65 * 16)), \
+    with mock.patch.object(backward_buffered, "buffered_window", lambda *args, **kwargs: (16, 65 * 16)), \
             pytest.raises(AssertionError, match="lists"):
         lce_backward(e, c, None, y, lse, torch.rand(16), torch.zeros(16), -100, 0.0, 0.0, True, True, True, False)
 
@@ -641,16 +624,15 @@ def test_corrected_dc_filter_keeps_windows_within_its_lists():
     """The filtered dC GEMM lists at most MAX_WINDOW_TILES = 64 kept token tiles per vocab tile:
     buffered_shape holds windows to that where asked (8192 tokens, against more without at a small D and V), and
     a longer window (a patched shape) is refused instead of dropping the 65th tile."""
-    from cce_inductor.kernels import backward
-
-    args = (65536, 64, 2048, 2, backward.BUFFER_BYTES, 128, 256, 132)
-    assert backward.buffered_shape(*args)[0] > 64 * 128
-    assert backward.buffered_shape(*args, max_window_tiles=backward.MAX_WINDOW_TILES)[0] <= 64 * 128
-    assert backward.buffered_shape(*args[:7], max_window_tiles=backward.MAX_WINDOW_TILES)[0] <= 64 * 128  # no sms
+    shape, longest = backward_buffered.buffered_shape, backward_filtered_dc.MAX_WINDOW_TILES
+    args = (65536, 64, 2048, 2, backward_buffered.BUFFER_BYTES, 128, 256, 132)
+    assert shape(*args)[0] > 64 * 128
+    assert shape(*args, max_window_tiles=longest)[0] <= 64 * 128
+    assert shape(*args[:7], max_window_tiles=longest)[0] <= 64 * 128  # no sms
     n = 65 * 16
     e, c, _, y = _inputs(n=n, v=40, dtype=torch.bfloat16)
     _, lse = lce_forward(e, c, None, y, -100, 0.0, 0.0)
-    with mock.patch.object(backward, "buffered_window", lambda *args, **kwargs: (n, 48)), \
+    with mock.patch.object(backward_buffered, "buffered_window", lambda *args, **kwargs: (n, 48)), \
             pytest.raises(AssertionError, match="lists"):
         lce_backward(e, c, None, y, lse, torch.rand(n), torch.zeros(n), -100, 0.0, 0.0, True, True, True, False,
                      dc_filter="corrected")
@@ -662,15 +644,13 @@ def test_bf16_filter_takes_the_buffered_path():
     float64 corrected one). The upstream gradients come from the test's own generator: drawn from the
     global one they depended on the tests run before, and 1 draw in 40 moved dC by only 9e-3 (below
     the 1e-2 this test tells the two apart by)."""
-    from cce_inductor.kernels import backward
-
     e, c, _, y = _inputs(n=40, v=160, dtype=torch.bfloat16, scale=30.0)
     y = (e.float() @ c.float().T).argmax(1)
     _, lse = lce_forward(e, c, None, y, -100, 0.0, 0.0)
     gl, gs = torch.rand(40, generator=torch.Generator().manual_seed(0)), torch.zeros(40)
     args = (e, c, None, y, lse, gl, gs, -100, 0.0, 0.0, True, True, True, False)
     counts = torch.zeros(2, dtype=torch.int32), torch.zeros(2, dtype=torch.int32)
-    with mock.patch.object(backward, "_atomic_backward", side_effect=AssertionError("atomic path taken")):
+    with mock.patch.object(backward, "atomic_backward", side_effect=AssertionError("atomic path taken")):
         buffered = lce_backward(*args, tile_counts=counts[0])
     atomic = lce_backward(*args, buffered=False, tile_counts=counts[1])
     assert counts[0].tolist() == counts[1].tolist() and counts[0][1] > 0
@@ -699,7 +679,7 @@ def test_buffered_path_refuses_a_filtered_dc_and_an_order():
 
 
 def test_buffered_shape_stays_within_budget():
-    from cce_inductor.kernels.backward import BUFFER_BYTES, MAX_CHUNK_TILES, buffered_shape
+    from cce_inductor.kernels.backward_buffered import BUFFER_BYTES, MAX_CHUNK_TILES, buffered_shape
 
     for n, d, v in [(8192, 2304, 256000), (8192, 4096, 128256), (16384, 4096, 32768), (65536, 4096, 128256),
                     (100, 64, 50000), (3000, 8192, 262144)]:
@@ -729,7 +709,7 @@ def test_windows_fill_whole_waves():
     rather than the budget's 3 of 22 (352 tiles: 3 waves each); where one window fits, one window;
     never more than the budget. Chunks held at 16 vocab tiles here (the window is chosen at 4096-wide
     chunks either way); the filtered path then widens them as the exact path does."""
-    from cce_inductor.kernels.backward import BUFFER_BYTES, buffered_shape
+    from cce_inductor.kernels.backward_buffered import BUFFER_BYTES, buffered_shape
 
     narrow = dict(sms=132, max_chunk_tiles=16)
     assert buffered_shape(8192, 2304, 256000, 2, BUFFER_BYTES, 128, 256, **narrow) == (2048, 4096)
@@ -756,14 +736,12 @@ def test_buffered_window_reads_the_module_constants_at_each_call():
     """buffered_shape is cached; buffered_window hands it CHUNK_V and MAX_CHUNK_TILES as arguments, so
     a patched constant (as the tests and benchmarks/backward_variants.py patch them) is never served
     a shape cached under another value. 64 tokens x D = 16, a budget of 64 x (2 x 32 + 4 x 16) B."""
-    from cce_inductor.kernels import backward
-
     e = torch.empty(64, 16, dtype=torch.bfloat16)
     budget = 64 * (2 * 32 + 4 * 16)
     for chunk, expected in ((32, (64, 32)), (48, (48, 48)), (32, (64, 32))):
-        with mock.patch.object(backward, "CHUNK_V", chunk):
-            assert backward.buffered_window(e, 1000, budget) == expected
-            assert backward.buffered_window(e, 1000, budget, filtered=True) == expected
+        with mock.patch.object(backward_buffered, "CHUNK_V", chunk):
+            assert backward_buffered.buffered_window(e, 1000, budget) == expected
+            assert backward_buffered.buffered_window(e, 1000, budget, filtered=True) == expected
 
 
 def test_exact_chunks_widen_into_the_budget():
@@ -774,7 +752,7 @@ def test_exact_chunks_widen_into_the_budget():
     window against 125 at 16 tiles. Llama: at most 24 tiles (6144 entries) fit; 384 tiles = 3 waves
     per launch, 63 per window as at 16 tiles, and fewer chunks (fewer passes over dE's float32
     window)."""
-    from cce_inductor.kernels.backward import BUFFER_BYTES, buffered_shape
+    from cce_inductor.kernels.backward_buffered import BUFFER_BYTES, buffered_shape
 
     assert BUFFER_BYTES == 56 * 2**20
     exact = dict(sms=132, max_chunk_tiles=None)
@@ -892,8 +870,6 @@ def test_forward_program_groups_cover_every_tile_once(group_n):
     4 splits of 2."""
     import dataclasses
 
-    from cce_inductor.kernels import common, forward
-
     e, c, b, y = _inputs(n=90, d=45, v=101, dtype=torch.float32, bias=True, scale=2.0)
     y[7] = -100
     with mock.patch.object(forward, "vocab_splits", lambda *args: (2, 4)):
@@ -930,8 +906,6 @@ def test_lean_dz_epilogue_matches_the_masked_one(path, shift):
     on the TMA path several windows and chunks (one narrower than a tile). The atomic kernel always
     runs the masked epilogue (it multiplies dz by C's zero rows past the vocabulary): its cases
     check that it stays finite at these extremes whatever the flag."""
-    from cce_inductor.kernels import backward
-
     dtype, d, options = LEAN_CASES[path]
     e, c, _, y = _inputs(n=37, d=d, v=101, dtype=dtype, scale=2.0)
     b = torch.randn(101, generator=torch.Generator().manual_seed(1)) + shift  # float32 bias
@@ -941,7 +915,7 @@ def test_lean_dz_epilogue_matches_the_masked_one(path, shift):
     assert (lse - shift).abs().max() < 50
     results, counts = {}, {}
     for lean in (True, False):
-        with mock.patch.object(backward, "LEAN_DZ_EPILOGUE", lean), mock.patch.object(backward, "CHUNK_V", 40):
+        with mock.patch.object(backward_buffered, "LEAN_DZ_EPILOGUE", lean), mock.patch.object(backward_buffered, "CHUNK_V", 40):
             grads = list(lce_backward(e, c, b, y, lse, gl, gs, -100, 0.0, 0.1, False, True, True, True, **options))
             for eps in (2.0**-2, 2.0):  # no smoothing, so that tiles (edge tiles among them) are skipped
                 counts[lean, eps] = torch.zeros(2, dtype=torch.int32)

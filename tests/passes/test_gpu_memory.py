@@ -79,7 +79,7 @@ def test_peak_memory_falls_by_at_least_the_logits():
     plain_peak, plain_loss, plain_norm = _peak_of_step("inductor", ids, labels)
     cce_peak, cce_loss, cce_norm = _peak_of_step("cce", ids, labels)
 
-    from cce_inductor.kernels.backward import BUFFER_BYTES, buffered_shape
+    from cce_inductor.kernels.backward_buffered import BUFFER_BYTES, buffered_shape
 
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     rows, cols = buffered_shape(B * T, HIDDEN, V, 2, BUFFER_BYTES, 128, 256, sms=sms, max_chunk_tiles=None)
