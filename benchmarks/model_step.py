@@ -17,6 +17,8 @@ and the optimizer step, as a training loop keeps it (``--backends`` picks). For 
     one step; out-of-memory is caught and the memory freed), and tokens/s at that batch (not with
     ``--no-search``).
 The batch dimension is compiled as dynamic (one compilation serves every batch size).
+Writes ``--out`` (JSON: device, versions, command, settings and every run's figures, rewritten after
+each run so that a partial run keeps its data) and prints a markdown table of the runs.
 
 Departures from the real models, all printed and recorded: fewer layers than the real model (the
 time budget; --layers), so the head's share of memory is larger than in the full model -- the GB
