@@ -1,6 +1,6 @@
 """nanoGPT: a model whose forward returns (logits, loss), compiled with backend="cce" as it is.
 
-    python examples/nanogpt.py            # GPT-2 small (124M) on a GPU (five compilations, a few minutes)
+    python examples/nanogpt.py            # GPT-2 small (124M) on a GPU (six compilations, a few minutes)
     python examples/nanogpt.py --small    # a tiny GPT (the default without a GPU)
 
 The model is written the way karpathy/nanoGPT's model.py writes it: tied embeddings and a forward
@@ -190,7 +190,9 @@ def main(argv=None) -> dict:
             peaks[name] = peak_step_memory(step_fn, model.parameters(), idx, targets)
             print(f"   {name:52s} {peaks[name] / 2**30:6.2f} GiB", flush=True)
         result["peak_bytes"] = peaks
-    print(f"\nDone: 1 loss call rewritten in each report, the returned logits deferred in 1; loss {losses[0]:.4f} -> "
+    deferred = bool(returned.rewritten and returned.rewritten[0].deferred)
+    print(f"\nDone: loss calls rewritten: {len(returned.rewritten)} in 1 (returned logits "
+          f"{'deferred' if deferred else 'not deferred'}), {len(loss_only.rewritten)} in 2; loss {losses[0]:.4f} -> "
           f"{losses[-1]:.4f} over {len(losses)} steps (one batch trained on repeatedly, so it falls); "
           f"logits formed in {sum(formed)} of {len(formed)} steps.", flush=True)
     return result
