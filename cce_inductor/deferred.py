@@ -18,9 +18,12 @@ tensors -- and hands the caller a :class:`DeferredLogits` in their place:
 Hazards, and what is done about them:
 
 * The weight is changed in place (``optimizer.step()``) before the logits are read: eager mode
-  would have returned the old values. An optimizer step pre-hook forms every live deferred
-  logits tensor built from a parameter about to be stepped; any other in-place change of an
-  ingredient (its version counter moved) makes a read raise instead of returning other values.
+  would have returned the old values. An optimizer step pre-hook gives every live deferred logits
+  tensor made of a parameter about to be stepped a copy of that parameter (V x D), or forms the
+  logits where they are smaller than the copy (N x V <= V x D); a loop that keeps its output
+  alive across the step (``out = model(...); out.loss.backward(); opt.step()``) pays a copy of the
+  head's weight, not a projection. Any other in-place change of an ingredient (its version counter
+  moved) makes a read raise instead of returning other values.
 * The weight's storage is freed soon after the forward: FSDP2 frees its unsharded parameters after
   the forward (``reshard_after_forward``) or after the backward. Logits made of an FSDP2
   parameter are formed at once, when the compiled region returns (eager mode's N x V tensor, but
@@ -60,7 +63,7 @@ class DeferredLogits(torch.Tensor):
 
     _recipe: Recipe
     _ingredients: tuple[Tensor, ...]
-    _sources: frozenset[int]
+    _sources: tuple[int | None, ...]  # id() of each ingredient as given (a parameter), None for a copy
     _versions: tuple[int, ...]
     _value: Tensor | None
 
@@ -76,7 +79,7 @@ class DeferredLogits(torch.Tensor):
         )
         self._recipe = recipe
         self._ingredients = tuple(i.detach() for i in ingredients)
-        self._sources = frozenset(id(i) for i in ingredients)
+        self._sources = tuple(id(i) for i in ingredients)
         self._versions = tuple(i._version for i in ingredients)
         self._value = None
         _LIVE[id(self)] = self
@@ -101,7 +104,7 @@ class DeferredLogits(torch.Tensor):
                     f"expected {tuple(self.shape)} {self.dtype} ({self._recipe.description})"
                 )
             self._value = value
-            self._ingredients, self._sources = (), frozenset()
+            self._ingredients, self._sources = (), ()
             _LIVE.pop(id(self), None)
         return self._value
 
@@ -122,6 +125,24 @@ class DeferredLogits(torch.Tensor):
                     "the values eager mode would have returned. Read them before modifying it "
                     "(optimizer steps are handled), or compile with options={'defer_logits': False}."
                 )
+
+    def _keep_before_step(self, stepped: set[int]) -> None:
+        """An optimizer is about to change the parameters ``stepped`` (ids) in place: keep what
+        these logits need of their current values -- a copy of those ingredients, or the logits
+        themselves where they are the smaller."""
+        changing = [i for i, source in enumerate(self._sources) if source in stepped]
+        if not changing:
+            return
+        copy_bytes = sum(self._ingredients[i].numel() * self._ingredients[i].element_size() for i in changing)
+        if self.numel() * self.element_size() <= copy_bytes:
+            self.form()
+            return
+        self._check_ingredients()
+        with torch.no_grad():
+            kept = tuple(t.clone() if i in changing else t for i, t in enumerate(self._ingredients))
+        self._ingredients = kept
+        self._versions = tuple(t._version for t in kept)
+        self._sources = tuple(None if i in changing else s for i, s in enumerate(self._sources))
 
     # ------------------------------------------------------------------ the tensor protocol
 
@@ -252,23 +273,23 @@ def _freed_by_fsdp2(t: Tensor) -> bool:
     return False
 
 
-def _form_before_step(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-    """Optimizer step pre-hook: form the live deferred logits made of a parameter about to change."""
+def _keep_before_step(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+    """Optimizer step pre-hook: live deferred logits made of a parameter about to change keep its
+    current values (see :meth:`DeferredLogits._keep_before_step`)."""
     if not _LIVE:
         return
     params = {id(p) for group in optimizer.param_groups for p in group["params"]}
     for logits in list(_LIVE.values()):
-        if logits._sources & params:
-            logits.form()
+        logits._keep_before_step(params)
 
 
 _STEP_HOOK = None
 
 
 def install_step_hook() -> None:
-    """Register the optimizer pre-step hook once per process (it only forms deferred logits)."""
+    """Register the optimizer pre-step hook once per process (it acts on live deferred logits only)."""
     global _STEP_HOOK
     from torch.optim import optimizer
 
     if _STEP_HOOK is None and hasattr(optimizer, "register_optimizer_step_pre_hook"):
-        _STEP_HOOK = optimizer.register_optimizer_step_pre_hook(_form_before_step)
+        _STEP_HOOK = optimizer.register_optimizer_step_pre_hook(_keep_before_step)

@@ -134,9 +134,17 @@ def test_optimizer_step_before_the_read_keeps_the_forwards_values():
     opt = torch.optim.SGD(model.parameters(), lr=0.5)
     out = compiled(input_ids=ids, labels=ids)
     out.loss.backward()
-    opt.step()  # changes lm_head.weight in place: the logits are formed before it
-    assert out.logits.formed
+    opt.step()  # changes lm_head.weight in place: the deferred logits keep a copy of it first
+    assert not out.logits.formed
     assert_close(out.logits, ref(input_ids=ids).logits)
+    # where the logits are smaller than the weight (N x V <= V x D), they are formed instead
+    small_ids = ids[:1, :4]
+    out = compiled(input_ids=small_ids, labels=small_ids)
+    out.loss.backward()
+    want = model(input_ids=small_ids).logits.detach()
+    opt.step()
+    assert out.logits.formed
+    assert_close(out.logits, want)
 
     out = compiled(input_ids=ids, labels=ids)
     with torch.no_grad():
