@@ -11,9 +11,9 @@ rewrite finds it there.
 
 A Hugging Face model also returns its logits. backend="cce" hands them back deferred (option
 defer_logits, on by default): a tensor that forms its values only when something reads them, with
-eager's values and gradients. This loop never reads them and drops the model's output before the
-optimizer step (the step forms deferred logits still alive, as eager mode would have had them), so
-no N x V tensor is ever formed. (With HF Trainer, whose accelerate backend list is fixed, use
+eager's values and gradients. This loop never reads them, so no N x V tensor is ever formed (holding
+the output across the optimizer step costs a copy of the head's weight there, so that a later read
+would still see the forward's weights). (With HF Trainer, whose accelerate backend list is fixed, use
 ``with cce_inductor.enable(): trainer.train()`` instead of backend="cce".)
 
 Expected output: explain()'s report with one loss call (HF's ForCausalLMLoss), rewritten, and a
@@ -75,14 +75,13 @@ def main(argv=None) -> dict:
         with torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda"):
             outputs = compiled(**batch_inputs)
         outputs.loss.backward()
-        losses.append(outputs.loss.item())
-        shape, formed_now = tuple(outputs.logits.shape), bool(getattr(outputs.logits, "formed", True))
-        formed.append(formed_now)
-        del outputs  # the logits were never read: dropped before the optimizer step, they are never formed
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        print(f"step {step}: loss {losses[-1]:.4f}, logits returned {shape}, formed: {formed_now}", flush=True)
+        losses.append(outputs.loss.item())
+        formed.append(bool(getattr(outputs.logits, "formed", True)))  # deferred logits: formed only once read
+        print(f"step {step}: loss {losses[-1]:.4f}, logits returned {tuple(outputs.logits.shape)}, "
+              f"formed: {formed[-1]}", flush=True)
     if device == "cuda":
         print(f"peak memory: {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB", flush=True)
     print(f"Done: {len(report.rewritten)} of {len(report.sites)} loss call(s) rewritten; loss {losses[0]:.4f} -> "

@@ -6,12 +6,11 @@
 The model is written the way karpathy/nanoGPT's model.py writes it: tied embeddings and a forward
 that returns both the logits and the loss. The rewrite computes the loss with the CCE op, and
 backend="cce" hands the logits back deferred (option defer_logits, on by default): a tensor whose
-values are formed only when something reads them, with eager's values and gradients. A training
-loop that never reads them never forms them -- if it drops them before ``optimizer.step()``: the
-step forms every deferred logits tensor still alive that is built from a weight it is about to
-change (the values eager mode would have returned), so the loop below deletes them first. The
-alternatives: a training step that returns only the loss (no logits at all), and the options
-detach_logits=True (logits formed, returned without gradient) and defer_logits=False (logits formed
+values are formed only when something reads them, with eager's values and gradients. nanoGPT's
+training loop never reads them, so they are never formed; holding them across ``optimizer.step()``
+costs a copy of the head's weight there (so that a later read still sees the forward's weights).
+The alternatives: a training step that returns only the loss (no logits at all), and the options
+detach_logits=True (no gradient through the returned logits) and defer_logits=False (logits formed
 and returned as in eager mode, with an N x V gradient in the backward).
 
 Expected output: two explain() reports with one loss call rewritten -- the first (the model as it
@@ -118,7 +117,6 @@ def peak_step_memory(step_fn, params, idx, targets) -> int:
             out = step_fn(idx, targets)
         loss = out[1] if isinstance(out, tuple) else out
         loss.backward()
-        del out  # before the optimizer step: deferred logits that nobody read are never formed
         opt.step()
         opt.zero_grad(set_to_none=True)
 
@@ -165,10 +163,9 @@ def main(argv=None) -> dict:
         with torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda"):
             logits, loss = compiled(idx, targets)
         loss.backward()
-        formed.append(bool(getattr(logits, "formed", True)))  # deferred logits: formed only once read
-        del logits  # never read: dropped before the optimizer step, they are never formed
         opt.step()
         opt.zero_grad(set_to_none=True)
+        formed.append(bool(getattr(logits, "formed", True)))  # deferred logits: formed only once read
         losses.append(loss.item())
         print(f"  step {i}: loss {losses[-1]:.4f}, logits formed: {formed[-1]}", flush=True)
     result = {"returned": returned, "loss_only": loss_only, "losses": losses, "logits_formed": formed}
