@@ -15,8 +15,14 @@ from typing import Any
 
 import torch
 
+from .log_calls import trace_through_once_logging
 from .options import Options
 from .rewrite import rewrite_and_defer
+
+# transformers' logger.warning_once between a head and its loss must not break the graph; torch
+# gives a backend chosen by name no hook before Dynamo traces, so this runs on import (the entry
+# point imports this module when torch.compile(backend="cce") is called) and at each compile.
+trace_through_once_logging()
 
 
 def split_options(options: dict[str, Any] | None) -> tuple[Options, dict[str, Any]]:
@@ -36,6 +42,7 @@ def cce_backend(gm: torch.fx.GraphModule, example_inputs, **kwargs):
         raise TypeError(f"cce backend: unexpected arguments {sorted(kwargs)}")
     if mode not in (None, "default"):
         patches = {**torch._inductor.list_mode_options(mode), **patches}
+    trace_through_once_logging()  # for the next graphs, where transformers was imported since
     _, deferral = rewrite_and_defer(gm.graph, options)
     gm.recompile()
     compiled = compile_fx(gm, example_inputs, config_patches=patches or None)

@@ -15,6 +15,7 @@ from torch._inductor import config as inductor_config
 from torch._inductor.custom_graph_pass import CustomGraphPass
 
 from .graph_pass import CCEGraphPass
+from .log_calls import trace_through_once_logging
 from .options import Options
 
 _TAKES_LISTS = hasattr(torch._inductor.custom_graph_pass, "get_custom_graph_passes")
@@ -97,7 +98,9 @@ def enable(**options) -> Enabled:
 
     ``cce_inductor.enable()`` stays on until ``cce_inductor.disable()``; ``with
     cce_inductor.enable(): ...`` turns it off again on leaving the block. Enabling again replaces
-    the options; passes configured by others stay, and run before this one.
+    the options; passes configured by others stay, and run before this one. transformers'
+    ``logger.warning_once`` / ``info_once`` calls are then skipped in compiled code rather than
+    breaking the graph (see :mod:`.log_calls`).
 
     Options (see :class:`Options`):
         detach_logits: logits returned by the compiled region come back detached (same values,
@@ -114,6 +117,7 @@ def enable(**options) -> Enabled:
     installed = _compose(others + [graph_pass])
     inductor_config.pre_grad_custom_pass = installed
     inductor_hook().install()
+    trace_through_once_logging()
     return Enabled(previous, installed, graph_pass)
 
 

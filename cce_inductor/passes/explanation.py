@@ -13,12 +13,16 @@ from __future__ import annotations
 
 import copy
 import logging
+import os
+import re
 import types
 from dataclasses import dataclass, field
 
 import torch
 
 from .enabling import active_options
+from .log_calls import ignore_setting, setting_usable, trace_through_once_logging
+from .matcher import LOGITS_FROM_OUTSIDE
 from .options import Options
 from .report import SiteReport
 from .rewrite import rewrite_and_defer
@@ -30,11 +34,22 @@ _SINKS: list[tuple[Options, bool, list]] = []
 
 
 @dataclass
+class GraphBreak:
+    """Where Dynamo ended a graph before the end of the code, why, and how to avoid it."""
+
+    location: str  # file:line of the user code where the graph ends ("" where unknown)
+    cause: str  # Dynamo's reason, its first line ("" where unknown)
+    fix: str = ""  # one line, where known
+
+
+@dataclass
 class Explanation:
-    """The report of :func:`explain`: one list of sites per captured graph."""
+    """The report of :func:`explain`: one list of sites per captured graph, and the graph breaks
+    between them (a head and a loss on two sides of a break are not rewritten)."""
 
     graphs: list[list[SiteReport]] = field(default_factory=list)
     options: Options = field(default_factory=Options)
+    breaks: list[GraphBreak] = field(default_factory=list)
 
     @property
     def sites(self) -> list[SiteReport]:
@@ -67,7 +82,14 @@ class Explanation:
             if not graph:
                 lines.append("  no loss call found")
             for site in graph:
-                lines.extend(_format_site(site))
+                lines.extend(_format_site(site, bool(self.breaks)))
+        if self.breaks:
+            lines.append("graph breaks (a projection and a loss on two sides of one are not rewritten):")
+        for b in self.breaks:
+            where = f"at {b.location}: " if b.location else ""
+            lines.append(f"  {where}{b.cause or 'cause unknown'}")
+            if b.fix:
+                lines.append(f"      fix: {b.fix}")
         return "\n".join(lines)
 
     __repr__ = __str__
@@ -87,11 +109,14 @@ def _dim(x) -> str:
     return "?" if x is None else str(x)
 
 
-def _format_site(s: SiteReport) -> list[str]:
+def _format_site(s: SiteReport, breaks: bool = False) -> list[str]:
     where = f" at {s.location}" if s.location else ""
+    where += f", in {s.region}" if s.region else ""
     head = f"  [{s.status}] {s.kind} ({s.anchor}){where}"
     if s.status == "skipped":
         head += f": {s.reason}"
+        if breaks and s.reason.startswith(LOGITS_FROM_OUTSIDE):
+            head += " (see the graph breaks below)"
     out = [head]
     if s.vocab is not None:
         shape = f"logits {_dim(s.tokens)} x {_dim(s.vocab)}"
@@ -113,6 +138,9 @@ def _format_site(s: SiteReport) -> list[str]:
 
 def _analyse(gm: torch.fx.GraphModule, options: Options, defer: bool) -> list[SiteReport]:
     copied = torch.fx.GraphModule(gm, copy.deepcopy(gm.graph))
+    for name, child in copied.named_children():  # the graphs of higher-order ops (a checkpoint's body)
+        if isinstance(child, torch.fx.GraphModule):
+            setattr(copied, name, copy.deepcopy(child))
     return rewrite_and_defer(copied.graph, options, log_sites=False, defer=defer)[0]
 
 
@@ -120,14 +148,54 @@ def _capture_backend(gm: torch.fx.GraphModule, example_inputs):
     """Returns the graph to run as it is (eagerly); each run inside explain() analyses the graph.
     Analysing at run time, not at compile time, keeps the report complete when Dynamo reuses a
     graph it compiled for an earlier explain() call."""
+    ends_at = _break_location(gm)
 
     def run(*args):
         if _SINKS:
             options, defer, sink = _SINKS[-1]
-            sink.append(_analyse(gm, options, defer))
+            sink.append((_analyse(gm, options, defer), ends_at))
         return gm.forward(*args)
 
     return run
+
+
+def _break_location(gm: torch.fx.GraphModule) -> str | None:
+    """file:line where Dynamo ended this graph at a graph break; None where it ended normally."""
+    reason = getattr(gm, "compile_subgraph_reason", None)
+    if reason is None or not getattr(reason, "graph_break", False):
+        return None
+    stack = getattr(reason, "user_stack", None) or []
+    if not stack:
+        return ""
+    frame = stack[-1]
+    return f"{os.path.basename(frame.filename)}:{frame.lineno}"
+
+
+def _break_causes(before: dict) -> list[str]:
+    """Dynamo's graph-break messages recorded since ``before`` (a copy of its counter)."""
+    from torch._dynamo.utils import counters
+
+    now = counters.get("graph_break", {})
+    return [msg for msg, n in now.items() if n > before.get(msg, 0)]
+
+
+def _graph_break(location: str | None, message: str) -> GraphBreak:
+    lines = [line.strip() for line in message.splitlines() if line.strip()]
+    cause = lines[0] if lines else ""
+    fix = ""
+    if "logging.Logger" in message or "Logger not supported" in message:
+        method = re.search(r"<Logger [^>]*>\.(\w+)", message)
+        setting = ignore_setting()
+        if method:
+            cause = f"{cause}: logger.{method.group(1)}(...)"
+        if setting is not None:
+            target = f"logging.Logger.{method.group(1)}" if method else "logging.Logger.<method>"
+            fix = f"torch._dynamo.config.{setting[0]}.add({target})  (the call is then skipped in compiled code"
+            fix += ")" if setting_usable() else "; this torch version then logs a harmless error at each compile)"
+    else:
+        hint = next((line[len("Hint:") :].strip() for line in lines if line.startswith("Hint:")), "")
+        fix = hint
+    return GraphBreak(location or "", cause, fix)
 
 
 def _trampoline(fn, args, kwargs):
@@ -142,6 +210,10 @@ def explain(fn, *args, **kwargs) -> Explanation:
     # otherwise it is backend="cce"'s.
     enabled = active_options()
     options = enabled or Options()
+    trace_through_once_logging()  # as the backend and enable() do
+    from torch._dynamo.utils import counters
+
+    before = dict(counters.get("graph_break", {}))
     # A fresh code object per call: Dynamo caches compiled frames on code objects, and the
     # trampoline of an earlier call must not be reused (or pile up entries) here.
     code = _trampoline.__code__.replace()
@@ -153,6 +225,12 @@ def explain(fn, *args, **kwargs) -> Explanation:
         compiled(fn, args, kwargs)
     finally:
         _SINKS.pop()
-    result = Explanation(sink, options)
+    locations = [ends_at for _, ends_at in sink if ends_at is not None]
+    causes = _break_causes(before)
+    if len(causes) == len(locations):
+        breaks = [_graph_break(loc, msg) for loc, msg in zip(locations, causes)]
+    else:  # not one message per break: the causes without places, then the places
+        breaks = [_graph_break(None, msg) for msg in causes] + [GraphBreak(loc, "") for loc in locations]
+    result = Explanation([reports for reports, _ in sink], options, breaks)
     log.info("%s", result)
     return result

@@ -8,11 +8,18 @@ the loss and the projection that made the logits:
 * token-dim shape ops: view / reshape / flatten / unflatten / squeeze / unsqueeze / contiguous,
   slicing and indexing of token dims, transposes and permutes that move the class dim;
 * value ops: dtype casts that lose nothing, scaling by a scalar (a temperature), one softcap
-  (``cap * tanh(z / cap)``), and a bias added right after the projection;
+  (``cap * tanh(z / cap)``), and a bias added right after the projection: one value per class,
+  shape (V,) or one that broadcasts to it without adding dims, (1, V) (BART's
+  ``final_logits_bias``), (1, 1, V);
 
 down to the projection: ``F.linear`` / ``nn.Linear`` (with or without bias), ``x @ W.T``,
 ``torch.matmul``, ``x @ W``. Anything else in between, a class ``weight=``, probability targets,
-a lossy cast or a second softcap leaves the site alone, with the reason recorded in a :class:`Skip`.
+a lossy cast or a second softcap leaves the site alone, with the reason recorded in a :class:`Skip`,
+worded for the user.
+
+A projection under ``no_grad`` / ``inference_mode`` whose parameters require grad (an evaluation
+loop) is matched for the op's forward only (:attr:`Match.no_grad`). :func:`regions` lists the
+graphs higher-order ops run: the rewrite enters ``torch.utils.checkpoint`` bodies.
 
 The matcher only reads the graph; :mod:`.rewrite` changes it.
 """
@@ -26,7 +33,7 @@ from typing import Any, Union
 
 import torch
 import torch.nn.functional as F
-from torch.fx import Graph, Node
+from torch.fx import Graph, GraphModule, Node
 
 from . import nodes as N
 
@@ -37,6 +44,10 @@ SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _PRECISION = {torch.float16: 1, torch.bfloat16: 1, torch.float32: 2, torch.float64: 3}
 _RESHAPES = ("reshape", "flatten", "unflatten", "squeeze", "unsqueeze")
 _MOVES = ("transpose", "t", "permute", "movedim")
+
+
+# How the reason starts where the logits are an input of the graph holding the loss.
+LOGITS_FROM_OUTSIDE = "no projection in this graph"
 
 
 class NoMatch(Exception):
@@ -83,6 +94,8 @@ class Match:
     shift: int = 0  # with shift_targets: e unsliced, targets unsliced, op's shift=
     shift_targets: Node | None = None
     shift_reshape: bool = False  # reduction "none" under shift: flatten the per-token loss
+    no_grad: bool = False  # the projection ran under no_grad / inference_mode: the op runs forward only
+    grad_off: bool = False  # ... and the loss with grad enabled: the op runs under no_grad there
 
     @property
     def vocab(self):
@@ -115,9 +128,39 @@ def find_anchors(graph: Graph) -> list[Node]:
     return [n for n in graph.nodes if any(N.is_kind(n, k) for k in N.LOSS_KINDS)]
 
 
+def regions(graph: Graph) -> list[tuple[GraphModule, str, bool]]:
+    """The graphs that higher-order ops of ``graph`` run, each once: (module, what it is, whether
+    the rewrite enters it). It enters ``torch.utils.checkpoint`` bodies, whose nodes AOTAutograd
+    traces like any others and recomputes in the backward; the op is a custom op with its own
+    backward, so it is recomputed there as a whole. Other bodies (``torch.cond`` branches, loops,
+    nested compile regions) have their own rules for autograd and are left alone."""
+    found: dict[GraphModule, tuple[str, bool]] = {}
+    for node in graph.nodes:
+        region = N.hop_region(node)
+        if region is None:
+            continue
+        enter = N.is_checkpoint_region(node)
+        for module in N.subgraph_modules(node):
+            seen = found.get(module)
+            # a body run by two kinds of op is entered only if both allow it
+            found[module] = (region, enter and (seen is None or seen[1]))
+    return [(module, region, enter) for module, (region, enter) in found.items()]
+
+
+def skips_in(graph: Graph, region: str) -> list[Skip]:
+    """The loss calls of a graph the rewrite does not enter, each left alone."""
+    return [
+        Skip(a, _loss_kind(a), f"inside {region}, which the rewrite does not enter") for a in find_anchors(graph)
+    ]
+
+
+def _loss_kind(anchor: Node) -> str:
+    return next(k for k in N.LOSS_KINDS if N.is_kind(anchor, k))
+
+
 def match_site(anchor: Node) -> Site:
     """Match one loss call; a :class:`Skip` with the reason where it cannot be rewritten."""
-    kind = next(k for k in N.LOSS_KINDS if N.is_kind(anchor, k))
+    kind = _loss_kind(anchor)
     walker = _Walker(anchor, kind)
     try:
         return walker.run()
@@ -145,26 +188,26 @@ class _Walker:
         fn = F.cross_entropy if self.kind == "cross_entropy" else F.nll_loss
         bound = N.bind(self.anchor, fn)
         if bound is None:
-            raise NoMatch(f"could not bind the arguments of {self.kind}")
+            raise NoMatch(f"the arguments of {self.kind} could not be read (an unusual call)")
         a = bound.arguments
         if a.get("weight") is not None:
-            raise NoMatch("class weights (weight=) are not supported by the op")
+            raise NoMatch("class weights (weight=): not supported")
         reduction = self._reduction(a)
         ignore_index = a.get("ignore_index", -100)
         if not isinstance(ignore_index, int) or isinstance(ignore_index, bool):
-            raise NoMatch(f"ignore_index is not a constant int ({ignore_index!r})")
+            raise NoMatch(f"ignore_index is not an int known when compiling ({ignore_index!r})")
         label_smoothing = a.get("label_smoothing", 0.0)
         if not (isinstance(label_smoothing, (int, float)) or N.is_scalar(label_smoothing)):
-            raise NoMatch("label_smoothing is not a scalar")
+            raise NoMatch("label_smoothing is not a number")
 
         logits, targets = a["input"], a["target"]
         z, t = N.tensor_value(logits), N.tensor_value(targets)
         if z is None or t is None:
-            raise NoMatch("the loss's input or target is not a tensor")
+            raise NoMatch(f"the input or the target of {self.kind} is not a tensor")
         if t.is_floating_point():
-            raise NoMatch("probability (soft) targets are not supported by the op")
+            raise NoMatch("probability targets (floating-point targets): not supported, only class indices")
         if z.dim() == 0:
-            raise NoMatch("0-d loss input")
+            raise NoMatch(f"the input of {self.kind} is a 0-d tensor")
         class_dim = 1 if z.dim() >= 2 else 0
         token_shape = tuple(z.shape[:class_dim]) + tuple(z.shape[class_dim + 1 :])
         if not N.same_shape(tuple(t.shape), token_shape):
@@ -188,6 +231,7 @@ class _Walker:
         self._walk(m, logits, class_dim)
         self._check_projection(m)
         _check_no_mutation_between(m.projection, self.anchor)
+        self._check_grad_mode(m)
         _find_shift(m)
         return m
 
@@ -199,32 +243,32 @@ class _Walker:
         else:
             reduction = a.get("reduction", "mean")
         if reduction not in REDUCTIONS:
-            raise NoMatch(f"reduction {reduction!r} is not a constant of {REDUCTIONS}")
+            raise NoMatch(f"reduction={reduction!r} is not one of {REDUCTIONS} known when compiling")
         return reduction
 
     def _fused(self) -> Match:
         """``F.linear_cross_entropy(input, linear_weight, target, *, linear_bias, ...)`` as one call."""
         bound = N.bind(self.anchor, F.linear_cross_entropy)
         if bound is None:
-            raise NoMatch("could not bind the arguments of linear_cross_entropy")
+            raise NoMatch("the arguments of linear_cross_entropy could not be read (an unusual call)")
         a = bound.arguments
         if a.get("weight") is not None:
-            raise NoMatch("class weights (weight=) are not supported by the op")
+            raise NoMatch("class weights (weight=): not supported")
         x, w, t, b = a["input"], a["linear_weight"], a["target"], a.get("linear_bias")
         wv, tv = N.tensor_value(w), N.tensor_value(t)
         if wv is None or wv.dim() != 2:
             raise NoMatch("linear_weight is not a 2-D tensor")
         if tv is None or tv.is_floating_point():
-            raise NoMatch("probability (soft) targets are not supported by the op")
+            raise NoMatch("probability targets (floating-point targets): not supported, only class indices")
         if b is not None and (N.tensor_value(b) is None or N.tensor_value(b).dim() != 1):
             raise NoMatch("linear_bias is not 1-D")
         ignore_index = a.get("ignore_index")
         ignore_index = -100 if ignore_index is None else ignore_index
         if not isinstance(ignore_index, int):
-            raise NoMatch(f"ignore_index is not a constant int ({ignore_index!r})")
+            raise NoMatch(f"ignore_index is not an int known when compiling ({ignore_index!r})")
         reduction = a.get("reduction", "mean")
         if reduction not in REDUCTIONS:
-            raise NoMatch(f"reduction {reduction!r} is not a constant of {REDUCTIONS}")
+            raise NoMatch(f"reduction={reduction!r} is not one of {REDUCTIONS} known when compiling")
         m = Match(
             anchor=self.anchor, kind=self.kind, targets=t, x=x, weight=w, weight_is_vd=True, bias=b,
             reduction=reduction, ignore_index=ignore_index, label_smoothing=a.get("label_smoothing", 0.0),
@@ -245,18 +289,28 @@ class _Walker:
         while True:
             t = N.tensor_value(node)
             if t is None:
-                raise NoMatch(f"{node.name} on the way to the projection is not a tensor")
+                raise NoMatch(f"{node.name} on the way from the loss to the projection is not a tensor")
             chain.append(node)
             proj = _projection(node)
             if proj is not None:
                 break
-            if node.op in ("placeholder", "get_attr"):
-                raise NoMatch("no projection found: the logits are an input of the graph")
+            if node.op == "placeholder":
+                raise NoMatch(
+                    f"{LOGITS_FROM_OUTSIDE}: the logits are an input of it (made before a graph break, or "
+                    "outside the region that holds the loss); the projection and the loss must be in one graph"
+                )
+            if node.op == "get_attr":
+                raise NoMatch("no projection: the logits are a constant of the graph")
             kind = N.kind_of(node)
+            if kind == "getitem" and node.args and N.hop_region(node.args[0]) is not None:
+                raise NoMatch(
+                    f"the logits come out of {N.hop_region(node.args[0])} (the projection inside it, "
+                    "the loss outside): the rewrite does not reach across that boundary"
+                )
             inp = _tensor_input(node, kind)
             iv = N.tensor_value(inp)
             if iv is None:
-                raise NoMatch(f"{N.describe(node)} ({node.name}) between the projection and the loss is not supported")
+                raise NoMatch(_unsupported(node, kind))
             if iv.dtype != t.dtype:
                 casts.append((iv.dtype, t.dtype))
             if kind in _RESHAPES or kind in _MOVES or kind == "getitem":
@@ -265,32 +319,32 @@ class _Walker:
                 cd = ci
             elif kind in ("identity", "cast"):
                 if not (t.is_floating_point() and t.device == iv.device and N.same_shape(t.shape, iv.shape)):
-                    raise NoMatch(f"{N.describe(node)} ({node.name}) changes more than the dtype")
+                    raise NoMatch(
+                        f"{N.describe(node)} ({node.name}) does more to the logits than change their dtype "
+                        "(another device, an integer dtype or another shape)"
+                    )
             elif kind in ("mul", "div", "neg"):
                 values.append(("scale", _factor(node, kind, inp)))
             elif kind == "tanh":
                 values.append(("tanh",))
             elif kind == "log_softmax":
                 if values or log_softmax:
-                    raise NoMatch(f"values are changed between log_softmax and {self.kind}")
+                    raise NoMatch(f"the values are changed between log_softmax and {self.kind}")
                 dim = N.normalize_dim(N.arg(node, 1, "dim"), t.dim())
                 if dim != cd:
-                    raise NoMatch("log_softmax is not over the class dim")
+                    raise NoMatch("log_softmax is not taken over the class dim")
                 log_softmax = True
             elif kind == "add":
-                bias = _bias_operand(node, inp)
-                if bias is None or _projection(inp) is None or _projection(inp)[3] is not None:
-                    raise NoMatch(f"addition ({node.name}) between the projection and the loss")
-                m.bias = bias
+                m.bias, inp = _bias_add(node, inp)
             else:
-                raise NoMatch(f"{N.describe(node)} ({node.name}) between the projection and the loss is not supported")
+                raise NoMatch(_unsupported(node, kind))
             node = inp
 
         self.projection = node
         x, w, weight_is_vd, bias = proj
         z = N.tensor_value(node)
         if cd != z.dim() - 1:
-            raise NoMatch("the class dim of the loss is not the projection's output dim")
+            raise NoMatch("the loss's class dim is not the projection's output (vocabulary) dim")
         if self.kind == "nll_loss" and not log_softmax:
             raise NoMatch("the input of nll_loss is not a log_softmax of the logits")
         m.projection, m.x, m.weight, m.weight_is_vd = node, x, w, weight_is_vd
@@ -309,22 +363,47 @@ class _Walker:
             raise NoMatch("the projection's shapes do not match its weight")
         if m.bias is not None:
             b = N.tensor_value(m.bias)
-            if b is None or b.dim() != 1 or not N.same_size(b.shape[0], m.vocab):
-                raise NoMatch("the bias is not of shape (V,)")
+            if b is None or not _is_vector_of(b, m.vocab):
+                raise NoMatch("the bias is not of shape (V,) (or (1, V), (1, 1, V))")
             if b.dtype != w.dtype:
-                raise NoMatch(f"the bias is {b.dtype}, the weight {w.dtype}")
+                raise NoMatch(f"the bias is {b.dtype} and the weight {w.dtype}: the op takes one dtype")
+
+    def _check_grad_mode(self, m: Match) -> None:
+        """A projection whose inputs require grad but whose output does not ran under no_grad or
+        inference_mode (an evaluation loop): the op runs forward only, as the loss did."""
+        x, w, z = N.tensor_value(m.x), N.tensor_value(m.weight), N.tensor_value(m.projection)
         needs_grad = any(v is not None and v.requires_grad for v in (x, w, N.tensor_value(m.bias)))
-        if z.requires_grad != needs_grad:
-            raise NoMatch("the projection runs under a different grad mode than its inputs")
+        if z.requires_grad or not needs_grad:
+            return
+        loss = N.tensor_value(self.anchor)
+        if loss is not None and loss.requires_grad:
+            raise NoMatch(
+                "the projection runs under no_grad but the loss needs a gradient (through a scale or "
+                "bias applied with grad enabled)"
+            )
+        m.no_grad = True
+        mode = None  # the grad mode at the loss, where it is set between the projection and the loss
+        node = m.projection.next
+        while node is not self.anchor and node.op != "root":
+            if N.is_kind(node, "inference_mode"):
+                raise NoMatch("the projection runs under torch.inference_mode() inside the compiled region and the loss outside it")
+            if N.is_kind(node, "set_grad_enabled") and node.args and isinstance(node.args[0], bool):
+                mode = node.args[0]
+            elif N.is_kind(node, "set_grad_enabled"):
+                raise NoMatch("the grad mode is set to a value not known when compiling")
+            node = node.next
+        m.grad_off = bool(mode)
 
     def _check_dtypes(self, m: Match, dtype: torch.dtype, casts) -> None:
         if dtype not in SUPPORTED_DTYPES:
-            raise NoMatch(f"the projection computes in {dtype}; the op takes float32, bfloat16 or float16")
+            name = str(dtype).replace("torch.", "")
+            raise NoMatch(f"the logits are {name}: the op computes in float32, bfloat16 or float16")
         for src, dst in casts:
             if _PRECISION.get(dst, 0) < _PRECISION.get(src, 0) or (
                 _PRECISION.get(dst) == _PRECISION.get(src) and dst != src
             ):
-                raise NoMatch(f"the logits are cast from {src} to {dst}, which loses precision")
+                src_name, dst_name = (str(d).replace("torch.", "") for d in (src, dst))
+                raise NoMatch(f"the logits are cast from {src_name} to {dst_name}, which loses precision")
 
 
 # ----------------------------------------------------------------------------- pieces of the walk
@@ -336,7 +415,10 @@ def _check_no_mutation_between(first: Node, last: Node) -> None:
     node = first.next
     while node is not last and node.op != "root":
         if N.is_mutation(node):
-            raise NoMatch(f"{N.describe(node)} ({node.name}) writes in place between the projection and the loss")
+            raise NoMatch(
+                f"{N.describe(node)} ({node.name}) writes in place between the projection and the loss "
+                "(the op would read the changed values)"
+            )
         node = node.next
 
 
@@ -384,7 +466,12 @@ def _tensor_input(node: Node, kind: str | None) -> Any:
         a, b = (list(node.args) + [None, None])[:2]
         av, bv = N.tensor_value(a), N.tensor_value(b)
         a_ok, b_ok = av is not None and av.dim() >= 1, bv is not None and bv.dim() >= 1
-        if a_ok and b_ok:
+        if a_ok and b_ok:  # the operand with the output's shape (the other broadcasts), else the larger
+            out = N.tensor_value(node)
+            a_full = out is not None and N.same_shape(av.shape, out.shape)
+            b_full = out is not None and N.same_shape(bv.shape, out.shape)
+            if a_full != b_full:
+                return a if a_full else b
             return a if av.dim() >= bv.dim() else b
         return a if a_ok else b
     if kind is None and N.is_transpose_attr(node):
@@ -398,28 +485,28 @@ def _class_in(node: Node, kind: str, co: int, iv: torch.Tensor, ov: torch.Tensor
     """The position of the class dim in the input of a shape op, given it in the output."""
     n_in, n_out = iv.dim(), ov.dim()
     if "input" in node.kwargs:
-        raise NoMatch(f"{N.describe(node)} ({node.name}) with keyword input")
+        raise NoMatch(f"{N.describe(node)} ({node.name}) on the logits with input= as a keyword: not supported")
     if kind in _RESHAPES or kind == "getitem":
         # Row-preserving ops: the class dim must be last on both sides and keep its size, and
         # the op must not touch it.
         if co != n_out - 1 or not N.same_size(iv.shape[-1], ov.shape[-1]):
-            raise NoMatch(f"{N.describe(node)} ({node.name}) reshapes the class dim")
+            raise NoMatch(f"{N.describe(node)} ({node.name}) reshapes the vocabulary dim of the logits")
         last = n_in - 1
         if kind == "flatten":
             start = N.normalize_dim(N.arg(node, 1, "start_dim", 0), n_in)
             end = N.normalize_dim(N.arg(node, 2, "end_dim", -1), n_in)
             if start is None or end is None or end >= last and start < end:
-                raise NoMatch(f"flatten ({node.name}) merges the class dim")
+                raise NoMatch(f"flatten ({node.name}) merges the vocabulary dim of the logits with another")
         elif kind == "unflatten":
             if N.normalize_dim(N.arg(node, 1, "dim"), n_in) in (None, last):
-                raise NoMatch(f"unflatten ({node.name}) splits the class dim")
+                raise NoMatch(f"unflatten ({node.name}) splits the vocabulary dim of the logits")
         elif kind == "squeeze":
             dims = N.varargs(node, 1, "dim")
             if not dims or any(N.normalize_dim(d, n_in) in (None, last) for d in dims):
-                raise NoMatch(f"squeeze ({node.name}) without explicit token dims")
+                raise NoMatch(f"squeeze ({node.name}) of the logits without naming the dims: not supported")
         elif kind == "unsqueeze":
             if N.normalize_dim(N.arg(node, 1, "dim"), n_out) in (None, n_out - 1):
-                raise NoMatch(f"unsqueeze ({node.name}) after the class dim")
+                raise NoMatch(f"unsqueeze ({node.name}) of the logits after the vocabulary dim: not supported")
         elif kind == "getitem":
             _check_index_spares_last(node.args[1], n_in)
         return last
@@ -427,7 +514,7 @@ def _class_in(node: Node, kind: str, co: int, iv: torch.Tensor, ov: torch.Tensor
         d0 = N.normalize_dim(N.arg(node, 1, "dim0"), n_in)
         d1 = N.normalize_dim(N.arg(node, 2, "dim1"), n_in)
         if d0 is None or d1 is None:
-            raise NoMatch(f"transpose ({node.name}) with non-constant dims")
+            raise NoMatch(f"transpose ({node.name}) of the logits with dims not known when compiling")
         return d1 if co == d0 else d0 if co == d1 else co
     if kind == "t":
         if N.is_transpose_attr(node) and node.args[1] == "mT":  # swaps the last two dims
@@ -439,7 +526,7 @@ def _class_in(node: Node, kind: str, co: int, iv: torch.Tensor, ov: torch.Tensor
         dims = N.varargs(node, 1, "dims")
         dims = [N.normalize_dim(d, n_in) for d in dims or ()]
         if len(dims) != n_in or None in dims:
-            raise NoMatch(f"permute ({node.name}) with non-constant dims")
+            raise NoMatch(f"permute ({node.name}) of the logits with dims not known when compiling")
         return dims[co]
     if kind == "movedim":
         src, dst = N.arg(node, 1, "source"), N.arg(node, 2, "destination")
@@ -448,7 +535,7 @@ def _class_in(node: Node, kind: str, co: int, iv: torch.Tensor, ov: torch.Tensor
         src = [N.normalize_dim(d, n_in) for d in src]
         dst = [N.normalize_dim(d, n_in) for d in dst]
         if None in src or None in dst:
-            raise NoMatch(f"movedim ({node.name}) with non-constant dims")
+            raise NoMatch(f"movedim ({node.name}) of the logits with dims not known when compiling")
         order = [None] * n_in
         for s, d in zip(src, dst):
             order[d] = s
@@ -482,7 +569,7 @@ def _check_index_spares_last(index: Any, ndim: int) -> None:
     elements = _index_elements(index)
     for e in elements:
         if not (e is None or e is Ellipsis or isinstance(e, (int, slice, Node))):
-            raise NoMatch(f"unsupported index {e!r} on the logits")
+            raise NoMatch(f"the logits are indexed with {e!r}: not supported")
     if Ellipsis in elements:
         trailing = elements[elements.index(Ellipsis) + 1 :]
     else:
@@ -494,7 +581,7 @@ def _check_index_spares_last(index: Any, ndim: int) -> None:
         if e is None:
             continue
         if _dims_consumed(e) and not _is_full_slice(e):
-            raise NoMatch("indexing of the class dim of the logits")
+            raise NoMatch("the logits are indexed along the vocabulary dim (a subset of the classes): not supported")
         return
 
 
@@ -503,30 +590,68 @@ def _factor(node: Node, kind: str, inp: Node) -> Factor:
         return -1.0
     if kind == "div":
         if node.kwargs.get("rounding_mode") is not None:
-            raise NoMatch("division with a rounding mode")
+            raise NoMatch("the logits are divided with a rounding mode: not supported")
         if node.args[0] is not inp:
-            raise NoMatch(f"division by the logits ({node.name})")
+            raise NoMatch(f"a number is divided by the logits ({node.name}): not supported")
         other, exp = N.arg(node, 1, "other"), -1
     else:
         other = node.args[1] if node.args[0] is inp else node.args[0]
         exp = 1
     if isinstance(other, (int, float)) and not isinstance(other, bool):
         if other == 0:
-            raise NoMatch("the logits are scaled by zero")
+            raise NoMatch("the logits are multiplied by zero")
         return float(other) ** exp
     if isinstance(other, Node) and (N.is_scalar(other) or N.is_scalar_tensor(other)):
         return (other, exp)
-    raise NoMatch(f"the logits are scaled by a non-scalar ({node.name})")
+    raise NoMatch(f"the logits are multiplied by a tensor that is not a scalar ({node.name}): not supported")
 
 
-def _bias_operand(node: Node, inp: Node) -> Node | None:
+def _bias_add(node: Node, inp: Node) -> tuple[Node, Node]:
+    """(bias, logits) of ``logits + bias`` right after a projection without a bias; NoMatch
+    otherwise. A bias is a tensor of one value per class: shape (V,), or (1, V), (1, 1, V) ...
+    (BART's ``final_logits_bias``) as long as it does not add dims to the logits."""
     if node.kwargs.get("alpha", 1) != 1 or len(node.args) != 2:
-        return None
+        raise NoMatch(f"an addition with alpha= ({node.name}) to the logits: not supported")
     other = node.args[1] if node.args[0] is inp else node.args[0]
-    v = N.tensor_value(other)
-    if v is None or v.dim() != 1:
-        return None
-    return other
+    if _projection(inp) is None and _projection(other) is not None:
+        inp, other = other, inp
+    v, z, out = N.tensor_value(other), N.tensor_value(inp), N.tensor_value(node)
+    proj = _projection(inp)
+    if proj is None and N.kind_of(inp) in ("einsum", "batched_product", "matmul"):
+        raise NoMatch(_unsupported(inp, N.kind_of(inp)))
+    if proj is None:
+        raise NoMatch(f"an addition ({node.name}) to the logits after other operations: a bias is added right after the projection")
+    if v is None or not _is_vector_of(v, z.shape[-1]) or v.dim() > z.dim() or not N.same_shape(out.shape, z.shape):
+        shape = "a scalar" if v is None or v.dim() == 0 else f"shape {tuple(v.shape)}"
+        raise NoMatch(
+            f"a tensor of {shape} is added to the logits ({node.name}): not a bias (one value per class, "
+            "shape (V,) or (1, V)); only a bias may be added"
+        )
+    if proj[3] is not None:
+        raise NoMatch(f"a second bias is added to the logits ({node.name}) after the projection's own")
+    return other, inp
+
+
+def _is_vector_of(v: torch.Tensor, size) -> bool:
+    """Shape (size,), or (1, ..., 1, size)."""
+    return v.dim() >= 1 and N.same_size(v.shape[-1], size) and all(N.same_size(s, 1) for s in v.shape[:-1])
+
+
+def _unsupported(node: Node, kind: str | None) -> str:
+    """The reason for an operation the walk from the loss to the projection cannot pass."""
+    what = f"{N.describe(node)} ({node.name})"
+    if kind == "einsum":
+        return f"the logits come from {what}: an einsum projection, not supported (F.linear, x @ W.T and torch.matmul are)"
+    if kind == "batched_product":
+        return f"the logits come from {what}: not supported as the projection (F.linear, x @ W.T and torch.matmul are)"
+    if kind == "matmul":
+        return f"the logits come from {what} with a weight that is not a 2-D matrix: not supported as the projection"
+    if N.hop_region(node) is not None:
+        return f"the logits come from {N.hop_region(node)}: not supported"
+    return (
+        f"{what} is applied to the logits before the loss: not supported (between the projection and "
+        "the loss only reshapes, slices, casts, scaling, one softcap and a bias may stand)"
+    )
 
 
 def _interpret_values(ops: list[tuple]) -> tuple[list[Factor], Any]:
@@ -537,7 +662,7 @@ def _interpret_values(ops: list[tuple]) -> tuple[list[Factor], Any]:
     """
     tanhs = [i for i, op in enumerate(ops) if op[0] == "tanh"]
     if len(tanhs) > 1:
-        raise NoMatch("more than one tanh (softcap) on the logits")
+        raise NoMatch("more than one tanh (softcap) on the logits: the op applies one")
     factors = [op[1] for op in ops if op[0] == "scale"]
     if not tanhs:
         return _simplify(factors), None
@@ -546,7 +671,7 @@ def _interpret_values(ops: list[tuple]) -> tuple[list[Factor], Any]:
     numbers = [f for f in post if isinstance(f, float)]
     symbols = [f for f in post if not isinstance(f, float)]
     if not post:
-        raise NoMatch("tanh of the logits without a softcap scale after it")
+        raise NoMatch("tanh of the logits without a scale after it: not a softcap (cap * tanh(z / cap))")
     if not symbols:
         b = math.prod(numbers)
         return _simplify(pre + [b]), abs(b)
@@ -554,9 +679,9 @@ def _interpret_values(ops: list[tuple]) -> tuple[list[Factor], Any]:
         cap = symbols[0][0]
         v = N.value(cap)
         if not N.is_scalar(cap) or not (N.hint(v) is not None and N.hint(v) > 0):
-            raise NoMatch("the softcap is not a positive scalar")
+            raise NoMatch("the softcap is not a positive number")
         return _simplify(pre + [symbols[0]]), cap
-    raise NoMatch("unsupported softcap form")
+    raise NoMatch("a tanh of the logits in a form other than cap * tanh(z / cap): not supported")
 
 
 def _simplify(factors: list[Factor]) -> list[Factor]:

@@ -59,11 +59,64 @@ _KINDS: dict[str, tuple[tuple, tuple[str, ...]]] = {
     "detach": ((torch.detach,), ("detach",)),
     "autocast_enter": (_existing(_torch_attr("amp.autocast_mode._enter_autocast")), ()),
     "autocast_exit": (_existing(_torch_attr("amp.autocast_mode._exit_autocast")), ()),
+    "set_grad_enabled": (_existing(_torch_attr("_C._set_grad_enabled")), ()),
+    "inference_mode": (
+        _existing(_torch_attr("autograd.grad_mode._enter_inference_mode"), _torch_attr("autograd.grad_mode._exit_inference_mode")),
+        (),
+    ),
+    # products the rewrite does not take as the projection (named in the reasons it gives)
+    "einsum": ((torch.einsum,), ()),
+    "batched_product": ((torch.bmm, torch.baddbmm, torch.addmm, torch.addbmm, torch.tensordot), ("bmm", "baddbmm", "addmm")),
 }
 
 LOSS_KINDS = ("cross_entropy", "nll_loss", "linear_cross_entropy")
 AUTOCAST_ENTER = _torch_attr("amp.autocast_mode._enter_autocast")
 AUTOCAST_EXIT = _torch_attr("amp.autocast_mode._exit_autocast")
+
+
+def hop_region(node: Any) -> str | None:
+    """For a call of a higher-order op (the body of ``torch.utils.checkpoint``, a ``torch.cond``
+    branch, ...), what it is, in the user's words; None for any other node."""
+    if not isinstance(node, Node) or node.op != "call_function":
+        return None
+    target = node.target
+    hop = getattr(torch._ops, "HigherOrderOperator", None)
+    if hop is None or not isinstance(target, hop):
+        return None
+    name = target.name() if callable(getattr(target, "name", None)) else str(target)
+    return _HOP_REGIONS.get(name, f"the higher-order op {name}")
+
+
+_HOP_REGIONS = {
+    "tag_activation_checkpoint": "a torch.utils.checkpoint region",
+    "wrap": "a wrapped region",
+    "cond": "a torch.cond branch",
+    "while_loop": "a torch.while_loop body",
+    "map_impl": "a torch.map body",
+    "scan": "a torch.scan body",
+    "invoke_subgraph": "a nested compile region",
+    "flex_attention": "a flex_attention score function",
+}
+
+
+def is_checkpoint_region(node: Any) -> bool:
+    """A ``torch.utils.checkpoint`` call (non-reentrant) as Dynamo records it."""
+    return hop_region(node) == _HOP_REGIONS["tag_activation_checkpoint"]
+
+
+def subgraph_modules(node: Node) -> list:
+    """The graph modules a higher-order op call runs (its ``get_attr`` arguments)."""
+    owner = node.graph.owning_module
+    out = []
+    for a in node.all_input_nodes:
+        if a.op == "get_attr" and owner is not None:
+            try:
+                module = owner.get_submodule(a.target)
+            except AttributeError:
+                continue
+            if isinstance(module, torch.fx.GraphModule):
+                out.append(module)
+    return out
 
 
 def is_kind(node: Any, kind: str) -> bool:

@@ -15,7 +15,7 @@ import torch
 from torch.fx import Graph, Node
 
 from . import nodes as N
-from .matcher import Match, Skip
+from .matcher import LOGITS_FROM_OUTSIDE, Match, Skip
 
 
 @dataclass
@@ -46,6 +46,7 @@ class SiteReport:
     bytes_avoided: int | None = None  # N x V bytes no longer in the graph (estimate)
     remaining: list[Remaining] = field(default_factory=list)
     deferred: list[str] = field(default_factory=list)  # returned logits formed only when read
+    region: str = ""  # where the loss call is, when inside a higher-order op's graph (a checkpoint)
 
     def summary(self) -> str:
         where = f" at {self.location}" if self.location else ""
@@ -53,6 +54,21 @@ class SiteReport:
         if self.status == "skipped":
             return f"{head} -- {self.reason}"
         return head
+
+
+def in_region(reports: list[SiteReport], region: str) -> list[SiteReport]:
+    """Mark reports as those of loss calls inside ``region`` (e.g. "a torch.utils.checkpoint
+    region"): what the graph there returns goes back to the enclosing graph, not to the caller."""
+    for report in reports:
+        if report.status == "skipped" and report.reason.startswith(LOGITS_FROM_OUTSIDE) and not report.region:
+            report.reason = (
+                f"the logits enter {region} from outside (the projection outside it, the loss inside): "
+                "the rewrite does not reach across that boundary"
+            )
+        report.region = report.region or region
+        for rem in report.remaining:
+            rem.why = rem.why.replace("returned from the compiled region", f"returned from {region}")
+    return reports
 
 
 def skip_report(site: Skip) -> SiteReport:
@@ -153,6 +169,8 @@ def _details(m: Match) -> dict:
         d["token_ops"] = [N.describe(s.node) for s in m.steps]
     if not m.weight_is_vd:
         d["weight_layout"] = "(D, V)"
+    if m.no_grad:
+        d["grad"] = "off (no_grad: forward only)"
     return d
 
 

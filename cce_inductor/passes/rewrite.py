@@ -13,6 +13,7 @@ Logits with other users (returned from the graph, argmax, ...) stay; the report 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import operator
 from typing import Any
@@ -24,9 +25,9 @@ from torch.fx.node import map_arg
 from ..ops import linear_cross_entropy
 from . import nodes as N
 from .deferral import Deferral, plan_deferral
-from .matcher import Match, NoMatch, Skip, find_anchors, match_site
+from .matcher import Match, NoMatch, Skip, find_anchors, match_site, regions, skips_in
 from .options import Options
-from .report import SiteReport, escapes, note_remaining, rewritten_report, skip_report
+from .report import SiteReport, escapes, in_region, note_remaining, rewritten_report, skip_report
 
 log = logging.getLogger("cce_inductor")
 
@@ -62,7 +63,11 @@ def rewrite_and_defer(
                 applied.append((report, site))
                 continue
         reports.append(skip_report(site))
-    deferral = plan_deferral(graph) if defer and options.defer_logits and applied else None
+    # Nothing is deferred where a site ran under no_grad: the graph may run under inference_mode
+    # (Dynamo traces it as no_grad), whose tensors have no version counter for a deferred tensor
+    # to check its ingredients by.
+    no_grad = any(m.no_grad for _, m in applied)
+    deferral = plan_deferral(graph) if defer and options.defer_logits and applied and not no_grad else None
     if deferral is not None:
         for report, m in applied:
             report.deferred = [d.node for d in deferral.deferred if d.projection is m.projection]
@@ -71,10 +76,27 @@ def rewrite_and_defer(
         leaks = escapes(graph, m)
         detached = _detach_returned(graph, leaks) if options.detach_logits else set()
         note_remaining(report, m, leaks, detached)
+    reports.extend(_rewrite_regions(graph, options))
     if log_sites:
         for report in reports:
             _log(report)
     return reports, deferral
+
+
+def _rewrite_regions(graph: Graph, options: Options) -> list[SiteReport]:
+    """The sites in the graphs that higher-order ops of ``graph`` run: rewritten in
+    ``torch.utils.checkpoint`` bodies (whose outputs are not the compiled region's: nothing there
+    is detached or deferred), reported as left alone in the others."""
+    inner = dataclasses.replace(options, detach_logits=False)
+    reports: list[SiteReport] = []
+    for module, region, enter in regions(graph):
+        if enter:
+            found = rewrite_and_defer(module.graph, inner, log_sites=False, defer=False)[0]
+            module.recompile()
+        else:
+            found = [skip_report(site) for site in skips_in(module.graph, region)]
+        reports.extend(in_region(found, region))
+    return reports
 
 
 def _log(report: SiteReport) -> None:
@@ -125,7 +147,10 @@ def _apply(graph: Graph, m: Match, options: Options) -> None:
             else:
                 e, targets = _replay_on_embeddings(b, m), m.targets
             e = _scale(b, e, m.scale)
-            bias = _scale(b, m.bias, m.scale) if m.bias is not None else None
+            bias = m.bias
+            if bias is not None and N.tensor_value(bias).dim() != 1:  # (1, V): one value per class
+                bias = b.method("reshape", bias, -1)
+            bias = _scale(b, bias, m.scale) if bias is not None else None
             weight = m.weight if m.weight_is_vd else b.method("t", m.weight)
             kwargs: dict[str, Any] = {"ignore_index": m.ignore_index, "reduction": m.reduction}
             if m.softcap is not None:
@@ -140,11 +165,15 @@ def _apply(graph: Graph, m: Match, options: Options) -> None:
                 kwargs["filter_dc"] = True
             if options.max_workspace_bytes is not None:
                 kwargs["max_workspace_bytes"] = options.max_workspace_bytes
+            if m.grad_off:  # the projection ran under no_grad, the loss does not: the op as the projection
+                b.function(torch._C._set_grad_enabled, False)
             out = b.function(linear_cross_entropy, e, weight, targets, bias, **kwargs)
             if m.shift_reshape:
                 out = b.method("reshape", out, -1)
             if m.out_dtype != torch.float32:
                 out = b.method("to", out, m.out_dtype)
+            if m.grad_off:
+                b.function(torch._C._set_grad_enabled, True)
             for enter in reversed(exits):
                 b.function(N.AUTOCAST_EXIT, enter)
     except NoMatch:
@@ -310,13 +339,17 @@ def _propagate_meta(created: list[Node]) -> None:
             fake_mode = fake_mode or getattr(v, "fake_mode", None)
     if fake_mode is None:
         return
+    grad = torch.is_grad_enabled()
     for node in created:
         if N.is_kind(node, "autocast_enter") or N.is_kind(node, "autocast_exit"):
+            continue
+        if N.is_kind(node, "set_grad_enabled"):  # not run here: it would set this process's mode
+            grad = bool(node.args[0])
             continue
         try:
             args = map_arg(node.args, N.value)
             kwargs = map_arg(node.kwargs, N.value)
-            with fake_mode:
+            with fake_mode, torch.set_grad_enabled(grad):
                 if node.op == "call_method":
                     val = getattr(args[0], node.target)(*args[1:], **kwargs)
                 else:

@@ -7,6 +7,7 @@ the same results (with torch >= 2.12 the pre-grad pass does not even run on a ca
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -66,6 +67,15 @@ class MarkerPass(CustomGraphPass):
 # ----------------------------------------------------------------------------- enable / disable
 
 
+@contextlib.contextmanager
+def _graph_caches_off():
+    """No compiled-graph cache hit, so that pre-grad passes run (the kernel caches stay on)."""
+    import torch._functorch.config as functorch_config
+
+    with inductor_config.patch(fx_graph_cache=False), functorch_config.patch(enable_autograd_cache=False):
+        yield
+
+
 def _installed():
     return enable_mod._passes(inductor_config.pre_grad_custom_pass)
 
@@ -96,11 +106,12 @@ def test_enable_chains_with_an_existing_pass():
     assert passes[0] is marker and isinstance(passes[1], CCEGraphPass)
     cce_inductor.disable()  # takes out only ours
     assert inductor_config.pre_grad_custom_pass is marker
-    with cce_inductor.enable():
+    # defer_logits=False: deferring returned logits rewrites the graph before any pre-grad pass
+    with cce_inductor.enable(defer_logits=False):
         MarkerPass.seen.clear()
         fn, params, args = _problem()
         expected, expected_grads = run_step(fn, params, args)
-        with inductor_config.patch(force_disable_caches=True):
+        with _graph_caches_off():
             out, grads, code = compiled_step(fn, params, args, backend="inductor")
         assert MarkerPass.seen == [1], "the user's pass ran first, on the unrewritten graph"
         assert uses_op(code)
@@ -114,14 +125,14 @@ def test_enable_chains_on_torch_holding_one_pass(monkeypatch):
     monkeypatch.setattr(enable_mod, "_TAKES_LISTS", False)
     marker = MarkerPass()
     inductor_config.pre_grad_custom_pass = marker
-    with cce_inductor.enable():
+    with cce_inductor.enable(defer_logits=False):
         chained = inductor_config.pre_grad_custom_pass
         assert isinstance(chained, enable_mod.ChainedPass)
-        assert chained.uuid() == ("marker-pass-v1", CCEGraphPass().uuid())
+        assert chained.uuid() == ("marker-pass-v1", CCEGraphPass(Options(defer_logits=False)).uuid())
         MarkerPass.seen.clear()
         fn, params, args = _problem()
         expected, _ = run_step(fn, params, args)
-        with inductor_config.patch(force_disable_caches=True):
+        with _graph_caches_off():
             out, _, code = compiled_step(fn, params, args, backend="inductor")
         assert MarkerPass.seen == [1] and uses_op(code)
         assert_outputs_close(out, expected)
@@ -184,7 +195,44 @@ def test_explain_repeats_and_survives_graph_breaks():
     second = cce_inductor.explain(fn, h, y)  # Dynamo reuses the graphs it traced: still reported
     assert str(first) == str(second)
     assert len(first.graphs) == 2 and [s.status for s in first.sites] == ["skipped"]
-    assert "input of the graph" in first.sites[0].reason
+    assert first.sites[0].reason.startswith("no projection in this graph")
+    (where,) = first.breaks
+    assert where.location == f"test_entry_points.py:{fn.__code__.co_firstlineno + 2}"
+    assert "graph_break" in where.cause and "(see the graph breaks below)" in str(first)
+
+
+def test_explain_names_a_logging_break_and_its_fix():
+    """A logger call between the head and the loss breaks the graph: explain() says where, why
+    and the line that keeps the graph whole."""
+    torch.manual_seed(0)
+    lin = nn.Linear(D, V)
+    h, y = torch.randn(B, T, D), torch.randint(0, V, (B, T))
+    logger = logging.getLogger("cce_inductor.tests")
+
+    def fn(h, y):
+        z = lin(h)
+        logger.info("between the head and the loss")
+        return F.cross_entropy(z.view(-1, V), y.view(-1))
+
+    report = cce_inductor.explain(fn, h, y)
+    assert [s.status for s in report.sites] == ["skipped"]
+    (where,) = report.breaks
+    assert where.location == f"test_entry_points.py:{fn.__code__.co_firstlineno + 2}"
+    assert "Logger" in where.cause and "ignore_logg" in where.fix
+
+
+def test_transformers_once_logging_is_skipped_by_dynamo():
+    """transformers' warning_once / info_once are added to Dynamo's functions to skip, once, and
+    nothing else is changed there."""
+    logging_utils = pytest.importorskip("transformers.utils.logging")
+    from cce_inductor.passes.log_calls import ignore_setting, trace_through_once_logging
+
+    if not trace_through_once_logging():
+        pytest.skip("this torch has no usable ignore_logging_functions")
+    ignored = ignore_setting()[1]
+    before = set(ignored)
+    assert {logging_utils.warning_once, logging_utils.info_once} <= before
+    assert trace_through_once_logging() and ignored == before
 
 
 def test_explain_does_not_depend_on_a_cached_pass():
@@ -246,10 +294,12 @@ _SCRIPT = textwrap.dedent(
 )
 
 
-def _run_script(tmp_path, cache_dir):
+def _run_script(tmp_path):
+    """The script in a new process with this process's Inductor cache directory: the first run
+    fills it (or finds it filled by an earlier test run), the second must hit it."""
     script = tmp_path / "cce_cache_script.py"
     script.write_text(_SCRIPT)
-    env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=str(cache_dir), TORCHINDUCTOR_FX_GRAPH_CACHE="1")
+    env = dict(os.environ, TORCHINDUCTOR_FX_GRAPH_CACHE="1")
     env.pop("TORCHINDUCTOR_FORCE_DISABLE_CACHES", None)
     proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
@@ -258,12 +308,11 @@ def _run_script(tmp_path, cache_dir):
 
 
 def test_backend_by_name_and_second_process_reuses_the_cache(tmp_path):
-    cache = tmp_path / "inductor_cache"
-    first = _run_script(tmp_path, cache)
+    first = _run_script(tmp_path)
     assert first["imported_by_entry_point"]
     assert first["backend_op_in_code"] and first["enable_op_in_code"]
     assert first["backend_rel_err"] < 1e-5 and first["enable_rel_err"] < 1e-5
-    second = _run_script(tmp_path, cache)
+    second = _run_script(tmp_path)
     assert second["cache_hits"] > 0, "the second process did not hit the compile cache"
     assert second["backend_rel_err"] < 1e-5 and second["enable_rel_err"] < 1e-5
     assert second["loss"] == first["loss"]

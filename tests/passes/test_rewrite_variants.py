@@ -14,6 +14,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from torch._inductor.utils import run_and_get_code
+
 import cce_inductor
 from passes_helpers import (  # fresh_dynamo: an autouse fixture
     fresh_dynamo,
@@ -76,6 +78,30 @@ def case_matmul_t_plus_bias():
         return F.cross_entropy(z.flatten(0, 1), y.flatten())
 
     return fn, [h, w, b], (h, y), B * T
+
+
+def case_bias_1v_after_head():
+    """BART's final_logits_bias: a (1, V) buffer added after a head without a bias."""
+    lin = _linear(bias=False)
+    final_logits_bias = torch.randn(1, V)
+    h, y = _inputs()
+
+    def fn(h, y):
+        z = lin(h) + final_logits_bias
+        return F.cross_entropy(z.view(-1, V), y.view(-1))
+
+    return fn, [h, *lin.parameters()], (h, y), B * T
+
+
+def case_bias_11v_first_operand():
+    lin = _linear(bias=False)
+    b = nn.Parameter(torch.randn(1, 1, V) / 3)
+    h, y = _inputs()
+
+    def fn(h, y):
+        return F.cross_entropy((b + lin(h)).flatten(0, 1), y.flatten())
+
+    return fn, [h, b, *lin.parameters()], (h, y), B * T
 
 
 def case_x_at_w_dv():
@@ -306,16 +332,40 @@ def test_enable_path_rewrites_too():
     assert_grads_close(grads, expected_grads, ["h", "weight"])
 
 
-@pytest.mark.parametrize("name", ["hf_causal_lm_loss", "shift_logits", "transpose_class_dim_none_mask"])
+class _GemmaLikeHead(nn.Module):
+    """transformers' ForCausalLMLoss after a head whose softcap is a float attribute (Gemma 2's
+    config): under dynamic=True Dynamo passes the float in as a tensor and reads it with .item()
+    -- a symbolic float -- and the view reads the vocabulary size from the logits."""
+
+    def __init__(self):
+        super().__init__()
+        self.lm_head = _linear(bias=False)
+        self.cap = 30.0
+
+    def forward(self, h, labels):
+        logits = self.lm_head(h[:, slice(0, None), :])
+        logits = torch.tanh(logits / self.cap) * self.cap
+        labels = F.pad(labels, (0, 1), value=-100)[..., 1:].contiguous()
+        logits = logits.float().view(-1, logits.size(-1))
+        return F.cross_entropy(logits, labels.view(-1).to(logits.device), ignore_index=-100, reduction="sum") / 11
+
+
+@pytest.mark.parametrize("name", ["gemma_like_head", "shift_logits", "transpose_class_dim_none_mask"])
 def test_dynamic_shapes(name):
     """dynamic=True, three sequence lengths: one compiled graph, results equal eager's."""
-    fn, params, _, _ = CASES[name]()
-    lin_params = params[1:]
+    if name == "gemma_like_head":
+        fn = _GemmaLikeHead()
+        lin_params = list(fn.parameters())
+    else:
+        fn, params, _, _ = CASES[name]()
+        lin_params = params[1:]
     compiled = torch.compile(fn, backend="cce", fullgraph=True, dynamic=True)
     for t in (5, 9, 12):
         h, y = _inputs(seed=t, t=t)
         expected, expected_grads = run_step(fn, [h, *lin_params], (h, y))
-        out, grads = run_step(compiled, [h, *lin_params], (h, y))
+        (out, grads), code = run_and_get_code(lambda: run_step(compiled, [h, *lin_params], (h, y)))
+        if t == 5:
+            assert uses_op("\n".join(code)), "the CCE op is not in the generated code"
         assert_outputs_close(out, expected)
         assert_grads_close(grads, expected_grads, ["h"] + [f"param {i}" for i in range(len(lin_params))])
 
