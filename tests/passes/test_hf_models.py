@@ -1,21 +1,27 @@
 """Hugging Face models, unmodified, compiled with backend="cce".
 
-Small random configs (built from config, nothing downloaded): Llama, Mistral, Qwen2, Gemma 2 with
-final_logit_softcapping, GPT-2 with tied input/output embeddings. The training step
-``model(input_ids=ids, labels=labels).loss`` -- transformers' own ForCausalLMLoss (pad + shift of
-the labels, float() of the logits, view, cross_entropy) -- compiled with fullgraph=True must equal
-eager's loss and gradients within 1e-5, with the op in the generated code and no N x V buffer.
-V = 101 (prime) and hidden 16 < the 24 tokens, so that no weight-sized buffer looks like N x V.
+Tiny random configs (built from config, nothing downloaded; one layer, hidden 16, V = 101) of
+every family the README names: decoder-only LMs through transformers' own ForCausalLMLoss (pad +
+shift of the labels, float() of the logits, view, cross_entropy), with Gemma's final softcap,
+Cohere's logit_scale and Granite's logits_scaling; GPT-2 with its default config (loss_type=None,
+whose loss_function logs a warning_once between the head and the loss); T5 (tied head, hidden
+states scaled before it), BART (final_logits_bias of shape (1, V) added after the head) and BERT's
+masked-LM head (dense + activation + LayerNorm, then a decoder with a bias). Each model is compiled
+once with fullgraph=True for a training step: the op is in the generated code, no N x V buffer is
+allocated, the loss and every gradient equal eager's within 1e-5 (float32, dropout off). V = 101
+(prime) and 24 tokens > hidden 16, so that no weight-sized buffer looks like N x V.
 """
 
 from __future__ import annotations
 
 import pytest
 import torch
+from torch._inductor.utils import run_and_get_code
 
 transformers = pytest.importorskip("transformers")
 
 import cce_inductor  # noqa: E402
+from cce_inductor.passes.log_calls import trace_through_once_logging  # noqa: E402
 from passes_helpers import (  # noqa: E402  (fresh_dynamo: an autouse fixture)
     fresh_dynamo,
     assert_close,
@@ -28,7 +34,7 @@ from passes_helpers import (  # noqa: E402  (fresh_dynamo: an autouse fixture)
 )
 
 V, HIDDEN, B, T = 101, 16, 2, 12
-_COMMON = dict(
+_DECODER = dict(
     vocab_size=V,
     hidden_size=HIDDEN,
     intermediate_size=32,
@@ -39,45 +45,84 @@ _COMMON = dict(
     eos_token_id=2,
     pad_token_id=0,
 )
+_ENC_DEC_TOKENS = dict(bos_token_id=0, pad_token_id=1, eos_token_id=2, decoder_start_token_id=2)
 
-
-def _llama():
-    return transformers.LlamaForCausalLM(transformers.LlamaConfig(**_COMMON))
-
-
-def _mistral():
-    return transformers.MistralForCausalLM(transformers.MistralConfig(**_COMMON))
-
-
-def _qwen2():
-    return transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**_COMMON))
-
-
-def _gemma2():
-    config = transformers.Gemma2Config(**_COMMON, head_dim=8, final_logit_softcapping=30.0)
-    return transformers.Gemma2ForCausalLM(config)
-
-
-def _gpt2():
-    config = transformers.GPT2Config(
-        vocab_size=V, n_embd=HIDDEN, n_layer=1, n_head=2, n_positions=64, bos_token_id=1, eos_token_id=2,
-        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, tie_word_embeddings=True,
-    )
-    model = transformers.GPT2LMHeadModel(config)
-    # GPT2LMHeadModel's name does not tell transformers its loss type; without this it logs a
-    # warning from inside forward (which Dynamo cannot trace). The model code is unchanged.
-    model.loss_type = "ForCausalLM"
-    return model
-
-
-MODELS = {"llama": _llama, "mistral": _mistral, "qwen2": _qwen2, "gemma2": _gemma2, "gpt2": _gpt2}
+# name -> (model class, config class, config arguments)
+MODELS = {
+    "llama": ("LlamaForCausalLM", "LlamaConfig", _DECODER),
+    "gemma2": ("Gemma2ForCausalLM", "Gemma2Config", dict(_DECODER, head_dim=8, final_logit_softcapping=30.0)),
+    "gemma3": ("Gemma3ForCausalLM", "Gemma3TextConfig", dict(_DECODER, head_dim=8, final_logit_softcapping=30.0)),
+    "qwen2": ("Qwen2ForCausalLM", "Qwen2Config", _DECODER),
+    "qwen3": ("Qwen3ForCausalLM", "Qwen3Config", dict(_DECODER, head_dim=8)),
+    "mistral": ("MistralForCausalLM", "MistralConfig", _DECODER),
+    "mixtral": ("MixtralForCausalLM", "MixtralConfig", dict(_DECODER, num_local_experts=4, num_experts_per_tok=2)),
+    "phi3": ("Phi3ForCausalLM", "Phi3Config", _DECODER),
+    "cohere": ("CohereForCausalLM", "CohereConfig", dict(_DECODER, logit_scale=0.25)),
+    "granite": ("GraniteForCausalLM", "GraniteConfig", dict(_DECODER, logits_scaling=4.0)),
+    "gpt2": (
+        "GPT2LMHeadModel",
+        "GPT2Config",
+        dict(vocab_size=V, n_embd=HIDDEN, n_layer=1, n_head=2, n_positions=64, bos_token_id=1, eos_token_id=2,
+             resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0),
+    ),
+    "gpt_neox": (
+        "GPTNeoXForCausalLM",
+        "GPTNeoXConfig",
+        dict(vocab_size=V, hidden_size=HIDDEN, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+             bos_token_id=1, eos_token_id=2),
+    ),
+    "falcon": (
+        "FalconForCausalLM",
+        "FalconConfig",
+        dict(vocab_size=V, hidden_size=HIDDEN, num_hidden_layers=1, num_attention_heads=2, bos_token_id=1,
+             eos_token_id=2),
+    ),
+    "opt": (
+        "OPTForCausalLM",
+        "OPTConfig",
+        dict(vocab_size=V, hidden_size=HIDDEN, ffn_dim=32, num_hidden_layers=1, num_attention_heads=2,
+             word_embed_proj_dim=HIDDEN, max_position_embeddings=64, dropout=0.0, bos_token_id=1, eos_token_id=2,
+             pad_token_id=0),
+    ),
+    "bloom": (
+        "BloomForCausalLM",
+        "BloomConfig",
+        dict(vocab_size=V, hidden_size=HIDDEN, n_layer=1, n_head=2, bos_token_id=1, eos_token_id=2, pad_token_id=0),
+    ),
+    "t5": (
+        "T5ForConditionalGeneration",
+        "T5Config",
+        dict(vocab_size=V, d_model=HIDDEN, d_kv=8, d_ff=32, num_layers=1, num_decoder_layers=1, num_heads=2,
+             dropout_rate=0.0, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0),
+    ),
+    "bart": (
+        "BartForConditionalGeneration",
+        "BartConfig",
+        dict(vocab_size=V, d_model=HIDDEN, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
+             decoder_attention_heads=2, encoder_ffn_dim=32, decoder_ffn_dim=32, max_position_embeddings=64,
+             dropout=0.0, **_ENC_DEC_TOKENS),
+    ),
+    "bert_mlm": (
+        "BertForMaskedLM",
+        "BertConfig",
+        dict(vocab_size=V, hidden_size=HIDDEN, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+             max_position_embeddings=64, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, pad_token_id=0),
+    ),
+}
 
 
 def _model(name):
+    model_cls, config_cls, kwargs = MODELS[name]
+    if not hasattr(transformers, model_cls) or not hasattr(transformers, config_cls):
+        pytest.skip(f"transformers {transformers.__version__} has no {model_cls}")
     torch.manual_seed(0)
-    model = MODELS[name]()
-    model.train()
-    return model
+    model = getattr(transformers, model_cls)(getattr(transformers, config_cls)(**kwargs))
+    with torch.no_grad():
+        if name == "bart":  # zeros after init: give the (1, V) bias values that show in the loss
+            model.final_logits_bias.normal_()
+        if name == "bert_mlm":
+            model.cls.predictions.bias.normal_()
+    return model.train()
 
 
 def _batch(t=T, seed=0):
@@ -88,99 +133,60 @@ def _batch(t=T, seed=0):
     return ids, labels
 
 
+def _step(model, name):
+    if name == "qwen2":  # as Trainer calls it: ForCausalLMLoss sums and divides
+        def step(ids, labels, n_items):
+            return model(input_ids=ids, labels=labels, num_items_in_batch=n_items).loss
+
+        ids, labels = _batch()
+        return step, (ids, labels, torch.tensor(int((labels[:, 1:] != -100).sum()) + 5))
+
+    def step(ids, labels):
+        return model(input_ids=ids, labels=labels).loss
+
+    return step, _batch()
+
+
 @pytest.mark.parametrize("name", sorted(MODELS))
 def test_training_step_equals_eager(name):
     model = _model(name)
-    if name == "gpt2":
-        assert model.lm_head.weight is model.transformer.wte.weight
-    params = [p for p in model.parameters() if p.requires_grad]
+    step, args = _step(model, name)
     names = [n for n, p in model.named_parameters() if p.requires_grad]
+    params = [p for p in model.parameters() if p.requires_grad]
+    expected, expected_grads = run_step(step, params, args)
+    if name == "gpt2" and not trace_through_once_logging():
+        # torch without a usable ignore_logging_functions: the warning_once breaks the graph
+        report = cce_inductor.explain(step, *args)
+        assert [s.status for s in report.sites] == ["skipped"] and report.breaks
+        assert "warning_once" in str(report) and "fix:" in str(report)
+        pytest.skip("this torch cannot skip transformers' warning_once: explain() names the break")
+    out, grads, code = compiled_step(step, params, args)
+    assert uses_op(code), "the CCE op is not in the generated code"
+    assert nxv_buffers(code, B * T, V) == [], "an N x V buffer remains"
+    assert_outputs_close(out, expected)
+    # A key projection's bias has a zero gradient but for rounding (softmax ignores a shift
+    # per query): gradients are compared relative to at least 1e-3 of the largest one.
+    floor = 1e-3 * max(g.norm().item() for g in expected_grads if g is not None)
+    assert_grads_close(grads, expected_grads, names, floor=floor)
 
-    def step(ids, labels):
+
+def test_evaluation_under_no_grad_and_inference_mode():
+    """model.eval() and torch.no_grad() (every validation loop), parameters still requiring grad:
+    the op's forward only, no N x V buffer; the same compiled function under inference_mode."""
+    model = _model("llama").eval()
+
+    def loss(ids, labels):
         return model(input_ids=ids, labels=labels).loss
 
     ids, labels = _batch()
-    expected, expected_grads = run_step(step, params, (ids, labels))
-    out, grads, code = compiled_step(step, params, (ids, labels))
-    assert uses_op(code)
+    compiled = torch.compile(loss, backend="cce", fullgraph=True)
+    with torch.no_grad():
+        expected = loss(ids, labels)
+        out, code = run_and_get_code(compiled, ids, labels)
+    code = "\n".join(code)
+    assert "cce_inductor.lce_forward" in code and "lce_backward" not in code
     assert nxv_buffers(code, B * T, V) == []
-    assert_outputs_close(out, expected)
-    assert_grads_close(grads, expected_grads, names)
-
-    report = cce_inductor.explain(step, ids, labels)
-    assert [s.status for s in report.sites] == ["rewritten"]
-    if name == "gemma2":
-        assert report.sites[0].details["softcap"] == 30.0
-
-
-def test_model_returning_logits_keeps_them():
-    """Compiling the model itself: its output carries the logits, which stay exact."""
-    model = _model("llama")
-    params = [p for p in model.parameters() if p.requires_grad]
-    ids, labels = _batch()
-
-    def forward(ids, labels):
-        out = model(input_ids=ids, labels=labels)
-        return out.loss, out.logits
-
-    expected, expected_grads = run_step(forward, params, (ids, labels))
-    out, grads, code = compiled_step(forward, params, (ids, labels))
-    assert uses_op(code)
-    assert_outputs_close(out, expected)
-    assert_grads_close(grads, expected_grads, [n for n, _ in model.named_parameters()])
-    (site,) = cce_inductor.explain(forward, ids, labels).sites
-    assert site.status == "rewritten" and site.remaining and "returned" in site.remaining[0].why
-
-
-def test_detach_logits_on_the_model_output():
-    """detach_logits=True: the model's returned logits carry no gradient; the loss is unchanged."""
-    model = _model("llama")
-    params = [p for p in model.parameters() if p.requires_grad]
-    ids, labels = _batch()
-
-    def forward(ids, labels):
-        return model(input_ids=ids, labels=labels)
-
-    expected, expected_grads = run_step(forward, params, (ids, labels))
-    out, grads, code = compiled_step(forward, params, (ids, labels), options={"detach_logits": True})
-    assert uses_op(code)
-    assert not out.logits.requires_grad
-    assert_close(out.logits, expected.logits.detach())
-    assert_outputs_close(out, expected)
-    assert_grads_close(grads, expected_grads, [n for n, _ in model.named_parameters()])
-
-
-@pytest.mark.parametrize("name", ["llama", "gemma2"])
-def test_dynamic_sequence_lengths(name):
-    """dynamic=True: sizes stay symbolic (and Gemma 2's softcap becomes a symbolic float)."""
-    model = _model(name)
-    params = [p for p in model.parameters() if p.requires_grad]
-
-    def step(ids, labels):
-        return model(input_ids=ids, labels=labels).loss
-
-    compiled = torch.compile(step, backend="cce", fullgraph=True, dynamic=True)
-    for t in (9, 12, 17):
-        ids, labels = _batch(t, seed=t)
-        expected, expected_grads = run_step(step, params, (ids, labels))
-        out, grads = run_step(compiled, params, (ids, labels))
-        assert_outputs_close(out, expected)
-        assert_grads_close(grads, expected_grads, [n for n, _ in model.named_parameters()])
-
-
-def test_num_items_in_batch_sum_then_divide():
-    """Trainer passes num_items_in_batch: ForCausalLMLoss sums and divides."""
-    model = _model("qwen2")
-    params = [p for p in model.parameters() if p.requires_grad]
-    ids, labels = _batch()
-    n_items = torch.tensor(int((labels[:, 1:] != -100).sum()) + 5)
-
-    def step(ids, labels, n_items):
-        return model(input_ids=ids, labels=labels, num_items_in_batch=n_items).loss
-
-    expected, expected_grads = run_step(step, params, (ids, labels, n_items))
-    out, grads, code = compiled_step(step, params, (ids, labels, n_items))
-    assert uses_op(code)
-    assert_outputs_close(out, expected)
-    assert_grads_close(grads, expected_grads, [n for n, _ in model.named_parameters()])
-    assert cce_inductor.explain(step, ids, labels, n_items).sites[0].details["reduction"] == "sum"
+    assert not out.requires_grad
+    assert_close(out, expected, what="no_grad loss")
+    with torch.inference_mode():
+        assert_close(compiled(ids, labels), loss(ids, labels), what="inference_mode loss")
