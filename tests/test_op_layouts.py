@@ -167,10 +167,12 @@ MODES = {
 @pytest.mark.parametrize("mode", MODES)
 def test_gpu_transposed_operands_in_every_mode(mode):
     """The Triton path on a GPU, bfloat16: e transposed (F.linear(x.t(), W)) and c transposed (a
-    (D, V) weight used as h @ W), eager and compiled with backend="cce": the loss and gradients of
-    the same op on contiguous copies (within 1e-3: float32 atomics and reduce-adds land in any
-    order), and gradients in the leaves' own layouts."""
+    (D, V) weight used as h @ W), eager and compiled with backend="cce" (rewritten): the loss and
+    gradients of the same op on contiguous copies (within 1e-3: float32 atomics and reduce-adds
+    land in any order; the compiled loss is bfloat16, as F.cross_entropy's of bfloat16 logits), and
+    gradients in the leaves' own layouts."""
     import torch.nn.functional as F
+    from torch._inductor.utils import run_and_get_code
 
     from cce_inductor import filter_choice
 
@@ -187,16 +189,19 @@ def test_gpu_transposed_operands_in_every_mode(mode):
         x, w = x0.clone().requires_grad_(), w0.clone().requires_grad_()
         loss = fn(x, w)
         loss.backward()
-        return [loss.detach().float(), x.grad, w.grad]
+        return [loss.detach(), x.grad, w.grad]
 
     want = run(lambda x, w: linear_cross_entropy(x.t().contiguous(), w.t().contiguous(), y, impl="triton", **options))
     eager = run(lambda x, w: linear_cross_entropy(x.t(), w.t(), y, impl="triton", **options))
     torch._dynamo.reset()
     compiled_fn = torch.compile(lambda x, w: F.cross_entropy(x.t() @ w, y), backend="cce", fullgraph=True,
                                 options=dict(impl="triton", **options))
-    compiled = run(compiled_fn)
+    compiled, code = run_and_get_code(run, compiled_fn)
+    assert "cce_inductor.lce_" in "\n".join(code)
+    assert compiled[0].dtype == torch.bfloat16
+    torch.testing.assert_close(compiled[0], want[0].bfloat16(), rtol=2**-8, atol=0)  # one bf16 ulp
     for got in (eager, compiled):
         assert got[1].stride() == x0.stride() and got[2].stride() == w0.stride()
-        for a, b in zip(got, want):
-            err = ((a.double() - b.double()).norm() / b.double().norm()).item()
-            assert err <= 1e-3, (mode, err)
+    for a, b in zip(eager + compiled[1:], want + want[1:]):
+        err = ((a.double() - b.double()).norm() / b.double().norm()).item()
+        assert err <= 1e-3, (mode, err)
