@@ -30,7 +30,7 @@ from .rewrite import rewrite_and_defer
 log = logging.getLogger("cce_inductor")
 
 # Sinks of the explain() calls in progress; see _capture_backend.
-_SINKS: list[tuple[Options, bool, list]] = []
+_SINKS: list[tuple[Options, list]] = []
 
 
 @dataclass
@@ -130,18 +130,18 @@ def _format_site(s: SiteReport, breaks: bool = False) -> list[str]:
     if s.status == "rewritten":
         out.append(f"      N x V bytes avoided: {_fmt_bytes(s.bytes_avoided)} (estimate)")
     for name in s.deferred:
-        out.append(f"      returned logits {name}: deferred, formed only if read (backend=\"cce\")")
+        out.append(f"      returned logits {name}: deferred, formed only if read")
     for r in s.remaining:
         out.append(f"      stays: {r.node} {r.shape} {r.dtype} {_fmt_bytes(r.nbytes)} -- {r.why}")
     return out
 
 
-def _analyse(gm: torch.fx.GraphModule, options: Options, defer: bool) -> list[SiteReport]:
+def _analyse(gm: torch.fx.GraphModule, options: Options) -> list[SiteReport]:
     copied = torch.fx.GraphModule(gm, copy.deepcopy(gm.graph))
     for name, child in copied.named_children():  # the graphs of higher-order ops (a checkpoint's body)
         if isinstance(child, torch.fx.GraphModule):
             setattr(copied, name, copy.deepcopy(child))
-    return rewrite_and_defer(copied.graph, options, log_sites=False, defer=defer)[0]
+    return rewrite_and_defer(copied.graph, options, log_sites=False)[0]
 
 
 def _capture_backend(gm: torch.fx.GraphModule, example_inputs):
@@ -152,8 +152,8 @@ def _capture_backend(gm: torch.fx.GraphModule, example_inputs):
 
     def run(*args):
         if _SINKS:
-            options, defer, sink = _SINKS[-1]
-            sink.append((_analyse(gm, options, defer), ends_at))
+            options, sink = _SINKS[-1]
+            sink.append((_analyse(gm, options), ends_at))
         return gm.forward(*args)
 
     return run
@@ -206,10 +206,7 @@ def explain(fn, *args, **kwargs) -> Explanation:
     """Run ``fn(*args, **kwargs)`` once under torch.compile and report, for every loss call in
     its graphs, whether the rewrite replaces it (with the shapes and the N x V bytes avoided, and
     the N x V tensors that stay because the logits escape) or leaves it alone, and why."""
-    # Under enable() the report is the pre-grad pass's, which cannot defer returned logits;
-    # otherwise it is backend="cce"'s.
-    enabled = active_options()
-    options = enabled or Options()
+    options = active_options() or Options()  # backend="cce" and enable() both defer returned logits
     trace_through_once_logging()  # as the backend and enable() do
     from torch._dynamo.utils import counters
 
@@ -220,7 +217,7 @@ def explain(fn, *args, **kwargs) -> Explanation:
     trampoline = types.FunctionType(code, _trampoline.__globals__, "_cce_explain")
     compiled = torch.compile(trampoline, backend=_capture_backend)
     sink: list = []
-    _SINKS.append((options, enabled is None, sink))
+    _SINKS.append((options, sink))
     try:
         compiled(fn, args, kwargs)
     finally:

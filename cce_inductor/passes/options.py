@@ -19,10 +19,10 @@ class Options:
             flow through the returned logits (a loss computed from them outside the compiled
             region does not reach the model). Uses inside the compiled region are unchanged.
             Off by default: returned logits keep their exact semantics.
-        defer_logits: (``backend="cce"`` only) logits the compiled region returns next to a
-            rewritten loss are not computed in it: the caller gets a tensor that forms them when
-            first read, with eager's values and gradients (see ``cce_inductor.deferred``).
-            ``enable()`` cannot change what a compiled region returns and ignores it.
+        defer_logits: logits the compiled region returns next to a rewritten loss are not
+            computed in it: the caller gets a tensor that forms them when first read, with
+            eager's values and gradients (see ``cce_inductor.deferred``). Under ``enable()`` this
+            goes through a wrapper of Inductor's ``compile_fx`` (``passes/inductor_hook.py``).
         exact: the op's ``exact=``; True (the default) means no gradient filtering in the Triton
             backward, False opts in to the bounded filter (see ``linear_cross_entropy``).
         filter_dc: the op's ``filter_dc=`` (with exact=False only): dC filtered too, and the
