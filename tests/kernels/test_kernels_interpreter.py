@@ -1,9 +1,12 @@
 """The Triton kernels under the Triton interpreter (CPU tensors, TRITON_INTERPRET=1, set by conftest).
 
-Small odd shapes (D = 45, V = 101 prime, N = 37 or 1) against the float64 definition; the
+Small odd shapes (D = 20 or 45, V = 101 prime, N = 37 or 1) against the float64 definition; the
 interpreter's tiles are 16 x 16 x 16 (kernels/common.py), so every dimension spans several tiles
 with a masked edge. Launcher-level tests cover what the op does not reach: the dC windows, vocab
-orderings, strided rows, out-of-range targets, gradient subsets and the filter's bound.
+orderings, strided rows, out-of-range targets, gradient subsets and the filter's bound. The
+interpreter runs a kernel program by program in Python, so each test takes the fewest tiles, windows
+and chunks that reach its path, and a parametrization lists the cases that reach different code
+rather than every combination.
 """
 
 import dataclasses
@@ -38,16 +41,27 @@ from cce_inductor.kernels.backward_shared import (  # noqa: E402
 from cce_inductor.kernels.forward import vocab_splits  # noqa: E402
 
 
-@pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
+# Op-level cases at D = 20 (two steps of the 16-wide tiles, the last ragged) rather than kernel_cases'
+# D = 45, whose third step adds time but no path; N = 37 and V = 101 keep a partial group of token tiles
+# and the forward's splits of two vocab tiles (the last of one).
+INTERPRETER_CASES = [dataclasses.replace(c, d=20) for c in CASES]
+
+
+@pytest.mark.parametrize("case", INTERPRETER_CASES, ids=lambda c: c.name)
 def test_float32_matches_float64(case):
     check_case(case, torch.float32, "cpu")
 
 
-LOW_PRECISION_CASES = [c for c in CASES if c.name in ("plain", "everything", "ignore_is_a_class")]
+# Both 16-bit dtypes on the plain loss, and the cases with the most options in one each (the dtypes run
+# the same code).
+LOW_PRECISION_CASES = [(c, dtype) for name, dtype in (("plain", torch.bfloat16), ("plain", torch.float16),
+                                                      ("everything", torch.bfloat16),
+                                                      ("ignore_is_a_class", torch.float16))
+                       for c in INTERPRETER_CASES if c.name == name]
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
-@pytest.mark.parametrize("case", LOW_PRECISION_CASES, ids=lambda c: c.name)
+@pytest.mark.parametrize("case, dtype", LOW_PRECISION_CASES,
+                         ids=[f"{c.name}-{str(dtype)[6:]}" for c, dtype in LOW_PRECISION_CASES])
 def test_low_precision_no_worse_than_torch(case, dtype):
     check_case(case, dtype, "cpu")
 
@@ -74,22 +88,21 @@ def _rel(a, b):
     return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
-@pytest.mark.parametrize("ordered", [False, True], ids=["identity", "permuted"])
-def test_dc_windows_and_vocab_order(ordered):
-    """16-bit dC goes through float32 windows of the vocabulary; several windows and an explicit
-    permutation give the same gradients as one window in the identity order."""
+def test_dc_windows_and_vocab_order():
+    """16-bit dC goes through float32 windows of the vocabulary; several windows, in the identity order
+    and in an explicit permutation, give the same gradients as one window in the identity order."""
     e, c, b, y = _inputs(dtype=torch.bfloat16, bias=True)
     loss, lse = lce_forward(e, c, b, y, -100, 0.0, 0.0)
     gl, gs = torch.rand(37), torch.rand(37)
     args = (e, c, b, y, lse, gl, gs, -100, 0.0, 0.0, False, True, True, True)
     one = lce_backward(*args, buffered=False)
-    order = torch.randperm(101, generator=torch.Generator().manual_seed(3)) if ordered else False
-    several = lce_backward(*args, window_bytes=4 * 45 * 32, vocab_order=order, buffered=False)  # 32-row windows
-    for a, b_ in zip(several, one):
-        assert _rel(a, b_) < 4e-3  # float32 sums in another order, rounded to bfloat16
     gold = _reference_grads(e, c, b, y, lse, gl, gs)
-    for a, g in zip(several, gold):
-        assert _rel(a, g) < 1e-2
+    for order in (False, torch.randperm(101, generator=torch.Generator().manual_seed(3))):
+        several = lce_backward(*args, window_bytes=4 * 45 * 32, vocab_order=order, buffered=False)  # 32-row windows
+        for a, b_ in zip(several, one):
+            assert _rel(a, b_) < 4e-3  # float32 sums in another order, rounded to bfloat16
+        for a, g in zip(several, gold):
+            assert _rel(a, g) < 1e-2
 
 
 @pytest.mark.parametrize("filter_grad", [False, True], ids=["exact", "filtered"])
@@ -108,10 +121,17 @@ def test_de_token_windows_match_one_pass(filter_grad):
         assert _rel(a, b_) < 4e-3  # float32 sums in another order, rounded to bfloat16
 
 
-@pytest.mark.parametrize("chunk_room", [32, 48], ids=["chunks_of_32", "widened_to_48"])
-@pytest.mark.parametrize("options", [dict(), dict(softcap=3.0, label_smoothing=0.1)], ids=["plain", "softcap_smoothing"])
-@pytest.mark.parametrize("needs", [(True, True, True), (True, False, False), (False, True, False)],
-                         ids=["all", "e_only", "c_only"])
+SOFTCAP_SMOOTHING = dict(softcap=3.0, label_smoothing=0.1)
+# (gradients needed, loss options, chunk room): every value of each with every value of the others
+BUFFERED_CASES = {
+    "all-plain-chunks_of_32": ((True, True, True), {}, 32),
+    "all-softcap_smoothing-widened_to_48": ((True, True, True), SOFTCAP_SMOOTHING, 48),
+    "e_only-softcap_smoothing-chunks_of_32": ((True, False, False), SOFTCAP_SMOOTHING, 32),
+    "c_only-plain-widened_to_48": ((False, True, False), {}, 48),
+}
+
+
+@pytest.mark.parametrize("needs, options, chunk_room", BUFFERED_CASES.values(), ids=BUFFERED_CASES.keys())
 def test_buffered_windows_and_chunks(needs, options, chunk_room):
     """The buffered path (exact 16-bit gradients through a dz buffer and GEMMs): several token
     windows and vocabulary chunks, with ragged edges, against the float64 gradients of the same
@@ -142,15 +162,14 @@ def test_buffered_windows_and_chunks(needs, options, chunk_room):
         assert _rel(got, other) < 1e-2
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
-def test_tma_and_pointer_loads_agree(dtype):
+def test_tma_and_pointer_loads_agree():
     """16-bit rows of a length that TMA can address (D = 40: 16-byte aligned rows, a ragged last
     D step of the 16-wide tiles) go through TMA descriptors in the forward and in the buffered
     backward's dz kernel -- the path an H100 runs; pointer loads (tma=False) are the fallback.
     Both against float64, with bias, softcap, smoothing and an ignored token, over several windows,
-    chunks (one narrower than a tile, stored through the padded buffer) and partial tiles."""
-    import dataclasses
-
+    chunks (one narrower than a tile, stored through the padded buffer) and partial tiles. bf16 here;
+    float16 runs the same code (its TMA loads: the filtered tests below)."""
+    dtype = torch.bfloat16
     e, c, b, y = _inputs(n=37, d=40, v=101, dtype=dtype, bias=True, scale=2.0)
     y[5] = -100
     cfg = common.forward_config(e)
@@ -244,38 +263,47 @@ def test_balanced_schedule_takes_each_tile_once_longest_first(items, programs):
     assert longest(lambda t: out[t, 0].item()) < longest(lambda t: t // per_item)
 
 
-@pytest.mark.parametrize("v, chunk", [(160, 48), (1068, 4096)], ids=["chunks_of_3_tiles", "chunks_of_64_tiles"])
-@pytest.mark.parametrize("needs", [(True, True, True), (True, False, False)], ids=["all", "e_only"])
-def test_filtered_buffered_path_drops_what_the_atomic_filter_drops(needs, v, chunk):
+def _float64_lse(e, c, b=None):
+    """The log-sum-exp of e @ c^T (+ b) in float64, as float32: the lse a backward takes, without
+    the interpreter running the forward kernel."""
+    z = e.double() @ c.double().T + (0.0 if b is None else b.double())
+    return torch.logsumexp(z, 1).float()
+
+
+@pytest.mark.parametrize("n, d, v, chunk", [(40, 45, 160, 48), (20, 16, 1068, 4096)],
+                         ids=["chunks_of_3_tiles", "chunks_of_64_tiles"])
+def test_filtered_buffered_path_drops_what_the_atomic_filter_drops(n, d, v, chunk):
     """Filtering in the buffered path: the dz kernel flags each tile by the filter's rule and the
-    filtered dE GEMM runs over the kept tiles only. Peaked softmax, a bias, an ignored token, 3
-    windows of tokens x ragged chunks of the vocabulary (4 of 48 entries; or 1024 + 44, the first
-    holding MAX_CHUNK_TILES = 64 tiles, so that all four lists of kept tiles are in use): the same
-    tiles are skipped as by the atomic kernel (the interpreter's tiles are the same for both), the
-    dropped part of dE (filtered - exact) is the same, and dC (dc_filter="exact") and dbias are not
-    filtered (test_corrected_dc_filter_matches_the_reference covers the filtered dC). float32
-    inputs forced through the buffered path, so that both paths agree to float32 rounding -- both
-    with the masked dz epilogue, which the atomic kernel always runs: the lean one's exp2 of
-    z log2(e) - lse log2(e) rounds at ~|lse| * 2^-24, and at these logits (|lse| up to ~120) that
-    alone moves dE by 1.4e-5, 1e-3 of the dropped part (test_lean_dz_epilogue_matches_the_masked_one
-    covers the lean one)."""
-    n = 40
-    e, c, b, y = _inputs(n=n, v=v, scale=30.0, bias=True)
+    filtered dE GEMM runs over the kept tiles only. Peaked softmax, a bias, an ignored token,
+    windows of 16 tokens (3 over 40 tokens; 2 over 20 for the widest chunks) x ragged chunks of the
+    vocabulary (4 of 48 entries; or 1024 + 44, the first holding MAX_CHUNK_TILES = 64 tiles, so that
+    all four lists of kept tiles are in use): the same tiles are skipped as by the atomic kernel (the interpreter's
+    tiles are the same for both), the dropped part of dE (filtered - exact) is the same, and dC
+    (dc_filter="exact") and dbias are not filtered (test_corrected_dc_filter_matches_the_reference
+    covers the filtered dC). float32 inputs forced through the buffered path, so that both paths
+    agree to float32 rounding -- both with the masked dz epilogue, which the atomic kernel always
+    runs: the lean one's exp2 of z log2(e) - lse log2(e) rounds at ~|lse| * 2^-24, and at these
+    logits (|lse| up to ~120) that alone moves dE by 1.4e-5, 1e-3 of the dropped part
+    (test_lean_dz_epilogue_matches_the_masked_one covers the lean one). All three gradients: the
+    filtered dE alone runs in test_listed_backward_matches_the_dropped_reference ("flagged")."""
+    needs = (True, True, True)
+    e, c, b, y = _inputs(n=n, d=d, v=v, scale=30.0, bias=True)
     y = (e @ c.T + b).argmax(1)
     y[3] = -100
-    _, lse = lce_forward(e, c, b, y, -100, 0.0, 0.0)
+    lse = _float64_lse(e, c, b)
     gen = torch.Generator().manual_seed(5)
     gl, gs = torch.rand(n, generator=gen), torch.rand(n, generator=gen) * 0.1
     args = (e, c, b, y, lse, gl, gs, -100, 0.0, 0.0)
     counts = {path: torch.zeros(2, dtype=torch.int32) for path in ("buffered", "atomic")}
-    budget = 4 * 16 * (min(chunk, 64 * 16) + 45)  # windows of 16 tokens
-    with mock.patch.object(backward_buffered, "CHUNK_V", chunk), mock.patch.object(backward_buffered, "LEAN_DZ_EPILOGUE", False):
+    budget = 4 * 16 * (min(chunk, 64 * 16) + d)  # windows of 16 tokens
+    with mock.patch.object(backward_buffered, "CHUNK_V", chunk), \
+            mock.patch.object(backward_buffered, "LEAN_DZ_EPILOGUE", False):
         buffered = lce_backward(*args, True, *needs, buffered=True, buffer_bytes=budget, tile_counts=counts["buffered"],
                                 dc_filter="exact")
         exact = lce_backward(*args, False, *needs, buffered=True, buffer_bytes=budget)
     atomic = lce_backward(*args, True, *needs, buffered=False, tile_counts=counts["atomic"])
     assert counts["buffered"].tolist() == counts["atomic"].tolist()
-    assert sum(counts["buffered"].tolist()) == 3 * -(-v // 16) and counts["buffered"][1] > 0
+    assert sum(counts["buffered"].tolist()) == -(-n // 16) * -(-v // 16) and counts["buffered"][1] > 0
     dropped = buffered[0] - exact[0]
     assert dropped.norm() > 0 and _rel(dropped, atomic[0] - exact[0]) < 1e-4
     for got, want in zip(buffered[1:], exact[1:]):  # dC, dbias: exact
@@ -294,44 +322,49 @@ def _dc_gemm_config(dc_tiles):
                                                                                 **_DC_GEMM_SPLIT)
 
 
-def _peaked_filter_case(dtype, d):
-    """40 tokens x 160 vocabulary entries with a bias, a peaked softmax (logits of std ~30, targets
-    at each token's argmax), one ignored token and seeded upstream gradients: the lce_backward
-    arguments up to filter_grad, and the budget that gives windows of 16 tokens and chunks of 48
-    (with CHUNK_V patched to 48)."""
-    n, v = 40, 160
+def _peaked_filter_case(dtype, d, n=40, v=160):
+    """n tokens x v vocabulary entries with a bias, a peaked softmax (logits of std ~30, targets at
+    each token's argmax), one ignored token and seeded upstream gradients: the lce_backward arguments
+    up to filter_grad, and the budget that gives windows of 16 tokens and chunks of 48 (with CHUNK_V
+    patched to 48): 40 x 160 in 3 windows (the last of 8 tokens) x 4 chunks (the last of 16 entries);
+    20 x 100 in 2 windows (the last of 4 tokens) x 3 chunks (the last of 4 entries, narrower than a
+    tile)."""
     e, c, b, y = _inputs(n=n, d=d, v=v, scale=30.0, bias=True, dtype=dtype)
     y = (e.float() @ c.float().T + b.float()).argmax(1)
     y[3] = -100
-    _, lse = lce_forward(e, c, b, y, -100, 0.0, 0.0)
+    lse = _float64_lse(e, c, b)
     gen = torch.Generator().manual_seed(5)
     gl, gs = torch.rand(n, generator=gen), torch.rand(n, generator=gen) * 0.1
     return (e, c, b, y, lse, gl, gs, -100, 0.0, 0.0), e.element_size() * 16 * 48 + 4 * 16 * d
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["float32_pointers", "fp16_tma"])
-@pytest.mark.parametrize("dc_tiles", ["dz_tiles", "split"])
+@pytest.mark.parametrize("dtype, dc_tiles", [(torch.float32, "split"), (torch.float16, "dz_tiles")],
+                         ids=["float32_pointers-split", "fp16_tma-dz_tiles"])
 def test_corrected_dc_filter_matches_the_reference(dtype, dc_tiles):
     """The buffered path's filtered dC (dc_filter="corrected"; not the default) against
     reference.filtered_backward: the dz kernel flags tiles and writes a skipped tile's column sums
     (and leaves its dz unstored), the dC GEMM runs over the kept token tiles of each vocab tile and adds
     colsum^T @ (mean of the tile's rows of E) for the skipped ones. Peaked softmax, a bias, an
     ignored token, 40 tokens (a partial last token tile: its mean is over its 8 rows) in 3 windows x
-    ragged chunks; "split": the dC GEMM's tiles half the dz kernel's in both directions. The same
+    ragged chunks; "split": the dC GEMM's tiles half the dz kernel's in both directions (the other
+    two pairings of loads and tiles: test_filtered_gemms_in_order_of_work_match_float64). The same
     tiles are skipped as by the reference. float32 (pointer loads, masked dz epilogue): what filtering
     changes (filtered - exact kernel) is what it changes in float64 (filtered - exact reference), to
     1e-4 of it -- the kernels' float32 logits alone put the exact gradients ~6e-5 off float64 at these
-    logits (std 30), which a direct comparison would mostly measure. float16 (D = 48: TMA loads of E
-    and dz; the lean epilogue): the filtered gradients within 1.5x (the accuracy bar's factor) of the
-    exact kernel's distance from float64, from the float64 filtered ones (a missing stand-in would be
-    ~3x off here). Not bf16: the interpreter's float32 -> bf16 casts truncate (the GPU's round to
-    nearest), which would put the Triton-written dC ~1.5x further off than the exact path's torch GEMM."""
+    logits (std 30), which a direct comparison would mostly measure (this shape holds the two apart:
+    on fewer tokens and entries the dropped part shrinks towards that noise). float16 (D = 48: TMA
+    loads of E and dz; the lean epilogue): the filtered gradients within 1.5x (the accuracy bar's
+    factor) of the exact kernel's distance from float64, from the float64 filtered ones (a missing
+    stand-in would be ~3x off here). Not bf16: the interpreter's float32 -> bf16 casts truncate (the
+    GPU's round to nearest), which would put the Triton-written dC ~1.5x further off than the exact
+    path's torch GEMM."""
     args, budget = _peaked_filter_case(dtype, 45 if dtype == torch.float32 else 48)
     e, c, b, y, lse, gl, gs = args[:7]
     counts = torch.zeros(2, dtype=torch.int32)
     dc_cfg = _dc_gemm_config(dc_tiles)
     lean = dtype != torch.float32
-    with mock.patch.object(backward_buffered, "CHUNK_V", 48), mock.patch.object(backward_buffered, "LEAN_DZ_EPILOGUE", lean), \
+    with mock.patch.object(backward_buffered, "CHUNK_V", 48), \
+            mock.patch.object(backward_buffered, "LEAN_DZ_EPILOGUE", lean), \
             mock.patch.object(backward_buffered, "filtered_dc_config", lambda e: dc_cfg):
         assert backward_buffered.buffered_window(e, c.shape[0], budget, True, True) == (16, 48)
         assert (common.tma_descriptor(e, [16, 16], dc_cfg) is None) == (dtype == torch.float32)
@@ -374,6 +407,7 @@ def test_forward_keep_flags_are_the_backward_rule(windows):
     reference.filtered_backward's (the backward's rule in float64 for the plain loss) on a peaked
     softmax with partial token and vocab tiles, an ignored token and unlikely targets; in one window of
     tokens or in three (TILE_LSE_BYTES patched down to one token tile's scratch)."""
+    # D = 45: here the three windows' vocab splits sum each token's lse to the same bits as one window's
     e, c, y, gl, gs = _peaked_plain_loss_case(torch.float32, 45)
     v_tiles = -(-c.shape[0] // 16)
     budget = forward.TILE_LSE_BYTES if windows == 1 else 4 * 16 * v_tiles
@@ -390,27 +424,29 @@ def test_forward_keep_flags_are_the_backward_rule(windows):
     assert not keep[3 // 16].all()  # the ignored token keeps nothing by itself
 
 
-@pytest.mark.parametrize("list_block", [1024, 2], ids=["one_step", "steps_of_2"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["float32_pointers", "fp16_tma"])
+@pytest.mark.parametrize("dtype, list_block", [(torch.float32, 2), (torch.float16, 1024)],
+                         ids=["float32_pointers-steps_of_2", "fp16_tma-one_step"])
 def test_listed_backward_matches_the_dropped_reference(dtype, list_block):
     """The backward with the forward's keep flags (lce_backward(keep=...)): the dz kernel recomputes
     only the listed tiles, the filtered dE and dC GEMMs (no stand-ins) run over them, in 3 windows x
-    ragged chunks (40 tokens, 150 entries in chunks of 48). Against reference.filtered_backward with
-    dc_filter="dropped" in float64: the same tiles skipped, and both gradients within 1.5x (the
-    accuracy bar's factor) of the exact kernel's distance from float64. float32 (pointer loads, the
-    masked epilogue): what filtering changes (listed - exact kernel) is what the atomic kernel's
-    dc_filter="dropped" changes, to 1e-4 of it (against float64 it is 5e-4 off here: the float32
-    logits put the exact kernel 8e-6 off float64, and the dropped part is only 1% of the gradients).
-    float16: TMA loads and the lean epilogue. dE is the dz-kernel-flagged filtered path's, bit for bit
-    (the same kept tiles, the same GEMM). "steps_of_2": the tile lists formed two tiles a step
-    (LIST_BLOCK patched), as a GPU launch of more than 1024 tiles is."""
-    d = 45 if dtype == torch.float32 else 48
-    e, c, y, gl, gs = _peaked_plain_loss_case(dtype, d)
+    ragged chunks (40 tokens, 100 entries in chunks of 48, the last of 4). Against
+    reference.filtered_backward with dc_filter="dropped" in float64: the same tiles skipped, and both
+    gradients within 1.5x (the accuracy bar's factor) of the exact kernel's distance from float64.
+    float32 (pointer loads, the masked epilogue): what filtering changes (listed - exact kernel) is
+    what the atomic kernel's dc_filter="dropped" changes, to 1e-4 of it (against float64 it is further
+    off here: the float32 logits put the exact kernel off float64, and the dropped part is a small
+    share of the gradients). float16: TMA loads and the lean epilogue. dE is the dz-kernel-flagged
+    filtered path's, bit for bit (the same kept tiles, the same GEMM). "steps_of_2": the tile lists
+    formed two tiles a step (LIST_BLOCK patched), as a GPU launch of more than 1024 tiles is;
+    "one_step": in one step."""
+    d = 20 if dtype == torch.float32 else 24
+    e, c, y, gl, gs = _peaked_plain_loss_case(dtype, d, v=100)
     _, lse, keep = forward.lce_forward_with_keep(e, c, None, y, -100, kernels.FILTER_EPS)
     args = (e, c, None, y, lse, gl, gs, -100, 0.0, 0.0)
     budget = e.element_size() * 16 * 48 + 4 * 16 * d
     counts = torch.zeros(2, dtype=torch.int32)
-    with mock.patch.object(backward_buffered, "CHUNK_V", 48), mock.patch.object(backward_buffered, "LEAN_DZ_EPILOGUE", dtype != torch.float32), \
+    with mock.patch.object(backward_buffered, "CHUNK_V", 48), \
+            mock.patch.object(backward_buffered, "LEAN_DZ_EPILOGUE", dtype != torch.float32), \
             mock.patch.object(backward_buffered, "LIST_BLOCK", list_block):
         assert backward_buffered.buffered_window(e, c.shape[0], budget, True, True) == (16, 48)
         listed = lce_backward(*args, True, True, True, False, buffered=True, buffer_bytes=budget, keep=keep,
@@ -421,7 +457,8 @@ def test_listed_backward_matches_the_dropped_reference(dtype, list_block):
             atomic = lce_backward(*args, True, True, True, False, buffered=False, dc_filter="dropped")
     f64 = lambda t: t.double()  # noqa: E731
     ref = [reference.filtered_backward(f64(e), f64(c), None, y, f64(lse), f64(gl), f64(gs), -100, 0.0, 0.0, eps, 16,
-                                       16, dc_filter) for eps, dc_filter in ((kernels.FILTER_EPS, "dropped"), (0.0, "exact"))]
+                                       16, dc_filter)
+           for eps, dc_filter in ((kernels.FILTER_EPS, "dropped"), (0.0, "exact"))]
     assert counts.tolist() == [int(keep.sum()), int((keep == 0).sum())] and 0 < counts[1] < keep.numel()
     assert torch.equal(keep.bool(), ref[0][3])
     assert torch.equal(listed[0], flagged[0])
@@ -434,30 +471,33 @@ def test_listed_backward_matches_the_dropped_reference(dtype, list_block):
 
 def test_listed_backward_refuses_what_it_cannot_do():
     """keep flags need filter_grad, no dbias, no vocab order, dc_filter None or "dropped", the
-    buffered path, and int8 flags of the dz kernel's tiles."""
-    e, c, y, gl, gs = _peaked_plain_loss_case(torch.float32, 45)
-    _, lse = lce_forward(e, c, None, y, -100, 0.0, 0.0)
+    buffered path, and int8 flags of the dz kernel's tiles (each refused before any kernel runs)."""
+    e, c, y, gl, gs = _peaked_plain_loss_case(torch.float32, 20)
+    lse = torch.zeros(len(y))
     keep = torch.ones(3, 10, dtype=torch.int8)
     b = torch.zeros(c.shape[0])
     base = (e, c, None, y, lse, gl, gs, -100, 0.0, 0.0)
     with_bias = (e, c, b, y, lse, gl, gs, -100, 0.0, 0.0)
-    for args, filter_grad, options in ((base, False, {}), (with_bias, True, {}), (base, True, {"dc_filter": "corrected"}),
-                                       (base, True, {"vocab_order": True}), (base, True, {"buffered": False}),
-                                       (base, True, {"keep": keep[:, :9]}), (base, True, {"keep": keep.int()})):
+    for args, filter_grad, options in ((base, False, {}), (with_bias, True, {}),
+                                       (base, True, {"dc_filter": "corrected"}), (base, True, {"vocab_order": True}),
+                                       (base, True, {"buffered": False}), (base, True, {"keep": keep[:, :9]}),
+                                       (base, True, {"keep": keep.int()})):
         options = {"keep": keep, "buffered": True, **options}
         with pytest.raises(ValueError, match="keep"):
             lce_backward(*args, filter_grad, True, True, True, **options)
 
 
-@pytest.mark.parametrize("parts", [1, 2, 4])
-@pytest.mark.parametrize("dc_tiles", ["dz_tiles", "split"])
+@pytest.mark.parametrize("dc_tiles, parts", [("dz_tiles", 1), ("split", 2), ("dz_tiles", 4)])
 def test_filtered_gemm_epilogues_through_descriptors_agree(dc_tiles, parts):
     """The filtered GEMMs' epilogues through TMA descriptors (dE's float32 and dC's 16-bit
     read-modify-write, in one, two or four column blocks) give the pointer epilogues' gradients bit for
     bit: the same float32 sums, only the loads and stores change (``_peaked_filter_case`` in fp16, D =
-    48: TMA loads; 3 windows, so dC accumulates; ragged chunks and a partial last token tile, which the
-    descriptors clip)."""
-    args, budget = _peaked_filter_case(torch.float16, 48)
+    40: TMA loads; 2 windows, so dC accumulates; ragged chunks and partial last token and D tiles,
+    which the descriptors clip). A window's 3 dE tiles on the interpreter's 4 "SMs" leave no last
+    wave to split, so dE's epilogue goes through its descriptor (a split wave's pieces are added by
+    pointer atomics off the GPU). In four parts dC's epilogue goes through pointers, so its tiles are
+    the dz kernel's there."""
+    args, budget = _peaked_filter_case(torch.float16, 40, n=20, v=100)
     e = args[0]
     args = args + (True, True, True, True)
     dc_cfg = _dc_gemm_config(dc_tiles)
@@ -468,8 +508,8 @@ def test_filtered_gemm_epilogues_through_descriptors_agree(dc_tiles, parts):
     assert epilogue_descriptor(e, dc_cfg, 16, 0) is None
 
     def grads(de_parts, dc_parts):
-        with mock.patch.object(backward_buffered, "CHUNK_V", 48), mock.patch.object(backward_buffered, "filtered_dc_config",
-                                                                           lambda e: dc_cfg), \
+        with mock.patch.object(backward_buffered, "CHUNK_V", 48), \
+                mock.patch.object(backward_buffered, "filtered_dc_config", lambda e: dc_cfg), \
                 mock.patch.object(backward_filtered_de, "FILTERED_DE_EPILOGUE_PARTS", de_parts), \
                 mock.patch.object(backward_filtered_dc, "FILTERED_DC_EPILOGUE_PARTS", dc_parts):
             return lce_backward(*args, buffered=True, buffer_bytes=budget, dc_filter="corrected")
@@ -478,8 +518,7 @@ def test_filtered_gemm_epilogues_through_descriptors_agree(dc_tiles, parts):
         assert torch.equal(got, want)
 
 
-@pytest.mark.parametrize("loads", ["pointers", "tma"])
-@pytest.mark.parametrize("dc_tiles", ["dz_tiles", "split"])
+@pytest.mark.parametrize("dc_tiles, loads", [("dz_tiles", "pointers"), ("split", "tma")])
 def test_filtered_gemms_in_order_of_work_match_float64(dc_tiles, loads):
     """The filtered GEMMs called directly, their output tiles walked in order of work
     (``_balanced_position``: descending kept count, snake order over the programs) and in index
@@ -488,12 +527,13 @@ def test_filtered_gemms_in_order_of_work_match_float64(dc_tiles, loads):
     differ between token tiles and between vocab tiles (one row and one column all skipped, one row
     all kept), 4 programs (several waves, a partial last one). A tile taken twice or never is off by
     a whole tile's product; both orders give the same float32 sums, bit for bit. "split": the dC
-    GEMM's row blocks half a vocab tile (the last tile's second block past the chunk: masked or
-    clipped)."""
+    GEMM's row blocks half a vocab tile (the last tile's second block past the chunk: clipped by the
+    descriptors). (The other two pairings of loads and tiles run in
+    test_corrected_dc_filter_matches_the_reference.)"""
     n, d, v, tile = 72, 40, 100, 16
     tiles_n, tiles_v = -(-n // tile), -(-v // tile)
     gen = torch.Generator().manual_seed(3)
-    dz = (torch.randn(n, backward_buffered.buffer_row_stride(v), generator=gen) * 0.1).half()[:, :v]  # rows as the buffer's
+    dz = (torch.randn(n, backward_buffered.buffer_row_stride(v), generator=gen) * 0.1).half()[:, :v]  # as the buffer's
     e = torch.randn(n, d, generator=gen).half()
     c = torch.randn(v + 9, d, generator=gen).half()  # the chunk starts at row 9 of C
     keep = (torch.rand(tiles_n, tiles_v, generator=gen) < torch.linspace(0.2, 0.9, tiles_n)[:, None]).to(torch.int8)
@@ -519,23 +559,27 @@ def test_filtered_gemms_in_order_of_work_match_float64(dc_tiles, loads):
         acc = torch.ones(n, d)
         acc_desc = epilogue_descriptor(acc, cfg, cfg.block_n, 2) if descs else None
         backward_filtered_de.filtered_de_gemm(acc, dz, c, keep.view(-1), 9, cfg, tile, 4, dz_desc=descs.get("dz_de"),
-                                  c_desc=descs.get("c_de"), acc_desc=acc_desc, balanced=balanced,
-                                  split_last_wave=False)
+                                              c_desc=descs.get("c_de"), acc_desc=acc_desc, balanced=balanced,
+                                              split_last_wave=False)
         dc = dc_old.clone()
         dc_desc = epilogue_descriptor(dc, dc_cfg, dc_cfg.block_v, 1) if descs else None
         backward_filtered_dc.filtered_dc_gemm(dc, dz, e, keep.view(-1), col_sums, means, True, dc_cfg, tile, tile, 4,
-                                  dz_desc=descs.get("dz_dc"), e_desc=descs.get("e_dc"), dc_desc=dc_desc,
-                                  balanced=balanced)
+                                              dz_desc=descs.get("dz_dc"), e_desc=descs.get("e_dc"), dc_desc=dc_desc,
+                                              balanced=balanced)
         assert _rel(acc, de_want) < 1e-6
         assert _rel(dc, dc_want) < 1e-3  # dC rounds to fp16 once
         results.append((acc, dc))
     assert all(torch.equal(a, b) for a, b in zip(*results))
 
 
-@pytest.mark.parametrize("loads", ["pointers", "tma"])
-@pytest.mark.parametrize("empty_row", [True, False])
-@pytest.mark.parametrize("balanced", [True, False])
-@pytest.mark.parametrize("programs", [6, 7, 32, 4])
+# (programs, in order of work, a row all skipped, loads): each program count in both orders, each
+# order and loads with and without the empty row
+LAST_WAVE_CASES = [(6, True, True, "tma"), (6, False, False, "pointers"), (7, True, False, "pointers"),
+                   (7, False, True, "tma"), (32, True, True, "pointers"), (32, False, False, "tma"),
+                   (4, True, False, "tma"), (4, False, True, "pointers")]
+
+
+@pytest.mark.parametrize("programs, balanced, empty_row, loads", LAST_WAVE_CASES)
 def test_filtered_de_last_wave_in_pieces_matches_float64(programs, balanced, empty_row, loads):
     """The filtered dE GEMM with its last partial wave of tiles cut into pieces along their kept K
     steps, against float64 sums over the kept tiles and against whole tiles: 72 tokens (5 token
@@ -613,29 +657,29 @@ def test_split_last_wave_follows_torch_determinism_and_frees_the_windows():
 def test_filtered_path_refuses_a_chunk_wider_than_its_lists():
     """The filtered dE GEMM lists at most MAX_CHUNK_TILES = 64 kept tiles per token tile; a chunk of 65
     (a patched shape: buffered_shape never makes one) is refused instead of dropping the 65th."""
-    e, c, _, y = _inputs(n=16, v=65 * 16 + 7, dtype=torch.bfloat16)
-    _, lse = lce_forward(e, c, None, y, -100, 0.0, 0.0)
+    e, c, _, y = _inputs(n=16, d=8, v=65 * 16 + 7, dtype=torch.bfloat16)
     with mock.patch.object(backward_buffered, "buffered_window", lambda *args, **kwargs: (16, 65 * 16)), \
             pytest.raises(AssertionError, match="lists"):
-        lce_backward(e, c, None, y, lse, torch.rand(16), torch.zeros(16), -100, 0.0, 0.0, True, True, True, False)
+        lce_backward(e, c, None, y, _float64_lse(e, c), torch.rand(16), torch.zeros(16), -100, 0.0, 0.0, True, True,
+                     True, False)
 
 
 def test_corrected_dc_filter_keeps_windows_within_its_lists():
     """The filtered dC GEMM lists at most MAX_WINDOW_TILES = 64 kept token tiles per vocab tile:
-    buffered_shape holds windows to that where asked (8192 tokens, against more without at a small D and V), and
-    a longer window (a patched shape) is refused instead of dropping the 65th tile."""
+    buffered_shape holds windows to that where asked (8192 tokens, against more without at a small D
+    and V), and a longer window (a patched shape; dC only, so that the dC GEMM is the first to see it)
+    is refused instead of dropping the 65th tile."""
     shape, longest = backward_buffered.buffered_shape, backward_filtered_dc.MAX_WINDOW_TILES
     args = (65536, 64, 2048, 2, backward_buffered.BUFFER_BYTES, 128, 256, 132)
     assert shape(*args)[0] > 64 * 128
     assert shape(*args, max_window_tiles=longest)[0] <= 64 * 128
     assert shape(*args[:7], max_window_tiles=longest)[0] <= 64 * 128  # no sms
     n = 65 * 16
-    e, c, _, y = _inputs(n=n, v=40, dtype=torch.bfloat16)
-    _, lse = lce_forward(e, c, None, y, -100, 0.0, 0.0)
-    with mock.patch.object(backward_buffered, "buffered_window", lambda *args, **kwargs: (n, 48)), \
+    e, c, _, y = _inputs(n=n, d=8, v=16, dtype=torch.bfloat16)
+    with mock.patch.object(backward_buffered, "buffered_window", lambda *args, **kwargs: (n, 16)), \
             pytest.raises(AssertionError, match="lists"):
-        lce_backward(e, c, None, y, lse, torch.rand(n), torch.zeros(n), -100, 0.0, 0.0, True, True, True, False,
-                     dc_filter="corrected")
+        lce_backward(e, c, None, y, _float64_lse(e, c), torch.rand(n), torch.zeros(n), -100, 0.0, 0.0, True, False,
+                     True, False, dc_filter="corrected")
 
 def test_bf16_filter_takes_the_buffered_path():
     """bf16 filtering goes through the buffered path by default (TMA descriptors in the interpreter,
@@ -646,7 +690,7 @@ def test_bf16_filter_takes_the_buffered_path():
     the 1e-2 this test tells the two apart by)."""
     e, c, _, y = _inputs(n=40, v=160, dtype=torch.bfloat16, scale=30.0)
     y = (e.float() @ c.float().T).argmax(1)
-    _, lse = lce_forward(e, c, None, y, -100, 0.0, 0.0)
+    lse = _float64_lse(e, c)
     gl, gs = torch.rand(40, generator=torch.Generator().manual_seed(0)), torch.zeros(40)
     args = (e, c, None, y, lse, gl, gs, -100, 0.0, 0.0, True, True, True, False)
     counts = torch.zeros(2, dtype=torch.int32), torch.zeros(2, dtype=torch.int32)
@@ -861,34 +905,32 @@ def test_vocab_splits_fill_the_waves():
     assert vocab_splits(1, 7, 4, 1024) == (2, 4)
 
 
-@pytest.mark.parametrize("group_n", [1, 2, 4, 100])
-def test_forward_program_groups_cover_every_tile_once(group_n):
+def test_forward_program_groups_cover_every_tile_once():
     """The forward's programs walk groups of group_n token tiles x all splits (the last group
     narrower); any group size covers every (token tile, split) exactly once, so loss and lse are
     the same bits whatever the grouping -- and match float64. N = 90: 6 token tiles of 16 (groups of
     4: one of 4 and a narrower last one of 2; of 100: one narrower group); V = 101: 7 vocab tiles in
     4 splits of 2."""
-    import dataclasses
-
-    e, c, b, y = _inputs(n=90, d=45, v=101, dtype=torch.float32, bias=True, scale=2.0)
+    e, c, b, y = _inputs(n=90, d=20, v=101, dtype=torch.float32, bias=True, scale=2.0)
     y[7] = -100
     with mock.patch.object(forward, "vocab_splits", lambda *args: (2, 4)):
-        base = lce_forward(e, c, b, y, -100, 0.0, 0.0, config=dataclasses.replace(common._INTERPRETER, group_n=1))
-        got = lce_forward(e, c, b, y, -100, 0.0, 0.0, config=dataclasses.replace(common._INTERPRETER, group_n=group_n))
-    for a, want in zip(got, base):
-        assert torch.equal(a, want)
+        runs = {group_n: lce_forward(e, c, b, y, -100, 0.0, 0.0,
+                                     config=dataclasses.replace(common._INTERPRETER, group_n=group_n))
+                for group_n in (1, 2, 4, 100)}
+    for group_n, got in runs.items():
+        for a, want in zip(got, runs[1]):
+            assert torch.equal(a, want), group_n
     gold_loss, gold_lse = reference.chunked_forward(e.double(), c.double(), b.double(), y, -100, 0.0, 0.0)
-    assert torch.allclose(got[0].double(), gold_loss.double(), rtol=1e-5, atol=1e-5)
-    assert torch.allclose(got[1].double(), gold_lse.double(), rtol=1e-5, atol=1e-5)
+    assert torch.allclose(runs[1][0].double(), gold_loss.double(), rtol=1e-5, atol=1e-5)
+    assert torch.allclose(runs[1][1].double(), gold_lse.double(), rtol=1e-5, atol=1e-5)
 
 
-LEAN_CASES = {  # path: (dtype, D, launcher options); D = 48 gives TMA rows (16-byte aligned) in 16-bit
-    "buffered_tma_windows_chunks": (torch.bfloat16, 48, dict(buffered=True, buffer_bytes=2 * 16 * 40 + 4 * 16 * 48)),
-    "buffered_pointers": (torch.bfloat16, 45, dict(buffered=True)),
-    "buffered_fp16": (torch.float16, 48, dict(buffered=True)),
-    "atomic_bf16": (torch.bfloat16, 45, dict(buffered=False)),
-    "atomic_float32": (torch.float32, 45, dict(buffered=False)),
-    "atomic_ordered": (torch.bfloat16, 45, dict(buffered=False, vocab_order=True)),
+LEAN_CASES = {  # path: (dtype, D, launcher options); D = 24 gives TMA rows (16-byte aligned) in 16-bit
+    "buffered_tma_windows_chunks": (torch.bfloat16, 24, dict(buffered=True, buffer_bytes=2 * 16 * 40 + 4 * 16 * 24)),
+    "buffered_pointers": (torch.bfloat16, 21, dict(buffered=True)),
+    "atomic_bf16": (torch.bfloat16, 21, dict(buffered=False)),
+    "atomic_float32": (torch.float32, 21, dict(buffered=False)),
+    "atomic_ordered": (torch.bfloat16, 21, dict(buffered=False, vocab_order=True)),
 }
 
 
@@ -901,33 +943,39 @@ def test_lean_dz_epilogue_matches_the_masked_one(path, shift):
     and filters the same tiles. The bias sits near -200, so lse is too: exp(-lse) in a column past
     the vocabulary overflows, and garbage there that reaches a GEMM turns dE into NaN; or near +200,
     where a row past N given lse = 0 instead of +inf would have p = exp(200) = inf and 0 * inf = NaN
-    in dbias. With
-    smoothing (the uniform term fills every column), partial tiles both ways, an ignored token, and
-    on the TMA path several windows and chunks (one narrower than a tile). The atomic kernel always
-    runs the masked epilogue (it multiplies dz by C's zero rows past the vocabulary): its cases
-    check that it stays finite at these extremes whatever the flag."""
+    in dbias. With smoothing (the uniform term fills every column), partial tiles both ways (20
+    tokens, 45 entries), an ignored token, and on the TMA path two windows and two chunks (the second
+    narrower than a tile). The atomic kernel always runs the masked epilogue (it multiplies dz by C's
+    zero rows past the vocabulary), so it runs once: its cases check that it stays finite at these
+    extremes. The epilogue is the same code in float16 as in bf16."""
     dtype, d, options = LEAN_CASES[path]
-    e, c, _, y = _inputs(n=37, d=d, v=101, dtype=dtype, scale=2.0)
-    b = torch.randn(101, generator=torch.Generator().manual_seed(1)) + shift  # float32 bias
+    n, v = 20, 45
+    e, c, _, y = _inputs(n=n, d=d, v=v, dtype=dtype, scale=2.0)
+    b = torch.randn(v, generator=torch.Generator().manual_seed(1)) + shift  # float32 bias
     y[3] = -100
-    gl, gs = torch.rand(37), torch.rand(37)
+    gl, gs = torch.rand(n), torch.rand(n)
     _, lse = lce_forward(e, c, b, y, -100, 0.0, 0.1)
     assert (lse - shift).abs().max() < 50
+    leans = (True, False) if options["buffered"] else (False,)  # the atomic kernel ignores the flag
     results, counts = {}, {}
-    for lean in (True, False):
-        with mock.patch.object(backward_buffered, "LEAN_DZ_EPILOGUE", lean), mock.patch.object(backward_buffered, "CHUNK_V", 40):
+    for lean in leans:
+        with mock.patch.object(backward_buffered, "LEAN_DZ_EPILOGUE", lean), \
+                mock.patch.object(backward_buffered, "CHUNK_V", 40):
             grads = list(lce_backward(e, c, b, y, lse, gl, gs, -100, 0.0, 0.1, False, True, True, True, **options))
             for eps in (2.0**-2, 2.0):  # no smoothing, so that tiles (edge tiles among them) are skipped
                 counts[lean, eps] = torch.zeros(2, dtype=torch.int32)
                 grads += lce_backward(e, c, b, y, lse, gl, gs, -100, 0.0, 0.0, True, True, True, True,
                                       filter_eps=eps, tile_counts=counts[lean, eps], **options)
         results[lean] = grads
-    for got, want in zip(results[True], results[False]):
+    for got in results[False]:
         assert torch.isfinite(got).all()
-        assert _rel(got, want) < 2e-3  # exp2 against exp: float32 rounding, then the inputs' dtype
-    for eps in (2.0**-2, 2.0):
-        assert torch.equal(counts[True, eps], counts[False, eps])  # the same tiles filtered
-    assert counts[True, 2.0][1] > 0
+    if True in results:
+        for got, want in zip(results[True], results[False]):
+            assert torch.isfinite(got).all()
+            assert _rel(got, want) < 2e-3  # exp2 against exp: float32 rounding, then the inputs' dtype
+        for eps in (2.0**-2, 2.0):
+            assert torch.equal(counts[True, eps], counts[False, eps])  # the same tiles filtered
+    assert counts[False, 2.0][1] > 0
 
 
 # ----------------------------------------------------------------------------- property test
@@ -957,7 +1005,7 @@ random_cases = st.builds(
 )
 
 
-@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(case=random_cases, seed=st.integers(0, 2**16))
 def test_float32_random_cases(case, seed):
     assume(case.batch or not case.shift)  # the label shift needs a token dim
