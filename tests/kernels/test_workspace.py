@@ -126,7 +126,7 @@ def test_chunks_are_even_with_a_partial_last_one(spy):
     assert [r for r, _ in spy] == [10, 10, 10, 7]
 
 
-# The row kernel's schedule keywords (benchmarks/workspace_rows.py) that leave its results bit for
+# The row kernel's schedule keywords (workspace._launch_rows) that leave its results bit for
 # bit, against its default launch (which prefetches, hints evict_first, and runs two programs per SM).
 ROW_LAUNCHES = {"no_prefetch": {"prefetch": False}, "no_evict_first": {"evict_sweep2": False},
                 "no_prefetch_no_evict_first": {"prefetch": False, "evict_sweep2": False},
