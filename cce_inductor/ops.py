@@ -9,7 +9,8 @@ Layers, bottom up:
       in the forward and scaled by the upstream scalar in the backward (``lce_scale_``).
 All are ``torch.library`` custom ops with fake implementations, so torch.compile sees them as
 opaque calls (no graph break, symbolic sizes). The forward op has a registered autograd that calls
-the backward op, and an autocast rule that computes in the autocast dtype, as F.linear would.
+the backward op. Every op runs with autocast off; the forward ops' autocast rule first casts their
+floating inputs to the autocast dtype, so that they compute in it as F.linear would.
 
 Every tensor the ops return is contiguous (row-major), whatever the strides of their inputs, and
 their fakes say so: Inductor checks a custom op's real outputs against its fake's sizes and strides,
