@@ -150,7 +150,8 @@ def regions(graph: Graph) -> list[tuple[GraphModule, str, bool]]:
 def skips_in(graph: Graph, region: str) -> list[Skip]:
     """The loss calls of a graph the rewrite does not enter, each left alone."""
     return [
-        Skip(a, _loss_kind(a), f"inside {region}, which the rewrite does not enter") for a in find_anchors(graph)
+        Skip(a, _loss_kind(a), f"the rewrite does not enter {region} (of these regions only torch.utils.checkpoint's)")
+        for a in find_anchors(graph)
     ]
 
 

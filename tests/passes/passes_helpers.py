@@ -102,22 +102,25 @@ def uses_op(code: str) -> bool:
 
 
 _ALLOC = re.compile(r"empty_strided_\w+\(\(([^()]*)\)")
+# ... and a tensor an ATen fallback returns (Inductor asserts its size)
+_ALLOC_OR_FALLBACK = re.compile(r"(?:empty_strided_\w+\(|assert_size_stride\(\w+, )\(([^()]*)\)")
 
 
-def buffer_shapes(code: str) -> list[tuple]:
-    """Static shapes of the buffers the generated code allocates (symbolic dims as strings)."""
+def buffer_shapes(code: str, fallbacks: bool = False) -> list[tuple]:
+    """Static shapes of the buffers the generated code allocates (symbolic dims as strings); with
+    ``fallbacks``, also of those ATen fallbacks return (``fallback_by_default``)."""
     shapes = []
-    for m in _ALLOC.finditer(code):
+    for m in (_ALLOC_OR_FALLBACK if fallbacks else _ALLOC).finditer(code):
         dims = [d.strip() for d in m.group(1).split(",") if d.strip()]
         shapes.append(tuple(int(d) if d.isdigit() else d for d in dims))
     return shapes
 
 
-def nxv_buffers(code: str, tokens: int, vocab: int) -> list[tuple]:
+def nxv_buffers(code: str, tokens: int, vocab: int, fallbacks: bool = False) -> list[tuple]:
     """Allocated buffers holding at least ``tokens`` x ``vocab`` elements with a vocab-sized dim:
     the logits, their copies, their softmax or their gradient."""
     out = []
-    for shape in buffer_shapes(code):
+    for shape in buffer_shapes(code, fallbacks):
         if vocab not in shape or any(isinstance(d, str) for d in shape):
             continue
         numel = 1

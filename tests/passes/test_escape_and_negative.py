@@ -67,9 +67,9 @@ def test_returned_logits_keep_values_and_gradients():
     assert out[1].requires_grad
     assert_grads_close(grads, expected_grads, ["h", "weight", "bias"])
 
-    (site,) = cce_inductor.explain(fn, h, y).sites  # backend="cce": formed only if read
+    (site,) = cce_inductor.explain(fn, h, y).sites  # formed only if read
     assert site.status == "rewritten" and site.deferred == ["z"] and not site.remaining
-    with cce_inductor.enable():  # the pre-grad pass keeps them, and says what they cost
+    with cce_inductor.enable(defer_logits=False):  # they stay, and explain() says what they cost
         (site,) = cce_inductor.explain(fn, h, y).sites
     assert [r.node for r in site.remaining] == ["z"]
     assert "requires_grad" in site.remaining[0].why and "detach_logits" in site.remaining[0].why
@@ -91,7 +91,7 @@ def test_detach_logits_returns_detached_logits():
         assert not out[1].requires_grad and out[1].grad_fn is None
         assert_outputs_close(out, expected)
         assert_grads_close(grads, expected_grads, ["h", "weight", "bias"])
-    with cce_inductor.enable(detach_logits=True):
+    with cce_inductor.enable(detach_logits=True, defer_logits=False):
         report = cce_inductor.explain(fn, h, y)
     assert "detached" in report.sites[0].remaining[0].why
 

@@ -8,7 +8,8 @@
   no_grad or inference_mode is tested on a Hugging Face model in test_hf_models.py.)
 * A head and loss inside ``torch.utils.checkpoint`` (Dynamo's ``tag_activation_checkpoint``
   region, recomputed by AOTAutograd in the backward) are rewritten there; a region boundary
-  between the head and the loss leaves the site alone, with the reason.
+  between the head and the loss leaves the site alone, with the reason; so does a loss in the body
+  of another higher-order op (a torch.cond branch), which the rewrite does not enter.
 """
 
 from __future__ import annotations
@@ -169,3 +170,22 @@ def test_checkpoint_boundary_between_head_and_loss_is_reported(name):
     fn, reason = BOUNDARIES[name](lin)
     (site,) = cce_inductor.explain(fn, h, y).sites
     assert site.status == "skipped" and reason in site.reason
+
+
+@pytest.mark.skipif(not hasattr(torch, "cond"), reason="torch.cond is missing")
+def test_loss_in_a_cond_branch_is_reported():
+    lin, _, h, y = _setup()
+
+    def fn(h, y, flag):
+        def head_and_loss(h, y):
+            return F.cross_entropy(lin(h).view(-1, V), y.view(-1)).reshape(1)
+
+        def nothing(h, y):
+            return (h.sum() * 0).reshape(1)
+
+        return torch.cond(flag, head_and_loss, nothing, (h, y))
+
+    with torch.no_grad():
+        (site,) = cce_inductor.explain(fn, h.detach(), y, torch.tensor(True)).sites
+    assert site.status == "skipped" and site.region == "a torch.cond branch"
+    assert "does not enter a torch.cond branch" in site.reason
