@@ -186,6 +186,9 @@ def test_loss_in_a_cond_branch_is_reported():
         return torch.cond(flag, head_and_loss, nothing, (h, y))
 
     with torch.no_grad():
-        (site,) = cce_inductor.explain(fn, h.detach(), y, torch.tensor(True)).sites
+        try:
+            (site,) = cce_inductor.explain(fn, h.detach(), y, torch.tensor(True)).sites
+        except torch._dynamo.exc.UncapturedHigherOrderOpError as error:
+            pytest.skip(f"this torch's Dynamo does not capture this torch.cond: {error}")
     assert site.status == "skipped" and site.region == "a torch.cond branch"
     assert "does not enter a torch.cond branch" in site.reason
