@@ -64,7 +64,7 @@ class DeferredLogits(torch.Tensor):
     _recipe: Recipe
     _ingredients: tuple[Tensor, ...]
     _sources: tuple[int | None, ...]  # id() of each ingredient as given (a parameter), None for a copy
-    _versions: tuple[int, ...]
+    _versions: tuple[int | None, ...]  # None: an inference tensor (no version counter)
     _value: Tensor | None
 
     @staticmethod
@@ -80,7 +80,7 @@ class DeferredLogits(torch.Tensor):
         self._recipe = recipe
         self._ingredients = tuple(i.detach() for i in ingredients)
         self._sources = tuple(id(i) for i in ingredients)
-        self._versions = tuple(i._version for i in ingredients)
+        self._versions = tuple(_version(i) for i in ingredients)
         self._value = None
         _LIVE[id(self)] = self
         return self
@@ -117,7 +117,7 @@ class DeferredLogits(torch.Tensor):
                     "the forward (e.g. a sharded parameter, gathered for the forward only). Read the "
                     "logits before it is freed, or compile with options={'defer_logits': False}."
                 )
-            if t._version != version:
+            if _version(t) != version:
                 raise RuntimeError(
                     "cce_inductor: the logits returned by a compiled region are formed when first "
                     "read, and a tensor they are made of (the head's weight or the hidden states) "
@@ -141,7 +141,7 @@ class DeferredLogits(torch.Tensor):
         with torch.no_grad():
             kept = tuple(t.clone() if i in changing else t for i, t in enumerate(self._ingredients))
         self._ingredients = kept
-        self._versions = tuple(t._version for t in kept)
+        self._versions = tuple(_version(t) for t in kept)
         self._sources = tuple(None if i in changing else s for i, s in enumerate(self._sources))
 
     # ------------------------------------------------------------------ the tensor protocol
@@ -197,6 +197,12 @@ class DeferredLogits(torch.Tensor):
 
 # id -> deferred logits not formed yet (weak: tensors compare elementwise, so no WeakSet)
 _LIVE: "weakref.WeakValueDictionary[int, DeferredLogits]" = weakref.WeakValueDictionary()
+
+
+def _version(t: Tensor) -> int | None:
+    """``t``'s version counter; None for an inference tensor, which has none (and cannot be
+    modified in place outside inference mode)."""
+    return None if t.is_inference() else t._version
 
 
 class _autocast_off:

@@ -63,11 +63,7 @@ def rewrite_and_defer(
                 applied.append((report, site))
                 continue
         reports.append(skip_report(site))
-    # Nothing is deferred where a site ran under no_grad: the graph may run under inference_mode
-    # (Dynamo traces it as no_grad), whose tensors have no version counter for a deferred tensor
-    # to check its ingredients by.
-    no_grad = any(m.no_grad for _, m in applied)
-    deferral = plan_deferral(graph) if defer and options.defer_logits and applied and not no_grad else None
+    deferral = plan_deferral(graph) if defer and options.defer_logits and applied else None
     if deferral is not None:
         for report, m in applied:
             report.deferred = [d.node for d in deferral.deferred if d.projection is m.projection]

@@ -210,12 +210,14 @@ def test_options_turn_deferral_off_or_detach():
     assert torch.equal(detached, plain.detach())
 
 
-def test_eval_under_no_grad_returns_eagers_logits():
+@pytest.mark.parametrize("mode", [torch.no_grad, torch.inference_mode], ids=["no_grad", "inference_mode"])
+def test_eval_returns_deferred_logits_with_eagers_values(mode):
     model, ids = _llama().eval(), _ids()
     compiled = torch.compile(model, backend="cce")
-    with torch.no_grad():
+    with mode():
         out = compiled(input_ids=ids, labels=ids)
         want = model(input_ids=ids, labels=ids)
+    assert isinstance(out.logits, DeferredLogits) and not out.logits.formed
     assert not out.logits.requires_grad
     assert_close(out.logits, want.logits)
     assert_close(out.loss, want.loss)
