@@ -15,6 +15,8 @@ from typing import Any
 
 import torch
 
+from .enabling import _compose, _passes
+from .graph_pass import SourceKey
 from .log_calls import trace_through_once_logging
 from .options import Options
 from .rewrite import rewrite_and_defer
@@ -32,6 +34,13 @@ def split_options(options: dict[str, Any] | None) -> tuple[Options, dict[str, An
     return Options.from_kwargs(**ours), options
 
 
+def _with_source_key():
+    """Inductor's post-grad custom pass with :class:`SourceKey` chained after what it holds."""
+    current = torch._inductor.config.post_grad_custom_post_pass
+    passes = [p for p in _passes(current) if not isinstance(p, SourceKey)]
+    return _compose([*passes, SourceKey()])
+
+
 def cce_backend(gm: torch.fx.GraphModule, example_inputs, **kwargs):
     """Rewrite the Dynamo graph's linear -> cross-entropy sites, then compile with Inductor."""
     from torch._inductor.compile_fx import compile_fx
@@ -43,6 +52,7 @@ def cce_backend(gm: torch.fx.GraphModule, example_inputs, **kwargs):
     if mode not in (None, "default"):
         patches = {**torch._inductor.list_mode_options(mode), **patches}
     trace_through_once_logging()  # for the next graphs, where transformers was imported since
+    patches = {"post_grad_custom_post_pass": _with_source_key(), **patches}
     _, deferral = rewrite_and_defer(gm.graph, options)
     gm.recompile()
     compiled = compile_fx(gm, example_inputs, config_patches=patches or None)

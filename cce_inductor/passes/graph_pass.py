@@ -54,3 +54,23 @@ class CCEGraphPass(CustomGraphPass):
 
     def __repr__(self) -> str:
         return f"CCEGraphPass({self.options})"
+
+
+class SourceKey(CustomGraphPass):
+    """A post-grad pass that changes nothing: its ``uuid()`` puts this package's sources in
+    Inductor's cache keys for graphs that ``backend="cce"`` compiles. The compiled code bakes in
+    what the op's fake implementations said (output strides, checked at run time), and the traced
+    graph alone does not change when they do: without this key a compile cached by an earlier
+    version would be reused after an upgrade."""
+
+    def __call__(self, graph: torch.fx.Graph) -> None:
+        return None
+
+    def uuid(self) -> str:
+        return f"cce_inductor-{source_hash()}"
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, SourceKey)
+
+    def __hash__(self) -> int:
+        return hash(SourceKey)
