@@ -98,7 +98,9 @@ def enable(**options) -> Enabled:
 
     ``cce_inductor.enable()`` stays on until ``cce_inductor.disable()``; ``with
     cce_inductor.enable(): ...`` turns it off again on leaving the block. Enabling again replaces
-    the options; passes configured by others stay, and run before this one. transformers'
+    the options; pre-grad passes configured by others stay, and run before this one (with
+    ``defer_logits``, the default, the rewrite itself runs earlier still: in the wrapper of
+    Inductor's ``compile_fx`` that defers returned logits, see :mod:`.inductor_hook`). transformers'
     ``logger.warning_once`` / ``info_once`` calls are then skipped in compiled code rather than
     breaking the graph (see :mod:`.log_calls`).
 
