@@ -44,18 +44,13 @@ class TileConfig:
 
 # Hopper-sized tiles for 16-bit inputs: the forward is one GEMM with a cheap epilogue (128 x 256
 # accumulator, 8 warps, 3 stages of (128 + 256) x 64 x 2 B = 144 KB of shared memory, plus 64 KB for
-# the buffered backward's TMA store of its dz tile). Measured on an H100 with triton 3.6
-# (benchmarks/gemm_core_variants.py, minimal epilogue, in units of the cuBLAS GEMM): TMA loads with
-# the tile loop flattened 1.00 / 1.08 T at 8192 x 2304 x 256000 / 8192 x 4096 x 128256, pointer loads
-# 1.15 / 1.23 T, pointer loads flattened 2.2 T; 4 stages and 128 x 128 tiles slower with TMA.
+# the buffered backward's TMA store of its dz tile); TMA loads with the tile loop flattened measured
+# fastest of the variants tried (pointer loads, 4 stages, 128 x 128 tiles: docs/PERF_NOTES.md).
 # The atomic backward holds the logit tile, its 16-bit gradient and two gradient-GEMM tiles at
 # once, so it uses 128 x 128 (and pointer loads: its vocabulary may be walked through an index).
 # The forward's programs run in groups of group_n token tiles x every vocabulary split (forward.py).
-# Measured on an H200 at the four goal points (benchmarks/forward_variants.py; two calls,
-# results/h200-2026-12-01b and -c, the second in interleaved rounds): 16 is within 1.02-1.06 T at
-# every point; 32 is as good on average but reached 1.075 T at 8192 x 4096 x 128256; all 64 token
-# tiles (the earlier order, under which a wave reads all of E, 67 MB at D = 4096, past the 50 MB
-# L2) 1.04-1.10 T, the slowest at every point of the second call.
+# Groups of 16 measured fastest against 8, 32 and all 64 token tiles of the goal shapes (under which
+# a wave reads all of E, past the L2 at D = 4096): docs/PERF_NOTES.md.
 _GPU_FORWARD_16 = TileConfig(block_n=128, block_v=256, block_d=64, num_warps=8, num_stages=3, group_n=16, tma=True)
 _GPU_BACKWARD_16 = TileConfig(block_n=128, block_v=128, block_d=64, num_warps=8, num_stages=3)
 # float32 inputs run the dots in IEEE float32 (no tf32): FMA-bound, smaller tiles, less shared memory;
@@ -85,11 +80,8 @@ def buffered_config(e: Tensor) -> TileConfig:
 
 # The filtered buffered backward's dE GEMM (dz @ C over the kept vocabulary tiles): block_n tokens (the
 # dz kernel's tile) x block_d columns of D per output tile, block_v vocabulary entries per K step.
-# Measured on an H200 (triton 3.6, bf16, each at the window and chunk buffered_window picks for it;
-# backward_variants --de-variants, results/h200-2026-12-01g/de_variants.log): 128 x 256, 8 warps, 3
-# stages at both goal shapes -- at 8192 x 2304 x 256000 backward 48.62 / 49.76 ms against 51.39 /
-# 50.98 for 128 x 128 with 4 stages (LM-like / uniform), at 8192 x 4096 x 128256 37.88 / 43.20 against
-# 39.60 / 44.46. (On an H100 with 4096-wide chunks 128 x 128 had measured faster at D = 2304.)
+# 128 x 256 output tiles, 8 warps, 3 stages measured faster than 128 x 128 with 4 stages at both goal
+# shapes on an H200 (docs/PERF_NOTES.md).
 _GPU_FILTERED_DE_16 = TileConfig(block_n=128, block_v=64, block_d=256, num_warps=8, num_stages=3, tma=True)
 
 
@@ -101,9 +93,8 @@ def filtered_de_config(e: Tensor) -> TileConfig:
 
 # The filtered buffered backward's dC GEMM (dz^T @ E over the kept token tiles, plus the skipped tiles'
 # rank-1 stand-ins): block_v vocabulary rows (half the dz kernel's vocab tile) x block_d columns of D
-# per output tile, block_n tokens per K step; the dE GEMM's shape, transposed. Measured on an H200
-# (backward_variants --dc-variants, results/h200-2026-12-01h/dc_variants.log, backward in rounds):
-# within 0.3 ms of 256 x 128 (3 stages) at the four goal points, 1.7-2.7 ms ahead of 128 x 128 (4 stages).
+# per output tile, block_n tokens per K step; the dE GEMM's shape, transposed. As fast as 256 x 128
+# and faster than 128 x 128 at the goal points on an H200 (docs/PERF_NOTES.md).
 _GPU_FILTERED_DC_16 = TileConfig(block_n=64, block_v=128, block_d=256, num_warps=8, num_stages=3, tma=True)
 
 

@@ -44,9 +44,9 @@ from .common import (
 )
 
 _PARTIAL_BYTES = 4 * 2**20  # cap on one partial buffer (splits x N float32)
-# Flatten the loop over vocab tiles (TMA loads only). Flattened, the target compare runs on every
-# tile; not flattened, only on tiles that hold a target. Measured (H100, triton 3.6, bf16, forward
-# alone): flattened 1.10 / 1.15 T, not flattened 1.17 / 1.37 T at 8192 x 2304 x 256000 / 8192 x 4096 x 128256.
+# Flatten the loop over vocab tiles (TMA loads only), so that the next tile's loads overlap this
+# tile's epilogue. Flattened, the target compare runs on every tile; not flattened, only on tiles
+# that hold a target. Flattened measured faster at the goal shapes (docs/PERF_NOTES.md).
 FLATTEN_FORWARD = True
 
 

@@ -24,21 +24,17 @@ Algorithm, tokens in chunks of M rows (``workspace_rows``), one M x V buffer Z r
 Each GEMM is skipped when its gradient is not needed; without any, the kernel only computes the loss.
 
 Memory: Z (at most B bytes; at least one row), the gradients themselves, O(N + V) floats.
-Time (counting, H100 bf16): three GEMMs of N x V x D (3T) plus three passes of Z through HBM in the
-row kernel (read, read, write: 6 bytes per logit for 16-bit Z, fewer where the second read hits L2)
-plus one read-modify-write of dC per chunk after the first in the addmm epilogue.
+Time (counting): three GEMMs of N x V x D (3T) plus three passes of Z through HBM in the row kernel
+(read, read, write: 6 bytes per logit for 16-bit Z, fewer where the second read hits L2) plus one
+read-modify-write of dC per chunk after the first in the addmm epilogue.
 Limits: float32 inputs go through cuBLAS with torch's own TF32 setting; the logits are rounded to the
 input dtype before the softmax (as a plain bf16 torch computation); dC's rounding error grows like
-sqrt(chunks) (bf16: as torch's up to ~4 chunks); V < 2^31 (row offsets are int64). Launch (on a
-GPU): 16 KB of the row per block load, 8 warps, two programs per SM, the next block's load issued
-before this block's math (``PREFETCH``), evict_first on the second sweep (``EVICT_SWEEP2``): on an H200
-a 1 GiB chunk's row pass takes 0.93 / 0.91 ms at the goal shapes (3.4 TB/s over its three passes)
-and 1.44 / 1.45 ms with softcap 30, where the math is the bound (docs/PERF_NOTES.md). Triton 3.6
-reports 124 registers (126 with softcap) and no spills for it; offline, Triton 3.9's ptxas for sm_90
-103 registers, 185 with softcap and label smoothing (one program per SM then fits), no spills
-(``benchmarks/workspace_rows.py --offline``); 16-byte loads and stores when V % 16 == 0 (other V:
-narrower accesses). The launcher's keywords (the schedule) leave the results bit for bit, but for the
-block size and warps (the order of a row's sums).
+sqrt(chunks); V < 2^31 (row offsets are int64). Launch (on a GPU): 16 KB of the row per block load,
+8 warps, two programs per SM, the next block's load issued before this block's math (``PREFETCH``),
+evict_first on the second sweep (``EVICT_SWEEP2``); no register spills for sm_90 (checked offline by
+a test); 16-byte loads and stores when V % 16 == 0 (other V: narrower accesses). The launcher's
+keywords (the schedule) leave the results bit for bit, but for the block size and warps (the order
+of a row's sums). Its measured times are in docs/PERF_NOTES.md.
 ``scale_`` multiplies the gradients by the upstream scalar in the backward: float32 math, one
 rounding, and no memory traffic at all when the scalar is 1 (read on the device, no host sync).
 """
@@ -57,9 +53,8 @@ from .common import prepare_inputs, sm_count
 # 16 per thread with 8 warps), two programs per SM, each walking rows with a grid stride; the row's
 # second sweep runs backwards, so its first blocks are the ones the first sweep read last (still in
 # L2). Two 8-warp programs, each with two loads in flight (PREFETCH), keep more bytes in flight per SM
-# than one 16-warp program of 32 KB blocks: measured on an H200 (docs/PERF_NOTES.md, 2026-12-02),
-# a 1 GiB chunk's row pass 1.06 -> 0.99 ms alone and 5.2 -> 4.9 ms a call at Gemma's shape under
-# sustained load; evict_first on the second sweep (the row is not read again) 0-2% more.
+# than one 16-warp program of 32 KB blocks, and measured faster (docs/PERF_NOTES.md); evict_first on
+# the second sweep, as the row is not read again.
 _GPU_BLOCK_BYTES = 16 * 1024
 _GPU_WARPS = 8
 _GPU_PROGRAMS_PER_SM = 2
@@ -89,9 +84,8 @@ def workspace_rows(num_tokens: int, vocab: int, element_size: int, max_workspace
 # results below 2^-126 to zero (no sum of exponentials, and no gradient entry that is then rounded
 # to bf16 next to entries of order 1 / #tokens, keeps them). With a softcap, 1 / (1 + a) is
 # ``fast_dividef`` on a GPU: a in (0, 1], so div.full's range fix-up for huge divisors is dead code.
-# Measured on an H200 (docs/PERF_NOTES.md, 2026-12-02): the kernel's sm_90 code 2600 -> 2016
-# instructions with softcap (1344 -> 1208 without), a 1 GiB chunk 1.78 -> 1.44 ms with softcap 30 and
-# 0.99 -> 0.93 ms without; the last bits of loss and dz change (the sums are rounded in another unit).
+# Fewer instructions and a faster row pass than base-e math (docs/PERF_NOTES.md); the last bits of
+# loss and dz differ from base-e math (the sums are rounded in another unit).
 
 
 @triton.jit
@@ -136,8 +130,8 @@ def _load(ptrs, mask, EVICT_FIRST: tl.constexpr):
 def _load_block(z_row, block, V, BLOCK_V: tl.constexpr, EVICT_FIRST: tl.constexpr):
     """PREFETCH's load: block ``block`` of a row, lanes outside [0, V) masked, so that the block after
     the last or before the first loads nothing. (Offsets from the block index rather than from the
-    current block's offsets: the latter measured 32 bytes of spills at 16 warps with softcap and
-    label smoothing, offline for sm_90.)"""
+    current block's offsets: the latter spilled at 16 warps with softcap and label smoothing,
+    offline for sm_90.)"""
     offs_v = block * BLOCK_V + tl.arange(0, BLOCK_V)  # [BLOCK_V]
     return _load(z_row + offs_v, (offs_v >= 0) & (offs_v < V), EVICT_FIRST)
 
@@ -248,8 +242,8 @@ def _launch_rows(z: Tensor, targets: Tensor, weight: Tensor, loss: Tensor, ignor
                  label_smoothing: float, write_grad: bool, *, block_bytes: int | None = None,
                  warps: int | None = None, programs_per_sm: int | None = None, prefetch: bool = True,
                  evict_sweep2: bool = True):
-    """The row kernel over z's rows; returns the launched kernel. Keywords for measurements
-    (benchmarks/workspace_rows.py), on a GPU: ``block_bytes`` of a row per block load (None:
+    """The row kernel over z's rows; returns the launched kernel. Keywords for measurements (the
+    study script benchmarks/workspace_rows.py at commit f0bb5f2), on a GPU: ``block_bytes`` of a row per block load (None:
     _GPU_BLOCK_BYTES), ``warps`` (None: _GPU_WARPS), ``programs_per_sm`` (None:
     _GPU_PROGRAMS_PER_SM), ``prefetch`` (the next block's load before this block's math),
     ``evict_sweep2`` (evict_first on the second sweep's loads and stores); both on by default.
