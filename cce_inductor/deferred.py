@@ -26,9 +26,9 @@ Hazards, and what is done about them:
   moved) makes a read raise instead of returning other values.
 * The weight's storage is freed soon after the forward: FSDP2 frees its unsharded parameters after
   the forward (``reshard_after_forward``) or after the backward. Logits made of an FSDP2
-  parameter are formed at once, when the compiled region returns (eager mode's N x V tensor, but
-  still no N x V gradient or backward GEMMs for them). Where freed storage is not recognized in
-  advance, a read raises with the fix rather than reading freed memory.
+  parameter keep a copy of it (V x D), taken when the compiled region returns, or are formed
+  then where they are the smaller. Where freed storage is not recognized in advance, a read raises
+  with the fix rather than reading freed memory.
 """
 
 from __future__ import annotations
@@ -126,11 +126,11 @@ class DeferredLogits(torch.Tensor):
                     "(optimizer steps are handled), or compile with options={'defer_logits': False}."
                 )
 
-    def _keep_before_step(self, stepped: set[int]) -> None:
-        """An optimizer is about to change the parameters ``stepped`` (ids) in place: keep what
-        these logits need of their current values -- a copy of those ingredients, or the logits
-        themselves where they are the smaller."""
-        changing = [i for i, source in enumerate(self._sources) if source in stepped]
+    def _keep_current(self, changing_ids: set[int]) -> None:
+        """The ingredients given as ``changing_ids`` (ids) are about to change in place or be freed:
+        keep what these logits need of their current values -- a copy of those ingredients, or the
+        logits themselves where they are the smaller."""
+        changing = [i for i, source in enumerate(self._sources) if source in changing_ids]
         if not changing:
             return
         copy_bytes = sum(self._ingredients[i].numel() * self._ingredients[i].element_size() for i in changing)
@@ -244,13 +244,15 @@ class _FormLogits(torch.autograd.Function):
 def defer(recipe: Recipe, like: Tensor, ingredients: Sequence[Tensor], track_grad: bool = True) -> DeferredLogits:
     """Logits of ``like``'s metadata, formed from ``ingredients`` by ``recipe`` when read. With
     ``track_grad``, grad mode on and an ingredient requiring grad, gradients reaching the logits
-    flow to the ingredients. Formed at once where an ingredient is freed before a read could come (FSDP2)."""
+    flow to the ingredients. An ingredient that FSDP2 frees after the forward or the backward is
+    copied at once (or the logits formed, where smaller)."""
     if track_grad and torch.is_grad_enabled() and any(t.requires_grad for t in ingredients):
         logits = _FormLogits.apply(recipe, like, *ingredients)
     else:
         logits = DeferredLogits(recipe, ingredients, like)
-    if any(_freed_by_fsdp2(t) for t in ingredients):
-        logits.form()  # eager mode's cost in memory, but still no N x V gradient in the backward
+    freed = {id(t) for t in ingredients if _freed_by_fsdp2(t)}
+    if freed:
+        logits._keep_current(freed)
     return logits
 
 
@@ -281,12 +283,12 @@ def _freed_by_fsdp2(t: Tensor) -> bool:
 
 def _keep_before_step(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
     """Optimizer step pre-hook: live deferred logits made of a parameter about to change keep its
-    current values (see :meth:`DeferredLogits._keep_before_step`)."""
+    current values (see :meth:`DeferredLogits._keep_current`)."""
     if not _LIVE:
         return
     params = {id(p) for group in optimizer.param_groups for p in group["params"]}
     for logits in list(_LIVE.values()):
-        logits._keep_before_step(params)
+        logits._keep_current(params)
 
 
 _STEP_HOOK = None
