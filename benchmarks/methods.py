@@ -261,7 +261,7 @@ METHODS: dict[str, Method] = {
         Method("cce_inductor_exact", "cce_inductor (exact)", _setup_ours(exact=True)),
         Method("cce_inductor_workspace", "cce_inductor (workspace 1 GiB)", _setup_ours_workspace(2**30)),
         # the workspace path held to 48 MiB (the exact backward's scratch until its chunks widened into
-        # 56 MiB, kernels.backward.BUFFER_BYTES): three GEMMs at CCE memory, over chunks of tokens as
+        # 56 MiB, kernels.backward_buffered.BUFFER_BYTES): three GEMMs at CCE memory, over chunks of tokens as
         # small as that budget makes them
         Method("cce_inductor_workspace_48m", "cce_inductor (workspace 48 MiB)", _setup_ours_workspace(48 * 2**20)),
         Method("cut_cross_entropy", "cut-cross-entropy (cce)", _setup_cut_cross_entropy("high")),

@@ -212,7 +212,7 @@ def _keep_flags_kernel(
         m_it = P_it                  (P_it = exp(L_it - lse_i), the tile's share of the softmax)
         m_it = P_it + 1 - 2 p_iy     (the tile holding the target y: |p_iy - 1| in place of p_iy)
     and the tile is kept iff m_it >= 2 filter_tau |t| (and m_it > 0) for some non-ignored token -- the
-    backward's rule (backward._filter_keep) for the plain loss (grad_lse = 0, no label smoothing, no
+    backward's rule (backward_shared._filter_keep) for the plain loss (grad_lse = 0, no label smoothing, no
     softcap), where w_i = 2 |g_i| makes it independent of the upstream gradient. A token whose target
     is outside [0, V) keeps every tile (its loss is NaN)."""
     pid_n = tl.program_id(0)
@@ -336,7 +336,7 @@ def _forward(e, c, bias, targets, ignore_index, softcap, label_smoothing, config
             BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_D=cfg.block_d, GROUP_N=cfg.group_n,
             HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap != 0.0, HAS_SMOOTHING=smoothing,
             EVEN_D=dim % cfg.block_d == 0, DOT_PRECISION=dot_precision(e.dtype), UPCAST=dot_upcast(e),
-            TMA=tma, FLATTEN=tma and HAS_FLATTEN and FLATTEN_FORWARD,  # flattened pointer loads measured 2x slower
+            TMA=tma, FLATTEN=tma and HAS_FLATTEN and FLATTEN_FORWARD,  # flattened pointer loads measured slower
             STORE_TILE_LSE=with_keep, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
         block_t = 64
