@@ -1,0 +1,582 @@
+"""Per-token statistics of a linear classifier's softmax -- log-probability of a given token, entropy,
+arg-max, log-sum-exp -- with their gradients, never holding the N x V logits.
+
+For token i with logits z_i = (e_i @ c.T + bias), softcapped (cap * tanh(z / cap)) where asked, then
+divided by a temperature, and p_i = softmax(z_i):
+    logprob_i = z_iy - lse_i                (y = targets_i; 0 where y == ignore_index)
+    entropy_i = -sum_j p_ij log p_ij = lse_i - S_i,   S_i = sum_j p_ij z_ij
+    argmax_i  = the first j with the largest z_ij (as torch.argmax); no gradient
+    lse_i     = log sum_j exp z_ij
+Their gradients w.r.t. the logits, formed together in one recompute of the logits:
+    dz_ij = g_lp_i (onehot_ij - p_ij) + g_H_i p_ij (S_i - z_ij) + g_lse_i p_ij
+          = g_lp_i onehot_ij + p_ij (g_lse_i - g_lp_i + g_H_i ((lse_i - z_ij) - H_i))
+then times 1 / temperature, and under a softcap times 1 - tanh^2; dE = dz @ C, dC = dz^T @ E, dbias = sum_i dz.
+
+Layers, bottom up (as ``ops.py``):
+  ``naive_token_stats``  the definition: the full logits in float64 (tests and benchmarks only)
+  ``chunked_stats_forward`` / ``chunked_stats_backward``  the torch path: the vocabulary walked in
+      chunks with an online log-sum-exp (bounded memory; float64 accumulation for float32 inputs)
+  ``kernels/token_stats.py``  the Triton path (CUDA; the CPU under TRITON_INTERPRET=1)
+  ``cce_inductor::token_stats_forward`` / ``token_stats_backward``  the torch.library custom ops
+  ``linear_token_stats``  the public function: validation, temperature, shift, reshaping
+
+The entropy is accumulated relative to the running max m: with s = sum_j exp(z_j - m) and
+T = sum_j exp(z_j - m) (z_j - m) <= 0, H = log s - T / s, a sum of two non-negative terms: no
+cancellation for a peaked softmax (lse - S would lose the entropy to the rounding of lse).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+from . import ops
+from .reference import TOKEN_CHUNK, _chunks, _compute_dtype, _logits, _vocab_chunk
+
+IMPLS = ops.IMPLS
+
+
+class TokenStats(NamedTuple):
+    """What ``linear_token_stats`` returns; the fields not asked for are None."""
+
+    logprob: Tensor | None  # float32, differentiable
+    entropy: Tensor | None  # float32, differentiable
+    argmax: Tensor | None  # int64, no gradient
+    lse: Tensor | None  # float32, differentiable
+
+
+# ----------------------------------------------------------------------------- the definition
+
+
+def naive_token_stats(
+    e: Tensor,
+    c: Tensor,
+    targets: Tensor | None = None,
+    bias: Tensor | None = None,
+    *,
+    ignore_index: int = -100,
+    softcap: float | None = None,
+    temperature: float | Tensor | None = None,
+    shift: int = 0,
+    compute_dtype: torch.dtype = torch.float64,
+) -> TokenStats:
+    """The definition, written plainly: the full logits in ``compute_dtype``, every field computed."""
+    if shift:
+        e = e[..., :-shift, :]
+        targets = None if targets is None else targets[..., shift:]
+    z = e.to(compute_dtype) @ c.to(compute_dtype).T
+    if bias is not None:
+        z = z + bias.to(compute_dtype)
+    if softcap is not None:
+        z = softcap * torch.tanh(z / softcap)
+    if temperature is not None:
+        z = z / (temperature.to(compute_dtype) if isinstance(temperature, Tensor) else temperature)
+    logp = torch.log_softmax(z, dim=-1)
+    entropy = -(logp.exp() * logp).sum(-1)
+    logprob = None
+    if targets is not None:
+        valid = targets != ignore_index
+        picked = logp.gather(-1, torch.where(valid, targets, 0).long()[..., None])[..., 0]
+        logprob = torch.where(valid, picked, torch.zeros((), dtype=picked.dtype))
+    return TokenStats(logprob, entropy, z.argmax(-1), torch.logsumexp(z, dim=-1))
+
+
+# ----------------------------------------------------------------------------- the torch path
+
+
+def _argmax_view(z: Tensor, dtype: torch.dtype) -> Tensor:
+    """The logits the arg-max is taken over: for 16-bit inputs rounded to their dtype, as eager's
+    logits are (F.linear returns them in it), so that ties are broken as eager breaks them."""
+    return z if dtype in (torch.float32, torch.float64) else z.to(dtype)
+
+
+def chunked_stats_forward(
+    e: Tensor,
+    c: Tensor,
+    bias: Tensor | None,
+    targets: Tensor | None,
+    ignore_index: int,
+    softcap: float,
+    inv_temp: float,
+    want_logprob: bool,
+    want_entropy: bool,
+    want_argmax: bool,
+) -> tuple[Tensor | None, Tensor | None, Tensor | None, Tensor]:
+    """(logprob float32, entropy, argmax int64, lse) of flattened inputs (e (N, D), targets (N,));
+    entropy and lse in the compute dtype (float64 for float32 inputs); None for what is not wanted.
+    logprob is 0 where the target is ignore_index and NaN where it is outside [0, V)."""
+    num_tokens, vocab = e.shape[0], c.shape[0]
+    acc = dict(dtype=_compute_dtype(e.dtype), device=e.device)
+    lse = torch.empty(num_tokens, **acc)
+    logprob = torch.empty(num_tokens, dtype=torch.float32, device=e.device) if want_logprob else None
+    entropy = torch.empty(num_tokens, **acc) if want_entropy else None
+    argmax = torch.empty(num_tokens, dtype=torch.int64, device=e.device) if want_argmax else None
+    for n0, n1 in _chunks(num_tokens, TOKEN_CHUNK):
+        n = n1 - n0
+        e_chunk = e[n0:n1].to(acc["dtype"])
+        t = targets[n0:n1] if want_logprob else None
+        run_max = torch.full((n,), float("-inf"), **acc)
+        run_sum = torch.zeros(n, **acc)
+        run_t = torch.zeros(n, **acc)  # sum exp(z - run_max) (z - run_max)
+        target_logit = torch.zeros(n, **acc)
+        best = torch.full((n,), float("-inf"), **acc)
+        best_id = torch.zeros(n, dtype=torch.int64, device=e.device)
+        for v0, v1 in _chunks(vocab, _vocab_chunk(n, vocab)):
+            z, _ = _logits(e_chunk, c[v0:v1].to(acc["dtype"]), None if bias is None else bias[v0:v1], softcap)
+            if inv_temp != 1.0:
+                z.mul_(inv_temp)
+            if want_logprob:  # from the same matmul as the log-sum-exp (see reference.chunked_forward)
+                in_chunk = (t >= v0) & (t < v1)
+                local = (t - v0).clamp(0, v1 - v0 - 1)
+                target_logit = torch.where(in_chunk, z.gather(1, local[:, None])[:, 0], target_logit)
+            if want_argmax:  # strictly greater: an earlier chunk keeps a tie (the first index wins)
+                zr = _argmax_view(z, e.dtype)
+                chunk_id = zr.argmax(dim=1)
+                chunk_best = zr.gather(1, chunk_id[:, None])[:, 0].to(acc["dtype"])
+                better = chunk_best > best
+                best = torch.where(better, chunk_best, best)
+                best_id = torch.where(better, chunk_id + v0, best_id)
+            new_max = torch.maximum(run_max, z.amax(dim=1))
+            alpha = torch.exp(run_max - new_max)  # 0 at the first chunk (run_max = -inf)
+            if want_entropy:  # re-base the running T on the new max; at the first chunk run_sum = 0
+                shift_down = torch.where(run_sum > 0, run_max - new_max, torch.zeros_like(new_max))
+                run_t = alpha * (run_t + shift_down * run_sum)
+            z.sub_(new_max[:, None])  # z - m, in place on the chunk's logits
+            p = torch.exp(z)
+            run_sum = run_sum * alpha + p.sum(1)
+            if want_entropy:
+                run_t = run_t + (p.mul_(z)).sum(1)
+            run_max = new_max
+        log_sum = torch.log(run_sum)
+        lse[n0:n1] = run_max + log_sum
+        if want_entropy:
+            entropy[n0:n1] = log_sum - run_t / run_sum
+        if want_argmax:
+            argmax[n0:n1] = best_id
+        if want_logprob:
+            lp = target_logit - lse[n0:n1]
+            valid = t != ignore_index
+            out_of_range = valid & ((t < 0) | (t >= vocab))
+            lp = torch.where(valid, lp, torch.zeros_like(lp))
+            logprob[n0:n1] = torch.where(out_of_range, torch.full_like(lp, float("nan")), lp).float()
+    return logprob, entropy, argmax, lse
+
+
+def _stat_coefficients(targets, lse, entropy, grad_logprob, grad_entropy, grad_lse, ignore_index, vocab, dtype):
+    """Per token, in ``dtype``: g_lp (0 where ignored or no logprob), a = g_lse - g_lp, g_H (0
+    without entropy), the clamped target (or None) -- dz = g_lp onehot + p (a + g_H ((lse - z) - H))."""
+    zeros = torch.zeros_like(lse, dtype=dtype)
+    g_lp, safe = zeros, None
+    if grad_logprob is not None and targets is not None:
+        valid = targets != ignore_index
+        g_lp = torch.where(valid, grad_logprob.to(dtype), zeros)
+        safe = torch.where(valid, targets, torch.zeros_like(targets)).clamp(0, vocab - 1)
+    g_h = zeros if grad_entropy is None else grad_entropy.to(dtype)
+    a = (zeros if grad_lse is None else grad_lse.to(dtype)) - g_lp
+    h = zeros if entropy is None or grad_entropy is None else entropy.to(dtype)
+    return g_lp, a, g_h, h, safe
+
+
+def chunked_stats_backward(
+    e: Tensor,
+    c: Tensor,
+    bias: Tensor | None,
+    targets: Tensor | None,
+    lse: Tensor,
+    entropy: Tensor | None,
+    grad_logprob: Tensor | None,
+    grad_entropy: Tensor | None,
+    grad_lse: Tensor | None,
+    ignore_index: int,
+    softcap: float,
+    inv_temp: float,
+    needs_e: bool,
+    needs_c: bool,
+    needs_bias: bool,
+) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    """Gradients of sum(g_lp * logprob + g_H * entropy + g_lse * lse) w.r.t. e, c, bias (None where
+    not needed; a missing upstream gradient counts as 0), from the forward's lse and entropy; the
+    vocabulary is the outer loop, as in ``reference.chunked_backward``. Contiguous, in the inputs'
+    dtypes."""
+    num_tokens, vocab = e.shape[0], c.shape[0]
+    acc = dict(dtype=_compute_dtype(e.dtype), device=e.device)
+    lse = lse.to(acc["dtype"])
+    g_lp, a, g_h, h, safe = _stat_coefficients(targets, lse, entropy, grad_logprob, grad_entropy, grad_lse,
+                                               ignore_index, vocab, acc["dtype"])
+    with_entropy = grad_entropy is not None
+    de = torch.zeros(e.shape, **acc) if needs_e else None
+    dc = c.new_empty(c.shape) if needs_c else None
+    dbias = bias.new_empty(bias.shape) if needs_bias else None
+    for v0, v1 in _chunks(vocab, _vocab_chunk(min(num_tokens, TOKEN_CHUNK), vocab)):
+        c_chunk = c[v0:v1].to(acc["dtype"])
+        b_chunk = None if bias is None else bias[v0:v1]
+        dc_chunk = torch.zeros(v1 - v0, c.shape[1], **acc) if needs_c else None
+        db_chunk = torch.zeros(v1 - v0, **acc) if needs_bias else None
+        for n0, n1 in _chunks(num_tokens, TOKEN_CHUNK):
+            e_rows = e[n0:n1].to(acc["dtype"])
+            z, dcap = _logits(e_rows, c_chunk, b_chunk, softcap)
+            if inv_temp != 1.0:
+                z.mul_(inv_temp)
+            lse_r = lse[n0:n1, None]
+            gap = z.neg_().add_(lse_r)  # lse - z >= 0, in place
+            g = torch.exp(-gap)  # p
+            if with_entropy:
+                g.mul_(a[n0:n1, None] + g_h[n0:n1, None] * (gap - h[n0:n1, None]))
+            else:
+                g.mul_(a[n0:n1, None])
+            if safe is not None:
+                t = safe[n0:n1]
+                in_chunk = (t >= v0) & (t < v1)
+                onehot = torch.where(in_chunk, g_lp[n0:n1], torch.zeros_like(g_lp[n0:n1]))
+                g.scatter_add_(1, (t - v0).clamp(0, v1 - v0 - 1)[:, None], onehot[:, None])
+            if inv_temp != 1.0:
+                g.mul_(inv_temp)
+            if softcap:
+                g.mul_(dcap)
+            if needs_e:
+                de[n0:n1] += g @ c_chunk
+            if needs_c:
+                dc_chunk += g.T @ e_rows
+            if needs_bias:
+                db_chunk += g.sum(0)
+        if needs_c:
+            dc[v0:v1] = dc_chunk
+        if needs_bias:
+            dbias[v0:v1] = db_chunk
+    return (de.to(e.dtype) if needs_e else None), dc, dbias
+
+
+# ----------------------------------------------------------------------------- custom ops
+
+
+def stat_dtype(dtype: torch.dtype, impl: str) -> torch.dtype:
+    """The dtype of the forward op's entropy and lse: float64 for float32 inputs on the torch path
+    (as ``ops.lse_dtype``: that path is the accuracy reference), else float32."""
+    return ops.lse_dtype(dtype, impl)
+
+
+def _triton_stats():
+    from .kernels import token_stats as kernels
+
+    return kernels
+
+
+@torch.library.custom_op("cce_inductor::token_stats_forward", mutates_args=())
+def token_stats_forward(
+    e: Tensor,
+    c: Tensor,
+    targets: Tensor | None,
+    bias: Tensor | None,
+    ignore_index: int,
+    softcap: float,
+    inv_temp: float,
+    logprob: bool,
+    entropy: bool,
+    argmax: bool,
+    impl: str,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """e (N, D), c (V, D), targets (N,) int64 or None (needed with ``logprob``), bias (V,) or None;
+    softcap 0 means none; the logits are multiplied by ``inv_temp`` after the softcap.
+    Returns (logprob (N,) float32, entropy (N,), argmax (N,) int64, lse (N,)); entropy and lse in
+    ``stat_dtype(e.dtype, impl)``; an empty tensor (of the same dtype) for each of the first three not
+    asked for. Targets are checked as ``ops.lce_forward`` checks them."""
+    with ops._on_device_of(e):
+        if logprob:
+            ops._check_targets(targets, c.shape[0], ignore_index)
+        if impl == "triton":
+            out = _triton_stats().stats_forward(e, c, bias, targets, ignore_index, softcap, inv_temp, logprob,
+                                                entropy, argmax)
+        else:
+            out = chunked_stats_forward(e, c, bias, targets, ignore_index, softcap, inv_temp, logprob, entropy,
+                                        argmax)
+    lp, h, am, lse = out
+    sd = stat_dtype(e.dtype, impl)
+    return (
+        e.new_empty(0, dtype=torch.float32) if lp is None else lp.contiguous(),
+        e.new_empty(0, dtype=sd) if h is None else h.contiguous(),
+        e.new_empty(0, dtype=torch.int64) if am is None else am.contiguous(),
+        lse.contiguous(),
+    )
+
+
+@token_stats_forward.register_fake
+def _(e, c, targets, bias, ignore_index, softcap, inv_temp, logprob, entropy, argmax, impl):
+    n, sd = e.shape[0], stat_dtype(e.dtype, impl)
+    return (
+        e.new_empty(n if logprob else 0, dtype=torch.float32),
+        e.new_empty(n if entropy else 0, dtype=sd),
+        e.new_empty(n if argmax else 0, dtype=torch.int64),
+        e.new_empty(n, dtype=sd),
+    )
+
+
+@torch.library.custom_op("cce_inductor::token_stats_backward", mutates_args=())
+def token_stats_backward(
+    e: Tensor,
+    c: Tensor,
+    targets: Tensor | None,
+    bias: Tensor | None,
+    lse: Tensor,
+    entropy: Tensor | None,
+    grad_logprob: Tensor | None,
+    grad_entropy: Tensor | None,
+    grad_lse: Tensor | None,
+    ignore_index: int,
+    softcap: float,
+    inv_temp: float,
+    impl: str,
+    needs_e: bool,
+    needs_c: bool,
+    needs_bias: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Gradients of sum(grad_logprob * logprob + grad_entropy * entropy + grad_lse * lse) w.r.t. e, c,
+    bias in one recompute of the logits (a None upstream gradient: that output gets none; entropy is
+    the forward's, needed with grad_entropy); an empty tensor for each gradient not needed."""
+    needs_bias = needs_bias and bias is not None
+    with ops._on_device_of(e):
+        if impl == "triton":
+            grads = _triton_stats().stats_backward(e, c, bias, targets, lse, entropy, grad_logprob, grad_entropy,
+                                                   grad_lse, ignore_index, softcap, inv_temp, needs_e, needs_c,
+                                                   needs_bias)
+        else:
+            grads = chunked_stats_backward(e, c, bias, targets, lse, entropy, grad_logprob, grad_entropy, grad_lse,
+                                           ignore_index, softcap, inv_temp, needs_e, needs_c, needs_bias)
+    return tuple(ops._dense(g, e) for g in grads)
+
+
+@token_stats_backward.register_fake
+def _(e, c, targets, bias, lse, entropy, grad_logprob, grad_entropy, grad_lse, ignore_index, softcap, inv_temp,
+      impl, needs_e, needs_c, needs_bias):
+    return (
+        ops._dense_like(e) if needs_e else e.new_empty(0),
+        ops._dense_like(c) if needs_c else e.new_empty(0),
+        ops._dense_like(bias) if (needs_bias and bias is not None) else e.new_empty(0),
+    )
+
+
+def _setup_context(ctx, inputs, output):
+    e, c, targets, bias, ignore_index, softcap, inv_temp, logprob, entropy, argmax, impl = inputs
+    _, h, am, lse = output
+    ctx.mark_non_differentiable(am)
+    ctx.save_for_backward(e, c, targets, bias, lse, h)
+    ctx.options = (ignore_index, softcap, inv_temp, impl)
+    ctx.outputs = (logprob, entropy)
+
+
+def _grad_or_none(grad: Tensor | None, like: Tensor) -> Tensor | None:
+    """An upstream gradient made dense in ``like``'s dtype (a sum's arrives expanded, stride 0)."""
+    return None if grad is None else grad.to(like.dtype).contiguous()
+
+
+def _backward(ctx, grad_logprob, grad_entropy, _grad_argmax, grad_lse):
+    e, c, targets, bias, lse, h = ctx.saved_tensors
+    want_logprob, want_entropy = ctx.outputs
+    grad_logprob = _grad_or_none(grad_logprob, lse) if want_logprob else None
+    grad_entropy = _grad_or_none(grad_entropy, lse) if want_entropy else None
+    grad_lse = _grad_or_none(grad_lse, lse)
+    needs_e, needs_c, _, needs_bias = ctx.needs_input_grad[:4]
+    if grad_logprob is None and grad_entropy is None and grad_lse is None:
+        grads = (None, None, None)
+    else:
+        grads = token_stats_backward(e, c, targets, bias, lse, h if want_entropy else None, grad_logprob,
+                                     grad_entropy, grad_lse, *ctx.options, needs_e, needs_c, needs_bias)
+    de, dc, dbias = grads
+    return (
+        de if needs_e else None,
+        dc if needs_c else None,
+        None,
+        dbias if needs_bias else None,
+        None, None, None, None, None, None, None,
+    )
+
+
+token_stats_forward.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _no_double_backward(ctx, *grads):
+    raise RuntimeError(
+        "cce_inductor.linear_token_stats does not support double backward (create_graph=True through its "
+        "outputs); compute the statistics from plain F.linear logits for that."
+    )
+
+
+token_stats_backward.register_autograd(_no_double_backward, setup_context=ops._setup_nothing)
+
+for _device_type in ("cpu", "cuda"):
+    ops._register_autocast(token_stats_forward, _device_type)
+    ops._register_autocast(token_stats_backward, _device_type, cast=False)  # its inputs are the forward's
+
+
+# ----------------------------------------------------------------------------- public function
+
+
+def _check_inputs(e, c, targets, bias, ignore_index, softcap, temperature, shift, wants, impl):
+    if not isinstance(e, Tensor) or e.dim() < 1:
+        raise ValueError(f"e must be a tensor of shape (..., D), got {getattr(e, 'shape', type(e))}")
+    if not isinstance(c, Tensor) or c.dim() != 2:
+        raise ValueError(f"c must be a tensor of shape (V, D), got {getattr(c, 'shape', type(c))}")
+    if e.shape[-1] != c.shape[1]:
+        raise ValueError(f"D of e ({e.shape[-1]}) differs from D of c ({c.shape[1]})")
+    if c.shape[0] == 0:
+        raise ValueError("the vocabulary is empty (c has 0 rows)")
+    for name, want in zip(("logprob", "entropy", "argmax", "lse"), wants):
+        if not isinstance(want, bool):
+            raise TypeError(f"{name} must be a bool, got {want!r}")
+    if not any(wants):
+        raise ValueError("ask for at least one of logprob, entropy, argmax, lse")
+    if targets is None:
+        if wants[0]:
+            raise ValueError("logprob=True needs targets (the token ids whose log-probabilities to return)")
+    else:
+        if not isinstance(targets, Tensor) or targets.is_floating_point() or targets.is_complex() \
+                or targets.dtype == torch.bool:
+            raise TypeError(f"targets must be an integer tensor of token ids, got {getattr(targets, 'dtype', type(targets))}")
+        if tuple(targets.shape) != tuple(e.shape[:-1]):
+            raise ValueError(f"targets' shape {tuple(targets.shape)} must equal e's leading dims {tuple(e.shape[:-1])}")
+    if bias is not None and (not isinstance(bias, Tensor) or tuple(bias.shape) != (c.shape[0],)):
+        raise ValueError(f"bias must be a tensor of shape (V,) = ({c.shape[0]},), got {getattr(bias, 'shape', type(bias))}")
+    for name, t in (("e", e), ("c", c), ("bias", bias)):
+        if t is not None and t.dtype not in ops._FLOAT_DTYPES:
+            raise TypeError(f"{name} must be float32, bfloat16 or float16, got {t.dtype}")
+    autocast = e.device.type in ("cpu", "cuda") and torch.is_autocast_enabled(e.device.type)
+    if not autocast:
+        for name, t in (("c", c), ("bias", bias)):
+            if t is not None and t.dtype != e.dtype:
+                raise TypeError(f"{name} must have e's dtype {e.dtype}, got {t.dtype} (or use torch.autocast)")
+    tensors = [("e", e), ("c", c)] + [(n, t) for n, t in (("targets", targets), ("bias", bias)) if t is not None]
+    if len({t.device for _, t in tensors}) > 1:
+        raise ValueError("e, c, targets and bias must be on one device, got "
+                         + ", ".join(f"{n} on {t.device}" for n, t in tensors))
+    if not isinstance(ignore_index, int) or isinstance(ignore_index, bool):
+        raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
+    if softcap is not None and (isinstance(softcap, bool) or not isinstance(softcap, (int, float)) or not softcap > 0):
+        raise ValueError(f"softcap must be None or a number > 0, got {softcap!r}")
+    if isinstance(temperature, Tensor):
+        if not temperature.is_floating_point():
+            raise TypeError(f"a temperature tensor must be floating point, got {temperature.dtype}")
+        if temperature.device != e.device and temperature.dim() > 0:
+            raise ValueError(f"the temperature must be on e's device {e.device} (or 0-dim), got {temperature.device}")
+    elif temperature is not None and (isinstance(temperature, bool) or not isinstance(temperature, (int, float))
+                                      or not temperature > 0):
+        raise ValueError(f"temperature must be None, a number > 0 or a tensor, got {temperature!r}")
+    if not isinstance(shift, int) or isinstance(shift, bool) or shift < 0:
+        raise ValueError(f"shift must be an int >= 0, got {shift!r}")
+    if shift and (e.dim() < 2 or shift >= e.shape[-2]):
+        raise ValueError(f"shift={shift} is out of range: it needs a token dim (the second-to-last of e) longer "
+                         f"than shift, e has shape {tuple(e.shape)}")
+    if impl not in IMPLS:
+        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+    if impl == "triton" and not ops._triton_runs_on(e.device):
+        raise ValueError(f"impl='triton' needs CUDA tensors and importable Triton kernels (or TRITON_INTERPRET=1 "
+                         f"on the CPU); got tensors on {e.device}")
+
+
+def _apply_tensor_temperature(e: Tensor, bias: Tensor | None, temperature: Tensor, softcap):
+    """z / T as (e / T) @ c.T + bias / T: exact, and autograd carries T's gradient through the two
+    divisions. T: 0-dim (or one element), or one per token (shaped like e's leading dims with a
+    trailing 1, broadcastable to them)."""
+    if softcap is not None:
+        raise NotImplementedError(
+            "linear_token_stats: a tensor temperature with a softcap is not supported (cap * tanh(z / cap) / T "
+            "does not fold into e / T); pass the temperature as a Python number, or apply it outside"
+        )
+    if temperature.numel() == 1:
+        t = temperature.reshape(())
+    else:
+        if temperature.dim() == 0 or temperature.shape[-1] != 1 \
+                or torch.broadcast_shapes(temperature.shape, e.shape[:-1] + (1,)) != e.shape[:-1] + (1,):
+            raise ValueError(
+                f"a temperature tensor must have one element or one per token (shape {tuple(e.shape[:-1]) + (1,)} "
+                f"or broadcastable to it), got {tuple(temperature.shape)}"
+            )
+        if bias is not None:
+            raise NotImplementedError("linear_token_stats: a per-token temperature with a bias is not supported "
+                                      "(bias / T would be N x V); use a 0-dim temperature")
+        t = temperature
+    scaled_e = e / t
+    if scaled_e.dtype != e.dtype:  # a float32 per-token T would promote 16-bit e
+        scaled_e = scaled_e.to(e.dtype)
+    scaled_bias = None if bias is None else (bias / t).to(bias.dtype)
+    return scaled_e, scaled_bias
+
+
+def linear_token_stats(
+    e: Tensor,
+    c: Tensor,
+    targets: Tensor | None = None,
+    bias: Tensor | None = None,
+    *,
+    ignore_index: int = -100,
+    softcap: float | None = None,
+    temperature: float | Tensor | None = None,
+    shift: int = 0,
+    logprob: bool = True,
+    entropy: bool = False,
+    argmax: bool = False,
+    lse: bool = False,
+    impl: str = "auto",
+) -> TokenStats:
+    """Per-token statistics of softmax(z), z = e @ c.T + bias (softcapped, then divided by the
+    temperature), computed without the N x V logits, in one pass over the vocabulary (and one
+    recompute for all the gradients).
+
+    Equals, with ``logits = z`` materialized: ``logprob = log_softmax(z).gather(-1, targets)`` (0
+    where targets == ignore_index), ``entropy = -(softmax(z) * log_softmax(z)).sum(-1)``,
+    ``argmax = z.argmax(-1)``, ``lse = z.logsumexp(-1)``.
+
+    Args:
+        e: hidden states (..., D); float32, bfloat16 or float16. c: classifier (V, D), e's dtype.
+            Any strides. Under ``torch.autocast`` the op computes in the autocast dtype.
+        targets: token ids shaped like e's leading dims, any integer dtype; needed with
+            ``logprob``. A target outside [0, V) that is not ignore_index is an error (as
+            ``ops.linear_cross_entropy``: raised on the CPU, a device-side assert on a GPU).
+        bias: optional (V,).
+        softcap: ``cap * tanh(z / cap)`` before the temperature; None for none.
+        temperature: None, a number > 0, or a tensor (e.g. a learnable one; gradients flow to it):
+            one element, or one per token (shaped like e's leading dims with a trailing 1, and then no
+            bias). A number is applied inside the op (any softcap); a tensor as (e / T) and
+            (bias / T) before it, which is exact -- not supported with a softcap (NotImplementedError).
+        shift: pair e[..., t, :] with targets[..., t + shift] (the causal-LM shift) without copying
+            e; every returned field then covers the first T - shift positions of the token dim.
+        logprob, entropy, argmax, lse: which fields to compute; at least one.
+        impl: "triton", "torch" (chunked pure torch) or "auto" (Triton for CUDA tensors).
+
+    Returns:
+        ``TokenStats(logprob, entropy, argmax, lse)``, each shaped like the (shifted) targets, None
+        where not asked for: logprob, entropy and lse float32 and differentiable w.r.t. e, c, bias
+        (and a tensor temperature); argmax int64 -- over the logits rounded to e's dtype for 16-bit
+        inputs, as eager's logits are, ties to the first index.
+    """
+    wants = (logprob, entropy, argmax, lse)
+    _check_inputs(e, c, targets, bias, ignore_index, softcap, temperature, shift, wants, impl)
+    if impl == "auto":
+        impl = "triton" if e.device.type == "cuda" and ops._triton_runs_on(e.device) else "torch"
+    inv_temp = 1.0
+    if isinstance(temperature, Tensor):
+        e, bias = _apply_tensor_temperature(e, bias, temperature, softcap)
+    elif temperature is not None:
+        inv_temp = 1.0 / float(temperature)
+
+    flat_targets = None
+    if targets is not None and logprob:
+        aligned = targets.long()  # int64 before padding (see ops.linear_cross_entropy)
+        if shift:
+            pad = aligned.new_full((*targets.shape[:-1], shift), ignore_index)
+            aligned = torch.cat([aligned[..., shift:], pad], dim=-1)
+        flat_targets = aligned.reshape(-1)
+    e2d = e.reshape(-1, e.shape[-1])
+    lp, h, am, out_lse = token_stats_forward(e2d, c, flat_targets, bias, ignore_index, float(softcap or 0.0),
+                                             inv_temp, logprob, entropy, argmax, impl)
+    shape = e.shape[:-1]
+    return TokenStats(
+        ops._unshift(lp, shape, shift) if logprob else None,
+        ops._unshift(h.float(), shape, shift) if entropy else None,
+        ops._unshift(am, shape, shift) if argmax else None,
+        ops._unshift(out_lse.float(), shape, shift) if lse else None,
+    )
+
+
+__all__ = ["TokenStats", "linear_token_stats", "naive_token_stats", "chunked_stats_forward",
+           "chunked_stats_backward"]
