@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from torch.fx import Graph, GraphModule, Node
 
 from . import nodes as N
+from . import tensor_parallel
 
 log = logging.getLogger("cce_inductor")
 
@@ -96,6 +97,7 @@ class Match:
     shift_reshape: bool = False  # reduction "none" under shift: flatten the per-token loss
     no_grad: bool = False  # the projection ran under no_grad / inference_mode: the op runs forward only
     grad_off: bool = False  # ... and the loss with grad enabled: the op runs under no_grad there
+    parallel: Any = None  # tensor_parallel.Layout of a DTensor (vocab-parallel) site, else None
 
     @property
     def vocab(self):
@@ -231,6 +233,10 @@ class _Walker:
         )
         self._walk(m, logits, class_dim)
         self._check_projection(m)
+        try:
+            m.parallel = tensor_parallel.check(m)
+        except tensor_parallel.Refused as reason:
+            raise NoMatch(str(reason)) from None
         _check_no_mutation_between(m.projection, self.anchor)
         self._check_grad_mode(m)
         _find_shift(m)
@@ -302,6 +308,9 @@ class _Walker:
                 )
             if node.op == "get_attr":
                 raise NoMatch("no projection: the logits are a constant of the graph")
+            if tensor_parallel.passes_through(node):  # DTensor: another layout, the same values
+                node = node.args[0]
+                continue
             kind = N.kind_of(node)
             if kind == "getitem" and node.args and N.hop_region(node.args[0]) is not None:
                 raise NoMatch(

@@ -24,6 +24,7 @@ from torch.fx.node import map_arg
 
 from ..ops import linear_cross_entropy
 from . import nodes as N
+from . import tensor_parallel
 from .deferral import Deferral, plan_deferral
 from .matcher import Match, NoMatch, Skip, find_anchors, match_site, regions, skips_in
 from .options import Options
@@ -163,7 +164,10 @@ def _apply(graph: Graph, m: Match, options: Options) -> None:
                 kwargs["max_workspace_bytes"] = options.max_workspace_bytes
             if m.grad_off:  # the projection ran under no_grad, the loss does not: the op as the projection
                 b.function(torch._C._set_grad_enabled, False)
-            out = b.function(linear_cross_entropy, e, weight, targets, bias, **kwargs)
+            fn = linear_cross_entropy
+            if m.parallel is not None:  # a DTensor head split over the vocabulary
+                fn, kwargs = tensor_parallel.site_call(m, kwargs)
+            out = b.function(fn, e, weight, targets, bias, **kwargs)
             if m.shift_reshape:
                 out = b.method("reshape", out, -1)
             if m.out_dtype != torch.float32:

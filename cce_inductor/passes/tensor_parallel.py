@@ -1,0 +1,150 @@
+"""Tensor-parallel heads: DTensor sites matched by :mod:`.matcher`, rewritten to the vocab-parallel op.
+
+With ``parallelize_module(model, mesh, {"head": ColwiseParallel(output_layouts=Shard(-1),
+use_local_output=False)})`` and ``with loss_parallel(): F.cross_entropy(logits, y)`` (torchtitan's
+layout), the Dynamo graph holds DTensors (their layouts in the nodes' example values):
+
+    x   = DTensor.from_local(h, mesh, (Replicate(),))        # ColwiseParallel's input hook; under
+          (or  h_dt.redistribute((Replicate(),)) from Shard(1): sequence parallelism, an all-gather)
+    z   = linear(x, W)                                       # W: DTensor Shard(0) -> z: Shard(-1)
+    z   = z.redistribute((Shard(-1),))                       # its output hook: the layout it has
+    ... flatten / view ...
+    loss = cross_entropy(z, y)                               # a DTensor, Replicate()
+
+``loss_parallel()`` itself leaves no node: it changes how DTensor computes the loss, not its value.
+A ``redistribute`` between the projection and the loss changes only where the logits' values live,
+never the values, so the matcher passes it (``passes_through``). The site is rewritten when the
+projection's weight is split over the vocabulary on one mesh dim (``Shard(0)`` of a (V, D) weight,
+``Replicate()`` on other mesh dims, as FSDP2 x TP leaves it in the forward), its input is replicated
+on that mesh, the loss a replicated DTensor: each rank then calls ``vocab_parallel_cross_entropy``
+on its shard (:func:`dtensor_linear_cross_entropy`), and no rank forms its N x V/tp logits. Any
+other layout is left alone, with the layout named in the reason (:func:`check`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch.fx import Node
+
+from ..vocab_parallel import is_dtensor, vocab_parallel_cross_entropy
+from . import nodes as N
+
+# the op's options a vocab-parallel site does not take (the rewrite drops them; explain() says so)
+UNSUPPORTED_OPTIONS = ("filter_dc", "max_workspace_bytes")
+
+
+@dataclass
+class Layout:
+    """The parallel layout of a matched site, for explain()."""
+
+    mesh_shape: tuple
+    mesh_dim_names: tuple | None
+    vocab_mesh_dim: int
+    weight_placements: tuple
+    input_from: tuple | None  # placements the head's input was redistributed from (sequence parallel)
+
+    def describe(self) -> str:
+        names = self.mesh_dim_names
+        dim = names[self.vocab_mesh_dim] if names else self.vocab_mesh_dim
+        size = self.mesh_shape[self.vocab_mesh_dim]
+        text = (f"vocabulary-parallel over mesh dim {dim!r} ({size} ranks) of a {tuple(self.mesh_shape)} mesh; "
+                f"weight {_names(self.weight_placements)}")
+        if self.input_from is not None:
+            text += f", input all-gathered from {_names(self.input_from)} (sequence parallel)"
+        else:
+            text += ", input replicated"
+        return text
+
+
+def _names(placements) -> str:
+    return "(" + ", ".join(str(p) for p in placements) + ")"
+
+
+def is_dtensor_node(node: Any) -> bool:
+    return is_dtensor(N.tensor_value(node)) if isinstance(node, Node) else False
+
+
+def passes_through(node: Node) -> bool:
+    """A ``DTensor.redistribute`` of the logits: the same global values in another layout."""
+    return node.op == "call_method" and node.target == "redistribute" and is_dtensor_node(node.args[0] if node.args else None)
+
+
+class Refused(Exception):
+    """A DTensor site the rewrite leaves alone; the message says why."""
+
+
+def check(m) -> Layout | None:
+    """None where no DTensor is involved; else the site's :class:`Layout`, or :class:`Refused`."""
+    involved = [m.projection, m.x, m.weight, m.bias, m.targets, m.anchor]
+    if not any(is_dtensor_node(n) for n in involved):
+        return None
+    from torch.distributed.tensor import Replicate, Shard
+
+    if m.projection is None:
+        raise Refused("F.linear_cross_entropy of DTensors: not supported")
+    w = N.tensor_value(m.weight)
+    x = N.tensor_value(m.x)
+    if not is_dtensor(w):
+        raise Refused("the logits are a DTensor but the weight is not: not supported")
+    if not m.weight_is_vd:
+        raise Refused("a tensor-parallel head whose weight is stored (D, V): not supported, only F.linear / nn.Linear")
+    placements = tuple(w.placements)
+    mesh = w.device_mesh
+    sharded = [i for i, p in enumerate(placements) if isinstance(p, Shard) and p.dim in (0, -2)]
+    if len(sharded) != 1 or any(not isinstance(p, Replicate) for i, p in enumerate(placements) if i != sharded[0]):
+        raise Refused(
+            f"a DTensor head with weight placements {_names(placements)}: only a weight split over the "
+            "vocabulary (Shard(0)) on one mesh dim, Replicate() on the others, is rewritten"
+        )
+    if not is_dtensor(x) or not all(isinstance(p, Replicate) for p in x.placements):
+        layout = _names(x.placements) if is_dtensor(x) else "a plain tensor"
+        raise Refused(f"the head's input is {layout}: the vocab-parallel rewrite needs it replicated on the mesh")
+    if x.device_mesh != mesh:
+        raise Refused("the head's input and weight are on different device meshes")
+    if m.bias is not None:
+        b = N.tensor_value(m.bias)
+        if not is_dtensor(b) or tuple(b.placements) != placements or b.dim() != 1:
+            raise Refused("the head's bias is not a (V,) DTensor split like its weight")
+    t = N.tensor_value(m.targets)
+    if is_dtensor(t) and not all(isinstance(p, Replicate) for p in t.placements):
+        raise Refused(f"the targets are a DTensor with placements {_names(t.placements)}: only replicated targets")
+    loss = N.tensor_value(m.anchor)
+    if not is_dtensor(loss) or not all(isinstance(p, Replicate) for p in loss.placements) or loss.device_mesh != mesh:
+        raise Refused("the loss is not a DTensor replicated on the head's mesh")
+    if m.softcap is not None and not (isinstance(m.label_smoothing, (int, float)) and m.label_smoothing <= 0):
+        raise Refused("softcap with label smoothing: the vocab-parallel op does not combine them exactly")
+    if not isinstance(m.label_smoothing, (int, float)):
+        raise Refused("label_smoothing is not a number known when compiling")
+    if any(not isinstance(f, float) for f in m.scale) or (m.softcap is not None and not isinstance(m.softcap, (int, float))):
+        raise Refused("a scale or softcap read from a tensor: not supported on a vocab-parallel head")
+    return Layout(tuple(mesh.shape), mesh.mesh_dim_names, sharded[0], placements, _sequence_parallel_source(m.x))
+
+
+def _sequence_parallel_source(x: Node) -> tuple | None:
+    """The placements the head's input was redistributed from, where it was (SequenceParallel's
+    Shard(1) before ColwiseParallel(input_layouts=Shard(1)))."""
+    if isinstance(x, Node) and passes_through(x):
+        src = N.tensor_value(x.args[0])
+        if tuple(src.placements) != tuple(N.tensor_value(x).placements):
+            return tuple(src.placements)
+    return None
+
+
+def site_call(m, kwargs: dict) -> tuple:
+    """The function and keyword arguments the rewrite calls in place of the loss."""
+    kwargs = {k: v for k, v in kwargs.items() if k not in UNSUPPORTED_OPTIONS}
+    kwargs["out_placements"] = tuple(N.tensor_value(m.anchor).placements)
+    return dtensor_linear_cross_entropy, kwargs
+
+
+def dtensor_linear_cross_entropy(e, c, targets, bias=None, *, out_placements, **kwargs):
+    """``vocab_parallel_cross_entropy`` of DTensors, its result a DTensor as the loss was."""
+    from torch.distributed.tensor import DTensor
+
+    out = vocab_parallel_cross_entropy(e, c, targets, bias, **kwargs)
+    if isinstance(out, tuple):
+        raise NotImplementedError("return_lse through the rewrite")
+    return DTensor.from_local(out, c.device_mesh, out_placements, run_check=False)
