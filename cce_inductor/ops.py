@@ -460,6 +460,7 @@ def linear_cross_entropy(
     reduction: str = "mean",
     shift: int = 0,
     label_smoothing: float = 0.0,
+    weight: Tensor | None = None,
     return_lse: bool = False,
     impl: str = "auto",
     exact: bool = True,
@@ -495,6 +496,13 @@ def linear_cross_entropy(
         label_smoothing: as in F.cross_entropy: above 1.0 raises a ValueError; 0, a negative value
             or NaN means no smoothing (torch treats them so), so that a call torch accepts is never
             an error here.
+        weight: per-class weights (V,), as F.cross_entropy's ``weight``: a token's loss is scaled by
+            w[y] (with label smoothing: (1 - ls) w[y] (lse - z_y) + ls / V sum_j w_j (lse - z_j)), and
+            "mean" divides by the sum of w[y] over the non-ignored tokens (NaN when that is 0, as
+            torch). Exact gradients (w.r.t. weight too). The smoothing term uses
+            sum_j w_j z_j = e . (w @ c) + w . bias, which a softcap breaks: weight with softcap and
+            label smoothing together raises NotImplementedError. max_workspace_bytes is not used
+            with weights (the exact path runs).
         return_lse: also return the per-token log-sum-exp of the logits (e.g. for z-loss), shaped
             like the per-token loss; it is defined at ignored positions too and is differentiable.
         impl: "triton" (the CUDA kernels), "torch" (chunked pure torch, the CPU path) or "auto"
@@ -549,6 +557,10 @@ def linear_cross_entropy(
     """
     _check_inputs(e, c, targets, bias, ignore_index, softcap, reduction, shift, label_smoothing, impl)
     smoothing = float(label_smoothing) if label_smoothing > 0.0 else 0.0  # NaN and negatives: none, as torch
+    if weight is not None:
+        return _weighted_cross_entropy(e, c, targets, bias, weight, ignore_index=ignore_index, softcap=softcap,
+                                       reduction=reduction, shift=shift, label_smoothing=smoothing,
+                                       return_lse=return_lse, impl=impl, exact=exact, filter_dc=filter_dc)
     if not isinstance(exact, bool):  # exact=None would silently turn the gradient filter on
         raise TypeError(f"exact must be a bool, got {exact!r}")
     if not isinstance(filter_dc, bool):
@@ -593,6 +605,48 @@ def linear_cross_entropy(
     if return_lse:
         return out, _unshift(lse.float(), targets.shape, shift)
     return out
+
+
+def _weighted_cross_entropy(e, c, targets, bias, weight, *, ignore_index, softcap, reduction, shift,
+                            label_smoothing, return_lse, impl, exact, filter_dc):
+    """``linear_cross_entropy`` with class weights, from the unweighted per-token losses and lse:
+        loss_i = (1 - ls) w[y_i] (lse_i - z_iy) + (ls / V) (W lse_i - e_i . (w @ c) - w . bias),  W = sum_j w_j,
+    0 where y_i is ignored; "mean" divides the sum by sum_i w[y_i] over the non-ignored tokens
+    (F.cross_entropy's formulas). Autograd carries the weighting into the op's backward (its
+    grad_loss and grad_lse), so the gradients stay exact."""
+    if not isinstance(weight, Tensor) or tuple(weight.shape) != (c.shape[0],) or not weight.is_floating_point():
+        raise ValueError(f"weight must be a floating tensor of shape (V,) = ({c.shape[0]},), got "
+                         f"{getattr(weight, 'dtype', type(weight))} {tuple(getattr(weight, 'shape', ()))}")
+    if weight.device != e.device:
+        raise ValueError(f"weight must be on e's device {e.device}, got {weight.device}")
+    if label_smoothing and softcap is not None:
+        raise NotImplementedError(
+            "linear_cross_entropy: weight with label_smoothing and a softcap together is not supported (the "
+            "smoothing term's weighted sum of the capped logits has no closed form); drop one of the three"
+        )
+    loss, lse = linear_cross_entropy(e, c, targets, bias, ignore_index=ignore_index, softcap=softcap,
+                                     reduction="none", shift=shift, return_lse=True, impl=impl, exact=exact,
+                                     filter_dc=filter_dc and not label_smoothing)
+    y = (targets[..., shift:] if shift else targets).long()
+    valid = y != ignore_index
+    w = weight.float()
+    w_y = torch.where(valid, w[torch.where(valid, y, 0).clamp(0, c.shape[0] - 1)], 0.0)
+    per_token = (1.0 - label_smoothing) * w_y * loss
+    if label_smoothing:
+        w_c = weight.to(c.dtype) @ c  # (D,): sum_j w_j c_j
+        weighted_logits = (e @ w_c.to(e.dtype))[..., : e.shape[-2] - shift] if shift else e @ w_c.to(e.dtype)
+        weighted_logits = weighted_logits.float()
+        if bias is not None:
+            weighted_logits = weighted_logits + (w * bias.float()).sum()
+        smooth = w.sum() * lse - weighted_logits
+        per_token = per_token + (label_smoothing / c.shape[0]) * torch.where(valid, smooth, 0.0)
+    if reduction == "mean":
+        out = per_token.sum() / w_y.sum()
+    elif reduction == "sum":
+        out = per_token.sum()
+    else:
+        out = per_token
+    return (out, lse) if return_lse else out
 
 
 def _unshift(per_token: Tensor, shape, shift: int) -> Tensor:
