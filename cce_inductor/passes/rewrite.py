@@ -49,7 +49,11 @@ def rewrite_and_defer(
     sites' returned logits deferred: the graph's outputs change (see :mod:`.deferral`), and the
     returned :class:`Deferral` rebuilds them around the compiled graph."""
     options = options or Options()
-    reports: list[SiteReport] = []
+    # Heads read for per-token statistics (log-probs, entropy, ...) first: one linear_token_stats
+    # call takes over their loss calls too; heads with loss calls only are left to the CE rewrite.
+    from .token_stats_match import rewrite_token_stats
+
+    reports: list[SiteReport] = rewrite_token_stats(graph, options)
     applied: list[tuple[SiteReport, Match]] = []
     for anchor in find_anchors(graph):
         site = match_site(anchor)
