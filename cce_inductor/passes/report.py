@@ -171,6 +171,8 @@ def _details(m: Match) -> dict:
         d["weight_layout"] = "(D, V)"
     if m.no_grad:
         d["grad"] = "off (no_grad: forward only)"
+    if m.parallel is not None:  # tensor_parallel.Layout
+        d["parallel"] = m.parallel.describe()
     return d
 
 
@@ -188,6 +190,7 @@ def _nbytes(node: Node) -> int | None:
     v = N.tensor_value(node)
     if v is None:
         return None
+    v = getattr(v, "_local_tensor", v)  # a DTensor: this rank's part
     n = _numel_hint(v.shape)
     return None if n is None else n * v.element_size()
 

@@ -60,7 +60,7 @@ class Layout:
 
 
 def _names(placements) -> str:
-    return "(" + ", ".join(str(p) for p in placements) + ")"
+    return "(" + ", ".join(repr(p) for p in placements) + ")"
 
 
 def is_dtensor_node(node: Any) -> bool:
