@@ -137,6 +137,7 @@ class StatsSite:
     kinds: dict = field(default_factory=dict)  # derived node -> (role, _Z), filled by the walk
     layout_node: Node | None = None  # the logits node whose layout the op computes in
     insert_after: Node | None = None  # the op goes right after this node (its last input)
+    problems: list = field(default_factory=list)  # reasons met on the walks, first first
 
     @property
     def stat_consumers(self) -> list[Consumer]:
@@ -205,7 +206,11 @@ def _walk_logits(site: StatsSite) -> None:
     while work:
         z = work.pop()
         for user in z.node.users:
-            child = _logits_child(site, z, user)
+            try:
+                child = _logits_child(site, z, user)
+            except NoMatch as reason:  # the derived walk meets this use again; the first reason is kept
+                site.problems.append(str(reason))
+                continue
             if child is not None and user not in site.zs:
                 site.zs[user] = child
                 work.append(child)
@@ -253,15 +258,20 @@ def _walk_derived(site: StatsSite) -> None:
     """Every use of the logits nodes, and of what is derived from them, recognized or NoMatch."""
     kinds = site.kinds  # derived node -> ("LS" | "SM" | "PLOGP" | "PZ" | "BT" | "BT0" | "IDX", z)
     seen_consumers: set[Node] = set()
+    problems = site.problems
     work: list[Node] = list(site.zs)
     while work:
         node = work.pop()
         for user in node.users:
             if user in site.zs or user in kinds or user in seen_consumers:
                 continue
-            if user.op == "output":
-                raise NoMatch(f"the logits ({node.name}) are returned from the compiled region")
-            found = _classify(site, node, user)
+            try:
+                if user.op == "output":
+                    raise NoMatch(f"{node.name} (the logits or made from them) is returned from the compiled region")
+                found = _classify(site, node, user)
+            except NoMatch as reason:  # go on: the report of a site needs its statistics
+                problems.append(str(reason))
+                continue
             if isinstance(found, Consumer):
                 site.consumers.append(found)
                 seen_consumers.add(user)
@@ -269,6 +279,8 @@ def _walk_derived(site: StatsSite) -> None:
                 kinds[user] = found
                 site.derived.add(user)
                 work.append(user)
+    if problems:
+        raise NoMatch(problems[0])
 
 
 def _role(site: StatsSite, node: Any) -> tuple | None:

@@ -1,0 +1,357 @@
+"""RL-style per-token statistics in unmodified code become one ``linear_token_stats`` call (issue 30).
+
+Each case compiles a small function with ``backend="cce"`` and ``fullgraph=True`` and checks: the
+token-statistics op appears in the generated code (forward and backward where a gradient is taken),
+no buffer of N x V elements is allocated, explain() reports the head rewritten, and every output and
+gradient (w.r.t. the hidden states, the weight, the bias, a learnable temperature) equals eager's
+within 1e-5 relative (float32). Negative cases: the site is left alone, explain() names the operation
+that stopped it, and the compiled function still equals eager.
+
+Inductor compiles with its ATen fallbacks (``fallback_by_default``) where this torch has it: the
+rewrite and the op's registration run as in any compile, without a C++ compilation per case (the
+N x V check then also reads the sizes Inductor asserts for fallback outputs).
+Sizes: B=2, T=7, D=8, V=97 (prime, and D < the tokens, so no weight-sized buffer looks N x V).
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import cce_inductor
+from passes_helpers import (  # fresh_dynamo: an autouse fixture
+    fresh_dynamo,
+    assert_grads_close,
+    assert_outputs_close,
+    compiled_step,
+    nxv_buffers,
+    run_step,
+)
+
+B, T, D, V = 2, 7, 8, 97
+STATS_OPS = ("cce_inductor.token_stats_forward", "cce_inductor.token_stats_backward")
+LCE_OPS = ("cce_inductor.lce_forward", "cce_inductor.lce_backward")
+
+
+@pytest.fixture(autouse=True)
+def _aten_fallbacks():
+    import torch._inductor.config as inductor_config
+
+    if hasattr(inductor_config, "fallback_by_default"):
+        with inductor_config.patch(fallback_by_default=True):
+            yield
+    else:
+        yield
+
+
+class Head(nn.Module):
+    """A tiny policy head: hidden states in, logits out, with a learnable temperature."""
+
+    def __init__(self, bias=True, seed=1):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.proj = nn.Linear(D, V, bias=bias)
+        with torch.no_grad():  # peaked rows next to flat ones
+            self.proj.weight.mul_(torch.linspace(0.2, 3.0, V)[:, None])
+        self.log_temp = nn.Parameter(torch.tensor(0.3))
+
+
+def _inputs(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    h = torch.randn(B, T, D, generator=g, requires_grad=True)
+    ids = torch.randint(0, V, (B, T), generator=g)
+    return h, ids
+
+
+def _names(params):
+    return [f"param {i}" for i in range(len(params))]
+
+
+# ----------------------------------------------------------------------------- the forms
+# Each builder returns (fn, params, args, tokens): tokens = rows of the logits read.
+
+
+def case_gather_log_softmax_learnable_temperature():
+    m, (h, ids) = Head(), _inputs()
+
+    def fn(h, ids):
+        z = m.proj(h) / m.log_temp.exp()
+        return torch.gather(z.log_softmax(-1), -1, ids.unsqueeze(-1)).squeeze(-1)
+
+    return fn, [h, *m.parameters()], (h, ids), B * T
+
+
+def case_functional_log_softmax_dim2_gather_method_float():
+    m, (h, ids) = Head(bias=False), _inputs()
+    w = m.proj.weight
+
+    def fn(h, ids):
+        z = (h @ w.t()).float()
+        return F.log_softmax(z, dim=2).gather(2, ids[..., None]).squeeze(2)
+
+    return fn, [h, w], (h, ids), B * T
+
+
+def case_take_along_dim_number_temperature():
+    m, (h, ids) = Head(), _inputs()
+
+    def fn(h, ids):
+        logp = F.log_softmax(m.proj(h) / 0.7, dim=-1)
+        return torch.take_along_dim(logp, ids[..., None], dim=-1).squeeze(-1)
+
+    return fn, [h, *m.proj.parameters()], (h, ids), B * T
+
+
+def case_target_logit_minus_logsumexp():
+    m, (h, ids) = Head(), _inputs()
+
+    def fn(h, ids):
+        z = m.proj(h)
+        return z.gather(-1, ids[..., None]).squeeze(-1) - torch.logsumexp(z, -1)
+
+    return fn, [h, *m.proj.parameters()], (h, ids), B * T
+
+
+def case_target_logit_minus_logsumexp_method_unsqueezed():
+    m, (h, ids) = Head(), _inputs()
+
+    def fn(h, ids):
+        z = m.proj(h) * 1.3
+        return z.gather(-1, ids.unsqueeze(-1)) - z.logsumexp(dim=-1, keepdim=True)  # (B, T, 1)
+
+    return fn, [h, *m.proj.parameters()], (h, ids), B * T
+
+
+def case_categorical_log_prob_and_entropy():
+    m, (h, ids) = Head(), _inputs()
+
+    def fn(h, ids):
+        dist = torch.distributions.Categorical(logits=m.proj(h) / m.log_temp.exp())
+        return dist.log_prob(ids).sum() - 0.1 * dist.entropy().mean(), dist.log_prob(ids)
+
+    return fn, [h, *m.parameters()], (h, ids), B * T
+
+
+def case_entropy_logsumexp_minus_softmax_times_logits():
+    m, (h, _) = Head(), _inputs()
+
+    def fn(h):
+        z = m.proj(h)
+        return torch.logsumexp(z, -1) - (F.softmax(z, -1) * z).sum(-1)
+
+    return fn, [h, *m.proj.parameters()], (h,), B * T
+
+
+def case_entropy_p_log_p_exp():
+    m, (h, _) = Head(), _inputs()
+
+    def fn(h):
+        logp = torch.log_softmax(m.proj(h) / m.log_temp.exp(), dim=-1)
+        return -(logp.exp() * logp).sum(dim=-1)
+
+    return fn, [h, *m.parameters()], (h,), B * T
+
+
+def case_entropy_softmax_times_log_softmax_flattened():
+    m, (h, _) = Head(), _inputs()
+
+    def fn(h):
+        z = m.proj(h).view(-1, V)
+        return -(F.softmax(z, dim=1) * F.log_softmax(z, dim=1)).sum(1)
+
+    return fn, [h, *m.proj.parameters()], (h,), B * T
+
+
+def case_accuracy_masked():
+    m, (h, ids) = Head(), _inputs()
+    mask = torch.rand(B, T, generator=torch.Generator().manual_seed(3)) > 0.3
+
+    def fn(h, ids):
+        correct = (m.proj(h).argmax(-1) == ids).float()
+        return (correct * mask).sum() / mask.sum()
+
+    return fn, [h], (h, ids), B * T
+
+
+def case_ce_plus_z_loss():
+    m, (h, ids) = Head(), _inputs()
+    ids[0, :3] = -100
+
+    def fn(h, ids):
+        z = m.proj(h).float()
+        ce = F.cross_entropy(z.view(-1, V), ids.view(-1))
+        return ce + 1e-2 * torch.logsumexp(z, dim=-1).pow(2).mean()
+
+    return fn, [h, *m.proj.parameters()], (h, ids), B * T
+
+
+def case_ce_sum_plus_accuracy():
+    m, (h, ids) = Head(), _inputs()
+    ids[1, 4:] = -100
+
+    def fn(h, ids):
+        z = m.proj(h)
+        loss = F.cross_entropy(z.flatten(0, 1), ids.flatten(), reduction="sum")
+        valid = ids != -100
+        accuracy = ((z.argmax(dim=-1) == ids) & valid).sum() / valid.sum()
+        return loss, accuracy
+
+    return fn, [h, *m.proj.parameters()], (h, ids), B * T
+
+
+def case_grpo_clipped_ratio_entropy_bonus():
+    m, (h, ids) = Head(), _inputs()
+    g = torch.Generator().manual_seed(4)
+    old_logp = -torch.rand(B, T, generator=g) * 5
+    adv = torch.randn(B, 1, generator=g)
+    mask = (torch.rand(B, T, generator=g) > 0.2).float()
+
+    def fn(h, ids):
+        z = m.proj(h) / m.log_temp.exp()
+        logp = torch.gather(z.log_softmax(-1), -1, ids[..., None]).squeeze(-1)
+        ratio = torch.exp(logp - old_logp)
+        pg = -torch.min(ratio * adv, torch.clamp(ratio, 0.8, 1.2) * adv)
+        entropy = torch.distributions.Categorical(logits=z).entropy()
+        return ((pg - 0.01 * entropy) * mask).sum() / mask.sum()
+
+    return fn, [h, *m.parameters()], (h, ids), B * T
+
+
+def case_shifted_logits_softcap():
+    """Next-token log-probs of a sequence (logits[:, :-1] with ids[:, 1:]) under a softcap."""
+    m, (h, ids) = Head(), _inputs()
+
+    def fn(h, ids):
+        z = 5.0 * torch.tanh(m.proj(h) / 5.0)
+        logits = z[:, :-1, :]
+        logp = F.log_softmax(logits, dim=-1)
+        return logp.gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1), logits.argmax(-1)
+
+    return fn, [h, *m.proj.parameters()], (h, ids), B * (T - 1)
+
+
+CASES = {name[len("case_"):]: fn for name, fn in globals().items() if name.startswith("case_")}
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_form_rewritten_and_equal_to_eager(name):
+    fn, params, args, tokens = CASES[name]()
+    expected, expected_grads = run_step(fn, params, args)
+    out, grads, code = compiled_step(fn, params, args)
+    assert_outputs_close(out, expected)
+    assert_grads_close(grads, expected_grads, _names(params))
+    needs_grad = any(g is not None for g in expected_grads)
+    assert STATS_OPS[0] in code and (STATS_OPS[1] in code) == needs_grad
+    assert not any(op in code for op in LCE_OPS), "one op per head: the loss calls go into the same call"
+    assert nxv_buffers(code, tokens, V, fallbacks=True) == []
+    [site] = cce_inductor.explain(fn, *args).sites
+    assert (site.kind, site.status, site.remaining) == ("token_stats", "rewritten", []), site.reason
+
+
+def test_the_nxv_check_sees_the_logits_of_a_plain_compile():
+    fn, params, args, tokens = case_grpo_clipped_ratio_entropy_bonus()
+    _, _, code = compiled_step(fn, params, args, backend="inductor")
+    assert nxv_buffers(code, tokens, V, fallbacks=True)
+
+
+def test_negated_cross_entropy_stays_with_the_loss_rewrite():
+    m, (h, ids) = Head(), _inputs()
+
+    def fn(h, ids):
+        return -F.cross_entropy(m.proj(h).view(-1, V), ids.view(-1), reduction="none")
+
+    params = [h, *m.proj.parameters()]
+    expected, expected_grads = run_step(fn, params, (h, ids))
+    out, grads, code = compiled_step(fn, params, (h, ids))
+    assert all(op in code for op in LCE_OPS) and STATS_OPS[0] not in code
+    assert_outputs_close(out, expected)
+    assert_grads_close(grads, expected_grads, _names(params))
+
+
+# ----------------------------------------------------------------------------- left alone
+
+
+def _returned_logits(m):
+    def fn(h, ids):
+        z = m.proj(h)
+        return z.log_softmax(-1).gather(-1, ids[..., None]).squeeze(-1), z
+
+    return fn
+
+
+def _unknown_consumer(m):
+    def fn(h, ids):
+        z = m.proj(h)
+        logp = z.log_softmax(-1).gather(-1, ids[..., None]).squeeze(-1)
+        return logp.sum() + z.topk(3, dim=-1).values.sum()
+
+    return fn
+
+
+def _two_target_sets(m):
+    def fn(h, ids):
+        logp = m.proj(h).log_softmax(-1)
+        return logp.gather(-1, ids[..., None]).sum() - logp.gather(-1, ids.flip(0)[..., None]).sum()
+
+    return fn
+
+
+def _two_scalings(m):
+    def fn(h, ids):
+        z = m.proj(h)
+        logp = (z / 0.5).log_softmax(-1).gather(-1, ids[..., None]).squeeze(-1)
+        return logp.sum(), z.argmax(-1)
+
+    return fn
+
+
+def _softmax_returned(m):
+    def fn(h, ids):
+        z = m.proj(h)
+        return torch.logsumexp(z, -1).sum(), F.softmax(z, -1)
+
+    return fn
+
+
+@pytest.mark.parametrize(
+    "build, why",
+    [
+        (_returned_logits, "returned from the compiled region"),
+        (_unknown_consumer, "topk"),
+        (_two_target_sets, "different targets"),
+        (_two_scalings, "scaled or biased differently"),
+        (_softmax_returned, "returned from the compiled region"),
+    ],
+    ids=["returned_logits", "unknown_consumer", "two_target_sets", "two_scalings", "softmax_returned"],
+)
+def test_left_alone_with_the_reason(build, why):
+    m, (h, ids) = Head(), _inputs()
+    fn = build(m)
+    [site] = [s for s in cce_inductor.explain(fn, h, ids).sites if s.kind == "token_stats"]
+    assert site.status == "skipped" and why in site.reason, site.reason
+
+
+def test_left_alone_site_still_equals_eager():
+    m, (h, ids) = Head(), _inputs()
+    fn = _unknown_consumer(m)
+    params = [h, *m.proj.parameters()]
+    expected, expected_grads = run_step(fn, params, (h, ids))
+    out, grads, code = compiled_step(fn, params, (h, ids))
+    assert STATS_OPS[0] not in code
+    assert_outputs_close(out, expected)
+    assert_grads_close(grads, expected_grads, _names(params))
+
+
+def test_loss_calls_alone_are_not_a_statistics_site():
+    """A head read only by a loss call is the cross-entropy rewrite's, reported once, as before."""
+    m, (h, ids) = Head(), _inputs()
+
+    def fn(h, ids):
+        return F.cross_entropy(m.proj(h).view(-1, V), ids.view(-1))
+
+    [site] = cce_inductor.explain(fn, h, ids).sites
+    assert (site.kind, site.status) == ("cross_entropy", "rewritten")
