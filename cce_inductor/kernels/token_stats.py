@@ -235,9 +235,10 @@ def _stats_combine_kernel(
 
 def stats_forward(e: Tensor, c: Tensor, bias: Tensor | None, targets: Tensor | None, ignore_index: int,
                   softcap: float, inv_temp: float, want_logprob: bool, want_entropy: bool, want_argmax: bool,
-                  *, config=None):
+                  *, config=None, splits_per_step: int = 64):
     """(logprob, entropy, argmax, lse) of flattened inputs, each (N,) (float32; argmax int64), None
-    for what is not wanted; semantics of ``token_stats.chunked_stats_forward``."""
+    for what is not wanted; semantics of ``token_stats.chunked_stats_forward``. ``splits_per_step``:
+    the combine kernel's splits per step of its loop (a power of two; tests take several steps)."""
     num_tokens = e.shape[0]
     if targets is None:  # never read without LOGPROB; prepare_inputs wants one
         targets = torch.empty(num_tokens, dtype=torch.int64, device=e.device)
@@ -283,7 +284,7 @@ def stats_forward(e: Tensor, c: Tensor, bias: Tensor | None, targets: Tensor | N
         logprob if want_logprob else lse, entropy if want_entropy else lse, argmax if want_argmax else lse, lse,
         num_tokens, vocab, splits,
         ignore_index,
-        BLOCK_T=block_t, BLOCK_S=min(64, triton.next_power_of_2(splits)),
+        BLOCK_T=block_t, BLOCK_S=min(splits_per_step, triton.next_power_of_2(splits)),
         LOGPROB=want_logprob, ENTROPY=want_entropy, ARGMAX=want_argmax, num_warps=4,
     )
     return logprob, entropy, argmax, lse

@@ -1,0 +1,206 @@
+"""The Triton kernels of linear_token_stats (kernels/token_stats.py): under the Triton interpreter on
+small odd shapes (N = 37, D = 20 or 13, V = 101; the interpreter's tiles are 16 x 16 x 16, so every
+dimension spans several tiles with a masked edge, and D = 20 loads through TMA descriptors while
+D = 13 loads through pointers), and on CUDA (``gpu``) at the same cases and at a realistic head.
+Values and gradients against the float64 definition, with the checks of tests/test_token_stats.py.
+"""
+
+import dataclasses
+import math
+import os
+
+import pytest
+import torch
+
+from cce_inductor import linear_token_stats
+from cce_inductor.token_stats import naive_token_stats
+from test_token_stats import CASES, Case, check, make_inputs, rel
+
+kernels = pytest.importorskip("cce_inductor.kernels")
+if not kernels.AVAILABLE:  # pragma: no cover
+    pytest.skip("triton is not installed", allow_module_level=True)
+
+from cce_inductor.kernels import token_stats as stats_kernels  # noqa: E402
+
+interpreter = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="runs under the Triton interpreter")
+pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy warnings of masked lanes
+
+# D = 20: two steps of the 16-wide tiles, TMA loads; the transposed and per-token cases keep D = 13
+# (pointer loads).
+KERNEL_CASES = [c if c.name in ("transposed_c", "per_token_temperature") else dataclasses.replace(c, d=20)
+                for c in CASES]
+
+
+@interpreter
+@pytest.mark.parametrize("case", KERNEL_CASES, ids=lambda c: c.name)
+def test_interpreter_matches_float64(case):
+    check(case, "triton")
+
+
+@interpreter
+@pytest.mark.parametrize("case, dtype", [(KERNEL_CASES[0], torch.bfloat16), (KERNEL_CASES[6], torch.float16)],
+                         ids=["plain-bfloat16", "softcap_temperature-float16"])
+def test_interpreter_low_precision_no_worse_than_torch(case, dtype):
+    check(case, "triton", dtype)
+
+
+def _raw_inputs(n=37, d=20, v=101, seed=0, scale=2.0):
+    g = torch.Generator().manual_seed(seed)
+    e = torch.randn(n, d, generator=g) * scale
+    c = torch.randn(v, d, generator=g) / math.sqrt(d)
+    b = torch.randn(v, generator=g)
+    y = torch.randint(0, v, (n,), generator=g)
+    y[::5] = -100
+    return e, c, b, y
+
+
+@interpreter
+def test_forward_combines_splits_in_steps():
+    """The combine kernel's loop over the vocabulary splits, one split per step (its running max,
+    sum, entropy term and arg-max carried between steps), gives the one-step result; the split
+    count is the launcher's (at least two here)."""
+    e, c, _, y = _raw_inputs(scale=4.0)
+    c[90] = c[3]  # an arg-max tie across splits
+    e[1] = c[3] * 20
+    one_step = stats_kernels.stats_forward(e, c, None, y, -100, 0.0, 1.0, True, True, True)
+    steps = stats_kernels.stats_forward(e, c, None, y, -100, 0.0, 1.0, True, True, True, splits_per_step=1)
+    gold = naive_token_stats(e.double(), c.double(), y)
+    assert steps[2][1] == 3
+    for a, s, r in zip(one_step, steps, gold):
+        if r.is_floating_point():
+            assert rel(a, r) <= 1e-5 and rel(s, r) <= 1e-5
+        else:
+            assert torch.equal(a, r) and torch.equal(s, r)
+
+
+@interpreter
+def test_backward_windows_and_chunks_agree_with_one_window():
+    """A buffer of a few tiles splits the backward into several windows of tokens and chunks of the
+    vocabulary (dE accumulated over chunks, dC over windows, dbias by atomics): the same gradients."""
+    e, c, b, y = _raw_inputs()
+    _, h, _, lse = stats_kernels.stats_forward(e, c, b, y, -100, 3.0, 0.8, False, True, False)
+    g = torch.Generator().manual_seed(1)
+    grads = [torch.randn(37, generator=g) for _ in range(3)]
+    args = (e, c, b, y, lse, h, *grads, -100, 3.0, 0.8, True, True, True)
+    whole = stats_kernels.stats_backward(*args)
+    # 16 x 16 tiles: 32 rows x 48 columns of float32 dz plus 32 rows of dE's accumulator
+    small = stats_kernels.stats_backward(*args, buffer_bytes=32 * 48 * 4 + 32 * 20 * 4)
+    gold = torch.ops.cce_inductor.token_stats_backward(e, c, y, b, lse.double(), h.double(),
+                                                       *[x.double() for x in grads], -100, 3.0, 0.8, "torch",
+                                                       True, True, True)
+    for a, s, r in zip(whole, small, gold):
+        assert rel(a, r) <= 1e-5 and rel(s, r) <= 1e-5
+
+
+@interpreter
+@pytest.mark.parametrize("which", ["lse", "entropy", "logprob_without_targets_read"])
+def test_one_upstream_gradient(which):
+    """The dz kernel's variants with one upstream gradient (the others None), dE and dC only."""
+    e, c, _, y = _raw_inputs()
+    lp, h, _, lse = stats_kernels.stats_forward(e, c, None, y, -100, 0.0, 1.0, True, True, False)
+    g = torch.randn(37, generator=torch.Generator().manual_seed(2))
+    grads = {"lse": (None, None, g), "entropy": (None, g, None), "logprob_without_targets_read": (g, None, None)}[which]
+    ours = stats_kernels.stats_backward(e, c, None, y, lse, h, *grads, -100, 0.0, 1.0, True, True, False)
+    gold = torch.ops.cce_inductor.token_stats_backward(
+        e, c, y, None, lse.double(), h.double(), *[None if x is None else x.double() for x in grads], -100, 0.0,
+        1.0, "torch", True, True, False)
+    assert ours[2] is None
+    for a, r in zip(ours[:2], gold[:2]):
+        assert rel(a, r) <= 1e-5
+
+
+@interpreter
+def test_argmax_ties_across_tiles_and_splits():
+    """Exact ties (duplicate classifier rows) in one tile, in two tiles of one split and in two
+    splits: the first index wins, as torch.argmax; for 16-bit inputs the comparison is of the
+    logits rounded to the input dtype (eager's)."""
+    g = torch.Generator().manual_seed(0)
+    e = torch.randn(6, 16, generator=g)
+    c = torch.randn(200, 16, generator=g) * 0.1
+    c[3] = c[9] = e[0] * 3  # one tile
+    c[20] = c[40] = e[1] * 3  # two tiles
+    c[5] = c[190] = e[2] * 3  # far apart: two splits
+    for dtype in (torch.float32, torch.bfloat16):
+        am = linear_token_stats(e.to(dtype), c.to(dtype), logprob=False, argmax=True, impl="triton").argmax
+        assert am[:3].tolist() == [3, 20, 5]
+        torch.testing.assert_close(am, (e.to(dtype) @ c.to(dtype).T).argmax(-1))
+
+
+@interpreter
+def test_targets_none_and_fields_alone():
+    e, c, b, y = _raw_inputs()
+    out = linear_token_stats(e, c, None, b, logprob=False, entropy=True, lse=True, impl="triton")
+    gold = naive_token_stats(e.double(), c.double(), None, b.double())
+    assert out.logprob is None and out.argmax is None
+    assert rel(out.entropy, gold.entropy) <= 1e-5 and rel(out.lse, gold.lse) <= 1e-5
+
+
+@interpreter
+def test_opcheck_triton():
+    e, c, b, y = _raw_inputs(n=19, v=37)
+    e.requires_grad_(), c.requires_grad_(), b.requires_grad_()
+    utils = ("test_schema", "test_faketensor", "test_autograd_registration")
+    args = (e, c, y, b, -100, 2.0, 0.5, True, True, True, "triton")
+    torch.library.opcheck(torch.ops.cce_inductor.token_stats_forward.default, args, test_utils=utils)
+    lp, h, am, lse = torch.ops.cce_inductor.token_stats_forward(*args)
+    grads = [torch.randn(19) for _ in range(3)]
+    bw = (e.detach(), c.detach(), y, b.detach(), lse.detach(), h.detach(), *grads, -100, 2.0, 0.5, "triton",
+          True, True, True)
+    torch.library.opcheck(torch.ops.cce_inductor.token_stats_backward.default, bw, test_utils=utils)
+
+
+# ----------------------------------------------------------------------------- CUDA
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("case", KERNEL_CASES, ids=lambda c: c.name)
+def test_gpu_cases_match_float64(case, dtype):
+    check(case, "triton", dtype, "cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("regime", ["uniform", "lm"])
+def test_gpu_realistic_head_no_worse_than_torch(regime):
+    """N = 2048, D = 2048, V = 128256, bfloat16, logprob + entropy + lse with a random weighting:
+    values and gradients against float32 math on the same inputs, no worse than the usual eager
+    code's (bfloat16 logits upcast to float32), and the op's peak memory a fraction of the logits'."""
+    from cce_inductor.testing import make_inputs as regime_inputs
+
+    n, d, v = 2048, 2048, 128256
+    inp = regime_inputs(regime, n, d, v, device="cuda", seed=0)
+    g = torch.Generator(device="cuda").manual_seed(1)
+    w = [torch.randn(n, generator=g, device="cuda") for _ in range(3)]
+
+    def eager(e, c, y, compute):
+        z = (e.to(compute) @ c.to(compute).T).float()
+        logp = z.log_softmax(-1)
+        return logp.gather(-1, y[:, None])[:, 0], -(logp.exp() * logp).sum(-1), z.logsumexp(-1)
+
+    def ours(e, c, y):
+        out = linear_token_stats(e, c, y, entropy=True, lse=True)
+        return out.logprob, out.entropy, out.lse
+
+    def run(fn):
+        e, c = (t.detach().clone().requires_grad_() for t in (inp.e, inp.c))
+        outs = fn(e, c, inp.targets)
+        sum((o * wi).sum() for o, wi in zip(outs, w)).backward()
+        return [o.detach() for o in outs] + [e.grad, c.grad]
+
+    prev = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        gold = run(lambda e, c, y: eager(e, c, y, torch.float32))
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = prev
+    plain = run(lambda e, c, y: eager(e, c, y, torch.bfloat16))
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    mine = run(ours)
+    peak = torch.cuda.max_memory_allocated() - base
+    for name, a, p, r in zip(("logprob", "entropy", "lse", "de", "dc"), mine, plain, gold):
+        assert rel(a, r) <= 1.25 * rel(p, r) + 1e-6, (name, rel(a, r), rel(p, r))
+    grads_bytes = (n + v) * d * 2
+    # above the leaves (copies of e and c) and their gradients: an eighth of the float32 logits at most
+    assert peak - 2 * grads_bytes < n * v * 4 / 8, peak
