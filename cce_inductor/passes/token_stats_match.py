@@ -138,6 +138,7 @@ class StatsSite:
     layout_node: Node | None = None  # the logits node whose layout the op computes in
     insert_after: Node | None = None  # the op goes right after this node (its last input)
     problems: list = field(default_factory=list)  # reasons met on the walks, first first
+    ls_views: dict = field(default_factory=dict)  # token views of a log-softmax -> their layout (_Z)
 
     @property
     def stat_consumers(self) -> list[Consumer]:
@@ -306,7 +307,9 @@ def _last_dim(node: Node, index: int, name: str, ndim: int, default=None) -> boo
 
 
 def _ls_of(site: StatsSite, node: Node) -> _Z | None:
-    """The logits whose log-softmax ``node`` is."""
+    """The logits whose log-softmax ``node`` is (for a view of one: its layout)."""
+    if node in site.ls_views:
+        return site.ls_views[node]
     if N.is_kind(node, "log_softmax") and node.args and node.args[0] in site.zs:
         v = N.tensor_value(node.args[0])
         dtype = node.kwargs.get("dtype", node.args[3] if len(node.args) > 3 else None)
@@ -366,6 +369,13 @@ def _classify(site: StatsSite, node: Node, user: Node):
     v = N.tensor_value(node)
     ndim = v.dim() if v is not None else 0
 
+    # a token view of a log-softmax (nll_loss(log_softmax(z).view(-1, V), ...)): a log-softmax in that layout
+    if kind == "LS" and N.kind_of(user) in _RESHAPES and user.args and user.args[0] is node:
+        t = N.tensor_value(user)
+        ci = _class_in(user, N.kind_of(user), t.dim() - 1, v, t)
+        view = _Z(user, z, z.values, z.bias, z.steps + [ShapeStep(user, N.kind_of(user), node, ci, t.dim() - 1)])
+        site.ls_views[user] = view
+        return ("LS", view)
     # derived nodes, recognized structurally
     for test, name in ((_ls_of, "LS"), (_sm_of, "SM")):
         got = test(site, user)
@@ -625,7 +635,7 @@ def _squeeze_user(c: Consumer) -> Node | None:
 def _apply(graph: Graph, site: StatsSite, options: Options) -> None:
     from .rewrite import _Builder, _propagate_meta, _prune, _replay_on_embeddings, _scale
 
-    zc = site.zs[site.layout_node]
+    zc = site.zs.get(site.layout_node) or site.ls_views[site.layout_node]
     zcv = N.tensor_value(zc.node)
     first = min((c.node for c in site.consumers), key=list(graph.nodes).index)
     b = _Builder(graph, first)

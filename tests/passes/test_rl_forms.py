@@ -234,6 +234,32 @@ def case_shifted_logits_softcap():
     return fn, [h, *m.proj.parameters()], (h, ids), B * (T - 1)
 
 
+def case_negated_cross_entropy_flat_targets_plus_entropy():
+    """PPO's log-probs as -cross_entropy(reduction="none") of flat targets, with an entropy bonus."""
+    m, (h, ids) = Head(), _inputs()
+    flat = ids.reshape(-1)
+
+    def fn(h, flat):
+        z = m.proj(h)
+        logp = -F.cross_entropy(z.view(-1, V), flat, reduction="none")
+        entropy = -(F.softmax(z, -1) * F.log_softmax(z, -1)).sum(-1)
+        return logp.sum() + 0.1 * entropy.mean(), logp
+
+    return fn, [h, *m.proj.parameters()], (h, flat), B * T
+
+
+def case_nll_of_log_softmax_plus_accuracy():
+    m, (h, ids) = Head(), _inputs()
+    ids[0, 1] = -1
+
+    def fn(h, ids):
+        z = m.proj(h)
+        loss = F.nll_loss(F.log_softmax(z, -1).view(-1, V), ids.view(-1), ignore_index=-1)
+        return loss, (z.argmax(-1) == ids).float().mean()
+
+    return fn, [h, *m.proj.parameters()], (h, ids), B * T
+
+
 CASES = {name[len("case_"):]: fn for name, fn in globals().items() if name.startswith("case_")}
 
 
@@ -250,6 +276,27 @@ def test_form_rewritten_and_equal_to_eager(name):
     assert nxv_buffers(code, tokens, V, fallbacks=True) == []
     [site] = cce_inductor.explain(fn, *args).sites
     assert (site.kind, site.status, site.remaining) == ("token_stats", "rewritten", []), site.reason
+
+
+@pytest.mark.parametrize("name", ["grpo_clipped_ratio_entropy_bonus", "negated_cross_entropy_flat_targets_plus_entropy"])
+def test_dynamic_shapes(name):
+    """Symbolic token dims: no size is baked into the rewritten graph (the flat targets are
+    reshaped to the logits' token dims read from the embeddings)."""
+    fn, params, args, tokens = CASES[name]()
+    expected, expected_grads = run_step(fn, params, args)
+    out, grads, code = compiled_step(fn, params, args, dynamic=True)
+    assert STATS_OPS[0] in code
+    assert_outputs_close(out, expected)
+    assert_grads_close(grads, expected_grads, _names(params))
+
+
+def test_under_enable():
+    fn, params, args, tokens = case_categorical_log_prob_and_entropy()
+    expected, expected_grads = run_step(fn, params, args)
+    out, grads, code = compiled_step(fn, params, args, enable={})
+    assert all(op in code for op in STATS_OPS)
+    assert_outputs_close(out, expected)
+    assert_grads_close(grads, expected_grads, _names(params))
 
 
 def test_the_nxv_check_sees_the_logits_of_a_plain_compile():
