@@ -88,6 +88,14 @@ def test_classifier():
     assert falls(result["losses"])
 
 
+def test_grpo():
+    result = load("examples/grpo.py").main(["--small", "--iterations", "2"])
+    [site] = result["report"].sites
+    assert (site.kind, site.status, site.remaining) == ("token_stats", "rewritten", [])
+    assert result["relative_difference"] < 1e-5  # float32: eager's loss to rounding
+    assert finite(result["losses"]) and all(0 <= r <= result["length"] for r in result["rewards"])
+
+
 def test_explain_model():
     reports = load("examples/explain_model.py").main(["--small"])
     assert len(reports["loss"].rewritten) == 1 and not reports["loss"].rewritten[0].deferred

@@ -552,6 +552,13 @@ def _check_site(site: StatsSite) -> None:
     if len(ignores) > 1:
         raise NoMatch(f"losses with different ignore_index values {sorted(ignores)} on one head")
     site.ignore_index = ignores.pop() if ignores else -100
+    vocab = N.tensor_value(site.projection).shape[-1]
+    if any(c.kind in ("logprob", "target_logit") for c in site.consumers) and site.ignore_index >= 0 \
+            and not (isinstance(vocab, int) and site.ignore_index >= vocab):
+        raise NoMatch(
+            f"a loss's ignore_index={site.ignore_index} is a class the gathers read: the op would give 0 where "
+            "they give that class's log-probability"
+        )
     if bases:
         base = bases.pop()
         bv, zv = N.tensor_value(base), N.tensor_value(zc.node)
@@ -587,6 +594,10 @@ def _check_order(site: StatsSite) -> None:
     order = {n: i for i, n in enumerate(graph.nodes)}
     inputs = [site.projection, site.x, site.weight, site.bias, site.targets_base]
     inputs += [f[0] for f in site.scale if not isinstance(f, float)]
+    # what the replayed views read (a symbolic size made after the projection)
+    zc = site.zs.get(site.layout_node) or site.ls_views[site.layout_node]
+    steps = list(zc.steps) + [s for c in site.consumers for s in c.z.steps[len(zc.steps):]]
+    inputs += [a for s in steps for a in s.node.all_input_nodes if a not in site.zs and a not in site.derived]
     inputs = [n for n in inputs if isinstance(n, Node)]
     after = max(inputs, key=order.__getitem__)
     replaced = {c.node for c in site.consumers} | {_squeeze_user(c) for c in site.consumers} - {None}
@@ -757,7 +768,7 @@ def _to_layout(b, value: Node, zc: _Z, z: _Z) -> Node:
 
 def _report(site: StatsSite) -> SiteReport:
     first = site.stat_consumers[0].node
-    report = SiteReport(site.projection.name, KIND, N.location(first), "skipped", site.problem or "")
+    report = SiteReport(site.projection.name, KIND, _user_location(first), "skipped", site.problem or "")
     x, z = N.tensor_value(site.x), N.tensor_value(site.projection)
     if z is not None and z.dim() >= 1:
         report.vocab = N.hint(z.shape[-1])
@@ -776,6 +787,18 @@ def _report(site: StatsSite) -> SiteReport:
     if site.problem is None:
         report.bytes_avoided = _bytes_avoided(site)
     return report
+
+
+def _user_location(node: Node) -> str:
+    """``file:line`` of the innermost frame of the user's code (not torch's: Categorical's methods)."""
+    trace = node.meta.get("stack_trace") or ""
+    frames = [line.strip() for line in trace.splitlines() if line.strip().startswith("File ")]
+    for frame in reversed(frames):
+        path = frame.split(",")[0][len("File ") :].strip().strip('"')
+        if "/torch/" not in path.replace("\\", "/"):
+            line = frame.split(",")[1].strip().replace("line ", "") if "," in frame else "?"
+            return f"{path.rsplit('/', 1)[-1]}:{line}"
+    return N.location(node)
 
 
 def _bytes_avoided(site: StatsSite) -> int | None:

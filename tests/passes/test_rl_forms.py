@@ -364,6 +364,15 @@ def _softmax_returned(m):
     return fn
 
 
+def _ignore_index_is_a_class(m):
+    def fn(h, ids):
+        z = m.proj(h)
+        ce = F.cross_entropy(z.view(-1, V), ids.view(-1), ignore_index=0)
+        return ce + z.log_softmax(-1).gather(-1, ids[..., None]).sum()
+
+    return fn
+
+
 @pytest.mark.parametrize(
     "build, why",
     [
@@ -372,8 +381,10 @@ def _softmax_returned(m):
         (_two_target_sets, "different targets"),
         (_two_scalings, "scaled or biased differently"),
         (_softmax_returned, "returned from the compiled region"),
+        (_ignore_index_is_a_class, "ignore_index=0 is a class the gathers read"),
     ],
-    ids=["returned_logits", "unknown_consumer", "two_target_sets", "two_scalings", "softmax_returned"],
+    ids=["returned_logits", "unknown_consumer", "two_target_sets", "two_scalings", "softmax_returned",
+         "ignore_index_is_a_class"],
 )
 def test_left_alone_with_the_reason(build, why):
     m, (h, ids) = Head(), _inputs()
