@@ -4,7 +4,8 @@ Inductor keys its caches on ``uuid()``: a hash of the source files that decide w
 produces (this package's ``passes/``, ``ops.py`` and ``token_stats.py``, whose ``linear_cross_entropy``
 and ``linear_token_stats`` are traced into the compiled graph) together with the options. The object
 holds only its options: it is stateless and picklable. From torch 2.12 a pre-grad pass with a uuid
-does not run on a cache hit, so nothing may depend on its side effects (its log lines appear on cache misses only; use ``explain()``).
+does not run on a cache hit, so nothing may depend on its side effects (its log lines appear on
+cache misses only; use ``explain()``).
 """
 
 from __future__ import annotations
