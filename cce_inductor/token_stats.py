@@ -103,16 +103,20 @@ def chunked_stats_forward(
     want_logprob: bool,
     want_entropy: bool,
     want_argmax: bool,
-) -> tuple[Tensor | None, Tensor | None, Tensor | None, Tensor]:
-    """(logprob float32, entropy, argmax int64, lse) of flattened inputs (e (N, D), targets (N,));
-    entropy and lse in the compute dtype (float64 for float32 inputs); None for what is not wanted.
-    logprob is 0 where the target is ignore_index and NaN where it is outside [0, V)."""
+    want_variance: bool = False,
+) -> tuple[Tensor | None, Tensor | None, Tensor | None, Tensor, Tensor | None]:
+    """(logprob float32, entropy, argmax int64, lse, variance) of flattened inputs (e (N, D), targets
+    (N,)); entropy, lse and variance (of z under p: sum_j p_j (z_j - S)^2, which a learnable
+    temperature's gradient needs) in the compute dtype (float64 for float32 inputs); None for what is
+    not wanted. logprob is 0 where the target is ignore_index and NaN where it is outside [0, V)."""
     num_tokens, vocab = e.shape[0], c.shape[0]
     acc = dict(dtype=_compute_dtype(e.dtype), device=e.device)
     lse = torch.empty(num_tokens, **acc)
     logprob = torch.empty(num_tokens, dtype=torch.float32, device=e.device) if want_logprob else None
     entropy = torch.empty(num_tokens, **acc) if want_entropy else None
     argmax = torch.empty(num_tokens, dtype=torch.int64, device=e.device) if want_argmax else None
+    variance = torch.empty(num_tokens, **acc) if want_variance else None
+    moments = want_entropy or want_variance
     for n0, n1 in _chunks(num_tokens, TOKEN_CHUNK):
         n = n1 - n0
         e_chunk = e[n0:n1].to(acc["dtype"])
@@ -120,6 +124,7 @@ def chunked_stats_forward(
         run_max = torch.full((n,), float("-inf"), **acc)
         run_sum = torch.zeros(n, **acc)
         run_t = torch.zeros(n, **acc)  # sum exp(z - run_max) (z - run_max)
+        run_q = torch.zeros(n, **acc)  # sum exp(z - run_max) (z - run_max)^2
         target_logit = torch.zeros(n, **acc)
         best = torch.full((n,), float("-inf"), **acc)
         best_id = torch.zeros(n, dtype=torch.int64, device=e.device)
@@ -140,19 +145,27 @@ def chunked_stats_forward(
                 best_id = torch.where(better, chunk_id + v0, best_id)
             new_max = torch.maximum(run_max, z.amax(dim=1))
             alpha = torch.exp(run_max - new_max)  # 0 at the first chunk (run_max = -inf)
-            if want_entropy:  # re-base the running T on the new max; at the first chunk run_sum = 0
-                shift_down = torch.where(run_sum > 0, run_max - new_max, torch.zeros_like(new_max))
-                run_t = alpha * (run_t + shift_down * run_sum)
+            if moments:  # re-base the running moments on the new max; at the first chunk run_sum = 0
+                delta = torch.where(run_sum > 0, run_max - new_max, torch.zeros_like(new_max))
+                if want_variance:  # (x + delta)^2 = x^2 + 2 delta x + delta^2, with the old t
+                    run_q = alpha * (run_q + 2.0 * delta * run_t + delta * delta * run_sum)
+                run_t = alpha * (run_t + delta * run_sum)
             z.sub_(new_max[:, None])  # z - m, in place on the chunk's logits
             p = torch.exp(z)
             run_sum = run_sum * alpha + p.sum(1)
-            if want_entropy:
-                run_t = run_t + (p.mul_(z)).sum(1)
+            if moments:
+                pz = p.mul_(z)
+                run_t = run_t + pz.sum(1)
+                if want_variance:
+                    run_q = run_q + pz.mul_(z).sum(1)
             run_max = new_max
         log_sum = torch.log(run_sum)
         lse[n0:n1] = run_max + log_sum
         if want_entropy:
             entropy[n0:n1] = log_sum - run_t / run_sum
+        if want_variance:  # E[(z - m)^2] - E[z - m]^2
+            mean = run_t / run_sum
+            variance[n0:n1] = (run_q / run_sum - mean * mean).clamp_min(0.0)
         if want_argmax:
             argmax[n0:n1] = best_id
         if want_logprob:
@@ -161,7 +174,7 @@ def chunked_stats_forward(
             out_of_range = valid & ((t < 0) | (t >= vocab))
             lp = torch.where(valid, lp, torch.zeros_like(lp))
             logprob[n0:n1] = torch.where(out_of_range, torch.full_like(lp, float("nan")), lp).float()
-    return logprob, entropy, argmax, lse
+    return logprob, entropy, argmax, lse, variance
 
 
 def _stat_coefficients(targets, lse, entropy, grad_logprob, grad_entropy, grad_lse, ignore_index, vocab, dtype):
@@ -275,40 +288,45 @@ def token_stats_forward(
     logprob: bool,
     entropy: bool,
     argmax: bool,
+    variance: bool,
     impl: str,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """e (N, D), c (V, D), targets (N,) int64 or None (needed with ``logprob``), bias (V,) or None;
     softcap 0 means none; the logits are multiplied by ``inv_temp`` after the softcap.
-    Returns (logprob (N,) float32, entropy (N,), argmax (N,) int64, lse (N,)); entropy and lse in
-    ``stat_dtype(e.dtype, impl)``; an empty tensor (of the same dtype) for each of the first three not
-    asked for. Targets are checked as ``ops.lce_forward`` checks them."""
+    Returns (logprob (N,) float32, entropy (N,), argmax (N,) int64, lse (N,), variance (N,)); entropy,
+    lse and variance (of the logits under the softmax; not differentiable: a learnable temperature's
+    gradient coefficient) in ``stat_dtype(e.dtype, impl)``; an empty tensor (of the same dtype) for
+    each of logprob, entropy, argmax and variance not asked for. Targets are checked as
+    ``ops.lce_forward`` checks them."""
     with ops._on_device_of(e):
         if logprob:
             ops._check_targets(targets, c.shape[0], ignore_index)
         if impl == "triton":
             out = _triton_stats().stats_forward(e, c, bias, targets, ignore_index, softcap, inv_temp, logprob,
-                                                entropy, argmax)
+                                                entropy, argmax, variance)
         else:
             out = chunked_stats_forward(e, c, bias, targets, ignore_index, softcap, inv_temp, logprob, entropy,
-                                        argmax)
-    lp, h, am, lse = out
+                                        argmax, variance)
+    lp, h, am, lse, var = out
     sd = stat_dtype(e.dtype, impl)
     return (
         e.new_empty(0, dtype=torch.float32) if lp is None else lp.contiguous(),
         e.new_empty(0, dtype=sd) if h is None else h.contiguous(),
         e.new_empty(0, dtype=torch.int64) if am is None else am.contiguous(),
         lse.contiguous(),
+        e.new_empty(0, dtype=sd) if var is None else var.contiguous(),
     )
 
 
 @token_stats_forward.register_fake
-def _(e, c, targets, bias, ignore_index, softcap, inv_temp, logprob, entropy, argmax, impl):
+def _(e, c, targets, bias, ignore_index, softcap, inv_temp, logprob, entropy, argmax, variance, impl):
     n, sd = e.shape[0], stat_dtype(e.dtype, impl)
     return (
         e.new_empty(n if logprob else 0, dtype=torch.float32),
         e.new_empty(n if entropy else 0, dtype=sd),
         e.new_empty(n if argmax else 0, dtype=torch.int64),
         e.new_empty(n, dtype=sd),
+        e.new_empty(n if variance else 0, dtype=sd),
     )
 
 
@@ -357,9 +375,9 @@ def _(e, c, targets, bias, lse, entropy, grad_logprob, grad_entropy, grad_lse, i
 
 
 def _setup_context(ctx, inputs, output):
-    e, c, targets, bias, ignore_index, softcap, inv_temp, logprob, entropy, argmax, impl = inputs
-    _, h, am, lse = output
-    ctx.mark_non_differentiable(am)
+    e, c, targets, bias, ignore_index, softcap, inv_temp, logprob, entropy, argmax, variance, impl = inputs
+    _, h, am, lse, var = output
+    ctx.mark_non_differentiable(am, var)
     ctx.save_for_backward(e, c, targets, bias, lse, h)
     ctx.options = (ignore_index, softcap, inv_temp, impl)
     ctx.outputs = (logprob, entropy)
@@ -370,7 +388,7 @@ def _grad_or_none(grad: Tensor | None, like: Tensor) -> Tensor | None:
     return None if grad is None else grad.to(like.dtype).contiguous()
 
 
-def _backward(ctx, grad_logprob, grad_entropy, _grad_argmax, grad_lse):
+def _backward(ctx, grad_logprob, grad_entropy, _grad_argmax, grad_lse, _grad_variance):
     e, c, targets, bias, lse, h = ctx.saved_tensors
     want_logprob, want_entropy = ctx.outputs
     grad_logprob = _grad_or_none(grad_logprob, lse) if want_logprob else None
@@ -388,7 +406,7 @@ def _backward(ctx, grad_logprob, grad_entropy, _grad_argmax, grad_lse):
         dc if needs_c else None,
         None,
         dbias if needs_bias else None,
-        None, None, None, None, None, None, None,
+        None, None, None, None, None, None, None, None,
     )
 
 
@@ -554,8 +572,11 @@ def linear_token_stats(
     if impl == "auto":
         impl = "triton" if e.device.type == "cuda" and ops._triton_runs_on(e.device) else "torch"
     inv_temp = 1.0
+    learnable = isinstance(temperature, Tensor) and temperature.requires_grad and torch.is_grad_enabled()
     if isinstance(temperature, Tensor):
-        e, bias = _apply_tensor_temperature(e, bias, temperature, softcap)
+        # a learnable temperature's gradient comes from per-token statistics (_temperature_gradient),
+        # not through e / T: that would form it from the op's dE in e's dtype, where it cancels
+        e, bias = _apply_tensor_temperature(e, bias, temperature.detach() if learnable else temperature, softcap)
     elif temperature is not None:
         inv_temp = 1.0 / float(temperature)
 
@@ -567,15 +588,44 @@ def linear_token_stats(
             aligned = torch.cat([aligned[..., shift:], pad], dim=-1)
         flat_targets = aligned.reshape(-1)
     e2d = e.reshape(-1, e.shape[-1])
-    lp, h, am, out_lse = token_stats_forward(e2d, c, flat_targets, bias, ignore_index, float(softcap or 0.0),
-                                             inv_temp, logprob, entropy, argmax, impl)
+    with_h = entropy or (learnable and (logprob or lse))  # the temperature's coefficients need H
+    lp, h, am, out_lse, var = token_stats_forward(e2d, c, flat_targets, bias, ignore_index, float(softcap or 0.0),
+                                                  inv_temp, logprob, with_h, argmax, learnable and entropy, impl)
     shape = e.shape[:-1]
-    return TokenStats(
+    out = TokenStats(
         ops._unshift(lp, shape, shift) if logprob else None,
         ops._unshift(h.float(), shape, shift) if entropy else None,
         ops._unshift(am, shape, shift) if argmax else None,
         ops._unshift(out_lse.float(), shape, shift) if lse else None,
     )
+    if not learnable:
+        return out
+    unshift = lambda t: ops._unshift(t.float(), shape, shift)  # noqa: E731
+    valid = None if flat_targets is None else ops._unshift(flat_targets != ignore_index, shape, shift)
+    return _temperature_gradient(out, temperature, unshift(h), unshift(out_lse),
+                                 unshift(var) if entropy else None, valid, shape, shift)
+
+
+def _temperature_gradient(out: TokenStats, temperature: Tensor, h: Tensor, lse: Tensor, var: Tensor | None,
+                          valid: Tensor | None, shape, shift: int) -> TokenStats:
+    """The outputs, unchanged in value, carrying their exact gradient w.r.t. a learnable temperature T
+    (the op ran on e / T.detach()). With z' = z / T, S = sum_j p_j z'_j = lse - H:
+        d lse / dT = -S / T,   d logprob / dT = -(z'_y - S) / T = -(logprob + H) / T,
+        d H / dT = Var_p(z') / T,
+    from per-token float32 statistics of the same pass (no N x V term), each added as
+    (T - T.detach()) / T.detach() * coefficient -- zero in value, the coefficient / T in gradient."""
+    t = temperature.reshape(()) if temperature.numel() == 1 else temperature.squeeze(-1)
+    if shift and t.dim():
+        t = t.expand(shape)[..., : shape[-1] - shift]
+    rate = (t - t.detach()) / t.detach()  # 0, with d/dT = 1 / T
+    logprob, entropy, argmax, out_lse = out
+    if logprob is not None:  # 0 (a constant) at ignored targets: no gradient there
+        logprob = logprob - rate * torch.where(valid, logprob + h, torch.zeros_like(h)).detach()
+    if out_lse is not None:
+        out_lse = out_lse - rate * (lse - h).detach()
+    if entropy is not None:
+        entropy = entropy + rate * var.detach()
+    return TokenStats(logprob, entropy, argmax, out_lse)
 
 
 __all__ = ["TokenStats", "linear_token_stats", "naive_token_stats", "chunked_stats_forward",

@@ -136,7 +136,7 @@ def check_argmax(case: Case, argmax, e, c, b, t, dtype):
     op compares (its compute dtype; 16-bit inputs: the input dtype)."""
     z = gold_logits(case, e, c, b, t)
     top = z.amax(-1)
-    picked = z.gather(-1, argmax.cpu()[..., None])[..., 0]
+    picked = z.gather(-1, argmax.to(z.device)[..., None])[..., 0]
     ulp = 1e-6 if dtype == torch.float32 else 2.0**-7
     assert (top - picked <= ulp * top.abs().clamp_min(1.0)).all()
 
@@ -177,7 +177,8 @@ def test_torch_path_matches_float64(case):
     check(case, "torch")
 
 
-@pytest.mark.parametrize("case", [c for c in CASES if c.name in ("plain", "softcap_temperature")], ids=lambda c: c.name)
+@pytest.mark.parametrize("case", [c for c in CASES if c.name in ("plain", "softcap_temperature", "learnable_temperature")],
+                         ids=lambda c: c.name)
 def test_torch_path_bfloat16_no_worse_than_torch(case):
     check(case, "torch", torch.bfloat16)
 
@@ -237,10 +238,11 @@ def test_unused_outputs_and_argmax_get_no_gradient():
 def test_opcheck():
     e, c, y, b, _ = make_inputs(Case("x", n=9, v=13, bias=True))
     e.requires_grad_(), c.requires_grad_(), b.requires_grad_()
-    for args in ((e, c, y, b, -100, 2.0, 0.5, True, True, True, "torch"),
-                 (e, c, None, None, -100, 0.0, 1.0, False, True, False, "torch")):
+    for args in ((e, c, y, b, -100, 2.0, 0.5, True, True, True, True, "torch"),
+                 (e, c, None, None, -100, 0.0, 1.0, False, True, False, False, "torch")):
         torch.library.opcheck(torch.ops.cce_inductor.token_stats_forward.default, args)
-    lp, h, am, lse = torch.ops.cce_inductor.token_stats_forward(e, c, y, b, -100, 2.0, 0.5, True, True, True, "torch")
+    lp, h, am, lse, _ = torch.ops.cce_inductor.token_stats_forward(e, c, y, b, -100, 2.0, 0.5, True, True, True,
+                                                                   False, "torch")
     grads = [torch.randn(9, dtype=t.dtype) for t in (lp, h, lse)]
     bw = (e.detach(), c.detach(), y, b.detach(), lse.detach(), h.detach(), *grads, -100, 2.0, 0.5, "torch",
           True, True, True)

@@ -3,8 +3,8 @@ of softmax(z), z = (E @ C^T + bias, softcapped) * inv_temp, and their gradients,
 
 Contract with ``token_stats.py`` (mirrors ``chunked_stats_forward`` / ``chunked_stats_backward``):
 
-    stats_forward(e, c, bias, targets, ignore_index, softcap, inv_temp, logprob, entropy, argmax)
-        -> (logprob | None, entropy | None, argmax | None, lse), float32 (argmax int64), shape (N,)
+    stats_forward(e, c, bias, targets, ignore_index, softcap, inv_temp, logprob, entropy, argmax, variance)
+        -> (logprob | None, entropy | None, argmax | None, lse, variance | None), float32 (argmax int64), (N,)
     stats_backward(e, c, bias, targets, lse, entropy, g_logprob, g_entropy, g_lse, ignore_index, softcap,
                    inv_temp, needs_e, needs_c, needs_bias) -> (de | None, dc | None, dbias | None)
 
@@ -15,7 +15,9 @@ Forward (split-vocabulary online softmax, two launches, as forward.py):
      (``common.logit_tile``) and folds it, in the same pass, into per-token running values:
          m (max), s = sum exp(z - m), t = sum exp(z - m) (z - m)  (entropy; re-based when m grows:
          t <- exp(m - m') (t + (m - m') s)), the best logit and its first id (arg-max), the target logit.
-     One partial (m, s, t, best, id) per token and split; the target logit by the split that holds it.
+         With a learnable temperature also q = sum exp(z - m) (z - m)^2 (re-based likewise), for the
+     variance of z under p, its gradient's coefficient.
+     One partial (m, s, t, q, best, id) per token and split; the target logit by the split that holds it.
   2. ``_stats_combine_kernel``: per token, over the splits: lse = M + log S, entropy = log S - T / S
      (two non-negative terms: no cancellation for a peaked softmax), arg-max = the lowest id among
      the splits' best (ties: the first index, as torch.argmax), logprob = z_y - lse (0 where ignored,
@@ -24,7 +26,9 @@ Forward (split-vocabulary online softmax, two launches, as forward.py):
 
 Backward (the buffered strategy of backward_buffered.py, with this op's dz):
   for each window of tokens (outer) and chunk of the vocabulary (inner):
-  1. ``_stats_dz_kernel`` (one program per (token tile, vocab tile), grouped) recomputes z and forms
+  1. ``_stats_dz_kernel`` (persistent: one program per SM walks the launch's tiles, GROUP_N token tiles
+     sweeping the chunk together; the tile loop flattened except under a softcap, as
+     backward_buffered's dz kernel) recomputes z and forms
          dz = g_lp onehot(y) + p (g_lse - g_lp + g_H ((lse - z) - H)),   p = exp(z - lse)
      times inv_temp, times 1 - tanh^2 under a softcap -- every requested output's gradient in one
      recompute -- stores it in the input dtype into a bounded buffer; dbias by float32 atomics;
@@ -62,7 +66,7 @@ _HAS_ADDMM_DTYPE = "dtype_out" in torch.ops.aten.addmm.overloads()
 @triton.jit
 def _stats_partial_kernel(
     # data (E_desc, C_desc: TMA descriptors when TMA, else E and C again)
-    E, C, E_desc, C_desc, Bias, Targets, MaxPart, SumPart, TPart, BestPart, IdPart, TargetLogit,
+    E, C, E_desc, C_desc, Bias, Targets, MaxPart, SumPart, TPart, QPart, BestPart, IdPart, TargetLogit,
     # shapes
     N, V, D, tiles_per_split,
     # strides (the D stride of E and C is 1)
@@ -72,8 +76,8 @@ def _stats_partial_kernel(
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, GROUP_N: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_TEMP: tl.constexpr,
     LOGPROB: tl.constexpr, ENTROPY: tl.constexpr, ARGMAX: tl.constexpr, ROUND_ARGMAX: tl.constexpr,
-    EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, TMA: tl.constexpr,
-    FLATTEN: tl.constexpr,
+    VARIANCE: tl.constexpr, EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    TMA: tl.constexpr, FLATTEN: tl.constexpr,
 ):
     # programs in groups of GROUP_N token tiles x every split, the token tile fastest (forward.py)
     pid = tl.program_id(0)
@@ -97,30 +101,33 @@ def _stats_partial_kernel(
     run_max = tl.full((BLOCK_N,), float("-inf"), tl.float32)
     run_sum = tl.zeros((BLOCK_N,), tl.float32)
     run_t = tl.zeros((BLOCK_N,), tl.float32)
+    run_q = tl.zeros((BLOCK_N,), tl.float32)
     best = tl.full((BLOCK_N,), float("-inf"), tl.float32)
     best_id = tl.zeros((BLOCK_N,), tl.int64)
     target_logit = tl.zeros((BLOCK_N,), tl.float32)
     # The same loop twice: tl.range(flatten=...) exists only in newer triton (see forward.py).
     if FLATTEN:
         for v_tile in tl.range(v_tile_begin, v_tile_end, flatten=True):
-            run_max, run_sum, run_t, best, best_id, target_logit = _fold_tile(
+            run_max, run_sum, run_t, run_q, best, best_id, target_logit = _fold_tile(
                 E, C, E_desc, C_desc, Bias, pid_n * BLOCK_N, offs_n, mask_n, targets, v_tile, V, D, stride_en,
-                stride_cv, softcap, inv_temp, run_max, run_sum, run_t, best, best_id, target_logit,
+                stride_cv, softcap, inv_temp, run_max, run_sum, run_t, run_q, best, best_id, target_logit,
                 BLOCK_N, BLOCK_V, BLOCK_D, HAS_BIAS, HAS_SOFTCAP, HAS_TEMP, LOGPROB, ENTROPY, ARGMAX, ROUND_ARGMAX,
-                EVEN_D, DOT_PRECISION, UPCAST, TMA)
+                VARIANCE, EVEN_D, DOT_PRECISION, UPCAST, TMA)
     else:
         for v_tile in range(v_tile_begin, v_tile_end):
-            run_max, run_sum, run_t, best, best_id, target_logit = _fold_tile(
+            run_max, run_sum, run_t, run_q, best, best_id, target_logit = _fold_tile(
                 E, C, E_desc, C_desc, Bias, pid_n * BLOCK_N, offs_n, mask_n, targets, v_tile, V, D, stride_en,
-                stride_cv, softcap, inv_temp, run_max, run_sum, run_t, best, best_id, target_logit,
+                stride_cv, softcap, inv_temp, run_max, run_sum, run_t, run_q, best, best_id, target_logit,
                 BLOCK_N, BLOCK_V, BLOCK_D, HAS_BIAS, HAS_SOFTCAP, HAS_TEMP, LOGPROB, ENTROPY, ARGMAX, ROUND_ARGMAX,
-                EVEN_D, DOT_PRECISION, UPCAST, TMA)
+                VARIANCE, EVEN_D, DOT_PRECISION, UPCAST, TMA)
 
     part = pid_split.to(tl.int64) * N + offs_n
     tl.store(MaxPart + part, run_max, mask=mask_n)
     tl.store(SumPart + part, run_sum, mask=mask_n)
-    if ENTROPY:
+    if ENTROPY or VARIANCE:
         tl.store(TPart + part, run_t, mask=mask_n)
+    if VARIANCE:
+        tl.store(QPart + part, run_q, mask=mask_n)
     if ARGMAX:
         tl.store(BestPart + part, best, mask=mask_n)
         tl.store(IdPart + part, best_id, mask=mask_n)
@@ -132,13 +139,15 @@ def _stats_partial_kernel(
 @triton.jit
 def _fold_tile(
     E, C, E_desc, C_desc, Bias, n0, offs_n, mask_n, targets, v_tile, V, D, stride_en, stride_cv, softcap,
-    inv_temp, run_max, run_sum, run_t, best, best_id, target_logit,
+    inv_temp, run_max, run_sum, run_t, run_q, best, best_id, target_logit,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_TEMP: tl.constexpr,
     LOGPROB: tl.constexpr, ENTROPY: tl.constexpr, ARGMAX: tl.constexpr, ROUND_ARGMAX: tl.constexpr,
-    EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, TMA: tl.constexpr,
+    VARIANCE: tl.constexpr, EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    TMA: tl.constexpr,
 ):
-    """Fold one vocab tile into the running max, sum, entropy term, arg-max and target logit."""
+    """Fold one vocab tile into the running max, sum, first and second moments of z - m (entropy,
+    VARIANCE), arg-max and target logit."""
     v0 = v_tile * BLOCK_V
     offs_v = (v0 + tl.arange(0, BLOCK_V)).to(tl.int64)  # [BLOCK_V]
     mask_v = offs_v < V
@@ -153,10 +162,15 @@ def _fold_tile(
     alpha = tl.exp(run_max - new_max)  # 0 at the first tile (run_max = -inf)
     below = z_valid - new_max[:, None]  # z - m' <= 0; -inf in masked columns
     p = tl.exp2(below * LOG2E)  # [BLOCK_N, BLOCK_V]; 0 in masked columns
-    if ENTROPY:
-        # re-base t on the new max: sum e^(z-m')(z-m') = e^(m-m') (t + (m - m') s); at the first tile s = 0
-        shift_down = tl.where(run_sum > 0.0, run_max - new_max, 0.0)
-        run_t = alpha * (run_t + shift_down * run_sum) + tl.sum(tl.where(mask_v[None, :], p * below, 0.0), axis=1)
+    if ENTROPY or VARIANCE:
+        # re-base the moments on the new max, delta = m - m': sum e^(z-m')(z-m') = e^(m-m') (t + delta s),
+        # sum e^(z-m')(z-m')^2 = e^(m-m') (q + 2 delta t + delta^2 s); at the first tile s = 0
+        delta = tl.where(run_sum > 0.0, run_max - new_max, 0.0)
+        below = tl.where(mask_v[None, :], below, 0.0)  # finite: p = 0 there
+        p_below = p * below
+        if VARIANCE:
+            run_q = alpha * (run_q + 2.0 * delta * run_t + delta * delta * run_sum) + tl.sum(p_below * below, axis=1)
+        run_t = alpha * (run_t + delta * run_sum) + tl.sum(p_below, axis=1)
     run_sum = run_sum * alpha + tl.sum(p, axis=1)
     if ARGMAX:
         if ROUND_ARGMAX:  # compare the logits as eager holds them: rounded to the input dtype
@@ -171,25 +185,27 @@ def _fold_tile(
     if LOGPROB:
         cols = tl.where((targets >= v0) & (targets < v0 + BLOCK_V), targets - v0, -1).to(tl.int32)  # [BLOCK_N]
         target_logit += tl.sum(tl.where(tl.arange(0, BLOCK_V)[None, :] == cols[:, None], z, 0.0), axis=1)
-    return new_max, run_sum, run_t, best, best_id, target_logit
+    return new_max, run_sum, run_t, run_q, best, best_id, target_logit
 
 
 @triton.jit
 def _stats_combine_kernel(
     # data
-    MaxPart, SumPart, TPart, BestPart, IdPart, TargetLogit, Targets, LogProb, Entropy, Argmax, Lse,
+    MaxPart, SumPart, TPart, QPart, BestPart, IdPart, TargetLogit, Targets, LogProb, Entropy, Argmax, Lse,
+    Variance,
     # shapes
     N, V, num_splits,
     # constants
     ignore_index,
     BLOCK_T: tl.constexpr, BLOCK_S: tl.constexpr,
-    LOGPROB: tl.constexpr, ENTROPY: tl.constexpr, ARGMAX: tl.constexpr,
+    LOGPROB: tl.constexpr, ENTROPY: tl.constexpr, ARGMAX: tl.constexpr, VARIANCE: tl.constexpr,
 ):
     offs_t = (tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)).to(tl.int64)  # [BLOCK_T]
     mask_t = offs_t < N
     run_max = tl.full((BLOCK_T,), float("-inf"), tl.float32)
     run_sum = tl.zeros((BLOCK_T,), tl.float32)
     run_t = tl.zeros((BLOCK_T,), tl.float32)
+    run_q = tl.zeros((BLOCK_T,), tl.float32)
     best = tl.full((BLOCK_T,), float("-inf"), tl.float32)
     best_id = tl.zeros((BLOCK_T,), tl.int64)
     for s0 in range(0, num_splits, BLOCK_S):
@@ -202,10 +218,15 @@ def _stats_combine_kernel(
         new_max = tl.where(mask_t, new_max, 0.0)  # rows past N: keep the arithmetic finite
         alpha = tl.exp(run_max - new_max)
         w = tl.exp(m - new_max[:, None])  # 0 where masked
-        if ENTROPY:
+        if ENTROPY or VARIANCE:  # the partial moments re-based on the new max (as in _fold_tile)
             t = tl.load(TPart + ptrs, mask=mask, other=0.0)
-            prev = tl.where(run_sum > 0.0, run_t + (run_max - new_max) * run_sum, 0.0)
-            run_t = alpha * prev + tl.sum(tl.where(mask, w * (t + (m - new_max[:, None]) * s), 0.0), axis=1)
+            delta = tl.where(run_sum > 0.0, run_max - new_max, 0.0)  # [BLOCK_T]
+            delta_s = tl.where(mask, m - new_max[:, None], 0.0)  # [BLOCK_T, BLOCK_S]
+            if VARIANCE:
+                q = tl.load(QPart + ptrs, mask=mask, other=0.0)
+                run_q = alpha * (run_q + 2.0 * delta * run_t + delta * delta * run_sum) + tl.sum(
+                    tl.where(mask, w * (q + 2.0 * delta_s * t + delta_s * delta_s * s), 0.0), axis=1)
+            run_t = alpha * (run_t + delta * run_sum) + tl.sum(tl.where(mask, w * (t + delta_s * s), 0.0), axis=1)
         run_sum = run_sum * alpha + tl.sum(w * s, axis=1)
         run_max = new_max
         if ARGMAX:  # the best of the earliest split among equals: its ids are the lowest
@@ -222,6 +243,9 @@ def _stats_combine_kernel(
     tl.store(Lse + offs_t, lse, mask=mask_t)
     if ENTROPY:
         tl.store(Entropy + offs_t, log_sum - run_t / run_sum, mask=mask_t)
+    if VARIANCE:  # E[(z - m)^2] - E[z - m]^2
+        mean = run_t / run_sum
+        tl.store(Variance + offs_t, tl.maximum(run_q / run_sum - mean * mean, 0.0), mask=mask_t)
     if ARGMAX:
         tl.store(Argmax + offs_t, best_id, mask=mask_t)
     if LOGPROB:
@@ -235,9 +259,9 @@ def _stats_combine_kernel(
 
 def stats_forward(e: Tensor, c: Tensor, bias: Tensor | None, targets: Tensor | None, ignore_index: int,
                   softcap: float, inv_temp: float, want_logprob: bool, want_entropy: bool, want_argmax: bool,
-                  *, config=None, splits_per_step: int = 64):
-    """(logprob, entropy, argmax, lse) of flattened inputs, each (N,) (float32; argmax int64), None
-    for what is not wanted; semantics of ``token_stats.chunked_stats_forward``. ``splits_per_step``:
+                  want_variance: bool = False, *, config=None, splits_per_step: int = 64):
+    """(logprob, entropy, argmax, lse, variance) of flattened inputs, each (N,) (float32; argmax
+    int64), None for what is not wanted; semantics of ``token_stats.chunked_stats_forward``. ``splits_per_step``:
     the combine kernel's splits per step of its loop (a power of two; tests take several steps)."""
     num_tokens = e.shape[0]
     if targets is None:  # never read without LOGPROB; prepare_inputs wants one
@@ -251,14 +275,16 @@ def stats_forward(e: Tensor, c: Tensor, bias: Tensor | None, targets: Tensor | N
     logprob = torch.empty(num_tokens, **f32) if want_logprob else None
     entropy = torch.empty(num_tokens, **f32) if want_entropy else None
     argmax = torch.empty(num_tokens, dtype=torch.int64, device=e.device) if want_argmax else None
+    variance = torch.empty(num_tokens, **f32) if want_variance else None
     if num_tokens == 0:
-        return logprob, entropy, argmax, lse
+        return logprob, entropy, argmax, lse, variance
     n_tiles, v_tiles = triton.cdiv(num_tokens, cfg.block_n), triton.cdiv(vocab, cfg.block_v)
     max_splits = max(1, min(1024, _PARTIAL_BYTES // (4 * num_tokens)))
     tiles_per_split, splits = vocab_splits(n_tiles, v_tiles, sm_count(e.device), max_splits)
     max_part = torch.empty(splits, num_tokens, **f32)
     sum_part = torch.empty_like(max_part)
-    t_part = torch.empty_like(max_part) if want_entropy else max_part
+    t_part = torch.empty_like(max_part) if want_entropy or want_variance else max_part
+    q_part = torch.empty_like(max_part) if want_variance else max_part
     best_part = torch.empty_like(max_part) if want_argmax else max_part
     id_part = torch.empty(splits, num_tokens, dtype=torch.int64, device=e.device) if want_argmax else max_part
     target_logit = torch.empty(num_tokens, **f32) if want_logprob else lse
@@ -266,28 +292,29 @@ def stats_forward(e: Tensor, c: Tensor, bias: Tensor | None, targets: Tensor | N
     c_desc = tma_descriptor(c, [cfg.block_v, cfg.block_d], cfg)
     tma = e_desc is not None and c_desc is not None
     _stats_partial_kernel[(n_tiles * splits,)](
-        e, c, e_desc if tma else e, c_desc if tma else c, bias, targets, max_part, sum_part, t_part, best_part,
-        id_part, target_logit,
+        e, c, e_desc if tma else e, c_desc if tma else c, bias, targets, max_part, sum_part, t_part, q_part,
+        best_part, id_part, target_logit,
         num_tokens, vocab, dim, tiles_per_split,
         e.stride(0), c.stride(0),
         float(softcap), float(inv_temp),
         BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_D=cfg.block_d, GROUP_N=cfg.group_n,
         HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap != 0.0, HAS_TEMP=inv_temp != 1.0,
         LOGPROB=want_logprob, ENTROPY=want_entropy, ARGMAX=want_argmax, ROUND_ARGMAX=round_argmax,
-        EVEN_D=dim % cfg.block_d == 0, DOT_PRECISION=dot_precision(e.dtype), UPCAST=dot_upcast(e),
+        VARIANCE=want_variance, EVEN_D=dim % cfg.block_d == 0, DOT_PRECISION=dot_precision(e.dtype), UPCAST=dot_upcast(e),
         TMA=tma, FLATTEN=tma and HAS_FLATTEN,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     block_t = 64
     _stats_combine_kernel[(triton.cdiv(num_tokens, block_t),)](
-        max_part, sum_part, t_part, best_part, id_part, target_logit, targets,
+        max_part, sum_part, t_part, q_part, best_part, id_part, target_logit, targets,
         logprob if want_logprob else lse, entropy if want_entropy else lse, argmax if want_argmax else lse, lse,
+        variance if want_variance else lse,
         num_tokens, vocab, splits,
         ignore_index,
         BLOCK_T=block_t, BLOCK_S=min(splits_per_step, triton.next_power_of_2(splits)),
-        LOGPROB=want_logprob, ENTROPY=want_entropy, ARGMAX=want_argmax, num_warps=4,
+        LOGPROB=want_logprob, ENTROPY=want_entropy, ARGMAX=want_argmax, VARIANCE=want_variance, num_warps=4,
     )
-    return logprob, entropy, argmax, lse
+    return logprob, entropy, argmax, lse, variance
 
 
 # ----------------------------------------------------------------------------- backward
@@ -298,7 +325,7 @@ def _stats_dz_kernel(
     # data (E_desc, C_desc, Dz_desc: TMA descriptors when TMA, else E, C, Dz again)
     E, C, E_desc, C_desc, Bias, Targets, Lse, Entropy, GradLogProb, GradEntropy, GradLse, dBias, Dz, Dz_desc,
     # shapes: tokens [0, N) of E x vocabulary rows [v_begin, v_begin + v_count) of C
-    N, V, D, v_begin, v_count,
+    N, V, D, v_begin, v_count, num_programs,
     # strides (the D stride of E and C is 1)
     stride_en, stride_cv, stride_dzn,
     # constants
@@ -307,11 +334,41 @@ def _stats_dz_kernel(
     HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_TEMP: tl.constexpr,
     LOGPROB: tl.constexpr, ENTROPY: tl.constexpr, LSE: tl.constexpr, NEEDS_BIAS: tl.constexpr,
     EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, TMA: tl.constexpr,
+    FLATTEN: tl.constexpr,
 ):
-    """dz of one (token tile, vocab tile) of the launch into the (N, v_count) buffer Dz, in the input
-    dtype; dbias by float32 atomics. LOGPROB / ENTROPY / LSE: which upstream gradients there are."""
+    """dz of every (token tile, vocab tile) of the launch into the (N, v_count) buffer Dz, in the input
+    dtype; dbias by float32 atomics. Persistent: one program per SM walks the tiles (with TMA the
+    tile loop is flattened into the loop over D, so the next tile's loads overlap this tile's
+    epilogue, as backward_buffered's dz kernel). LOGPROB / ENTROPY / LSE: which upstream gradients
+    there are."""
+    num_tiles = tl.cdiv(N, BLOCK_N) * tl.cdiv(v_count, BLOCK_V)
+    # The same loop twice: tl.range(flatten=...) exists only in newer triton (see forward.py).
+    if FLATTEN:
+        for tile in tl.range(tl.program_id(0), num_tiles, num_programs, flatten=True):
+            _stats_dz_tile(E, C, E_desc, C_desc, Bias, Targets, Lse, Entropy, GradLogProb, GradEntropy, GradLse,
+                           dBias, Dz, Dz_desc, tile, N, V, D, v_begin, v_count, stride_en, stride_cv, stride_dzn,
+                           ignore_index, softcap, inv_temp, BLOCK_N, BLOCK_V, BLOCK_D, GROUP_N, HAS_BIAS,
+                           HAS_SOFTCAP, HAS_TEMP, LOGPROB, ENTROPY, LSE, NEEDS_BIAS, EVEN_D, DOT_PRECISION, UPCAST,
+                           TMA)
+    else:
+        for tile in range(tl.program_id(0), num_tiles, num_programs):
+            _stats_dz_tile(E, C, E_desc, C_desc, Bias, Targets, Lse, Entropy, GradLogProb, GradEntropy, GradLse,
+                           dBias, Dz, Dz_desc, tile, N, V, D, v_begin, v_count, stride_en, stride_cv, stride_dzn,
+                           ignore_index, softcap, inv_temp, BLOCK_N, BLOCK_V, BLOCK_D, GROUP_N, HAS_BIAS,
+                           HAS_SOFTCAP, HAS_TEMP, LOGPROB, ENTROPY, LSE, NEEDS_BIAS, EVEN_D, DOT_PRECISION, UPCAST,
+                           TMA)
+
+
+@triton.jit
+def _stats_dz_tile(
+    E, C, E_desc, C_desc, Bias, Targets, Lse, Entropy, GradLogProb, GradEntropy, GradLse, dBias, Dz, Dz_desc,
+    tile, N, V, D, v_begin, v_count, stride_en, stride_cv, stride_dzn, ignore_index, softcap, inv_temp,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, GROUP_N: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_TEMP: tl.constexpr,
+    LOGPROB: tl.constexpr, ENTROPY: tl.constexpr, LSE: tl.constexpr, NEEDS_BIAS: tl.constexpr,
+    EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, TMA: tl.constexpr,
+):
     # GROUP_N token tiles sweep the launch's vocab tiles together (their E rows stay in L2)
-    tile = tl.program_id(0)
     num_n_tiles = tl.cdiv(N, BLOCK_N)
     group_width = GROUP_N * tl.cdiv(v_count, BLOCK_V)
     first_n = (tile // group_width) * GROUP_N
@@ -439,17 +496,18 @@ def stats_backward(e: Tensor, c: Tensor, bias: Tensor | None, targets: Tensor | 
             dz = window_buf[:, :v_count]
             dz_desc = tma_descriptor(dz, [cfg.block_n, cfg.block_v], cfg)
             tma = e_desc is not None and c_desc is not None and dz_desc is not None
-            grid = (triton.cdiv(n_count, cfg.block_n) * triton.cdiv(v_count, cfg.block_v),)
-            _stats_dz_kernel[grid](
+            tiles = triton.cdiv(n_count, cfg.block_n) * triton.cdiv(v_count, cfg.block_v)
+            programs = min(tiles, sm_count(e.device))
+            _stats_dz_kernel[(programs,)](
                 e_w, c, e_desc if tma else e_w, c_desc if tma else c, bias, targets[window], lse[window],
                 entropy[window] if with_entropy else dummy,
                 grad_logprob[window] if with_logprob else dummy, grad_entropy[window] if with_entropy else dummy,
                 grad_lse[window] if grad_lse is not None else dummy, dbias if needs_bias else dummy,
                 dz, dz_desc if tma else dz,
-                n_count, vocab, dim, v_begin, v_count,
+                n_count, vocab, dim, v_begin, v_count, programs,
                 e.stride(0), c.stride(0), ld,
                 ignore_index, float(softcap), float(inv_temp),
-                TMA=tma, **constants,
+                TMA=tma, FLATTEN=tma and HAS_FLATTEN and softcap == 0.0, **constants,
             )
             c_chunk = c[v_begin : v_begin + v_count]
             if needs_e:

@@ -38,8 +38,9 @@ def test_interpreter_matches_float64(case):
 
 
 @interpreter
-@pytest.mark.parametrize("case, dtype", [(KERNEL_CASES[0], torch.bfloat16), (KERNEL_CASES[6], torch.float16)],
-                         ids=["plain-bfloat16", "softcap_temperature-float16"])
+@pytest.mark.parametrize("case, dtype", [(KERNEL_CASES[0], torch.bfloat16), (KERNEL_CASES[6], torch.float16),
+                                         (KERNEL_CASES[7], torch.bfloat16)],
+                         ids=["plain-bfloat16", "softcap_temperature-float16", "learnable_temperature-bfloat16"])
 def test_interpreter_low_precision_no_worse_than_torch(case, dtype):
     check(case, "triton", dtype)
 
@@ -62,9 +63,12 @@ def test_forward_combines_splits_in_steps():
     e, c, _, y = _raw_inputs(scale=4.0)
     c[90] = c[3]  # an arg-max tie across splits
     e[1] = c[3] * 20
-    one_step = stats_kernels.stats_forward(e, c, None, y, -100, 0.0, 1.0, True, True, True)
-    steps = stats_kernels.stats_forward(e, c, None, y, -100, 0.0, 1.0, True, True, True, splits_per_step=1)
+    one_step = stats_kernels.stats_forward(e, c, None, y, -100, 0.0, 1.0, True, True, True, True)
+    steps = stats_kernels.stats_forward(e, c, None, y, -100, 0.0, 1.0, True, True, True, True, splits_per_step=1)
     gold = naive_token_stats(e.double(), c.double(), y)
+    z = e.double() @ c.double().T
+    p = z.softmax(-1)
+    gold = (*gold, (p * (z - (p * z).sum(-1, keepdim=True)) ** 2).sum(-1))
     assert steps[2][1] == 3
     for a, s, r in zip(one_step, steps, gold):
         if r.is_floating_point():
@@ -78,7 +82,7 @@ def test_backward_windows_and_chunks_agree_with_one_window():
     """A buffer of a few tiles splits the backward into several windows of tokens and chunks of the
     vocabulary (dE accumulated over chunks, dC over windows, dbias by atomics): the same gradients."""
     e, c, b, y = _raw_inputs()
-    _, h, _, lse = stats_kernels.stats_forward(e, c, b, y, -100, 3.0, 0.8, False, True, False)
+    _, h, _, lse, _ = stats_kernels.stats_forward(e, c, b, y, -100, 3.0, 0.8, False, True, False)
     g = torch.Generator().manual_seed(1)
     grads = [torch.randn(37, generator=g) for _ in range(3)]
     args = (e, c, b, y, lse, h, *grads, -100, 3.0, 0.8, True, True, True)
@@ -97,7 +101,7 @@ def test_backward_windows_and_chunks_agree_with_one_window():
 def test_one_upstream_gradient(which):
     """The dz kernel's variants with one upstream gradient (the others None), dE and dC only."""
     e, c, _, y = _raw_inputs()
-    lp, h, _, lse = stats_kernels.stats_forward(e, c, None, y, -100, 0.0, 1.0, True, True, False)
+    lp, h, _, lse, _ = stats_kernels.stats_forward(e, c, None, y, -100, 0.0, 1.0, True, True, False)
     g = torch.randn(37, generator=torch.Generator().manual_seed(2))
     grads = {"lse": (None, None, g), "entropy": (None, g, None), "logprob_without_targets_read": (g, None, None)}[which]
     ours = stats_kernels.stats_backward(e, c, None, y, lse, h, *grads, -100, 0.0, 1.0, True, True, False)
@@ -140,9 +144,9 @@ def test_opcheck_triton():
     e, c, b, y = _raw_inputs(n=19, v=37)
     e.requires_grad_(), c.requires_grad_(), b.requires_grad_()
     utils = ("test_schema", "test_faketensor", "test_autograd_registration")
-    args = (e, c, y, b, -100, 2.0, 0.5, True, True, True, "triton")
+    args = (e, c, y, b, -100, 2.0, 0.5, True, True, True, True, "triton")
     torch.library.opcheck(torch.ops.cce_inductor.token_stats_forward.default, args, test_utils=utils)
-    lp, h, am, lse = torch.ops.cce_inductor.token_stats_forward(*args)
+    lp, h, am, lse, _ = torch.ops.cce_inductor.token_stats_forward(*args)
     grads = [torch.randn(19) for _ in range(3)]
     bw = (e.detach(), c.detach(), y, b.detach(), lse.detach(), h.detach(), *grads, -100, 2.0, 0.5, "triton",
           True, True, True)
