@@ -13,10 +13,11 @@ layout), the Dynamo graph holds DTensors (their layouts in the nodes' example va
 
 ``loss_parallel()`` itself leaves no node: it changes how DTensor computes the loss, not its value.
 A ``redistribute`` between the projection and the loss changes only where the logits' values live,
-never the values, so the matcher passes it (``passes_through``). The site is rewritten when the
+never the values, and ``to_local()`` of replicated logits gives the values themselves, so the
+matcher passes both (``passes_through``). The site is rewritten when the
 projection's weight is split over the vocabulary on one mesh dim (``Shard(0)`` of a (V, D) weight,
 ``Replicate()`` on other mesh dims, as FSDP2 x TP leaves it in the forward), its input is replicated
-on that mesh, the loss a replicated DTensor: each rank then calls ``vocab_parallel_cross_entropy``
+on that mesh, the loss a replicated DTensor (or a plain tensor, of ``to_local()`` logits): each rank then calls ``vocab_parallel_cross_entropy``
 on its shard (:func:`dtensor_linear_cross_entropy`), and no rank forms its N x V/tp logits. Any
 other layout is left alone, with the layout named in the reason (:func:`check`).
 """
@@ -68,8 +69,20 @@ def is_dtensor_node(node: Any) -> bool:
 
 
 def passes_through(node: Node) -> bool:
-    """A ``DTensor.redistribute`` of the logits: the same global values in another layout."""
-    return node.op == "call_method" and node.target == "redistribute" and is_dtensor_node(node.args[0] if node.args else None)
+    """A ``DTensor.redistribute`` of the logits (the same global values in another layout), or the
+    ``to_local()`` of replicated logits (the global values themselves, on every rank: what
+    ``ColwiseParallel(output_layouts=Replicate())`` gives a loss outside ``loss_parallel()``)."""
+    if node.op != "call_method" or not node.args or not is_dtensor_node(node.args[0]):
+        return False
+    if node.target == "redistribute":
+        return True
+    return node.target == "to_local" and _replicated(N.tensor_value(node.args[0]))
+
+
+def _replicated(t) -> bool:
+    from torch.distributed.tensor import Replicate
+
+    return all(isinstance(p, Replicate) for p in t.placements)
 
 
 class Refused(Exception):
@@ -112,8 +125,8 @@ def check(m) -> Layout | None:
     if is_dtensor(t) and not all(isinstance(p, Replicate) for p in t.placements):
         raise Refused(f"the targets are a DTensor with placements {_names(t.placements)}: only replicated targets")
     loss = N.tensor_value(m.anchor)
-    if not is_dtensor(loss) or not all(isinstance(p, Replicate) for p in loss.placements) or loss.device_mesh != mesh:
-        raise Refused("the loss is not a DTensor replicated on the head's mesh")
+    if is_dtensor(loss) and (not _replicated(loss) or loss.device_mesh != mesh):
+        raise Refused("the loss is a DTensor not replicated on the head's mesh")
     if m.softcap is not None and not (isinstance(m.label_smoothing, (int, float)) and m.label_smoothing <= 0):
         raise Refused("softcap with label smoothing: the vocab-parallel op does not combine them exactly")
     if not isinstance(m.label_smoothing, (int, float)):
@@ -136,15 +149,17 @@ def _sequence_parallel_source(x: Node) -> tuple | None:
 def site_call(m, kwargs: dict) -> tuple:
     """The function and keyword arguments the rewrite calls in place of the loss."""
     kwargs = {k: v for k, v in kwargs.items() if k not in UNSUPPORTED_OPTIONS}
-    kwargs["out_placements"] = tuple(N.tensor_value(m.anchor).placements)
+    loss = N.tensor_value(m.anchor)
+    kwargs["out_placements"] = tuple(loss.placements) if is_dtensor(loss) else None
     return dtensor_linear_cross_entropy, kwargs
 
 
 def dtensor_linear_cross_entropy(e, c, targets, bias=None, *, out_placements, **kwargs):
-    """``vocab_parallel_cross_entropy`` of DTensors, its result a DTensor as the loss was."""
+    """``vocab_parallel_cross_entropy`` of DTensors; its result a DTensor with ``out_placements``
+    on the weight's mesh as the loss was (None: a plain tensor, the loss of ``to_local()`` logits)."""
     from torch.distributed.tensor import DTensor
 
     out = vocab_parallel_cross_entropy(e, c, targets, bias, **kwargs)
-    if isinstance(out, tuple):
-        raise NotImplementedError("return_lse through the rewrite")
+    if out_placements is None:
+        return out
     return DTensor.from_local(out, c.device_mesh, out_placements, run_check=False)
