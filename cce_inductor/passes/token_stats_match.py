@@ -99,6 +99,7 @@ class _Z:
     values: list  # ("scale", factor) | ("tanh",), projection -> here
     bias: Node | None
     steps: list[ShapeStep]  # token-dim shape ops, projection -> here
+    token_scales: tuple = ()  # (per-token factor node, the layout it applies in)
 
     @property
     def layout(self) -> tuple:
@@ -227,7 +228,7 @@ def _logits_child(site: StatsSite, z: _Z, user: Node) -> _Z | None:
         if not user.args or user.args[0] is not z.node:
             return None
         ci = _class_in(user, kind, t.dim() - 1, iv, t)  # raises where the class dim is touched
-        return _Z(user, z, z.values, z.bias, z.steps + [ShapeStep(user, kind, z.node, ci, t.dim() - 1)])
+        return _Z(user, z, z.values, z.bias, z.steps + [ShapeStep(user, kind, z.node, ci, t.dim() - 1)], z.token_scales)
     if kind in ("identity", "cast"):
         if not user.args or user.args[0] is not z.node:
             return None
@@ -237,22 +238,33 @@ def _logits_child(site: StatsSite, z: _Z, user: Node) -> _Z | None:
             _PRECISION.get(t.dtype) == _PRECISION.get(iv.dtype) and t.dtype != iv.dtype
         ):
             raise NoMatch(f"{N.describe(user)} ({user.name}) casts the logits to {t.dtype}, which loses precision")
-        return _Z(user, z, z.values, z.bias, z.steps)
+        return _Z(user, z, z.values, z.bias, z.steps, z.token_scales)
     if kind in ("mul", "div", "neg"):
-        if kind == "mul":
-            other = user.args[1] if user.args and user.args[0] is z.node else (user.args[0] if user.args else None)
+        if kind == "div" and (not user.args or user.args[0] is not z.node):
+            return None
+        if kind in ("mul", "div") and len(user.args) == 2 and not user.kwargs:
+            other = user.args[1] if user.args[0] is z.node else user.args[0]
             ov = N.tensor_value(other)
             if ov is not None and ov.dim() >= 1:
-                return None  # a product with a tensor: maybe softmax * z (see _walk_derived)
-        elif kind == "div" and (not user.args or user.args[0] is not z.node):
-            return None
-        return _Z(user, z, z.values + [("scale", _factor(user, kind, z.node))], z.bias, z.steps)
+                if not _per_token(ov, iv, t):
+                    return None  # a product with a tensor: maybe softmax * z (see _walk_derived)
+                factor = (other, 1 if kind == "mul" else -1)  # a temperature per token: e scaled per row
+                return _Z(user, z, z.values + [("scale", factor)], z.bias, z.steps,
+                          z.token_scales + ((other, tuple(s.node for s in z.steps)),))
+        return _Z(user, z, z.values + [("scale", _factor(user, kind, z.node))], z.bias, z.steps, z.token_scales)
     if kind == "tanh":
-        return _Z(user, z, z.values + [("tanh",)], z.bias, z.steps)
+        return _Z(user, z, z.values + [("tanh",)], z.bias, z.steps, z.token_scales)
     if kind == "add" and z.node is site.projection:
         bias, _ = _bias_add(user, z.node)
-        return _Z(user, z, z.values, bias, z.steps)
+        return _Z(user, z, z.values, bias, z.steps, z.token_scales)
     return None
+
+
+def _per_token(factor: torch.Tensor, z: torch.Tensor, out: torch.Tensor) -> bool:
+    """A floating tensor of one value per token, (tokens..., 1), that leaves the logits' shape."""
+    return (factor.is_floating_point() and factor.dim() == z.dim() and N.same_size(factor.shape[-1], 1)
+            and N.same_shape(factor.shape[:-1], z.shape[:-1]) and N.same_shape(out.shape, z.shape)
+            and factor.device == z.device)
 
 
 def _walk_derived(site: StatsSite) -> None:
@@ -373,7 +385,8 @@ def _classify(site: StatsSite, node: Node, user: Node):
     if kind == "LS" and N.kind_of(user) in _RESHAPES and user.args and user.args[0] is node:
         t = N.tensor_value(user)
         ci = _class_in(user, N.kind_of(user), t.dim() - 1, v, t)
-        view = _Z(user, z, z.values, z.bias, z.steps + [ShapeStep(user, N.kind_of(user), node, ci, t.dim() - 1)])
+        view = _Z(user, z, z.values, z.bias, z.steps + [ShapeStep(user, N.kind_of(user), node, ci, t.dim() - 1)],
+                  z.token_scales)
         site.ls_views[user] = view
         return ("LS", view)
     # derived nodes, recognized structurally
@@ -534,6 +547,11 @@ def _check_site(site: StatsSite) -> None:
         common = common[:n]
     zc = common[-1]
     site.layout_node, site.trunk = zc.node, [z.node for z in common]
+    for factor, layout in read[0].token_scales:
+        if layout != zc.layout:
+            raise NoMatch(f"a per-token scale ({factor.name}) is applied to a view of the logits the op does not compute in")
+        if site.bias is not None:
+            raise NoMatch(f"a per-token scale ({factor.name}) with a bias: bias / T would be N x V")
     for p in paths:
         for s in p[-1].steps[len(zc.steps):]:
             if s.kind not in _RESHAPES:

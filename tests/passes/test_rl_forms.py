@@ -260,6 +260,20 @@ def case_nll_of_log_softmax_plus_accuracy():
     return fn, [h, *m.proj.parameters()], (h, ids), B * T
 
 
+def case_per_token_temperature_learned():
+    """A temperature per token, computed from the hidden states (gradients reach h through it too)."""
+    m, (h, ids) = Head(bias=False), _inputs()
+    torch.manual_seed(5)
+    temp_head = nn.Linear(D, 1)
+
+    def fn(h, ids):
+        temperature = F.softplus(temp_head(h)) + 0.5  # (B, T, 1)
+        dist = torch.distributions.Categorical(logits=m.proj(h) / temperature)
+        return dist.log_prob(ids), dist.entropy()
+
+    return fn, [h, m.proj.weight, *temp_head.parameters()], (h, ids), B * T
+
+
 CASES = {name[len("case_"):]: fn for name, fn in globals().items() if name.startswith("case_")}
 
 
@@ -373,6 +387,14 @@ def _ignore_index_is_a_class(m):
     return fn
 
 
+def _per_token_temperature_with_bias(m):
+    def fn(h, ids):
+        z = m.proj(h) / (h.norm(dim=-1, keepdim=True) + 1.0)
+        return z.log_softmax(-1).gather(-1, ids[..., None]).squeeze(-1)
+
+    return fn
+
+
 @pytest.mark.parametrize(
     "build, why",
     [
@@ -382,9 +404,10 @@ def _ignore_index_is_a_class(m):
         (_two_scalings, "scaled or biased differently"),
         (_softmax_returned, "returned from the compiled region"),
         (_ignore_index_is_a_class, "ignore_index=0 is a class the gathers read"),
+        (_per_token_temperature_with_bias, "bias / T would be N x V"),
     ],
     ids=["returned_logits", "unknown_consumer", "two_target_sets", "two_scalings", "softmax_returned",
-         "ignore_index_is_a_class"],
+         "ignore_index_is_a_class", "per_token_temperature_with_bias"],
 )
 def test_left_alone_with_the_reason(build, why):
     m, (h, ids) = Head(), _inputs()
