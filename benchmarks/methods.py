@@ -183,7 +183,7 @@ def _setup_ours(exact: bool, dc_filter: str | None = None, filter_dc: bool = Fal
     return setup
 
 
-def _setup_ours_workspace(max_workspace_bytes: int):
+def _setup_ours_workspace(max_workspace_bytes: int | str):
     def setup(env: Env) -> Prepared:
         import cce_inductor
 
@@ -259,6 +259,8 @@ METHODS: dict[str, Method] = {
         Method("cce_inductor_filter_dc", "cce_inductor (filtered, filter_dc)",
                _setup_ours(exact=False, filter_dc=True)),
         Method("cce_inductor_exact", "cce_inductor (exact)", _setup_ours(exact=True)),
+        # backend="cce"'s default: the workspace sized per call (a quarter of the logits' bytes)
+        Method("cce_inductor_auto", "cce_inductor (auto workspace, the backend's default)", _setup_ours_workspace("auto")),
         Method("cce_inductor_workspace", "cce_inductor (workspace 1 GiB)", _setup_ours_workspace(2**30)),
         # the workspace path held to 48 MiB (the exact backward's scratch until its chunks widened into
         # 56 MiB, kernels.backward_buffered.BUFFER_BYTES): three GEMMs at CCE memory, over chunks of tokens as
@@ -273,7 +275,7 @@ METHODS: dict[str, Method] = {
 }
 # Slow on a CPU (compilation; many small bf16 matmuls): left out of the smoke default, runnable
 # there with --methods.
-SMOKE_EXCLUDED = ("torch_compile", "torch_compile_chunked", "torch_native", "cce_inductor_workspace",
+SMOKE_EXCLUDED = ("torch_compile", "torch_compile_chunked", "torch_native", "cce_inductor_auto", "cce_inductor_workspace",
                   "cce_inductor_workspace_48m", "cce_inductor_corrected_dc", "cce_inductor_filter_dc")
 
 

@@ -4,11 +4,12 @@
     python -m benchmarks.model_step --no-search --out model_step.json # the fixed batch only
     python -m benchmarks.model_step --small --out /tmp/model_step.json # CPU smoke test, tiny models
 
-For two model shapes with large vocabularies -- Gemma-2-2B-like (V = 256000, hidden 2304, final logit
-softcapping 30) and Llama-3.2-1B-like (V = 128256, hidden 2048, tied embeddings) -- with random bf16
-weights, in one process: a training step (forward, backward, AdamW step) of the unmodified Hugging Face
-model, `model(input_ids=ids, labels=ids).loss`, compiled plainly, with backend="cce", and with
-backend="cce" and options={"max_workspace_bytes": 2**30}; and the model itself compiled as a module
+For three model shapes with large vocabularies -- Gemma-2-2B-like (V = 256000, hidden 2304, final logit
+softcapping 30), Llama-3.2-1B-like (V = 128256, hidden 2048, tied embeddings) and Qwen-2.5-7B-like
+(V = 151936, hidden 3584, untied head) -- with random bf16 weights, in one process: a training step
+(forward, backward, AdamW step) of the unmodified Hugging Face model, `model(input_ids=ids, labels=ids).loss`,
+compiled plainly, with backend="cce" (its default: the "auto" workspace), and with backend="cce" and
+options={"max_workspace_bytes": 0} (the minimum memory); and the model itself compiled as a module
 (plainly and with backend="cce"), its output -- logits included -- kept alive through the backward
 and the optimizer step, as a training loop keeps it (``--backends`` picks). For each:
   * at a fixed batch: peak memory (max_memory_allocated over the step; the weights and the AdamW
@@ -50,22 +51,23 @@ import torch  # noqa: E402
 import cce_inductor  # noqa: E402
 
 # backend -> (torch.compile's backend, its options, whether the model itself is compiled):
-# "cce_workspace" buys speed with the op's bounded buffer of logits (max_workspace_bytes; the
-# gradients formed in the forward). The "_module" ways compile the model as a module, as users do:
+# "cce" is the default (max_workspace_bytes="auto": a bounded buffer of logits, a quarter of them,
+# the gradients formed in the forward); "cce_exact" asks for the minimum memory (max_workspace_bytes=0,
+# the exact recompute). The "_module" ways compile the model as a module, as users do:
 # it returns its logits, and the step keeps its output alive through the backward and the optimizer
 # step, as a training loop does (``out = model(...); out.loss.backward(); opt.step()``).
 COMPILE_ARGS = {"inductor": ("inductor", None, False), "cce": ("cce", None, False),
-                "cce_workspace": ("cce", {"max_workspace_bytes": 2**30}, False),
+                "cce_exact": ("cce", {"max_workspace_bytes": 0}, False),
                 "inductor_module": ("inductor", None, True), "cce_module": ("cce", None, True)}
 BACKENDS = tuple(COMPILE_ARGS)
-LABELS = {"inductor": "torch.compile", "cce": 'backend="cce"', "cce_workspace": 'backend="cce", 1 GiB workspace',
+LABELS = {"inductor": "torch.compile", "cce": 'backend="cce"', "cce_exact": 'backend="cce", max_workspace_bytes=0',
           "inductor_module": "torch.compile(model)", "cce_module": 'torch.compile(model, backend="cce")'}
 
 
 @dataclasses.dataclass(frozen=True)
 class ModelShape:
     name: str
-    arch: str  # "gemma" (transformers' Gemma 3 text model) or "llama"
+    arch: str  # "gemma" (transformers' Gemma 3 text model), "llama" or "qwen2"
     vocab: int
     hidden: int
     intermediate: int
@@ -80,10 +82,12 @@ class ModelShape:
 SHAPES = (
     ModelShape("gemma-2-2b-like", "gemma", 256000, 2304, 9216, 4, 26, 8, 4, 256, 30.0),
     ModelShape("llama-3.2-1b-like", "llama", 128256, 2048, 8192, 4, 16, 32, 8, 64, None),
+    ModelShape("qwen-2.5-7b-like", "qwen2", 151936, 3584, 18944, 4, 28, 28, 4, 128, None),
 )
 SMALL_SHAPES = (
     ModelShape("gemma-tiny", "gemma", 8192, 64, 128, 1, 26, 4, 2, 16, 30.0),
     ModelShape("llama-tiny", "llama", 4096, 64, 128, 1, 16, 4, 2, 16, None),
+    ModelShape("qwen-tiny", "qwen2", 4096, 64, 128, 1, 28, 4, 2, 16, None),
 )
 
 
@@ -104,16 +108,20 @@ SMALL_SETTINGS = Settings(seq=32, batch=2, reps=2, max_batch=8, max_batch_reps=1
 
 
 def build_model(shape: ModelShape, settings: Settings, device: torch.device):
-    from transformers import Gemma3ForCausalLM, Gemma3TextConfig, LlamaConfig, LlamaForCausalLM
+    from transformers import (Gemma3ForCausalLM, Gemma3TextConfig, LlamaConfig, LlamaForCausalLM, Qwen2Config,
+                              Qwen2ForCausalLM)
 
     common = dict(vocab_size=shape.vocab, hidden_size=shape.hidden, intermediate_size=shape.intermediate,
                   num_hidden_layers=shape.layers, num_attention_heads=shape.heads,
                   num_key_value_heads=shape.kv_heads, head_dim=shape.head_dim, max_position_embeddings=max(settings.seq, 8192),
-                  tie_word_embeddings=True, use_cache=False, attn_implementation="sdpa")
+                  tie_word_embeddings=shape.arch != "qwen2", use_cache=False, attn_implementation="sdpa")
     if shape.arch == "gemma":
         config = Gemma3TextConfig(**common, final_logit_softcapping=shape.softcap, attn_logit_softcapping=None,
                                   layer_types=["full_attention"] * shape.layers, query_pre_attn_scalar=shape.head_dim)
         cls = Gemma3ForCausalLM
+    elif shape.arch == "qwen2":
+        config = Qwen2Config(**common)
+        cls = Qwen2ForCausalLM
     else:
         config = LlamaConfig(**common)
         cls = LlamaForCausalLM
@@ -372,7 +380,7 @@ def main(argv=None) -> dict:
     t0 = time.perf_counter()
     record = {
         "what": "peak memory and tokens/s of a whole training step (forward, backward, AdamW), "
-                "plain torch.compile vs backend='cce' (and with a 1 GiB workspace), and the largest batch that fits",
+                "plain torch.compile vs backend='cce' (its default, and max_workspace_bytes=0), and the largest batch that fits",
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "device": device_name, "versions": versions(), "command": " ".join(sys.argv), "note": note,
         "settings": dataclasses.asdict(settings), "shapes": [dataclasses.asdict(s) for s in shapes],

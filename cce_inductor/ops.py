@@ -34,6 +34,7 @@ from torch import Tensor
 from . import filter_choice, reference
 
 REDUCTIONS = ("none", "sum", "mean")
+_AUTO = -1  # lce_fused_reduced's encoding of max_workspace_bytes="auto" (kernels.workspace.AUTO)
 IMPLS = ("auto", "torch", "triton")
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -307,7 +308,8 @@ def lce_fused_reduced(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """The reduced loss (0-dim float32: mean over non-ignored targets, or sum) and its gradients
     w.r.t. e, c, bias (an empty tensor for each not needed), formed in the forward chunk by chunk in
-    a logits buffer of at most ``max_workspace_bytes`` (see ``kernels/workspace.py``). Triton only.
+    a logits buffer of at most ``max_workspace_bytes`` (see ``kernels/workspace.py``; ``workspace.AUTO``:
+    the "auto" budget, from the number of tokens, the vocabulary and the device's memory). Triton only.
     Its backward scales the returned gradient tensors in place (no second copy of dC), so a caller of
     the raw op must not keep them; ``linear_cross_entropy`` returns only the loss. Targets are checked
     as in ``lce_forward``."""
@@ -315,6 +317,9 @@ def lce_fused_reduced(
 
     with _on_device_of(e):
         _check_targets(targets, c.shape[0], ignore_index)
+        if max_workspace_bytes == workspace.AUTO:
+            max_workspace_bytes = workspace.auto_workspace_bytes(e.shape[0], c.shape[0], e.element_size(),
+                                                                 _device_memory(e.device))
         out = workspace.lce_fused_reduced(e, c, bias, targets, ignore_index, softcap, label_smoothing, mean,
                                           max_workspace_bytes, needs_e, needs_c, needs_bias)
     return tuple(_dense(t, e) for t in out)
@@ -361,7 +366,7 @@ def _fused_backward(ctx, grad_loss, *_):
         raise RuntimeError(
             "linear_cross_entropy(max_workspace_bytes=...) forms its gradients in the forward and hands "
             "them over in the one backward: a second backward through the same graph (retain_graph=True) "
-            "is not supported; leave max_workspace_bytes=None for that."
+            "is not supported; pass max_workspace_bytes=0 for that."
         )
     grads, ctx.grads = ctx.grads, None
     scale = grad_loss.reshape(1).float()  # 0-dim; dense (an expanded grad is copied here, one element)
@@ -380,13 +385,64 @@ for _device_type in ("cpu", "cuda"):
     _register_autocast(lce_scale_, _device_type, cast=False)
 
 
-def _workspace_applies(e: Tensor, reduction: str, return_lse: bool, impl: str) -> bool:
-    """max_workspace_bytes is used for a reduced loss without lse on the Triton path, in bfloat16 or
-    float32: float16 gradients formed before the upstream scalar (a GradScaler's loss scale) is
-    known would underflow."""
+def _device_memory(device: torch.device) -> int | None:
+    """Total memory of a CUDA device (a property: no sync); None elsewhere (the interpreter)."""
+    return torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else None
+
+
+def _workspace_applies(e: Tensor, c: Tensor, reduction: str, return_lse: bool, impl: str, exact: bool,
+                       max_workspace_bytes) -> bool:
     autocast = e.device.type in ("cpu", "cuda") and torch.is_autocast_enabled(e.device.type)
     dtype = torch.get_autocast_dtype(e.device.type) if autocast else e.dtype
-    return reduction != "none" and not return_lse and impl == "triton" and dtype != torch.float16
+    grads = torch.is_grad_enabled() and (e.requires_grad or c.requires_grad)
+    return workspace_mode(c.shape[0], dtype, e.device, reduction, return_lse, impl, exact, grads,
+                          max_workspace_bytes)
+
+
+def workspace_mode(vocab: int, dtype: torch.dtype, device: torch.device, reduction: str, return_lse: bool,
+                   impl: str, exact: bool, grads: bool, max_workspace_bytes) -> bool:
+    """Whether the workspace path runs: a budget was given (a positive int, or "auto" with exact=True
+    where a gradient of e or c is to be formed and ``workspace.auto_fits``), for a reduced loss
+    without lse on the Triton path (``impl`` resolved), in bfloat16 or float32: float16 gradients
+    formed before the upstream scalar (a GradScaler's loss scale) is known would underflow."""
+    if max_workspace_bytes is None or max_workspace_bytes == 0:
+        return False
+    if not (reduction != "none" and not return_lse and impl == "triton" and dtype != torch.float16):
+        return False
+    if max_workspace_bytes == "auto":  # only where gradients are formed: a loss alone is the exact forward
+        from .kernels import workspace
+
+        return grads and exact and workspace.auto_fits(vocab, dtype.itemsize, _device_memory(device))
+    return True
+
+
+def describe_mode(num_tokens: int | None, vocab: int, dtype: torch.dtype, device: torch.device, reduction: str,
+                  grads: bool, impl: str = "auto", exact: bool = True, filter_dc: bool = False,
+                  max_workspace_bytes="auto") -> str:
+    """How ``linear_cross_entropy`` computes a loss of this shape with these options, in words
+    (explain()); ``num_tokens`` None: unknown (dynamic)."""
+    if impl == "auto":
+        impl = "triton" if device.type == "cuda" and _triton_runs_on(device) else "torch"
+    if impl == "torch":
+        return "torch path (chunked over the vocabulary, exact)"
+    if workspace_mode(vocab, dtype, device, reduction, False, impl, exact, grads, max_workspace_bytes):
+        from .kernels import workspace
+
+        auto = max_workspace_bytes == "auto"
+        if num_tokens is None:
+            return "workspace" + (" (auto: a quarter of the logits' bytes, per call)" if auto else
+                                  f" of at most {max_workspace_bytes} bytes")
+        budget = (workspace.auto_workspace_bytes(num_tokens, vocab, dtype.itemsize, _device_memory(device))
+                  if auto else max_workspace_bytes)
+        rows = workspace.workspace_rows(num_tokens, vocab, dtype.itemsize, budget)
+        chunks = -(-num_tokens // max(rows, 1))
+        return (f"workspace{' (auto)' if auto else ''}: {chunks} chunk(s) of {rows} tokens, "
+                f"{rows * vocab * dtype.itemsize / 1e6:.1f} MB of logits; gradients formed in the forward")
+    if not grads:
+        return "exact forward (no gradient), O(N + V) memory"
+    if not exact:
+        return "filtered recompute" + (" (dE and dC)" if filter_dc else " (dE)") + ", O(N + V) memory"
+    return "exact recompute, O(N + V) memory"
 
 
 # ----------------------------------------------------------------------------- public function
@@ -465,7 +521,7 @@ def linear_cross_entropy(
     impl: str = "auto",
     exact: bool = True,
     filter_dc: bool = False,
-    max_workspace_bytes: int | None = None,
+    max_workspace_bytes: int | str | None = None,
 ):
     """Cross-entropy of the linear classifier ``e @ c.T + bias`` without materializing the logits.
 
@@ -531,18 +587,25 @@ def linear_cross_entropy(
             relative bound (they add up along the tokens), so its error grows with N. Where little
             is skipped it runs exact as ``exact=False`` does (above), its forward still forming
             the flags.
-        max_workspace_bytes: memory for speed (None: off). The Triton path may hold the logits of a
-            chunk of tokens in a buffer of at most this many bytes (at least one token's row), and
-            then forms the gradients in the forward, in the same pass as the logits: three GEMMs
-            instead of a recompute's four; always exact. The gradients are held from the forward to
-            the backward, which scales them by the upstream gradient; in eager a second backward
-            through the same graph (retain_graph=True) and double backward raise (a compiled
-            backward may copy the gradients before scaling them). Used only when reduction is
-            "mean" or "sum", return_lse=False, impl resolves to "triton" and the compute dtype is
-            bfloat16 or float32 (float16 gradients formed before a GradScaler's loss scale is known
-            would underflow); otherwise ignored: the default path runs, with the same results up to
-            rounding. A positive int; anything else raises. Rounding: dC is accumulated across chunks
-            in C's dtype, one rounding per chunk, so its rounding error grows like sqrt(chunks).
+        max_workspace_bytes: memory for speed. None or 0 (the default: off): the exact recompute,
+            O(N + V) memory. A positive int: the Triton path may hold the logits of a chunk of
+            tokens in a buffer of at most this many bytes (at least one token's row), and then forms
+            the gradients in the forward, in the same pass as the logits: three GEMMs instead of a
+            recompute's four; always exact. ``"auto"`` (the default of ``backend="cce"``): the budget
+            is chosen per call from the shapes and the device (``kernels.workspace.auto_workspace_bytes``:
+            a quarter of the logits' bytes, at least 512 rows, at most 1/32 of the device's memory;
+            deterministic for a device and a shape); it applies only with exact=True and where a
+            gradient of e or c is to be formed (a loss alone is the exact forward: one GEMM, O(N)
+            memory), and where 512 rows of logits exceed the device's share the exact mode runs. The gradients are
+            held from the forward to the backward, which scales them by the upstream gradient; in
+            eager a second backward through the same graph (retain_graph=True) and double backward
+            raise (a compiled backward copies the gradients before scaling them). Used only when
+            reduction is "mean" or "sum", return_lse=False, impl resolves to "triton" and the
+            compute dtype is bfloat16 or float32 (float16 gradients formed before a GradScaler's
+            loss scale is known would underflow); otherwise ignored: the exact path runs, with the
+            same results up to rounding. Anything but None, "auto" or an int >= 0 raises. Rounding:
+            dC is accumulated across chunks in C's dtype, one rounding per chunk, so its rounding
+            error grows like sqrt(chunks).
 
     Returns:
         The loss, or ``(loss, lse)`` with ``return_lse=True``.
@@ -569,10 +632,10 @@ def linear_cross_entropy(
         raise ValueError("filter_dc=True filters dC as well as dE: it needs exact=False")
     if not isinstance(return_lse, bool):
         raise TypeError(f"return_lse must be a bool, got {return_lse!r}")
-    if max_workspace_bytes is not None and (
-        not isinstance(max_workspace_bytes, int) or isinstance(max_workspace_bytes, bool) or max_workspace_bytes <= 0
+    if max_workspace_bytes is not None and max_workspace_bytes != "auto" and (
+        not isinstance(max_workspace_bytes, int) or isinstance(max_workspace_bytes, bool) or max_workspace_bytes < 0
     ):
-        raise ValueError(f"max_workspace_bytes must be None or a positive int, got {max_workspace_bytes!r}")
+        raise ValueError(f'max_workspace_bytes must be None, "auto" or an int >= 0, got {max_workspace_bytes!r}')
     if impl == "auto":
         impl = "triton" if e.device.type == "cuda" and _triton_runs_on(e.device) else "torch"
 
@@ -584,11 +647,12 @@ def linear_cross_entropy(
         aligned = torch.cat([aligned[..., shift:], pad], dim=-1)
     e2d = e.reshape(-1, e.shape[-1])
     flat_targets = aligned.reshape(-1)
-    if max_workspace_bytes is not None and _workspace_applies(e, reduction, return_lse, impl):
+    if _workspace_applies(e, c, reduction, return_lse, impl, exact, max_workspace_bytes):
         grad_on = torch.is_grad_enabled()
         needs = [grad_on and t is not None and t.requires_grad for t in (e, c, bias)]
         out, *_ = lce_fused_reduced(e2d, c, flat_targets, bias, ignore_index, float(softcap or 0.0), smoothing,
-                                    reduction == "mean", max_workspace_bytes, *needs)
+                                    reduction == "mean", _AUTO if max_workspace_bytes == "auto" else max_workspace_bytes,
+                                    *needs)
         return out
     # an lse returned to the caller may be differentiated: the forward's keep flags assume it is not
     loss, lse, _ = lce_forward(

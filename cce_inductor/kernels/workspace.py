@@ -65,6 +65,37 @@ _INTERPRETER_PROGRAMS = 3
 _ROW_ALIGN = 128
 
 
+# ``max_workspace_bytes="auto"`` (the backend's default): the budget follows the problem and the device.
+# A quarter of the logits: the loss then keeps at least three quarters of the logits' bytes out of the
+# step's peak, and at the anchor shapes (N >= 8192) the chunks are >= 2048 rows, where the three GEMMs
+# run near cuBLAS's full speed (smaller chunks pay an extra read-modify-write of dC per chunk).
+# At most 1/32 of the device's memory, so that a huge N x V stays a bounded buffer; at least
+# AUTO_MIN_ROWS rows (short inputs: small logits anyway), and where even those do not fit in the
+# device's share, no workspace (the exact mode, O(N + V) memory).
+AUTO = -1  # the custom op's encoding of "auto"
+AUTO_LOGITS_SHARE = 4
+AUTO_DEVICE_SHARE = 32
+AUTO_MIN_ROWS = 512
+
+
+def auto_fits(vocab: int, element_size: int, device_memory: int | None) -> bool:
+    """Whether the "auto" workspace applies: AUTO_MIN_ROWS rows of logits fit in the device's share.
+    ``device_memory`` None (a CPU under the interpreter): no device limit."""
+    return device_memory is None or AUTO_MIN_ROWS * vocab * element_size <= device_memory // AUTO_DEVICE_SHARE
+
+
+def auto_workspace_bytes(num_tokens: int, vocab: int, element_size: int, device_memory: int | None) -> int:
+    """The "auto" budget: a quarter of the logits' bytes, at least AUTO_MIN_ROWS rows (or all of them),
+    at most 1/AUTO_DEVICE_SHARE of ``device_memory``. Deterministic for a device and a shape.
+    E.g. (8192, 256000, bf16, 80 GB): 2048 rows, 1.05 GB."""
+    row_bytes = vocab * element_size
+    rows = max(-(-num_tokens // AUTO_LOGITS_SHARE), min(num_tokens, AUTO_MIN_ROWS), 1)
+    budget = rows * row_bytes
+    if device_memory is not None:
+        budget = min(budget, max(row_bytes, device_memory // AUTO_DEVICE_SHARE))
+    return budget
+
+
 def workspace_rows(num_tokens: int, vocab: int, element_size: int, max_workspace_bytes: int) -> int:
     """Tokens per chunk: as many as fit in ``max_workspace_bytes`` (at least one), spread evenly over
     the chunks that needs, rounded up to a multiple of 128 where that still fits.
@@ -340,4 +371,4 @@ def scale_(x: Tensor, scale: Tensor) -> None:
                                num_warps=8 if x.device.type == "cuda" else 1)
 
 
-__all__ = ["lce_fused_reduced", "scale_", "workspace_rows"]
+__all__ = ["AUTO", "auto_fits", "auto_workspace_bytes", "lce_fused_reduced", "scale_", "workspace_rows"]

@@ -22,7 +22,7 @@ Options (``enable(**options)`` or ``torch.compile(..., backend="cce", options={.
     exact          the op's exact= (default True: no gradient filtering; False: the bounded filter)
     filter_dc      the op's filter_dc= (default False; with exact=False: dC filtered too, recompute skipped)
     impl           the op's impl= ("auto", "triton", "torch")
-    max_workspace_bytes  the op's max_workspace_bytes= (None: off; memory for speed)
+    max_workspace_bytes  the op's max_workspace_bytes= ("auto": a bounded workspace sized per call; 0: minimum memory)
 
 Layout: nodes.py (node predicates, metadata), matcher.py (finds sites), rewrite.py (replaces them),
 report.py (what happened at each site), deferral.py (returned logits deferred), graph_pass.py

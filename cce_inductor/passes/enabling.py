@@ -111,7 +111,8 @@ def enable(**options) -> Enabled:
         exact: the op's ``exact=``: True (default) no gradient filtering, False the bounded filter.
         filter_dc: the op's ``filter_dc=`` (with exact=False: dC filtered too, recompute skipped).
         impl: the op's ``impl=`` ("auto", "triton", "torch").
-        max_workspace_bytes: the op's ``max_workspace_bytes=`` (None: off).
+        max_workspace_bytes: the op's ``max_workspace_bytes=`` ("auto", the default: a bounded logits
+            workspace sized per call; 0: the minimum memory, O(N + V)).
     """
     graph_pass = CCEGraphPass(Options.from_kwargs(**options))
     previous = inductor_config.pre_grad_custom_pass

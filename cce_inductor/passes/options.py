@@ -28,9 +28,12 @@ class Options:
         filter_dc: the op's ``filter_dc=`` (with exact=False only): dC filtered too, and the
             filtered tiles' recompute skipped where the forward can flag them.
         impl: the op's ``impl=``: "auto" (Triton on CUDA, torch otherwise), "triton" or "torch".
-        max_workspace_bytes: the op's ``max_workspace_bytes=`` (memory for speed; None = off): a
-            bounded buffer of logits for a chunk of tokens, gradients formed in the forward. Applies
-            to reduced losses on the Triton path; elsewhere the op ignores it.
+        max_workspace_bytes: the op's ``max_workspace_bytes=``. ``"auto"`` (the default): a bounded
+            buffer of logits for a chunk of tokens, gradients formed in the forward (three GEMMs
+            instead of four), its size chosen per call from the shapes and the device (a quarter of
+            the logits' bytes, at most 1/32 of the device's memory; see ``linear_cross_entropy``),
+            with exact=True on the Triton path for a reduced loss. ``0`` (or None): the minimum
+            memory, O(N + V): the exact recompute. A positive int: at most that many bytes.
     """
 
     detach_logits: bool = False
@@ -38,7 +41,7 @@ class Options:
     exact: bool = True
     filter_dc: bool = False
     impl: str = "auto"
-    max_workspace_bytes: int | None = None
+    max_workspace_bytes: int | str | None = "auto"
 
     def __post_init__(self):
         for name in ("detach_logits", "defer_logits", "exact", "filter_dc"):
@@ -47,8 +50,8 @@ class Options:
         if self.filter_dc and self.exact:
             raise ValueError("cce option filter_dc=True needs exact=False")
         budget = self.max_workspace_bytes
-        if budget is not None and (isinstance(budget, bool) or not isinstance(budget, int) or budget <= 0):
-            raise ValueError(f"cce option max_workspace_bytes must be a positive int or None, got {budget!r}")
+        if budget is not None and budget != "auto" and (isinstance(budget, bool) or not isinstance(budget, int) or budget < 0):
+            raise ValueError(f'cce option max_workspace_bytes must be "auto", an int >= 0 or None, got {budget!r}')
         if self.impl not in IMPLS:
             raise ValueError(f"cce option impl must be one of {IMPLS}, got {self.impl!r}")
 

@@ -22,7 +22,7 @@ import torch
 from torch.fx import Graph, Node
 from torch.fx.node import map_arg
 
-from ..ops import linear_cross_entropy
+from ..ops import describe_mode, linear_cross_entropy
 from . import nodes as N
 from . import tensor_parallel
 from .deferral import Deferral, plan_deferral
@@ -59,6 +59,7 @@ def rewrite_and_defer(
         site = match_site(anchor)
         if isinstance(site, Match):
             report = rewritten_report(site)
+            report.details["mode"] = _mode(site, report, options)
             try:
                 _apply(graph, site, options)
             except NoMatch as reason:
@@ -82,6 +83,18 @@ def rewrite_and_defer(
         for report in reports:
             _log(report)
     return reports, deferral
+
+
+def _mode(m: Match, report: SiteReport, options: Options) -> str:
+    """How the op will compute this site's loss (``ops.describe_mode``), from the graph's fake values."""
+    x = N.tensor_value(m.x)
+    z = N.tensor_value(m.projection) if m.projection is not None else x
+    w = N.tensor_value(m.weight)
+    if report.vocab is None or x is None or z is None:
+        return "chosen per call"
+    grads = not m.no_grad and (x.requires_grad or bool(w is not None and w.requires_grad))
+    return describe_mode(report.tokens, int(report.vocab), z.dtype, x.device, m.reduction, grads, options.impl,
+                         options.exact, options.filter_dc, options.max_workspace_bytes)
 
 
 def _rewrite_regions(graph: Graph, options: Options) -> list[SiteReport]:
@@ -164,7 +177,7 @@ def _apply(graph: Graph, m: Match, options: Options) -> None:
             kwargs["exact"] = options.exact
             if options.filter_dc:
                 kwargs["filter_dc"] = True
-            if options.max_workspace_bytes is not None:
+            if options.max_workspace_bytes:  # "auto" or a budget; 0 and None: the op's default, exact
                 kwargs["max_workspace_bytes"] = options.max_workspace_bytes
             if m.grad_off:  # the projection ran under no_grad, the loss does not: the op as the projection
                 b.function(torch._C._set_grad_enabled, False)

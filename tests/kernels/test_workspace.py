@@ -321,11 +321,63 @@ def test_backward_twice_and_double_backward_raise():
         ge.sum().backward()
 
 
-@pytest.mark.parametrize("value", [0, -1, 1.5, True, "1GiB", 2.0**30])
+@pytest.mark.parametrize("value", [-1, 1.5, True, "1GiB", "AUTO", 2.0**30])
 def test_bad_workspace_raises(value):
     e, c, y, _ = _case_inputs(bias=False)
-    with pytest.raises(ValueError, match="max_workspace_bytes must be None or a positive int"):
+    with pytest.raises(ValueError, match='max_workspace_bytes must be None, "auto" or an int >= 0'):
         linear_cross_entropy(e, c, y, max_workspace_bytes=value)
+
+
+def test_auto_budget_rule():
+    gb80, mib = 80 * 10**9, 2**20
+    # a quarter of the logits: 2048 of 8192 rows, 4096 of 16384
+    assert workspace.auto_workspace_bytes(8192, 256000, 2, gb80) == 2048 * 256000 * 2
+    assert workspace.auto_workspace_bytes(16384, 151936, 2, gb80) == 4096 * 151936 * 2
+    assert workspace.workspace_rows(8192, 128256, 2, workspace.auto_workspace_bytes(8192, 128256, 2, gb80)) == 2048
+    # at least 512 rows (all of them when fewer), however short the input
+    assert workspace.auto_workspace_bytes(1000, 256000, 2, gb80) == 512 * 256000 * 2
+    assert workspace.auto_workspace_bytes(37, 101, 4, gb80) == 37 * 101 * 4
+    # at most 1/32 of the device
+    assert workspace.auto_workspace_bytes(65536, 256000, 2, gb80) == gb80 // 32
+    assert workspace.auto_workspace_bytes(8192, 256000, 2, 16 * 2**30) == 16 * 2**30 // 32
+    # at least one row, and no device limit on the CPU (the interpreter)
+    assert workspace.auto_workspace_bytes(100, 10**6, 4, 1 * mib) == 10**6 * 4
+    assert workspace.auto_workspace_bytes(10**6, 1000, 4, None) == 250_000 * 1000 * 4
+    # it applies where 512 rows fit in the device's share
+    assert workspace.auto_fits(256000, 2, gb80) and workspace.auto_fits(10, 4, None)
+    assert not workspace.auto_fits(256000, 2, 4 * 2**30)  # 262 MB of rows > 128 MiB
+
+
+@interpreter
+@pytest.mark.parametrize("n", [37, 2 * 512 + 3])
+def test_auto_runs_chunks_of_a_quarter(n, spy):
+    e, c, y, b = _case_inputs(bias=False, n=n)
+    ours = linear_cross_entropy(e.requires_grad_(), c, y, impl="triton", max_workspace_bytes="auto")
+    assert ours.item() == pytest.approx(linear_cross_entropy(e, c, y, impl="torch").item(), rel=1e-5)
+    budget = workspace.auto_workspace_bytes(n, INTERPRETER_V, 4, None)
+    assert spy == [(r, INTERPRETER_V) for r in _expected_chunks(n, budget // (INTERPRETER_V * 4))]
+    assert len(spy) == (1 if n < 512 else 3)  # 512 rows, not a quarter (257): 37 in one chunk, 1027 in 3
+
+
+@interpreter
+def test_auto_without_gradients_is_the_exact_forward(spy):
+    e, c, y, b = _case_inputs()
+    with torch.no_grad():
+        linear_cross_entropy(e.requires_grad_(), c, y, b, impl="triton", max_workspace_bytes="auto")
+    linear_cross_entropy(e.detach(), c.detach(), y, b, impl="triton", max_workspace_bytes="auto")
+    assert not spy
+
+
+@interpreter
+@pytest.mark.parametrize("kwargs", [dict(max_workspace_bytes=0), dict(max_workspace_bytes=None), dict(),
+                                    dict(max_workspace_bytes="auto", exact=False)],
+                         ids=["zero", "none", "default", "auto_filtered"])
+def test_exact_recompute_where_no_workspace_is_asked_for(kwargs, spy):
+    e, c, y, b = _case_inputs()
+    c.requires_grad_()
+    assert torch.equal(linear_cross_entropy(e, c, y, b, impl="triton", **kwargs),
+                       linear_cross_entropy(e, c, y, b, impl="triton", max_workspace_bytes=0))
+    assert not spy
 
 
 @interpreter

@@ -3,7 +3,8 @@
 A Llama-style model with Llama 3's vocabulary (V = 128256) and a small hidden size, bfloat16, one
 training step ``model(input_ids=ids, labels=labels).loss`` + backward, compiled with
 ``backend="cce"`` and with plain ``torch.compile``: the peak memory above the step's start must
-fall by the size of the bfloat16 logits (N x V x 2 bytes) less what the op holds instead, its
+fall by the size of the bfloat16 logits (N x V x 2 bytes) less what the op holds instead: with the
+default, its workspace (a quarter of the logits); with max_workspace_bytes=0, its
 backward's bounded scratch (the dz buffer and float32 dE accumulator of kernels.backward's buffered
 path, 37.7 MB at this shape) and 2 MiB for its small tensors and the allocator's block rounding;
 and the losses agree.
@@ -47,14 +48,14 @@ def _model():
     return model
 
 
-def _peak_of_step(backend: str, ids, labels):
+def _peak_of_step(backend: str, ids, labels, options=None):
     torch._dynamo.reset()
     model = _model()
 
     def step(ids, labels):
         return model(input_ids=ids, labels=labels).loss
 
-    compiled = torch.compile(step, backend=backend, fullgraph=True)
+    compiled = torch.compile(step, backend=backend, fullgraph=True, options=options)
     compiled(ids, labels).backward()  # compile forward and backward
     model.zero_grad(set_to_none=True)
     torch.cuda.synchronize()
@@ -71,27 +72,49 @@ def _peak_of_step(backend: str, ids, labels):
 
 
 def test_peak_memory_falls_by_at_least_the_logits():
+    """max_workspace_bytes=0, the minimum memory: the saving is the logits less the backward's scratch."""
     g = torch.Generator(device="cuda").manual_seed(0)
     ids = torch.randint(3, V, (B, T), device="cuda", generator=g)
     labels = ids.clone()
     logits_bytes = B * T * V * torch.bfloat16.itemsize
 
     plain_peak, plain_loss, plain_norm = _peak_of_step("inductor", ids, labels)
-    cce_peak, cce_loss, cce_norm = _peak_of_step("cce", ids, labels)
+    cce_peak, cce_loss, cce_norm = _peak_of_step("cce", ids, labels, {"max_workspace_bytes": 0})
 
     from cce_inductor.kernels.backward_buffered import BUFFER_BYTES, buffered_shape
 
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     rows, cols = buffered_shape(B * T, HIDDEN, V, 2, BUFFER_BYTES, 128, 256, sms=sms, max_chunk_tiles=None)
     scratch = rows * cols * 2 + rows * HIDDEN * 4
+    _check_saving(plain_peak, cce_peak, logits_bytes, scratch, "op scratch")
+    assert abs(cce_loss - plain_loss) <= 2e-2 * abs(plain_loss)
+    assert abs(cce_norm - plain_norm) <= 5e-2 * plain_norm
+
+
+def test_default_workspace_keeps_three_quarters_of_the_logits_out():
+    """The default ("auto"): the op holds its workspace, a quarter of the logits, instead of them."""
+    from cce_inductor.kernels import workspace
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    ids = torch.randint(3, V, (B, T), device="cuda", generator=g)
+    labels = ids.clone()
+    logits_bytes = B * T * V * torch.bfloat16.itemsize
+    plain_peak, plain_loss, plain_norm = _peak_of_step("inductor", ids, labels)
+    cce_peak, cce_loss, cce_norm = _peak_of_step("cce", ids, labels)
+    budget = workspace.auto_workspace_bytes(B * T, V, 2, torch.cuda.get_device_properties(0).total_memory)
+    assert budget == logits_bytes // 4
+    _check_saving(plain_peak, cce_peak, logits_bytes, budget, "workspace")
+    assert abs(cce_loss - plain_loss) <= 2e-2 * abs(plain_loss)
+    assert abs(cce_norm - plain_norm) <= 5e-2 * plain_norm
+
+
+def _check_saving(plain_peak, cce_peak, logits_bytes, held, what):
     print(
         f"\npeak above start: torch.compile {plain_peak / 1e6:.1f} MB, backend='cce' {cce_peak / 1e6:.1f} MB, "
         f"saving {(plain_peak - cce_peak) / 1e6:.1f} MB; logits (bf16) {logits_bytes / 1e6:.1f} MB, "
-        f"op scratch {scratch / 1e6:.1f} MB"
+        f"{what} {held / 1e6:.1f} MB"
     )
-    bound = logits_bytes - scratch - 2 * 2**20
+    bound = logits_bytes - held - 2 * 2**20
     assert plain_peak - cce_peak >= bound, (
         f"saving {(plain_peak - cce_peak) / 1e6:.1f} MB < bound {bound / 1e6:.1f} MB "
         f"(torch.compile {plain_peak / 1e6:.1f} MB, cce {cce_peak / 1e6:.1f} MB)")
-    assert abs(cce_loss - plain_loss) <= 2e-2 * abs(plain_loss)
-    assert abs(cce_norm - plain_norm) <= 5e-2 * plain_norm

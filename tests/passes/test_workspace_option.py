@@ -33,7 +33,41 @@ def test_max_workspace_bytes_reaches_the_op():
         assert_close(a, b, what="grad")
 
 
-@pytest.mark.parametrize("bad", [0, -1, 1.5, True, "1GiB"])
+@pytest.mark.parametrize("options, op", [({}, "lce_fused_reduced"), ({"max_workspace_bytes": 0}, "lce_forward"),
+                                         ({"exact": False}, "lce_forward")], ids=["default", "zero", "filtered"])
+def test_default_is_the_auto_workspace_and_zero_the_minimum_memory(options, op):
+    """backend="cce" with no options runs the workspace op (its budget chosen per call); 0 asks for
+    the exact recompute, and so does the filter (exact=False), which "auto" leaves alone."""
+    g = torch.Generator().manual_seed(1)
+    h = torch.randn(2, 7, 24, generator=g, requires_grad=True)
+    w = (torch.randn(53, 24, generator=g) / 5).requires_grad_()
+    y = torch.randint(0, 53, (2, 7), generator=g)
+    torch._dynamo.reset()
+    out, grads, code = compiled_step(_head_loss, (h, w), (h, w, y), options={"impl": "triton", **options})
+    assert f"cce_inductor.{op}" in code
+    assert ("lce_fused_reduced" in code) == (op == "lce_fused_reduced")
+    ref_out, ref_grads = run_step(_head_loss, (h, w), (h, w, y))
+    assert_close(out, ref_out, what="loss")
+    for a, b in zip(grads, ref_grads):
+        assert_close(a, b, what="grad")
+
+
+@pytest.mark.parametrize("bad", [-1, 1.5, True, "1GiB", "Auto"])
 def test_bad_max_workspace_bytes_is_rejected(bad):
     with pytest.raises(ValueError, match="max_workspace_bytes"):
         cce_inductor.enable(max_workspace_bytes=bad)
+
+
+@pytest.mark.parametrize("options, mode", [({"impl": "triton"}, "workspace (auto): 1 chunk(s) of 14 tokens"),
+                                           ({"impl": "triton", "max_workspace_bytes": 0}, "exact recompute"),
+                                           ({"impl": "triton", "exact": False}, "filtered recompute (dE)"),
+                                           ({}, "torch path")])
+def test_explain_says_how_the_loss_is_computed(options, mode):
+    h = torch.randn(2, 7, 24, requires_grad=True)
+    w = torch.randn(53, 24, requires_grad=True)
+    y = torch.randint(0, 53, (2, 7))
+    torch._dynamo.reset()
+    with cce_inductor.enable(**options):
+        report = cce_inductor.explain(_head_loss, h, w, y)
+    (site,) = report.rewritten
+    assert site.details["mode"].startswith(mode), site.details["mode"]
