@@ -360,6 +360,23 @@ def test_auto_runs_chunks_of_a_quarter(n, spy):
 
 
 @interpreter
+def test_compiled_backward_twice_gives_the_same_gradients(spy):
+    """A compiled step's backward copies the gradients before scaling them: retain_graph works there
+    (the eager op raises instead, test_backward_twice_and_double_backward_raise)."""
+    e, c, y, b = _case_inputs(bias=False)
+    e, c = e.requires_grad_(), c.requires_grad_()
+    torch._dynamo.reset()
+    step = torch.compile(lambda e, c, y: 3 * linear_cross_entropy(e, c, y, impl="triton", max_workspace_bytes="auto"))
+    loss = step(e, c, y)
+    first = [g.clone() for g in torch.autograd.grad(loss, (e, c), retain_graph=True)]
+    second = torch.autograd.grad(loss, (e, c))
+    want = torch.autograd.grad(3 * linear_cross_entropy(e, c, y, impl="torch"), (e, c))
+    assert spy
+    for a, b, w in zip(first, second, want):
+        assert torch.equal(a, b) and rel(a, w) <= 1e-5
+
+
+@interpreter
 def test_auto_without_gradients_is_the_exact_forward(spy):
     e, c, y, b = _case_inputs()
     with torch.no_grad():
