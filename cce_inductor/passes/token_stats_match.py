@@ -75,6 +75,7 @@ _OPS: dict[str, tuple[tuple, tuple[str, ...]]] = {
     "clamp": ((torch.clamp, torch.clip, torch.clamp_min), ("clamp", "clip", "clamp_min")),
     "sum": ((torch.sum,), ("sum",)),
     "broadcast_tensors": ((torch.broadcast_tensors, torch.functional.broadcast_tensors), ()),
+    "split": ((torch.split, torch.chunk), ("split", "chunk")),
 }
 
 
@@ -103,7 +104,24 @@ class _Z:
 
     @property
     def layout(self) -> tuple:
-        return tuple(s.node for s in self.steps)
+        """The token layout, compared by the steps' operations (``z[..., 2, :]`` written twice is
+        one layout): their kind, target and arguments other than the logits."""
+        return tuple(_step_key(s.node) if s.kind != "split" else _step_key(s.node.args[0]) + (s.node.args[1],)
+                     for s in self.steps)
+
+
+def _step_key(node: Node) -> tuple:
+    return (node.op, node.target, _hashable(node.args[1:]), _hashable(node.kwargs))
+
+
+def _hashable(x: Any) -> Any:
+    if isinstance(x, (list, tuple)):
+        return tuple(_hashable(e) for e in x)
+    if isinstance(x, dict):
+        return tuple(sorted((k, _hashable(v)) for k, v in x.items()))
+    if isinstance(x, slice):
+        return ("slice", _hashable(x.start), _hashable(x.stop), _hashable(x.step))
+    return x
 
 
 @dataclass
@@ -140,6 +158,7 @@ class StatsSite:
     insert_after: Node | None = None  # the op goes right after this node (its last input)
     problems: list = field(default_factory=list)  # reasons met on the walks, first first
     ls_views: dict = field(default_factory=dict)  # token views of a log-softmax -> their layout (_Z)
+    splits: set = field(default_factory=set)  # split / chunk nodes of the logits (their pieces are logits)
 
     @property
     def stat_consumers(self) -> list[Consumer]:
@@ -208,6 +227,12 @@ def _walk_logits(site: StatsSite) -> None:
     while work:
         z = work.pop()
         for user in z.node.users:
+            if _is(user, "split") and user.args and user.args[0] is z.node:
+                try:
+                    work.extend(_split_pieces(site, z, user))
+                except NoMatch as reason:
+                    site.problems.append(str(reason))
+                continue
             try:
                 child = _logits_child(site, z, user)
             except NoMatch as reason:  # the derived walk meets this use again; the first reason is kept
@@ -216,6 +241,30 @@ def _walk_logits(site: StatsSite) -> None:
             if child is not None and user not in site.zs:
                 site.zs[user] = child
                 work.append(child)
+
+
+def _split_dim(node: Node, ndim: int) -> int | None:
+    """The dim a ``split`` / ``chunk`` call cuts (normalized), None where not known when compiling."""
+    return N.normalize_dim(N.arg(node, 2, "dim", 0), ndim)
+
+
+def _split_pieces(site: StatsSite, z: _Z, split: Node) -> list[_Z]:
+    """The pieces of ``z.split(...)`` / ``z.chunk(...)`` along a token dim: logits, each a view."""
+    v = N.tensor_value(z.node)
+    dim = _split_dim(split, v.dim())
+    if dim is None or dim == v.dim() - 1 or "input" in split.kwargs or "tensor" in split.kwargs:
+        raise NoMatch(f"{N.describe(split)} ({split.name}) cuts the logits along the vocabulary dim (or a dim not known)")
+    pieces = []
+    for g in split.users:
+        if not (N.is_kind(g, "getitem") and isinstance(g.args[1], int)):
+            raise NoMatch(f"{_what(g)} uses the pieces of {split.name} as a sequence: not supported")
+        last = N.tensor_value(g).dim() - 1
+        step = ShapeStep(g, "split", z.node, last, last)
+        piece = _Z(g, z, z.values, z.bias, z.steps + [step], z.token_scales)
+        site.zs[g] = piece
+        pieces.append(piece)
+    site.splits.add(split)
+    return pieces
 
 
 def _logits_child(site: StatsSite, z: _Z, user: Node) -> _Z | None:
@@ -250,7 +299,7 @@ def _logits_child(site: StatsSite, z: _Z, user: Node) -> _Z | None:
                     return None  # a product with a tensor: maybe softmax * z (see _walk_derived)
                 factor = (other, 1 if kind == "mul" else -1)  # a temperature per token: e scaled per row
                 return _Z(user, z, z.values + [("scale", factor)], z.bias, z.steps,
-                          z.token_scales + ((other, tuple(s.node for s in z.steps)),))
+                          z.token_scales + ((other, z.layout),))
         return _Z(user, z, z.values + [("scale", _factor(user, kind, z.node))], z.bias, z.steps, z.token_scales)
     if kind == "tanh":
         return _Z(user, z, z.values + [("tanh",)], z.bias, z.steps, z.token_scales)
@@ -276,7 +325,7 @@ def _walk_derived(site: StatsSite) -> None:
     while work:
         node = work.pop()
         for user in node.users:
-            if user in site.zs or user in kinds or user in seen_consumers:
+            if user in site.zs or user in kinds or user in seen_consumers or user in site.splits:
                 continue
             try:
                 if user.op == "output":
@@ -552,12 +601,15 @@ def _check_site(site: StatsSite) -> None:
             raise NoMatch(f"a per-token scale ({factor.name}) is applied to a view of the logits the op does not compute in")
         if site.bias is not None:
             raise NoMatch(f"a per-token scale ({factor.name}) with a bias: bias / T would be N x V")
-    for p in paths:
-        for s in p[-1].steps[len(zc.steps):]:
-            if s.kind not in _RESHAPES:
+    if any(st.kind == "split" for st in zc.steps):
+        raise NoMatch("the statistics are all taken of one piece of a split of the logits: not supported")
+    for c in site.consumers:
+        for st in c.z.steps[len(zc.steps):]:
+            # a slice (or a split piece) of the results is that of the logits; targets, only reshaped
+            if st.kind not in _RESHAPES and (c.targets is not None or st.kind not in ("getitem", "split")):
                 raise NoMatch(
-                    f"{N.describe(s.node)} ({s.node.name}) slices the logits on one path to the statistics and "
-                    "not on another: one call of the op computes one set of tokens"
+                    f"{N.describe(st.node)} ({st.node.name}) slices the logits on the way to the log-probabilities "
+                    f"of {c.node.name} and not on another path: one call of the op computes one set of tokens"
                 )
 
     # one set of targets (up to views), one ignore_index
@@ -616,6 +668,8 @@ def _check_order(site: StatsSite) -> None:
     zc = site.zs.get(site.layout_node) or site.ls_views[site.layout_node]
     steps = list(zc.steps) + [s for c in site.consumers for s in c.z.steps[len(zc.steps):]]
     inputs += [a for s in steps for a in s.node.all_input_nodes if a not in site.zs and a not in site.derived]
+    inputs += [a for sp in site.splits for a in sp.all_input_nodes if a not in site.zs]
+    inputs = [a for a in inputs if a not in site.splits]
     inputs = [n for n in inputs if isinstance(n, Node)]
     after = max(inputs, key=order.__getitem__)
     replaced = {c.node for c in site.consumers} | {_squeeze_user(c) for c in site.consumers} - {None}
@@ -778,7 +832,34 @@ def _to_layout(b, value: Node, zc: _Z, z: _Z) -> Node:
             value = b.method("squeeze", value, dims)
         elif s.kind == "unsqueeze":
             value = b.method("unsqueeze", value, N.normalize_dim(N.arg(node, 1, "dim"), N.tensor_value(node).dim()))
+        elif s.kind == "getitem":
+            value = b.function(operator.getitem, value, _token_index(node.args[1], n_in))
+        elif s.kind == "split":
+            split = node.args[0]
+            size = N.arg(split, 1, "split_size_or_sections" if split.target in ("split", torch.split) else "chunks")
+            method = "chunk" if split.target in ("chunk", torch.chunk) else "split"
+            pieces = b.method(method, value, size, _split_dim(split, n_in))
+            value = b.function(operator.getitem, pieces, node.args[1])
     return value
+
+
+def _token_index(index: Any, ndim: int) -> Any:
+    """An index of the logits (which leaves the class dim, the last, whole) for their per-token
+    results: the element that stands for the class dim dropped."""
+    elements = list(index) if isinstance(index, tuple) else [index]
+    def consumed(e):
+        if e is None or e is Ellipsis:
+            return 0
+        v = N.tensor_value(e) if isinstance(e, Node) else None
+        return v.dim() if v is not None and v.dtype == torch.bool else 1
+    if Ellipsis in elements:
+        covers_last = any(consumed(e) for e in elements[elements.index(Ellipsis) + 1:])
+    else:
+        covers_last = sum(consumed(e) for e in elements) == ndim
+    if covers_last:
+        last = max(i for i, e in enumerate(elements) if consumed(e))
+        elements = elements[:last] + elements[last + 1:]
+    return tuple(elements)
 
 
 # ----------------------------------------------------------------------------- the report

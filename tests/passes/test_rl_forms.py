@@ -274,6 +274,33 @@ def case_per_token_temperature_learned():
     return fn, [h, m.proj.weight, *temp_head.parameters()], (h, ids), B * T
 
 
+def case_selective_log_softmax_rows():
+    """TRL's selective_log_softmax (float32): the target logit minus a logsumexp taken row by row."""
+    m, (h, ids) = Head(), _inputs()
+
+    def fn(h, ids):
+        logits = m.proj(h)
+        selected = torch.gather(logits, dim=-1, index=ids.unsqueeze(-1)).squeeze(-1)
+        return selected - torch.stack([torch.logsumexp(row, dim=-1) for row in logits])
+
+    return fn, [h, *m.proj.parameters()], (h, ids), B * T
+
+
+def case_entropy_in_chunks():
+    """TRL's entropy_from_logits: the flattened logits split in chunks, an entropy per chunk."""
+    m, (h, _) = Head(), _inputs()
+
+    def fn(h):
+        logits = m.proj(h) / m.log_temp.exp()
+        out = []
+        for chunk in logits.reshape(-1, logits.shape[-1]).split(4, dim=0):
+            logps = F.log_softmax(chunk, dim=-1)
+            out.append(-(torch.exp(logps) * logps).sum(-1))
+        return torch.cat(out).reshape(logits.shape[:-1])
+
+    return fn, [h, *m.parameters()], (h,), B * T
+
+
 CASES = {name[len("case_"):]: fn for name, fn in globals().items() if name.startswith("case_")}
 
 
