@@ -219,3 +219,19 @@ def test_gpu_split_matches_single_device_op(dtype, sizes):
     assert rel(loss, ref_loss) <= 2 * rel(one, ref_loss) + slack
     for got, mine, want, what in zip((de, dc, db), one_grads, ref_grads, ("dE", "dC", "dbias")):
         assert rel(got, want) <= 2 * rel(mine, want) + slack, what
+
+
+def test_benchmark_smoke(tmp_path):
+    """benchmarks/vocab_parallel_bench.py in its CPU mode: every split, its JSON."""
+    import json
+    import os
+    import sys
+
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from benchmarks import vocab_parallel_bench
+
+    out = tmp_path / "vp.json"
+    data = vocab_parallel_bench.main(["--smoke", "--splits", "1", "8", "--dtype", "float32", "--out", str(out)])
+    assert json.loads(out.read_text()) == data
+    assert [r["v_shard"] for r in data["rows"]] == [501, 63]
+    assert all(r["fwdbwd_ms"] > 0 and r["t_ms"] > 0 for r in data["rows"])
