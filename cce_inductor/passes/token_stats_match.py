@@ -605,16 +605,13 @@ def _check_site(site: StatsSite) -> None:
         raise NoMatch("the statistics are all taken of one piece of a split of the logits: not supported")
     for c in site.consumers:
         for st in c.z.steps[len(zc.steps):]:
-            # a slice (or a split piece) of the results is that of the logits; targets, only reshaped
-            if st.kind not in _RESHAPES and (c.targets is not None or st.kind not in ("getitem", "split")):
-                raise NoMatch(
-                    f"{N.describe(st.node)} ({st.node.name}) slices the logits on the way to the log-probabilities "
-                    f"of {c.node.name} and not on another path: one call of the op computes one set of tokens"
-                )
+            # a slice (or a split piece) of the results is that of the logits
+            if st.kind not in _RESHAPES and st.kind not in ("getitem", "split"):  # pragma: no cover
+                raise NoMatch(f"{N.describe(st.node)} ({st.node.name}) on the way to {c.node.name}: not supported")
 
-    # one set of targets (up to views), one ignore_index
+    # one set of targets (up to views and the logits' own slices), one ignore_index
     readers = [c for c in site.consumers if c.targets is not None]
-    bases = {_strip_targets(c.targets) for c in readers}
+    bases = {_targets_base(c, zc) for c in readers}
     if len(bases) > 1:
         names = ", ".join(sorted(b.name for b in bases))
         raise NoMatch(f"log-probabilities of different targets ({names}) from one head: one call of the op takes one set")
@@ -636,6 +633,40 @@ def _check_site(site: StatsSite) -> None:
             raise NoMatch(f"the targets ({base.name}) are not one class index per token of the logits")
         site.targets_base = base
     _check_order(site)
+
+
+def _targets_base(c: Consumer, zc: _Z) -> Node:
+    """The targets of ``c`` in the op's layout: ``c.targets`` undone of views and of the slices and
+    split pieces that took ``c``'s logits from the op's layout (which must be the same ones)."""
+    t = c.targets
+    for st in reversed(c.z.steps[len(zc.steps):]):
+        if st.kind in _RESHAPES:
+            continue
+        t = _strip_targets(t)
+        n_in = N.tensor_value(st.input).dim()
+        prev = None
+        if st.kind == "getitem" and N.is_kind(t, "getitem") and not t.kwargs:
+            if _index_key(t.args[1]) == _index_key(_token_index(st.node.args[1], n_in)):
+                prev = t.args[0]
+        elif st.kind == "split" and N.is_kind(t, "getitem") and t.args[1] == st.node.args[1] and _is(t.args[0], "split"):
+            mine, theirs = st.node.args[0], t.args[0]
+            tv = N.tensor_value(theirs.args[0]) if theirs.args else None
+            if (tv is not None and mine.target == theirs.target and not theirs.kwargs.keys() - {"dim"}
+                    and _hashable(N.arg(mine, 1, "")) == _hashable(N.arg(theirs, 1, ""))
+                    and _split_dim(theirs, tv.dim()) == _split_dim(mine, n_in)):
+                prev = theirs.args[0]
+        pv = N.tensor_value(prev)
+        if pv is None or not N.same_shape(pv.shape, N.tensor_value(st.input).shape[:-1]):
+            raise NoMatch(
+                f"{N.describe(st.node)} ({st.node.name}) takes a part of the logits on the way to {c.node.name}, "
+                "whose targets are not the same part of targets of the other tokens"
+            )
+        t = prev
+    return _strip_targets(t)
+
+
+def _index_key(index: Any) -> Any:
+    return _hashable(tuple(index) if isinstance(index, (tuple, list)) else (index,))
 
 
 def _strip_targets(t: Node) -> Node:

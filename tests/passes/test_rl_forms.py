@@ -301,6 +301,21 @@ def case_entropy_in_chunks():
     return fn, [h, *m.parameters()], (h,), B * T
 
 
+def case_selective_log_softmax_row_loop():
+    """TRL's selective_log_softmax for 16-bit logits (here float32): log_softmax and gather row by row."""
+    m, (h, ids) = Head(), _inputs()
+
+    def fn(h, ids):
+        logits = m.proj(h)
+        rows = []
+        for row_logits, row_labels in zip(logits, ids):
+            row_logps = F.log_softmax(row_logits, dim=-1)
+            rows.append(row_logps.gather(dim=-1, index=row_labels.unsqueeze(-1)).squeeze(-1))
+        return torch.stack(rows)
+
+    return fn, [h, *m.proj.parameters()], (h, ids), B * T
+
+
 CASES = {name[len("case_"):]: fn for name, fn in globals().items() if name.startswith("case_")}
 
 
@@ -388,6 +403,15 @@ def _two_target_sets(m):
     return fn
 
 
+def _rows_of_other_targets(m):
+    def fn(h, ids):
+        logits = m.proj(h)
+        swapped = [ids[1], ids[0]]  # row 0 of the logits with row 1 of the ids
+        return torch.stack([row.log_softmax(-1).gather(-1, labels[..., None]) for row, labels in zip(logits, swapped)])
+
+    return fn
+
+
 def _two_scalings(m):
     def fn(h, ids):
         z = m.proj(h)
@@ -432,9 +456,10 @@ def _per_token_temperature_with_bias(m):
         (_softmax_returned, "returned from the compiled region"),
         (_ignore_index_is_a_class, "ignore_index=0 is a class the gathers read"),
         (_per_token_temperature_with_bias, "bias / T would be N x V"),
+        (_rows_of_other_targets, "not the same part of targets"),
     ],
     ids=["returned_logits", "unknown_consumer", "two_target_sets", "two_scalings", "softmax_returned",
-         "ignore_index_is_a_class", "per_token_temperature_with_bias"],
+         "ignore_index_is_a_class", "per_token_temperature_with_bias", "rows_of_other_targets"],
 )
 def test_left_alone_with_the_reason(build, why):
     m, (h, ids) = Head(), _inputs()
