@@ -70,7 +70,7 @@ class Explanation:
     def __str__(self) -> str:
         sites = self.sites
         lines = [
-            f"cce_inductor.explain: {len(self.graphs)} graph(s), {len(sites)} loss call(s): "
+            f"cce_inductor.explain: {len(self.graphs)} graph(s), {len(sites)} site(s): "
             f"{len(self.rewritten)} rewritten, {len(self.skipped)} left alone; "
             f"about {_fmt_bytes(self.bytes_avoided)} of N x V tensors avoided"
         ]
@@ -80,7 +80,7 @@ class Explanation:
             if len(self.graphs) > 1:
                 lines.append(f"graph {i}:")
             if not graph:
-                lines.append("  no loss call found")
+                lines.append("  no loss call or per-token statistic found")
             for site in graph:
                 lines.extend(_format_site(site, bool(self.breaks)))
         if self.breaks:
