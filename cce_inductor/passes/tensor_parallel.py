@@ -146,6 +146,19 @@ def _sequence_parallel_source(x: Node) -> tuple | None:
     return None
 
 
+def describe_mode(m, options) -> str:
+    """explain()'s "mode" of a vocab-parallel site."""
+    x = N.tensor_value(m.x)
+    local = getattr(x, "_local_tensor", x)
+    impl = options.impl if options.impl != "auto" else ("triton" if local.device.type == "cuda" else "torch")
+    text = (f"vocab-parallel, the {impl} path over this rank's rows, "
+            f"{'exact' if options.exact else 'dE filtered'}")
+    ignored = [k for k in UNSUPPORTED_OPTIONS if getattr(options, k, None)]
+    if ignored:
+        text += f" ({', '.join(ignored)} not used here)"
+    return text
+
+
 def site_call(m, kwargs: dict) -> tuple:
     """The function and keyword arguments the rewrite calls in place of the loss."""
     kwargs = {k: v for k, v in kwargs.items() if k not in UNSUPPORTED_OPTIONS}

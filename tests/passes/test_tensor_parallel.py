@@ -3,7 +3,8 @@
 One spawned run of two processes holds every case (process-group start-up is the slow part):
 a head under ``ColwiseParallel(output_layouts=Shard(-1), use_local_output=False)`` and the loss
 under ``loss_parallel()`` (torchtitan's layout), with the input replicated, under sequence
-parallelism, with a bias, and on a (dp, tp) mesh under FSDP2 (resharding on
+parallelism, with a bias; the logits all-gathered (``output_layouts=Replicate()``) and a plain
+loss; and on a (dp, tp) mesh under FSDP2 (resharding on
 and off, and bfloat16 mixed precision). Each case checks: explain() reports the site rewritten
 with its layout; the generated code calls the vocab-parallel op and allocates no N x V/tp buffer
 (the same check finds them in plain torch.compile's code); loss and gradients equal a
@@ -104,9 +105,9 @@ def _nxv(code: str, tokens: int, vocab: int):
     return nxv_buffers(code, tokens, vocab, fallbacks=True)
 
 
-def _case_tp(rank, mesh, sp, bias=False, smoothing=0.0, reduction="mean", check_plain=False):
+def _case_tp(rank, mesh, sp, bias=False, smoothing=0.0, reduction="mean", check_plain=False, replicated_out=False):
     import cce_inductor
-    from torch.distributed.tensor import Shard
+    from torch.distributed.tensor import Replicate, Shard
     from torch.distributed.tensor.parallel import ColwiseParallel, SequenceParallel, loss_parallel, parallelize_module
 
     torch._dynamo.reset()
@@ -118,6 +119,8 @@ def _case_tp(rank, mesh, sp, bias=False, smoothing=0.0, reduction="mean", check_
     expected = ref(x, y)
     expected.backward()
     plan = {"head": ColwiseParallel(output_layouts=Shard(-1), use_local_output=False)}
+    if replicated_out:  # the logits all-gathered, a plain tensor: no loss_parallel() needed
+        plan = {"head": ColwiseParallel(output_layouts=Replicate())}
     if sp:
         plan = {"norm": SequenceParallel(),
                 "head": ColwiseParallel(input_layouts=Shard(1), output_layouts=Shard(-1), use_local_output=False)}
@@ -130,6 +133,7 @@ def _case_tp(rank, mesh, sp, bias=False, smoothing=0.0, reduction="mean", check_
     layout = site.details["parallel"]
     assert "over mesh dim 'tp' (2 ranks)" in layout and "Shard(dim=0)" in layout, layout
     assert ("sequence parallel" in layout) == sp and ("input replicated" in layout) != sp, layout
+    assert site.details["mode"].startswith("vocab-parallel"), site.details["mode"]
 
     loss, code = _compiled_step(model, xin, y, rank)
     assert VOCAB_OP in code
@@ -301,6 +305,7 @@ def _worker(rank: int, port: int, world: int) -> None:
         # (label smoothing under loss_parallel() fails in DTensor itself on torch 2.13: the explicit
         # API's case covers smoothing across ranks)
         _case_tp(rank, mesh, sp=False, bias=True, reduction="sum")
+        _case_tp(rank, mesh, sp=False, replicated_out=True)
         _case_left_alone(rank, mesh)
         mesh2d = init_device_mesh("cpu", (1, WORLD), mesh_dim_names=("dp", "tp"))
         _case_fsdp2(rank, mesh2d, reshard=True, bf16=False)
