@@ -325,3 +325,41 @@ def test_tensor_parallel_heads_on_a_cpu_mesh():
                     reason="four processes on CI's two cores take about half a minute: set CCE_TEST_WORLD4=1")
 def test_fsdp2_by_tensor_parallel_on_a_2x2_mesh():
     torch.multiprocessing.spawn(_worker, args=(_free_port(), 4), nprocs=4, join=True)
+
+
+def _gpu_worker(rank: int, port: int) -> None:
+    """One process on one GPU (NCCL, world size 1): the compiled TP head runs the op's Triton path
+    and its collectives; loss and gradients as the single-device eager run."""
+    import cce_inductor
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard
+    from torch.distributed.tensor.parallel import ColwiseParallel, loss_parallel, parallelize_module
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.cuda.set_device(0)
+    dist.init_process_group("nccl", rank=rank, world_size=1)
+    try:
+        mesh = init_device_mesh("cuda", (1,), mesh_dim_names=("tp",))
+        torch.manual_seed(0)
+        ref, model = Head(bias=True).cuda(), Head(bias=True).cuda()
+        model.load_state_dict(ref.state_dict())
+        x, y = (t.cuda() for t in _batch())
+        expected = ref(x, y)
+        expected.backward()
+        parallelize_module(model, mesh, {"head": ColwiseParallel(output_layouts=Shard(-1), use_local_output=False)})
+        with loss_parallel():
+            (site,) = cce_inductor.explain(model, x, y).sites
+        assert site.status == "rewritten" and "triton path" in site.details["mode"], site
+        loss, code = _compiled_step(model, x, y, rank)
+        assert VOCAB_OP in code
+        _check(_rel(_full(loss), expected), 1e-5, "loss")
+        for (name, p), q in zip(model.named_parameters(), ref.parameters()):
+            _check(_rel(_full(p.grad), q.grad), 1e-5, f"grad of {name}")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not dist.is_available() or not dist.is_nccl_available(), reason="needs NCCL")
+def test_gpu_tensor_parallel_head_world_size_one():
+    torch.multiprocessing.spawn(_gpu_worker, args=(_free_port(),), nprocs=1, join=True)
