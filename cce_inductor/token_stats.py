@@ -556,6 +556,9 @@ def linear_token_stats(
             one element, or one per token (shaped like e's leading dims with a trailing 1, and then no
             bias). A number is applied inside the op (any softcap); a tensor as (e / T) and
             (bias / T) before it, which is exact -- not supported with a softcap (NotImplementedError).
+            A tensor that requires grad gets its gradient from per-token float32 statistics of the
+            same pass (the entropy, and the logits' variance under the softmax where the entropy is
+            asked for), not from the 16-bit dE (``_temperature_gradient``).
         shift: pair e[..., t, :] with targets[..., t + shift] (the causal-LM shift) without copying
             e; every returned field then covers the first T - shift positions of the token dim.
         logprob, entropy, argmax, lse: which fields to compute; at least one.

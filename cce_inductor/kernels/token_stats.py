@@ -31,7 +31,9 @@ Backward (the buffered strategy of backward_buffered.py, with this op's dz):
      backward_buffered's dz kernel) recomputes z and forms
          dz = g_lp onehot(y) + p (g_lse - g_lp + g_H ((lse - z) - H)),   p = exp(z - lse)
      times inv_temp, times 1 - tanh^2 under a softcap -- every requested output's gradient in one
-     recompute -- stores it in the input dtype into a bounded buffer; dbias by float32 atomics;
+     recompute, with per-token coefficients so that each logit costs two FMAs, an exp2, a multiply
+     and the target compare -- stores it in the input dtype into a bounded buffer; dbias by float32
+     atomics;
   2. dE[window] += dz @ C[chunk] (float32 accumulator), dC[chunk] (+)= dz^T @ E[window] (torch matmuls:
      cuBLAS on CUDA, float32 accumulation inside).
   Windows and chunks are ``backward_buffered.buffered_shape``'s, within ``buffer_bytes``.
@@ -381,37 +383,45 @@ def _stats_dz_tile(
     pos_v = (pid_v * BLOCK_V + tl.arange(0, BLOCK_V)).to(tl.int64)  # [BLOCK_V] position in the launch
     mask_v = pos_v < v_count
     ids_v = v_begin + pos_v
-    mask_nv = mask_n[:, None] & mask_v[None, :]
 
-    # per token: dz = g_lp onehot + p (a + g_H ((lse - z) - H)), a = g_lse - g_lp
-    lse = tl.load(Lse + offs_n, mask=mask_n, other=0.0)  # [BLOCK_N]
-    a = tl.zeros((BLOCK_N,), tl.float32)
+    # Per token, dz = g_lp onehot + p (a + g_H ((lse - z) - H)) with a = g_lse - g_lp, as
+    #     dz = g_lp' onehot + p (c0 - c1 z),   c0 = (a + g_H (lse - H)) / T,  c1 = g_H / T,  g_lp' = g_lp / T
+    # (the temperature's 1 / T folded in): one FMA per logit for the coefficient, one for the
+    # exponent of p = exp2(z log2(e) - lse log2(e)). No row or column masks on the tile: rows past N
+    # get lse = 1e30 (finite, so that p = 0 and 0 * c stays 0; all their coefficients are 0), and
+    # columns past the launch's vocabulary are never stored (the descriptor clips them, the pointer
+    # store and dbias's atomics are masked).
+    lse = tl.load(Lse + offs_n, mask=mask_n, other=1e30)  # [BLOCK_N]
+    c0 = tl.zeros((BLOCK_N,), tl.float32)
     if LSE:
-        a += tl.load(GradLse + offs_n, mask=mask_n, other=0.0)
+        c0 += tl.load(GradLse + offs_n, mask=mask_n, other=0.0)
     if LOGPROB:
         targets = tl.load(Targets + offs_n, mask=mask_n, other=ignore_index)
         g_lp = tl.where(mask_n & (targets != ignore_index), tl.load(GradLogProb + offs_n, mask=mask_n, other=0.0), 0.0)
-        a -= g_lp
+        c0 -= g_lp
     if ENTROPY:
         g_h = tl.load(GradEntropy + offs_n, mask=mask_n, other=0.0)
-        h = tl.load(Entropy + offs_n, mask=mask_n, other=0.0)
+        c0 += g_h * (lse - tl.load(Entropy + offs_n, mask=mask_n, other=0.0))
+    if HAS_TEMP:
+        c0 = c0 * inv_temp
+        if ENTROPY:
+            g_h = g_h * inv_temp
+        if LOGPROB:
+            g_lp = g_lp * inv_temp
 
     z = logit_tile(E, C, E_desc, C_desc, pid_n * BLOCK_N, v_begin + pid_v * BLOCK_V, offs_n, ids_v, mask_n, mask_v,
                    D, stride_en, stride_cv, BLOCK_N, BLOCK_V, BLOCK_D, EVEN_D, TMA, DOT_PRECISION, UPCAST)
     z, t = capped_logits(z, Bias, ids_v, mask_v, softcap, HAS_BIAS, HAS_SOFTCAP)
     if HAS_TEMP:
         z = z * inv_temp
-    gap = lse[:, None] - z  # [BLOCK_N, BLOCK_V] lse - z >= 0
-    p = tl.where(mask_nv, tl.exp2(-gap * LOG2E), 0.0)
+    p = tl.exp2(z * LOG2E - (lse * LOG2E)[:, None])  # [BLOCK_N, BLOCK_V]
     if ENTROPY:
-        dz = p * (a[:, None] + g_h[:, None] * (gap - h[:, None]))
+        dz = p * (c0[:, None] - g_h[:, None] * z)
     else:
-        dz = p * a[:, None]
-    if LOGPROB:
-        is_target = (ids_v[None, :] == targets[:, None]) & mask_v[None, :]
+        dz = p * c0[:, None]
+    if LOGPROB:  # ids < V < 2^31: the compare in int32
+        is_target = ids_v.to(tl.int32)[None, :] == targets.to(tl.int32)[:, None]
         dz += tl.where(is_target, g_lp[:, None], 0.0)
-    if HAS_TEMP:
-        dz = dz * inv_temp
     if HAS_SOFTCAP:
         dz = dz * (1.0 - t * t)
     if NEEDS_BIAS:
@@ -419,7 +429,8 @@ def _stats_dz_tile(
     if TMA:  # the descriptor clips the tile at the buffer's edges
         Dz_desc.store([pid_n * BLOCK_N, pid_v * BLOCK_V], dz.to(Dz.dtype.element_ty))
     else:
-        tl.store(Dz + offs_n[:, None] * stride_dzn + pos_v[None, :], dz.to(Dz.dtype.element_ty), mask=mask_nv)
+        tl.store(Dz + offs_n[:, None] * stride_dzn + pos_v[None, :], dz.to(Dz.dtype.element_ty),
+                 mask=mask_n[:, None] & mask_v[None, :])
 
 
 def _add_product(acc: Tensor, a: Tensor, b: Tensor) -> None:
