@@ -58,6 +58,24 @@ def _class_sum(c: Tensor, bias: Tensor | None) -> tuple[Tensor, Tensor | float]:
     return col, (bias.sum(dtype=torch.float32) if bias is not None else 0.0)
 
 
+def _row_chunks(e: Tensor):
+    rows = max(1, (1 << 22) // max(1, e.shape[1]))  # float32 copies of at most 16 MiB
+    return ((i, min(i + rows, e.shape[0])) for i in range(0, e.shape[0], rows))
+
+
+def _rows_times(e: Tensor, vec: Tensor) -> Tensor:
+    """e @ vec (N,) in float32, e converted a chunk of rows at a time."""
+    return torch.cat([e[i:j].float() @ vec for i, j in _row_chunks(e)]) if e.shape[0] else vec.new_zeros(0)
+
+
+def _weighted_row_sum(e: Tensor, w: Tensor) -> Tensor:
+    """sum_i w_i e_i (D,) in float32, e converted a chunk of rows at a time."""
+    out = w.new_zeros(e.shape[1])
+    for i, j in _row_chunks(e):
+        out += w[i:j] @ e[i:j].float()
+    return out
+
+
 def shard_statistics(e: Tensor, c: Tensor, targets: Tensor, bias: Tensor | None, *, vocab_start: int,
                      ignore_index: int, softcap: float, label_smoothing: float, impl: str) -> Tensor:
     """Per-token statistics of one shard, shape (3, N), in ``lse_dtype(e.dtype, impl)``: the
@@ -75,7 +93,7 @@ def shard_statistics(e: Tensor, c: Tensor, targets: Tensor, bias: Tensor | None,
     target_logit = torch.where(mine != _NOT_HERE, lse - loss.to(dtype), torch.zeros((), dtype=dtype, device=e.device))
     if label_smoothing:
         col, bsum = _class_sum(c, bias)
-        logit_sum = (e.float() @ col + bsum).to(dtype)
+        logit_sum = (_rows_times(e, col) + bsum).to(dtype)
     else:
         logit_sum = torch.zeros_like(lse)
     return torch.stack([lse, target_logit, logit_sum])
@@ -120,12 +138,13 @@ def shard_backward(e: Tensor, c: Tensor, targets: Tensor, bias: Tensor | None, l
         scale = ls / vocab_size
         g32 = g.float()
         col, _ = _class_sum(c, bias)
+        # in place, in the gradients' dtypes: no N x D or V x D float32 copies
         if needs_e:
-            de = (de.float() - scale * torch.outer(g32, col)).to(e.dtype)
+            de.addr_(g32.to(de.dtype), col.to(de.dtype), alpha=-scale)
         if needs_c:
-            dc = (dc.float() - scale * (g32 @ e.float())[None, :]).to(c.dtype)
+            dc.sub_((scale * _weighted_row_sum(e, g32)).to(dc.dtype))
         if needs_bias:
-            dbias = (dbias.float() - scale * g32.sum()).to(bias.dtype)
+            dbias.sub_((scale * g32.sum()).to(dbias.dtype))
     return de, dc, dbias
 
 
