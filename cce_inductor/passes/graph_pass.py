@@ -1,8 +1,9 @@
 """The rewrite as an Inductor ``CustomGraphPass`` (for ``pre_grad_custom_pass``).
 
 Inductor keys its caches on ``uuid()``: a hash of the source files that decide what the rewrite
-produces (this package's ``passes/``, ``ops.py`` and ``token_stats.py``, whose ``linear_cross_entropy``
-and ``linear_token_stats`` are traced into the compiled graph) together with the options. The object
+produces (this package's ``passes/``, ``ops.py``, ``token_stats.py`` and ``vocab_parallel.py``, whose
+``linear_cross_entropy``, ``linear_token_stats`` and ``vocab_parallel_cross_entropy`` are traced into
+the compiled graph) together with the options. The object
 holds only its options: it is stateless and picklable. From torch 2.12 a pre-grad pass with a uuid
 does not run on a cache hit, so nothing may depend on its side effects (its log lines appear on
 cache misses only; use ``explain()``).
@@ -26,7 +27,8 @@ _PACKAGE = Path(__file__).resolve().parent.parent
 @functools.lru_cache(maxsize=1)
 def source_hash() -> str:
     """sha256 of the pass's own sources and of the modules whose functions the rewrite inserts."""
-    files = sorted((_PACKAGE / "passes").glob("*.py")) + [_PACKAGE / "ops.py", _PACKAGE / "token_stats.py"]
+    files = sorted((_PACKAGE / "passes").glob("*.py")) + [_PACKAGE / "ops.py", _PACKAGE / "token_stats.py",
+                                                          _PACKAGE / "vocab_parallel.py"]
     digest = hashlib.sha256()
     for path in files:
         digest.update(path.name.encode())
