@@ -450,11 +450,13 @@ def _check_inputs(e, c, targets, bias, ignore_index, softcap, temperature, shift
     else:
         if not isinstance(targets, Tensor) or targets.is_floating_point() or targets.is_complex() \
                 or targets.dtype == torch.bool:
-            raise TypeError(f"targets must be an integer tensor of token ids, got {getattr(targets, 'dtype', type(targets))}")
+            raise TypeError("targets must be an integer tensor of token ids, got "
+                            f"{getattr(targets, 'dtype', type(targets))}")
         if tuple(targets.shape) != tuple(e.shape[:-1]):
             raise ValueError(f"targets' shape {tuple(targets.shape)} must equal e's leading dims {tuple(e.shape[:-1])}")
     if bias is not None and (not isinstance(bias, Tensor) or tuple(bias.shape) != (c.shape[0],)):
-        raise ValueError(f"bias must be a tensor of shape (V,) = ({c.shape[0]},), got {getattr(bias, 'shape', type(bias))}")
+        raise ValueError(f"bias must be a tensor of shape (V,) = ({c.shape[0]},), got "
+                         f"{getattr(bias, 'shape', type(bias))}")
     for name, t in (("e", e), ("c", c), ("bias", bias)):
         if t is not None and t.dtype not in ops._FLOAT_DTYPES:
             raise TypeError(f"{name} must be float32, bfloat16 or float16, got {t.dtype}")

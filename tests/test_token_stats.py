@@ -10,7 +10,6 @@ shift and a transposed classifier.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import os
@@ -177,8 +176,10 @@ def test_torch_path_matches_float64(case):
     check(case, "torch")
 
 
-@pytest.mark.parametrize("case", [c for c in CASES if c.name in ("plain", "softcap_temperature", "learnable_temperature")],
-                         ids=lambda c: c.name)
+BF16_CASES = [c for c in CASES if c.name in ("plain", "softcap_temperature", "learnable_temperature")]
+
+
+@pytest.mark.parametrize("case", BF16_CASES, ids=lambda c: c.name)
 def test_torch_path_bfloat16_no_worse_than_torch(case):
     check(case, "torch", torch.bfloat16)
 

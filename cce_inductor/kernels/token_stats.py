@@ -302,7 +302,8 @@ def stats_forward(e: Tensor, c: Tensor, bias: Tensor | None, targets: Tensor | N
         BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_D=cfg.block_d, GROUP_N=cfg.group_n,
         HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap != 0.0, HAS_TEMP=inv_temp != 1.0,
         LOGPROB=want_logprob, ENTROPY=want_entropy, ARGMAX=want_argmax, ROUND_ARGMAX=round_argmax,
-        VARIANCE=want_variance, EVEN_D=dim % cfg.block_d == 0, DOT_PRECISION=dot_precision(e.dtype), UPCAST=dot_upcast(e),
+        VARIANCE=want_variance, EVEN_D=dim % cfg.block_d == 0, DOT_PRECISION=dot_precision(e.dtype),
+        UPCAST=dot_upcast(e),
         TMA=tma, FLATTEN=tma and HAS_FLATTEN,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )

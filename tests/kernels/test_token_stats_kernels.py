@@ -14,7 +14,7 @@ import torch
 
 from cce_inductor import linear_token_stats
 from cce_inductor.token_stats import naive_token_stats
-from test_token_stats import CASES, Case, check, make_inputs, rel
+from test_token_stats import CASES, check, rel
 
 kernels = pytest.importorskip("cce_inductor.kernels")
 if not kernels.AVAILABLE:  # pragma: no cover
