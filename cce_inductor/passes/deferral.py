@@ -7,7 +7,7 @@ graph outputs than the graph had and put the deferred tensors in their places
 graph's outputs unchanged.
 
 A graph output is deferred when it is the output of the projection of a rewritten site (a
-``linear`` / ``matmul`` whose weight feeds a ``linear_cross_entropy`` call), or is reached from it
+``linear`` / ``matmul`` whose weight feeds a ``linear_cross_entropy`` or ``linear_token_stats`` call), or is reached from it
 through cheap elementwise and shape ops (softcap, scaling, casts, views, a bias add), and none of
 those nodes has a user left in the graph other than the output. The recipe is those nodes, copied
 into a small graph module whose inputs are the ingredients: every other tensor they read (the
@@ -28,6 +28,7 @@ from torch.fx.node import map_arg
 
 from ..deferred import Recipe, defer, install_step_hook
 from ..ops import linear_cross_entropy
+from ..token_stats import linear_token_stats
 from . import nodes as N
 
 log = logging.getLogger("cce_inductor")
@@ -141,10 +142,12 @@ def plan_deferral(graph: Graph) -> Deferral | None:
 
 
 def _rewritten_projections(graph: Graph) -> set[Node]:
-    """Projections (linear / matmul nodes) reading a weight that feeds a linear_cross_entropy call."""
+    """Projections (linear / matmul nodes) reading a weight that feeds a linear_cross_entropy or a
+    linear_token_stats call."""
     weights: set[Node] = set()
     for node in graph.nodes:
-        if node.op == "call_function" and node.target is linear_cross_entropy and len(node.args) > 1:
+        rewritten = node.op == "call_function" and node.target in (linear_cross_entropy, linear_token_stats)
+        if rewritten and len(node.args) > 1:
             w = node.args[1]
             weights.add(w)
             if isinstance(w, Node) and (N.is_kind(w, "t") or N.is_transpose_attr(w)):

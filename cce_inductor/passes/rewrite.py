@@ -51,9 +51,10 @@ def rewrite_and_defer(
     options = options or Options()
     # Heads read for per-token statistics (log-probs, entropy, ...) first: one linear_token_stats
     # call takes over their loss calls too; heads with loss calls only are left to the CE rewrite.
-    from .token_stats_match import rewrite_token_stats
+    from .token_stats_match import note_returned, rewrite_token_stats
 
-    reports: list[SiteReport] = rewrite_token_stats(graph, options)
+    stats = rewrite_token_stats(graph, options)
+    reports: list[SiteReport] = [report for report, _ in stats]
     applied: list[tuple[SiteReport, Match]] = []
     for anchor in find_anchors(graph):
         site = match_site(anchor)
@@ -69,7 +70,9 @@ def rewrite_and_defer(
                 applied.append((report, site))
                 continue
         reports.append(skip_report(site))
-    deferral = plan_deferral(graph) if defer and options.defer_logits and applied else None
+    stats_applied = any(report.status == "rewritten" for report, _ in stats)
+    deferral = plan_deferral(graph) if defer and options.defer_logits and (applied or stats_applied) else None
+    note_returned(graph, stats, deferral)
     if deferral is not None:
         for report, m in applied:
             report.deferred = [d.node for d in deferral.deferred if d.projection is m.projection]

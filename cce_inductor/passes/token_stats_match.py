@@ -31,6 +31,7 @@ views). The op is called once, on the embeddings replayed to the layout the cons
 from __future__ import annotations
 
 import logging
+import math
 import operator
 from dataclasses import dataclass, field
 from typing import Any
@@ -55,7 +56,7 @@ from .matcher import (
     _PRECISION,
 )
 from .options import Options
-from .report import SiteReport
+from .report import Remaining, SiteReport
 
 log = logging.getLogger("cce_inductor")
 
@@ -159,6 +160,8 @@ class StatsSite:
     problems: list = field(default_factory=list)  # reasons met on the walks, first first
     ls_views: dict = field(default_factory=dict)  # token views of a log-softmax -> their layout (_Z)
     splits: set = field(default_factory=set)  # split / chunk nodes of the logits (their pieces are logits)
+    returned: set = field(default_factory=set)  # logits nodes the graph returns (deferred where they can be)
+    allow_return: bool = False  # returned logits may stay (the defer_logits option)
 
     @property
     def stat_consumers(self) -> list[Consumer]:
@@ -168,14 +171,16 @@ class StatsSite:
 # ----------------------------------------------------------------------------- entry point
 
 
-def rewrite_token_stats(graph: Graph, options: Options) -> list[SiteReport]:
+def rewrite_token_stats(graph: Graph, options: Options) -> list[tuple[SiteReport, StatsSite]]:
     """Rewrite every head of ``graph`` whose logits feed only recognized per-token statistics
-    (with at least one that is not a loss call); report each such head, rewritten or not."""
-    reports = []
+    (with at least one that is not a loss call); (report, site) for each such head, rewritten or
+    not. With ``defer_logits`` the logits may also be returned: they stay in the graph for
+    :func:`.deferral.plan_deferral`, then :func:`note_returned` says what became of them."""
+    found = []
     for node in list(graph.nodes):
         if getattr(node, "_erased", False) or _projection(node) is None:
             continue
-        site = find_site(node)
+        site = find_site(node, allow_return=options.defer_logits)
         if site is None:
             continue
         report = _report(site)
@@ -186,15 +191,35 @@ def rewrite_token_stats(graph: Graph, options: Options) -> list[SiteReport]:
                 report.status, report.reason = "skipped", str(reason)
             else:
                 report.status = "rewritten"
-        reports.append(report)
-    return reports
+        found.append((report, site))
+    return found
 
 
-def find_site(projection: Node) -> StatsSite | None:
+def note_returned(graph: Graph, found: list[tuple[SiteReport, StatsSite]], deferral) -> None:
+    """Record, in the reports of rewritten sites, the returned logits deferred and those that stay."""
+    live = set(graph.nodes)
+    for report, site in found:
+        if report.status != "rewritten":
+            continue
+        if deferral is not None:
+            report.deferred = [d.node for d in deferral.deferred if d.projection is site.projection]
+        for node in site.zs:
+            if node not in live or not any(u.op == "output" for u in node.users):
+                continue
+            v = N.tensor_value(node)
+            shape = tuple(N.hint(d) for d in v.shape)
+            nbytes = None if None in shape else math.prod(int(d) for d in shape) * v.element_size()
+            why = "returned from the compiled region (not deferred: formed, and kept for the caller)"
+            report.remaining.append(Remaining(node.name, shape, str(v.dtype).replace("torch.", ""), nbytes, why))
+            if report.bytes_avoided is not None and nbytes is not None:
+                report.bytes_avoided = max(0, report.bytes_avoided - nbytes)
+
+
+def find_site(projection: Node, allow_return: bool = False) -> StatsSite | None:
     """The statistics site of a projection; None where none of its uses is a statistic (the
     cross-entropy rewrite's business, or no head at all). A site with ``problem`` set is left alone."""
     x, w, is_vd, bias = _projection(projection)
-    site = StatsSite(projection, x, w, is_vd, bias, {}, set(), [])
+    site = StatsSite(projection, x, w, is_vd, bias, {}, set(), [], allow_return=allow_return)
     try:
         _walk_logits(site)
         _walk_derived(site)
@@ -328,8 +353,12 @@ def _walk_derived(site: StatsSite) -> None:
             if user in site.zs or user in kinds or user in seen_consumers or user in site.splits:
                 continue
             try:
+                if user.op == "output" and node in site.zs and site.allow_return:
+                    site.returned.add(node)  # stays for the caller: deferred after the rewrite where it can be
+                    continue
                 if user.op == "output":
-                    raise NoMatch(f"{node.name} (the logits or made from them) is returned from the compiled region")
+                    raise NoMatch(f"{node.name} (the logits or made from them) is returned from the compiled region"
+                                  + ("" if node in site.zs else " (only the logits themselves can be deferred)"))
                 found = _classify(site, node, user)
             except NoMatch as reason:  # go on: the report of a site needs its statistics
                 problems.append(str(reason))

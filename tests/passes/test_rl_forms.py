@@ -449,7 +449,6 @@ def _per_token_temperature_with_bias(m):
 @pytest.mark.parametrize(
     "build, why",
     [
-        (_returned_logits, "returned from the compiled region"),
         (_unknown_consumer, "topk"),
         (_two_target_sets, "different targets"),
         (_two_scalings, "scaled or biased differently"),
@@ -458,7 +457,7 @@ def _per_token_temperature_with_bias(m):
         (_per_token_temperature_with_bias, "bias / T would be N x V"),
         (_rows_of_other_targets, "not the same part of targets"),
     ],
-    ids=["returned_logits", "unknown_consumer", "two_target_sets", "two_scalings", "softmax_returned",
+    ids=["unknown_consumer", "two_target_sets", "two_scalings", "softmax_returned",
          "ignore_index_is_a_class", "per_token_temperature_with_bias", "rows_of_other_targets"],
 )
 def test_left_alone_with_the_reason(build, why):
@@ -466,6 +465,36 @@ def test_left_alone_with_the_reason(build, why):
     fn = build(m)
     [site] = [s for s in cce_inductor.explain(fn, h, ids).sites if s.kind == "token_stats"]
     assert site.status == "skipped" and why in site.reason, site.reason
+
+
+def test_returned_logits_deferred():
+    """Logits returned next to their statistics: the caller gets them deferred (formed when read,
+    with eager's values and gradients); with defer_logits=False the site is left alone."""
+    from cce_inductor.deferred import DeferredLogits
+
+    m, (h, ids) = Head(), _inputs()
+    fn = _returned_logits(m)
+    params = [h, *m.proj.parameters()]
+    expected, expected_grads = run_step(fn, params, (h, ids))
+    out, grads, code = compiled_step(fn, params, (h, ids))
+    assert isinstance(out[1], DeferredLogits) and STATS_OPS[0] in code
+    assert nxv_buffers(code, B * T, V, fallbacks=True) == []
+    assert_outputs_close(out, expected)
+    assert_grads_close(grads, expected_grads, _names(params))
+    # read and differentiated through: eager's gradients
+    loss, logits = torch.compile(fn, backend="cce", fullgraph=True)(h, ids)
+    (loss.sum() + logits.square().sum()).backward()
+    got = [p.grad for p in params]
+    for p in params:
+        p.grad = None
+    loss, logits = fn(h, ids)
+    (loss.sum() + logits.square().sum()).backward()
+    assert_grads_close(got, [p.grad for p in params], _names(params))
+    [site] = cce_inductor.explain(fn, h, ids).sites
+    assert site.status == "rewritten" and site.deferred == ["z"] and not site.remaining
+    with cce_inductor.enable(defer_logits=False):
+        [site] = cce_inductor.explain(fn, h, ids).sites
+    assert site.status == "skipped" and "returned from the compiled region" in site.reason
 
 
 def test_left_alone_site_still_equals_eager():
