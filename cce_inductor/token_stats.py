@@ -66,6 +66,8 @@ def naive_token_stats(
     if shift:
         e = e[..., :-shift, :]
         targets = None if targets is None else targets[..., shift:]
+        if isinstance(temperature, Tensor) and temperature.dim() >= 2 and temperature.shape[-2] > 1:
+            temperature = temperature[..., :-shift, :]  # one per token
     z = e.to(compute_dtype) @ c.to(compute_dtype).T
     if bias is not None:
         z = z + bias.to(compute_dtype)
