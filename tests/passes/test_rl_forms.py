@@ -517,3 +517,28 @@ def test_loss_calls_alone_are_not_a_statistics_site():
 
     [site] = cce_inductor.explain(fn, h, ids).sites
     assert (site.kind, site.status) == ("cross_entropy", "rewritten")
+
+
+def test_hugging_face_policy():
+    """A Hugging Face causal LM as the policy (hidden size D < the tokens), inside the compiled loss:
+    its logits (sliced for the next-token shift, scaled by a temperature) feed the log-probs and
+    Categorical's entropy."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=V, hidden_size=D, intermediate_size=16, num_hidden_layers=1,
+                                      num_attention_heads=2, num_key_value_heads=1)
+    model = transformers.LlamaForCausalLM(config)
+    ids = torch.randint(0, V, (B, T), generator=torch.Generator().manual_seed(1))
+
+    def fn(ids):
+        logits = model(input_ids=ids).logits[:, :-1, :] / 0.7
+        logp = torch.gather(logits.log_softmax(-1), -1, ids[:, 1:].unsqueeze(-1)).squeeze(-1)
+        return (logp - 0.01 * torch.distributions.Categorical(logits=logits).entropy()).mean()
+
+    params = list(model.parameters())
+    expected, expected_grads = run_step(fn, params, (ids,))
+    out, grads, code = compiled_step(fn, params, (ids,))
+    assert all(op in code for op in STATS_OPS)
+    assert nxv_buffers(code, B * (T - 1), V, fallbacks=True) == []
+    assert_outputs_close(out, expected)
+    assert_grads_close(grads, expected_grads, [n for n, _ in model.named_parameters()])
