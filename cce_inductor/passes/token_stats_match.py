@@ -5,27 +5,30 @@ tokens, the softmax's entropy, the arg-max and the log-sum-exp, in many spelling
 anchors on a projection (``F.linear`` / ``x @ W.T`` / ``torch.matmul``, as :mod:`.matcher` reads
 them) and follows everything the graph does with its output:
 
-* the logits themselves (``Z``): the projection, then scaling by a scalar (a temperature, a number
-  or a tensor), one softcap, a bias right after the projection, lossless casts, ``contiguous`` and
-  token-dim views / reshapes / slices (the class dim stays last);
+* the logits themselves (``Z``): the projection, then scaling by a number or a scalar tensor (a
+  temperature, learnable or not) or by a tensor of one value per token, one softcap, a bias right
+  after the projection, lossless casts, ``contiguous``, token-dim views / reshapes / slices and the
+  pieces of ``split`` / ``chunk`` (the class dim stays last);
 * log-softmax-like values (``LS``): ``log_softmax(Z, -1)``, ``Z - Z.logsumexp(-1, keepdim=True)``
-  (``Categorical``'s normalization), its ``clamp(min=finfo.min)``;
+  (``Categorical``'s normalization), its ``clamp(min=finfo.min)``, token views of these;
 * softmax-like values (``SM``): ``softmax(Z, -1)``, ``softmax(LS, -1)``, ``LS.exp()``;
-* products ``SM * LS`` and ``SM * Z`` summed over the class dim;
+* products ``SM * LS`` and ``SM * Z``;
 
 and recognizes the per-token results (the *consumers*), each replaced by a field of the op's
-result: ``gather``/``take_along_dim`` of an ``LS`` (log-probability; also through
+result: ``gather`` / ``take_along_dim`` of an ``LS`` (log-probability; also through
 ``Categorical.log_prob``'s ``broadcast_tensors``), ``gather`` of ``Z`` (target logit = logprob +
-lse), ``logsumexp(Z, -1)`` (lse), ``sum(SM * LS)`` (-entropy), ``sum(SM * Z)`` (lse - entropy),
-``argmax(Z, -1)``, and ``cross_entropy`` / ``nll_loss`` (-logprob, reduced as the call does) --
-the latter only together with another consumer: a head whose only consumers are losses is left to
-the cross-entropy rewrite.
+lse), ``logsumexp(Z, -1)`` (lse), ``sum(SM * LS, -1)`` (-entropy), ``sum(SM * Z, -1)`` (lse -
+entropy), ``argmax(Z, -1)``, and ``cross_entropy`` / ``nll_loss`` without class weights or
+smoothing (-logprob, reduced as the call does) -- the latter only together with another consumer:
+a head whose only consumers are losses is left to the cross-entropy rewrite.
 
 A head is rewritten only when every use of each of these N x V values is recognized (else the
 logits are needed anyway: the site is left alone and the report names the operation that stopped
-it), the scalings agree on every path, and every log-probability reads the same targets (up to
-views). The op is called once, on the embeddings replayed to the layout the consumers share
-(the deepest node all their paths pass through); the views below it are replayed on the results.
+it), the scalings agree on every path, and every log-probability reads one targets tensor (up to
+views, and the same slices as its logits). The op is called once, on the embeddings replayed to
+the layout the consumers share (the deepest logits node on all their paths); the views, slices
+and split pieces below it are replayed on the results. Returned logits (with ``defer_logits``)
+stay for :mod:`.deferral`, which defers them as it does those of a rewritten loss.
 """
 
 from __future__ import annotations
