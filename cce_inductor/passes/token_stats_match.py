@@ -746,9 +746,9 @@ def _check_order(site: StatsSite) -> None:
                 f"{_what(first_use)} uses a statistic before {after.name}, an input of the op, is made: "
                 "the op cannot be placed"
             )
-    _check_no_mutation_between(site.projection, last_consumer)
-    node = site.projection.next
     end = max(order[last_consumer], order[after])
+    _check_no_mutation_between(site.projection, last_consumer if order[last_consumer] == end else after)
+    node = site.projection.next
     while node.op != "root" and order.get(node, end + 1) <= end:
         if N.is_kind(node, "set_grad_enabled") or N.is_kind(node, "inference_mode"):
             raise NoMatch("the grad mode changes between the projection and the statistics")
