@@ -103,7 +103,8 @@ def test_default_workspace_keeps_three_quarters_of_the_logits_out():
     cce_peak, cce_loss, cce_norm = _peak_of_step("cce", ids, labels)
     budget = workspace.auto_workspace_bytes(B * T, V, 2, torch.cuda.get_device_properties(0).total_memory)
     assert budget == logits_bytes // 4
-    _check_saving(plain_peak, cce_peak, logits_bytes, budget, "workspace")
+    de_bytes = B * T * HIDDEN * 2  # dE, formed in the forward with the loss (torch.compile forms it later)
+    _check_saving(plain_peak, cce_peak, logits_bytes, budget + de_bytes, "workspace + dE")
     assert abs(cce_loss - plain_loss) <= 2e-2 * abs(plain_loss)
     assert abs(cce_norm - plain_norm) <= 5e-2 * plain_norm
 
