@@ -794,11 +794,16 @@ def _apply(graph: Graph, site: StatsSite, options: Options) -> None:
                 label_smoothing=0.0, out_dtype=torch.float32, projection=site.projection, logits=zc.node,
                 steps=list(zc.steps), class_dim=zcv.dim() - 1, chain=list(site.trunk),
             )
-            e = _scale(b, _replay_on_embeddings(b, m), site.scale)
+            # A positive number with no softcap is the op's temperature (applied in float32 inside
+            # it, not by rounding a scaled e to a 16-bit dtype); other factors scale e and the bias.
+            scale, temperature = list(site.scale), None
+            if site.softcap is None and scale and isinstance(scale[0], float) and scale[0] > 0:
+                temperature, scale = 1.0 / scale[0], scale[1:]
+            e = _scale(b, _replay_on_embeddings(b, m), scale)
             bias = site.bias
             if bias is not None and N.tensor_value(bias).dim() != 1:
                 bias = b.method("reshape", bias, -1)
-            bias = _scale(b, bias, site.scale) if bias is not None else None
+            bias = _scale(b, bias, scale) if bias is not None else None
             weight = site.weight if site.weight_is_vd else b.method("t", site.weight)
             targets = site.targets_base
             if targets is not None and not N.same_shape(N.tensor_value(targets).shape, zcv.shape[:-1]):
@@ -814,7 +819,7 @@ def _apply(graph: Graph, site: StatsSite, options: Options) -> None:
             out = b.function(
                 linear_token_stats, e, weight, targets if wants["logprob"] else None, bias,
                 ignore_index=site.ignore_index, softcap=None if site.softcap is None else float(site.softcap),
-                impl=options.impl, **wants,
+                temperature=temperature, impl=options.impl, **wants,
             )
             fields = {name: b.function(operator.getitem, out, i) for name, i in _FIELDS.items() if wants[name]}
             for c in site.consumers:
