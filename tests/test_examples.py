@@ -128,19 +128,19 @@ def test_convergence_small(tmp_path, capsys):
 
 
 def test_model_step_small(tmp_path, capsys):
-    """backend="cce" with its workspace option (ignored on the CPU; the same rewrite as plain
-    backend="cce" there) on the tiny Llama: the batch search runs to its cap with one compilation
-    (the batch is dynamic), and the JSON and the table report it."""
+    """backend="cce" with max_workspace_bytes=0 (on the CPU the same rewrite as plain backend="cce":
+    the workspace is a Triton path) on the tiny Llama: the batch search runs to its cap with one
+    compilation (the batch is dynamic), and the JSON and the table report it."""
     out = tmp_path / "model_step.json"
     record = load("benchmarks/model_step.py").main(
-        ["--small", "--out", str(out), "--models", "llama-tiny", "--backends", "cce_workspace"])
+        ["--small", "--out", str(out), "--models", "llama-tiny", "--backends", "cce_exact"])
     assert json.loads(out.read_text())["device"] == record["device"]
     [r] = record["results"]
-    assert (r["model"], r["backend"]) == ("llama-tiny", "cce_workspace")
+    assert (r["model"], r["backend"]) == ("llama-tiny", "cce_exact")
     assert r["fixed"]["tokens_per_s"] > 0
     assert r["max_batch"] == record["settings"]["max_batch"] and r["max_batch_capped"]
     assert r["compilations"] == 1, "the batch dimension must be compiled as dynamic"
-    assert '| llama-tiny (1/16) | backend="cce", 1 GiB workspace |' in capsys.readouterr().out
+    assert '| llama-tiny (1/16) | backend="cce", max_workspace_bytes=0 |' in capsys.readouterr().out
 
 
 class _FakeStep:
