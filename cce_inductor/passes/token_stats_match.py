@@ -80,6 +80,7 @@ _OPS: dict[str, tuple[tuple, tuple[str, ...]]] = {
     "sum": ((torch.sum,), ("sum",)),
     "broadcast_tensors": ((torch.broadcast_tensors, torch.functional.broadcast_tensors), ()),
     "split": ((torch.split, torch.chunk), ("split", "chunk")),
+    "max": ((torch.max,), ("max",)),
 }
 
 
@@ -281,7 +282,9 @@ def _split_pieces(site: StatsSite, z: _Z, split: Node) -> list[_Z]:
     v = N.tensor_value(z.node)
     dim = _split_dim(split, v.dim())
     if dim is None or dim == v.dim() - 1 or "input" in split.kwargs or "tensor" in split.kwargs:
-        raise NoMatch(f"{N.describe(split)} ({split.name}) cuts the logits along the vocabulary dim (or a dim not known)")
+        raise NoMatch(
+            f"{N.describe(split)} ({split.name}) cuts the logits along the vocabulary dim (or a dim not known)"
+        )
     pieces = []
     for g in split.users:
         if not (N.is_kind(g, "getitem") and isinstance(g.args[1], int)):
@@ -422,7 +425,8 @@ def _ls_of(site: StatsSite, node: Node) -> _Z | None:
         low = N.arg(node, 1, "min")
         hi = N.arg(node, 2, "max")
         v = N.tensor_value(node.args[0])
-        if z is not None and hi is None and isinstance(low, float) and v is not None and low <= torch.finfo(v.dtype).min:
+        finite = isinstance(low, float) and v is not None and low <= torch.finfo(v.dtype).min
+        if z is not None and hi is None and finite:
             return z  # finite log-probabilities are never below finfo.min: values unchanged
         return None
     if N.is_kind(node, "getitem") and node.args and node.args[1] == 1 and _is(node.args[0], "broadcast_tensors"):
@@ -493,6 +497,10 @@ def _classify(site: StatsSite, node: Node, user: Node):
         return ("IDX", z)
 
     # consumers
+    if kind == "MAX" and N.is_kind(user, "getitem") and user.args[1] == 1:
+        return Consumer(user, "argmax", z, keepdim=bool(N.arg(node, 2, "keepdim", False)))
+    if kind == "MAX" and N.is_kind(user, "getitem") and user.args[1] == 0:
+        raise NoMatch(f"{_what(user)} reads the largest logit of each token: not a statistic the op gives")
     if kind in ("PLOGP", "PZ"):
         if _is(user, "sum") and user.args and user.args[0] is node and _last_dim(user, 1, "dim", ndim) \
                 and user.kwargs.get("dtype") is None and len(user.args) <= 3:
@@ -507,6 +515,9 @@ def _classify(site: StatsSite, node: Node, user: Node):
             return Consumer(user, "lse", z, keepdim=bool(N.arg(user, 2, "keepdim", False)))
         if _is(user, "argmax") and user.args[0] is node and _last_dim(user, 1, "dim", ndim):
             return Consumer(user, "argmax", z, keepdim=bool(N.arg(user, 2, "keepdim", False)))
+        if _is(user, "max") and user.args[0] is node and isinstance(N.arg(user, 1, "dim"), int) \
+                and _last_dim(user, 1, "dim", ndim):
+            return ("MAX", z)  # (values, indices): the indices are the arg-max
         if N.is_kind(user, "cross_entropy") and user.args and user.args[0] is node:
             return _loss(user, F.cross_entropy, z, ndim)
     if kind == "LS" and N.is_kind(user, "nll_loss") and user.args and user.args[0] is node:
@@ -562,7 +573,7 @@ def _loss(user: Node, fn, z: _Z, ndim: int) -> Consumer:
     if a.get("weight") is not None:
         raise NoMatch(f"{name} ({user.name}) with class weights (weight=): not supported with token statistics")
     if a.get("size_average") is not None or a.get("reduce") is not None:
-        raise NoMatch(f"{name} ({user.name}) with the legacy size_average= / reduce=: not supported with token statistics")
+        raise NoMatch(f"{name} ({user.name}) with the legacy size_average= / reduce=: not supported here")
     smoothing = a.get("label_smoothing", 0.0)
     if not (isinstance(smoothing, (int, float)) and smoothing == 0):
         raise NoMatch(f"{name} ({user.name}) with label smoothing: not supported with token statistics")
@@ -615,7 +626,8 @@ def _check_site(site: StatsSite) -> None:
     if z0.dtype not in SUPPORTED_DTYPES:
         raise NoMatch(f"the logits are {z0.dtype}: the op computes in float32, bfloat16 or float16")
     w, b = N.tensor_value(site.weight), N.tensor_value(site.bias)
-    if b is not None and (b.dtype != w.dtype or b.dim() < 1 or not N.same_size(b.shape[-1], w.shape[0 if site.weight_is_vd else 1])):
+    vocab = w.shape[0 if site.weight_is_vd else 1]
+    if b is not None and (b.dtype != w.dtype or b.dim() < 1 or not N.same_size(b.shape[-1], vocab)):
         raise NoMatch("the bias is not (V,) of the weight's dtype")
 
     # the layout the op computes in: the deepest logits node on every consumer's path
@@ -630,7 +642,8 @@ def _check_site(site: StatsSite) -> None:
     site.layout_node, site.trunk = zc.node, [z.node for z in common]
     for factor, layout in read[0].token_scales:
         if layout != zc.layout:
-            raise NoMatch(f"a per-token scale ({factor.name}) is applied to a view of the logits the op does not compute in")
+            raise NoMatch(f"a per-token scale ({factor.name}) is applied to a view of the logits the op does not "
+                          "compute in")
         if site.bias is not None:
             raise NoMatch(f"a per-token scale ({factor.name}) with a bias: bias / T would be N x V")
     if any(st.kind == "split" for st in zc.steps):
@@ -646,12 +659,12 @@ def _check_site(site: StatsSite) -> None:
     bases = {_targets_base(c, zc) for c in readers}
     if len(bases) > 1:
         names = ", ".join(sorted(b.name for b in bases))
-        raise NoMatch(f"log-probabilities of different targets ({names}) from one head: one call of the op takes one set")
+        raise NoMatch(f"log-probabilities of different targets ({names}) from one head: one call of the op takes "
+                      "one set")
     ignores = {c.ignore_index for c in site.consumers if c.kind == "loss"}
     if len(ignores) > 1:
         raise NoMatch(f"losses with different ignore_index values {sorted(ignores)} on one head")
     site.ignore_index = ignores.pop() if ignores else -100
-    vocab = N.tensor_value(site.projection).shape[-1]
     if any(c.kind in ("logprob", "target_logit") for c in site.consumers) and site.ignore_index >= 0 \
             and not (isinstance(vocab, int) and site.ignore_index >= vocab):
         raise NoMatch(
@@ -661,7 +674,8 @@ def _check_site(site: StatsSite) -> None:
     if bases:
         base = bases.pop()
         bv, zv = N.tensor_value(base), N.tensor_value(zc.node)
-        if bv is None or bv.is_floating_point() or bv.device != zv.device or not N.same_size(bv.numel(), zv[..., 0].numel()):
+        per_token = bv is not None and N.same_size(bv.numel(), zv[..., 0].numel())
+        if not per_token or bv.is_floating_point() or bv.device != zv.device:
             raise NoMatch(f"the targets ({base.name}) are not one class index per token of the logits")
         site.targets_base = base
     _check_order(site)
@@ -680,7 +694,8 @@ def _targets_base(c: Consumer, zc: _Z) -> Node:
         if st.kind == "getitem" and N.is_kind(t, "getitem") and not t.kwargs:
             if _index_key(t.args[1]) == _index_key(_token_index(st.node.args[1], n_in)):
                 prev = t.args[0]
-        elif st.kind == "split" and N.is_kind(t, "getitem") and t.args[1] == st.node.args[1] and _is(t.args[0], "split"):
+        elif (st.kind == "split" and N.is_kind(t, "getitem") and t.args[1] == st.node.args[1]
+              and _is(t.args[0], "split")):
             mine, theirs = st.node.args[0], t.args[0]
             tv = N.tensor_value(theirs.args[0]) if theirs.args else None
             if (tv is not None and mine.target == theirs.target and not theirs.kwargs.keys() - {"dim"}
@@ -829,7 +844,8 @@ def _apply(graph: Graph, site: StatsSite, options: Options) -> None:
             ov, nv = N.tensor_value(old), N.tensor_value(new)
             if ov is None or nv is None or ov.dtype != nv.dtype or not N.same_shape(ov.shape, nv.shape):
                 raise NoMatch(
-                    f"internal: the result replacing {old.name} would be {None if nv is None else (tuple(nv.shape), nv.dtype)}, "
+                    f"internal: the result replacing {old.name} would be "
+                    f"{None if nv is None else (tuple(nv.shape), nv.dtype)}, "
                     f"not {None if ov is None else (tuple(ov.shape), ov.dtype)}"
                 )
     except NoMatch:
@@ -977,8 +993,10 @@ def _bytes_avoided(site: StatsSite) -> int | None:
     nodes += [n for n in site.derived if not N.is_kind(n, "getitem") and not _is(n, "broadcast_tensors")]
     nodes += [c.node.args[0] for c in site.consumers if c.kind == "loss" and N.is_kind(c.node, "cross_entropy")]
     for n in nodes:
-        v = N.tensor_value(n)
-        if v is None:
+        v = N.value(n)
+        if not isinstance(v, torch.Tensor):
+            if isinstance(v, (tuple, list)):  # max's (values, indices), a split: no N x V of their own
+                continue
             return None
         numel = 1
         for s in v.shape:

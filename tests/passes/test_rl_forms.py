@@ -177,6 +177,17 @@ def case_accuracy_masked():
     return fn, [h], (h, ids), B * T
 
 
+def case_accuracy_from_max_indices():
+    m, (h, ids) = Head(), _inputs()
+
+    def fn(h, ids):
+        z = m.proj(h)
+        top1 = (z.max(-1)[1] == ids).float().mean()
+        return top1 + (torch.max(z, dim=-1, keepdim=True).indices == ids[..., None]).sum()
+
+    return fn, [h], (h, ids), B * T
+
+
 def case_ce_plus_z_loss():
     m, (h, ids) = Head(), _inputs()
     ids[0, :3] = -100
@@ -334,7 +345,8 @@ def test_form_rewritten_and_equal_to_eager(name):
     assert (site.kind, site.status, site.remaining) == ("token_stats", "rewritten", []), site.reason
 
 
-@pytest.mark.parametrize("name", ["grpo_clipped_ratio_entropy_bonus", "negated_cross_entropy_flat_targets_plus_entropy"])
+@pytest.mark.parametrize("name", ["grpo_clipped_ratio_entropy_bonus",
+                                  "negated_cross_entropy_flat_targets_plus_entropy"])
 def test_dynamic_shapes(name):
     """Symbolic token dims: no size is baked into the rewritten graph (the flat targets are
     reshaped to the logits' token dims read from the embeddings)."""
