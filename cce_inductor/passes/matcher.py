@@ -305,6 +305,7 @@ class _Walker:
                 raise NoMatch(
                     f"{LOGITS_FROM_OUTSIDE}: the logits are an input of it (made before a graph break, or "
                     "outside the region that holds the loss); the projection and the loss must be in one graph"
+                    + tensor_parallel.outside_hint(node)
                 )
             if node.op == "get_attr":
                 raise NoMatch("no projection: the logits are a constant of the graph")

@@ -85,6 +85,15 @@ def _replicated(t) -> bool:
     return all(isinstance(p, Replicate) for p in t.placements)
 
 
+def outside_hint(node: Node) -> str:
+    """For logits that enter the loss's graph as an input: where they are DTensors, the likely
+    break (FSDP2's hooks run outside Dynamo)."""
+    if not is_dtensor_node(node):
+        return ""
+    return ("; DTensor logits: a fully_shard on the head alone breaks the graph after it -- shard a "
+            "module that holds both the head and the loss (docs/DISTRIBUTED.md)")
+
+
 class Refused(Exception):
     """A DTensor site the rewrite leaves alone; the message says why."""
 

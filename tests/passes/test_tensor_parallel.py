@@ -203,6 +203,8 @@ def _case_fsdp2(rank, mesh, reshard, bf16, steps=2):
                 p.grad = q.grad
         loss, code = _compiled_step(model, xin, yin, rank)
         assert VOCAB_OP in code
+        local_v = len(torch.arange(V).chunk(tp.size())[tp.get_local_rank()])
+        assert not _nxv(code, xs[0].shape[0] * xs[0].shape[1], local_v)
         with loss_parallel():
             eager_loss = eager(xin, yin)
             eager_loss.backward()
@@ -219,6 +221,25 @@ def _case_fsdp2(rank, mesh, reshard, bf16, steps=2):
             _check(_rel(grad, q.grad), bound, f"step {step} grad of {name}")
         for opt in opts:
             opt.step()
+
+
+def _case_fsdp2_on_the_head(rank, mesh):
+    """fully_shard on the head alone: FSDP2's hooks break the graph between head and loss, the
+    site is left alone, and explain() says why."""
+    import cce_inductor
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import Shard
+    from torch.distributed.tensor.parallel import ColwiseParallel, loss_parallel, parallelize_module
+
+    torch._dynamo.reset()
+    model = Head()
+    parallelize_module(model, mesh["tp"], {"head": ColwiseParallel(output_layouts=Shard(-1), use_local_output=False)})
+    fully_shard(model.head, mesh=mesh["dp"])
+    fully_shard(model, mesh=mesh["dp"])
+    x, y = _batch(3)
+    with loss_parallel():
+        (site,) = cce_inductor.explain(model, x, y).sites
+    assert site.status == "skipped" and "fully_shard on the head alone" in site.reason, site.summary()
 
 
 def _case_left_alone(rank, mesh):
@@ -310,6 +331,7 @@ def _worker(rank: int, port: int, world: int) -> None:
         mesh2d = init_device_mesh("cpu", (1, WORLD), mesh_dim_names=("dp", "tp"))
         _case_fsdp2(rank, mesh2d, reshard=True, bf16=False)
         _case_fsdp2(rank, mesh2d, reshard=False, bf16=True, steps=1)
+        _case_fsdp2_on_the_head(rank, mesh2d)
     finally:
         dist.destroy_process_group()
 
