@@ -14,12 +14,13 @@ layout), the Dynamo graph holds DTensors (their layouts in the nodes' example va
 ``loss_parallel()`` itself leaves no node: it changes how DTensor computes the loss, not its value.
 A ``redistribute`` between the projection and the loss changes only where the logits' values live,
 never the values, and ``to_local()`` of replicated logits gives the values themselves, so the
-matcher passes both (``passes_through``). The site is rewritten when the
-projection's weight is split over the vocabulary on one mesh dim (``Shard(0)`` of a (V, D) weight,
-``Replicate()`` on other mesh dims, as FSDP2 x TP leaves it in the forward), its input is replicated
-on that mesh, the loss a replicated DTensor (or a plain tensor, of ``to_local()`` logits): each rank then calls ``vocab_parallel_cross_entropy``
-on its shard (:func:`dtensor_linear_cross_entropy`), and no rank forms its N x V/tp logits. Any
-other layout is left alone, with the layout named in the reason (:func:`check`).
+matcher passes both (``passes_through``). The site is rewritten when the projection's weight is
+split over the vocabulary on one mesh dim (``Shard(0)`` of a (V, D) weight, ``Replicate()`` on
+other mesh dims; under FSDP2 x TP the forward sees it on the tp mesh, gathered over dp), its input
+is replicated on that mesh, and the loss is a replicated DTensor (or a plain tensor, of
+``to_local()`` logits): each rank then calls ``vocab_parallel_cross_entropy`` on its shard
+(:func:`dtensor_linear_cross_entropy`), and no rank forms its N x V/tp logits. Any other layout is
+left alone, with the layout named in the reason (:func:`check`).
 """
 
 from __future__ import annotations
