@@ -14,9 +14,9 @@ and the entropy come from one call of ``cce_inductor.token_stats.linear_token_st
 
 Expected output: explain()'s report with one token_stats site, rewritten (statistics: the gather as
 a logprob, Categorical's logsumexp and its sum as the entropy); the compiled loss equal to eager's
-(relative difference around 1e-7 in float32); then one line per iteration whose mean reward rises
-from about half the completion length (random tokens are even half the time) as the policy learns to
-emit even ids.
+to float32 rounding; then one line per iteration whose mean reward starts near half the completion
+length (random tokens are even half the time) and, at the small size, rises well above it within
+the six iterations as the policy learns to emit even ids.
 """
 
 from __future__ import annotations
@@ -89,7 +89,7 @@ def main(argv=None) -> dict:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     small = args.small or device == "cpu"
     vocab, dim, prompts_n, group, prompt_len, length = (
-        (512, 32, 2, 4, 4, 8) if small else (151936, 1024, 8, 8, 32, 128)
+        (512, 32, 4, 8, 4, 8) if small else (151936, 1024, 8, 8, 32, 128)
     )
     temperature = 0.9
     torch.manual_seed(0)
@@ -120,7 +120,7 @@ def main(argv=None) -> dict:
         reward, adv = rewards_and_advantages(seqs, prompt_len, group)
         with torch.no_grad():
             old = compiled_logprobs(policy, seqs, temperature)
-        for _ in range(2):  # two updates per batch of samples: the ratio moves away from 1
+        for _ in range(4):  # several updates per batch of samples: the ratio moves away from 1
             loss = compiled_loss(policy, seqs, mask, old, adv, temperature)
             loss.backward()
             opt.step()
