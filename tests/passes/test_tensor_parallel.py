@@ -9,7 +9,8 @@ and off, and bfloat16 mixed precision). Each case checks: explain() reports the 
 with its layout; the generated code calls the vocab-parallel op and allocates no N x V/tp buffer
 (the same check finds them in plain torch.compile's code); loss and gradients equal a
 single-process eager run. Also: a head split another way is left alone with the reason and
-still runs as eager; the explicit API with plain tensors and with DTensors.
+still runs as eager; the explicit API with plain tensors and with DTensors. A second spawn of four
+processes runs a 2 x 2 (dp, tp) mesh (set CCE_SKIP_WORLD4=1 to skip it).
 """
 
 from __future__ import annotations
@@ -316,8 +317,7 @@ def _worker(rank: int, port: int, world: int) -> None:
     try:
         if world == 4:  # a 2 x 2 (dp, tp) mesh: FSDP2 over dp composes with the vocab-parallel head
             mesh2d = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "tp"))
-            _case_fsdp2(rank, mesh2d, reshard=True, bf16=False)
-            _case_fsdp2(rank, mesh2d, reshard=False, bf16=True, steps=1)
+            _case_fsdp2(rank, mesh2d, reshard=True, bf16=False)  # (resharding off, bf16: the (1, 2) mesh's cases)
             return
         mesh = init_device_mesh("cpu", (WORLD,), mesh_dim_names=("tp",))
         _case_explicit_api(rank, mesh)
@@ -343,8 +343,7 @@ def test_tensor_parallel_heads_on_a_cpu_mesh():
 
 @pytest.mark.slow
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
-@pytest.mark.skipif(os.environ.get("CCE_TEST_WORLD4") != "1",
-                    reason="four processes on CI's two cores take about half a minute: set CCE_TEST_WORLD4=1")
+@pytest.mark.skipif(os.environ.get("CCE_SKIP_WORLD4") == "1", reason="CCE_SKIP_WORLD4=1")
 def test_fsdp2_by_tensor_parallel_on_a_2x2_mesh():
     torch.multiprocessing.spawn(_worker, args=(_free_port(), 4), nprocs=4, join=True)
 
