@@ -13,7 +13,7 @@ the loss and the projection that made the logits:
   ``final_logits_bias``), (1, 1, V);
 
 down to the projection: ``F.linear`` / ``nn.Linear`` (with or without bias), ``x @ W.T``,
-``torch.matmul``, ``x @ W``. Anything else in between, a class ``weight=``, probability targets,
+``torch.matmul``, ``x @ W``. Anything else in between, probability targets,
 a lossy cast or a second softcap leaves the site alone, with the reason recorded in a :class:`Skip`,
 worded for the user.
 
@@ -98,6 +98,7 @@ class Match:
     no_grad: bool = False  # the projection ran under no_grad / inference_mode: the op runs forward only
     grad_off: bool = False  # ... and the loss with grad enabled: the op runs under no_grad there
     parallel: Any = None  # tensor_parallel.Layout of a DTensor (vocab-parallel) site, else None
+    class_weight: Node | None = None  # the loss's weight= (V,), passed to the op's weight=
 
     @property
     def vocab(self):
@@ -193,8 +194,6 @@ class _Walker:
         if bound is None:
             raise NoMatch(f"the arguments of {self.kind} could not be read (an unusual call)")
         a = bound.arguments
-        if a.get("weight") is not None:
-            raise NoMatch("class weights (weight=): not supported")
         reduction = self._reduction(a)
         ignore_index = a.get("ignore_index", -100)
         if not isinstance(ignore_index, int) or isinstance(ignore_index, bool):
@@ -215,6 +214,12 @@ class _Walker:
         token_shape = tuple(z.shape[:class_dim]) + tuple(z.shape[class_dim + 1 :])
         if not N.same_shape(tuple(t.shape), token_shape):
             raise NoMatch(f"targets of shape {tuple(t.shape)} do not match the logits {tuple(z.shape)}")
+        class_weight = a.get("weight")
+        if class_weight is not None:
+            cw = N.tensor_value(class_weight) if isinstance(class_weight, Node) else None
+            if cw is None or cw.dim() != 1 or not cw.is_floating_point() or \
+                    not N.same_shape(tuple(cw.shape), (z.shape[class_dim],)):
+                raise NoMatch("class weights (weight=) that are not a floating tensor of one value per class")
 
         m = Match(
             anchor=self.anchor,
@@ -228,6 +233,7 @@ class _Walker:
             ignore_index=ignore_index,
             label_smoothing=label_smoothing,
             out_dtype=N.tensor_value(self.anchor).dtype,
+            class_weight=class_weight,
             logits=logits,
             class_dim=class_dim,
         )

@@ -173,6 +173,8 @@ def _details(m: Match) -> dict:
         d["grad"] = "off (no_grad: forward only)"
     if m.parallel is not None:  # tensor_parallel.Layout
         d["parallel"] = m.parallel.describe()
+    if m.class_weight is not None:
+        d["class_weight"] = m.class_weight.name
     return d
 
 

@@ -178,6 +178,12 @@ def _apply(graph: Graph, m: Match, options: Options) -> None:
                 kwargs["shift"] = m.shift
             if not (isinstance(m.label_smoothing, (int, float)) and m.label_smoothing == 0):
                 kwargs["label_smoothing"] = m.label_smoothing
+            if m.class_weight is not None:
+                if m.parallel is not None:
+                    raise NoMatch("class weights (weight=) with a vocabulary-parallel head: not supported")
+                if m.softcap is not None and "label_smoothing" in kwargs:
+                    raise NoMatch("class weights (weight=) with label smoothing and a softcap: not supported")
+                kwargs["weight"] = m.class_weight
             kwargs["impl"] = options.impl
             kwargs["exact"] = options.exact
             if options.filter_dc:
