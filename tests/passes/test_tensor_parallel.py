@@ -287,6 +287,16 @@ def _case_explicit_api(rank, mesh):
     _check(_rel(el.grad, leaves[0].grad), 1e-6, "explicit dE (all-reduced)")
     _check(_rel(cl.grad, leaves[1].grad[v0:v1]), 1e-6, "explicit dC")
     _check(_rel(bl.grad, leaves[2].grad[v0:v1]), 1e-6, "explicit dbias")
+    # ... called inside a compiled function (one graph: the op and its collectives are opaque calls)
+    torch._dynamo.reset()
+    el.grad = cl.grad = bl.grad = None
+    fn = torch.compile(lambda e_, c_, b_: vocab_parallel_cross_entropy(
+        e_, c_, y, b_, group=dist.group.WORLD, vocab_start=v0, vocab_size=V, **opts), fullgraph=True)
+    loss = fn(el, cl, bl)
+    loss.backward()
+    _check(_rel(loss, expected), 1e-6, "compiled explicit loss")
+    _check(_rel(el.grad, leaves[0].grad), 1e-6, "compiled explicit dE")
+    _check(_rel(cl.grad, leaves[1].grad[v0:v1]), 1e-6, "compiled explicit dC")
     # DTensors: the classifier split by DTensor, e replicated (its gradient comes back Partial)
     ed = distribute_tensor(e.clone(), mesh, [Replicate()]).requires_grad_()
     cd = distribute_tensor(c.clone(), mesh, [Shard(0)]).requires_grad_()
