@@ -466,8 +466,9 @@ def _classify(site: StatsSite, node: Node, user: Node):
     v = N.tensor_value(node)
     ndim = v.dim() if v is not None else 0
 
-    # a token view of a log-softmax (nll_loss(log_softmax(z).view(-1, V), ...)): a log-softmax in that layout
-    if kind == "LS" and N.kind_of(user) in _RESHAPES and user.args and user.args[0] is node:
+    # a token view or slice of a log-softmax (nll_loss(log_softmax(z).view(-1, V), ...), DPO's halves of
+    # a batch): a log-softmax in that layout
+    if kind == "LS" and N.kind_of(user) in _RESHAPES + ("getitem",) and user.args and user.args[0] is node:
         t = N.tensor_value(user)
         ci = _class_in(user, N.kind_of(user), t.dim() - 1, v, t)
         view = _Z(user, z, z.values, z.bias, z.steps + [ShapeStep(user, N.kind_of(user), node, ci, t.dim() - 1)],
@@ -713,7 +714,13 @@ def _targets_base(c: Consumer, zc: _Z) -> Node:
 
 
 def _index_key(index: Any) -> Any:
-    return _hashable(tuple(index) if isinstance(index, (tuple, list)) else (index,))
+    """An index, compared without what ends it and selects nothing: full slices, an Ellipsis, and
+    None (a trailing dim of 1, as a gather's index has)."""
+    elements = list(index) if isinstance(index, (tuple, list)) else [index]
+    while elements and (elements[-1] is None or elements[-1] is Ellipsis
+                        or (isinstance(elements[-1], slice) and elements[-1] == slice(None))):
+        elements.pop()
+    return _hashable(tuple(elements))
 
 
 def _strip_targets(t: Node) -> Node:

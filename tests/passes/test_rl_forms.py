@@ -188,6 +188,20 @@ def case_accuracy_from_max_indices():
     return fn, [h], (h, ids), B * T
 
 
+def case_dpo_halves_of_one_batch():
+    """DPO: the chosen and rejected sequences as two halves of one batch, each with its own log-probs."""
+    m, (h, ids) = Head(), _inputs()
+    ref_chosen, ref_rejected = torch.tensor([-30.0]), torch.tensor([-31.0])
+
+    def fn(h, ids):
+        logp = m.proj(h).log_softmax(-1)
+        chosen = logp[:1].gather(-1, ids[:1, :, None]).squeeze(-1).sum(-1)
+        rejected = logp[1:].gather(-1, ids[1:, :, None]).squeeze(-1).sum(-1)
+        return -F.logsigmoid(0.1 * ((chosen - ref_chosen) - (rejected - ref_rejected))).mean()
+
+    return fn, [h, *m.proj.parameters()], (h, ids), B * T
+
+
 def case_ce_plus_z_loss():
     m, (h, ids) = Head(), _inputs()
     ids[0, :3] = -100
