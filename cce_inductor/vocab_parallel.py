@@ -407,8 +407,11 @@ def vocab_parallel_cross_entropy(
     any, a DTensor split like the classifier; the results are plain tensors.
 
     Args:
-        e, targets, bias, ignore_index, reduction, shift, return_lse, impl, exact: as in
+        e, targets, bias, ignore_index, reduction, shift, return_lse, impl: as in
             ``linear_cross_entropy`` (targets are global class ids, checked against [0, V)).
+        exact: as in ``linear_cross_entropy``, but the filter's bound holds per shard: with
+            ``exact=False`` each rank's backward drops less than 1/8 of a token's gradient scale,
+            so up to (ranks / 8) of it in all. The rewrite of tensor-parallel heads keeps exact.
         c: this rank's rows of the classifier (V_shard, D), or the whole one as a DTensor.
         group: the process group over which the vocabulary is split (a ``ProcessGroup``); None only
             for one process (then the shard must be the whole vocabulary).

@@ -161,9 +161,10 @@ def describe_mode(m, options) -> str:
     x = N.tensor_value(m.x)
     local = getattr(x, "_local_tensor", x)
     impl = options.impl if options.impl != "auto" else ("triton" if local.device.type == "cuda" else "torch")
-    text = (f"vocab-parallel, the {impl} path over this rank's rows, "
-            f"{'exact' if options.exact else 'dE filtered'}")
+    text = f"vocab-parallel, the {impl} path over this rank's rows, exact"
     ignored = [k for k in UNSUPPORTED_OPTIONS if getattr(options, k, None)]
+    if not options.exact:
+        ignored.append("exact=False")
     if ignored:
         text += f" ({', '.join(ignored)} not used here)"
     return text
@@ -172,6 +173,9 @@ def describe_mode(m, options) -> str:
 def site_call(m, kwargs: dict) -> tuple:
     """The function and keyword arguments the rewrite calls in place of the loss."""
     kwargs = {k: v for k, v in kwargs.items() if k not in UNSUPPORTED_OPTIONS}
+    # exact: the gradient filter bounds what each shard drops, so over tp shards its bound on a
+    # token's loss of gradient would be tp times the one exact=False promises
+    kwargs["exact"] = True
     loss = N.tensor_value(m.anchor)
     kwargs["out_placements"] = tuple(loss.placements) if is_dtensor(loss) else None
     return dtensor_linear_cross_entropy, kwargs
