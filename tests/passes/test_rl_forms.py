@@ -341,6 +341,22 @@ def case_selective_log_softmax_row_loop():
     return fn, [h, *m.proj.parameters()], (h, ids), B * T
 
 
+def case_inside_a_checkpoint():
+    """Head and statistics inside one torch.utils.checkpoint function (the rewrite enters its body)."""
+    m, (h, ids) = Head(), _inputs()
+
+    def inner(h, ids):
+        z = m.proj(h) / 0.7
+        logp = torch.gather(z.log_softmax(-1), -1, ids[..., None]).squeeze(-1)
+        return logp, torch.distributions.Categorical(logits=z).entropy()
+
+    def fn(h, ids):
+        logp, entropy = torch.utils.checkpoint.checkpoint(inner, h, ids, use_reentrant=False)
+        return (logp + 0.1 * entropy).sum()
+
+    return fn, [h, *m.proj.parameters()], (h, ids), B * T
+
+
 CASES = {name[len("case_"):]: fn for name, fn in globals().items() if name.startswith("case_")}
 
 
