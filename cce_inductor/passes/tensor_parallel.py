@@ -25,6 +25,7 @@ left alone, with the layout named in the reason (:func:`check`).
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from typing import Any
 
@@ -173,6 +174,11 @@ def describe_mode(m, options) -> str:
 def site_call(m, kwargs: dict) -> tuple:
     """The function and keyword arguments the rewrite calls in place of the loss."""
     kwargs = {k: v for k, v in kwargs.items() if k not in UNSUPPORTED_OPTIONS}
+    unknown = sorted(set(kwargs) - set(inspect.signature(vocab_parallel_cross_entropy).parameters))
+    if unknown:  # an option of the single-device op this one lacks: leave the site as it is
+        from .matcher import NoMatch
+
+        raise NoMatch(f"the vocab-parallel op does not take {', '.join(unknown)}")
     # exact: the gradient filter bounds what each shard drops, so over tp shards its bound on a
     # token's loss of gradient would be tp times the one exact=False promises
     kwargs["exact"] = True
