@@ -15,15 +15,13 @@ Sizes: B=2, T=7, D=8, V=97 (prime, and D < the tokens, so no weight-sized buffer
 
 from __future__ import annotations
 
-import contextlib
-
 import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 import cce_inductor
-from passes_helpers import (  # fresh_dynamo: an autouse fixture
+from passes_helpers import (  # noqa: F401  (fresh_dynamo: an autouse fixture)
     fresh_dynamo,
     assert_grads_close,
     assert_outputs_close,
