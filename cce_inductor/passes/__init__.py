@@ -26,7 +26,8 @@ Options (``enable(**options)`` or ``torch.compile(..., backend="cce", options={.
 
 Layout: nodes.py (node predicates, metadata), matcher.py (finds sites), rewrite.py (replaces them),
 token_stats_match.py (heads read for per-token log-probs, entropy, arg-max, log-sum-exp: one
-``linear_token_stats`` call each, their loss calls included), report.py (what happened at each site), deferral.py (returned logits deferred), graph_pass.py
+``linear_token_stats`` call each, their loss calls included), report.py (what happened at each
+site), deferral.py (returned logits deferred), graph_pass.py
 (the CustomGraphPass, SourceKey), options.py, backend.py, enabling.py, inductor_hook.py,
 log_calls.py, explanation.py.
 """
