@@ -327,7 +327,8 @@ def vocab_sharding(c) -> int:
     torch.compile traces."""
     DTensor, Partial, Replicate, Shard = _dtensor_types()
     placements = tuple(c.placements)
-    sharded = [i for i, p in enumerate(placements) if isinstance(p, Shard) and p.dim in (0, -c.dim())]
+    # type, not isinstance: a _StridedShard (a Shard subclass) does not give each rank one range of rows
+    sharded = [i for i, p in enumerate(placements) if type(p) is Shard and p.dim in (0, -c.dim())]
     others = [p for i, p in enumerate(placements) if i not in sharded and not isinstance(p, Replicate)]
     if len(sharded) != 1 or others:
         raise ValueError(

@@ -117,7 +117,8 @@ def check(m) -> Layout | None:
         raise Refused("a tensor-parallel head whose weight is stored (D, V): not supported, only F.linear / nn.Linear")
     placements = tuple(w.placements)
     mesh = w.device_mesh
-    sharded = [i for i, p in enumerate(placements) if isinstance(p, Shard) and p.dim in (0, -2)]
+    # type, not isinstance: a _StridedShard (a Shard subclass) does not give each rank one range of rows
+    sharded = [i for i, p in enumerate(placements) if type(p) is Shard and p.dim in (0, -2)]
     if len(sharded) != 1 or any(not isinstance(p, Replicate) for i, p in enumerate(placements) if i != sharded[0]):
         raise Refused(
             f"a DTensor head with weight placements {_names(placements)}: only a weight split over the "
