@@ -3,7 +3,7 @@
 One spawned run of two processes holds every case (process-group start-up is the slow part):
 a head under ``ColwiseParallel(output_layouts=Shard(-1), use_local_output=False)`` and the loss
 under ``loss_parallel()`` (torchtitan's layout), with the input replicated, under sequence
-parallelism, with a bias; the logits all-gathered (``output_layouts=Replicate()``) and a plain
+parallelism, with a bias and a softcap; the logits all-gathered (``output_layouts=Replicate()``) and a plain
 loss; and on a (dp, tp) mesh under FSDP2 (resharding on
 and off, and bfloat16 mixed precision). Each case checks: explain() reports the site rewritten
 with its layout; the generated code calls the vocab-parallel op and allocates no N x V/tp buffer
@@ -39,15 +39,17 @@ def _free_port() -> int:
 class Head(nn.Module):
     """An embedding projection, a norm and a classifier; the loss inside forward."""
 
-    def __init__(self, bias=False, smoothing=0.0, reduction="mean"):
+    def __init__(self, bias=False, smoothing=0.0, reduction="mean", softcap=None):
         super().__init__()
         self.inp = nn.Linear(8, D)
         self.norm = nn.LayerNorm(D)
         self.head = nn.Linear(D, V, bias=bias)
-        self.smoothing, self.reduction = smoothing, reduction
+        self.smoothing, self.reduction, self.softcap = smoothing, reduction, softcap
 
     def forward(self, x, y):
         logits = self.head(self.norm(self.inp(x)))
+        if self.softcap is not None:  # Gemma 2's final logit softcapping
+            logits = self.softcap * torch.tanh(logits / self.softcap)
         return F.cross_entropy(logits.flatten(0, 1), y.flatten(), label_smoothing=self.smoothing,
                                reduction=self.reduction)
 
@@ -106,15 +108,16 @@ def _nxv(code: str, tokens: int, vocab: int):
     return nxv_buffers(code, tokens, vocab, fallbacks=True)
 
 
-def _case_tp(rank, mesh, sp, bias=False, smoothing=0.0, reduction="mean", check_plain=False, replicated_out=False):
+def _case_tp(rank, mesh, sp, bias=False, smoothing=0.0, reduction="mean", check_plain=False, replicated_out=False,
+             softcap=None):
     import cce_inductor
     from torch.distributed.tensor import Replicate, Shard
     from torch.distributed.tensor.parallel import ColwiseParallel, SequenceParallel, loss_parallel, parallelize_module
 
     torch._dynamo.reset()
     torch.manual_seed(0)
-    ref = Head(bias, smoothing, reduction)
-    model = Head(bias, smoothing, reduction)
+    ref = Head(bias, smoothing, reduction, softcap)
+    model = Head(bias, smoothing, reduction, softcap)
     model.load_state_dict(ref.state_dict())
     x, y = _batch()
     expected = ref(x, y)
@@ -335,7 +338,7 @@ def _worker(rank: int, port: int, world: int) -> None:
         _case_tp(rank, mesh, sp=True)
         # (label smoothing under loss_parallel() fails in DTensor itself on torch 2.13: the explicit
         # API's case covers smoothing across ranks)
-        _case_tp(rank, mesh, sp=False, bias=True, reduction="sum")
+        _case_tp(rank, mesh, sp=False, bias=True, reduction="sum", softcap=2.0)
         _case_tp(rank, mesh, sp=False, replicated_out=True)
         _case_left_alone(rank, mesh)
         mesh2d = init_device_mesh("cpu", (1, WORLD), mesh_dim_names=("dp", "tp"))
