@@ -9,11 +9,11 @@ was done with it, the shapes, and the N x V bytes no longer materialized. Three 
   1. a Hugging Face Gemma 2 training step that returns the loss: rewritten (shift, softcap, tied weights);
   2. the same model called as it is, which also returns the logits: rewritten, and the returned
      logits deferred (formed only if something reads them; backend="cce"'s defer_logits);
-  3. a class-weighted loss (F.cross_entropy(..., weight=w)): left alone, with the reason.
+  3. a distillation loss against a teacher's probabilities (soft targets): left alone, with the reason.
 
 Expected output: three reports -- 1: one call "[rewritten]" with its softcap and the N x V bytes
 avoided; 2: the same, with a line saying the returned logits are deferred; 3: one call "[skipped]"
-whose reason names the class weights -- and a last line that sums them up.
+whose reason names the probability targets -- and a last line that sums them up.
 """
 
 import argparse
@@ -26,16 +26,16 @@ from transformers import Gemma2Config, Gemma2ForCausalLM
 import cce_inductor
 
 
-class WeightedClassifier(nn.Module):
-    """A head whose loss weighs classes: the op has no class weights, so the rewrite must skip it."""
+class DistilledClassifier(nn.Module):
+    """A head trained on a teacher's probabilities: the op takes class indices, so the rewrite must
+    skip it."""
 
     def __init__(self, dim: int, classes: int):
         super().__init__()
         self.head = nn.Linear(dim, classes)
-        self.register_buffer("class_weight", torch.rand(classes) + 0.5)
 
-    def forward(self, x, y):
-        return F.cross_entropy(self.head(x), y, weight=self.class_weight)
+    def forward(self, x, teacher_probs):
+        return F.cross_entropy(self.head(x), teacher_probs)
 
 
 def main(argv=None) -> dict:
@@ -69,13 +69,14 @@ def main(argv=None) -> dict:
     reports["model"] = cce_inductor.explain(model, input_ids=input_ids, labels=input_ids)
     print(reports["model"], flush=True)
 
-    print("\n=== 3. explain(classifier, x, y): a class-weighted cross-entropy\n", flush=True)
-    classifier = WeightedClassifier(hidden, vocab).to(device, dtype)
+    print("\n=== 3. explain(student, x, teacher_probs): a cross-entropy against soft targets\n", flush=True)
+    student = DistilledClassifier(hidden, vocab).to(device, dtype)
     x = torch.randn(batch * seq, hidden, device=device, dtype=dtype)
-    reports["weighted"] = cce_inductor.explain(classifier, x, torch.randint(0, vocab, (batch * seq,), device=device))
-    print(reports["weighted"], flush=True)
+    teacher_probs = torch.softmax(torch.randn(batch * seq, vocab, device=device), -1).to(dtype)
+    reports["soft"] = cce_inductor.explain(student, x, teacher_probs)
+    print(reports["soft"], flush=True)
     print(f"\nDone: loss calls rewritten: {len(reports['loss'].rewritten)} in 1, {len(reports['model'].rewritten)} in 2 "
-          f"(the returned logits deferred), {len(reports['weighted'].rewritten)} in 3 (class weights: left alone).",
+          f"(the returned logits deferred), {len(reports['soft'].rewritten)} in 3 (soft targets: left alone).",
           flush=True)
     return reports
 

@@ -100,8 +100,8 @@ def test_explain_model():
     reports = load("examples/explain_model.py").main(["--small"])
     assert len(reports["loss"].rewritten) == 1 and not reports["loss"].rewritten[0].deferred
     assert len(reports["model"].rewritten) == 1 and reports["model"].rewritten[0].deferred
-    assert not reports["weighted"].rewritten and len(reports["weighted"].skipped) == 1
-    assert "weight" in reports["weighted"].skipped[0].reason
+    assert not reports["soft"].rewritten and len(reports["soft"].skipped) == 1
+    assert "probability targets" in reports["soft"].skipped[0].reason
 
 
 def test_convergence_small(tmp_path, capsys):
