@@ -448,17 +448,23 @@ def describe_mode(num_tokens: int | None, vocab: int, dtype: torch.dtype, device
 # ----------------------------------------------------------------------------- public function
 
 
-def _check_inputs(e, c, targets, bias, ignore_index, softcap, reduction, shift, label_smoothing, impl):
+def check_operands(e, c, targets, bias, ignore_index, shift, impl, targets_are="class indices") -> None:
+    """The checks every linear-head op makes of its operands: e (..., D), c (V, D), integer targets
+    shaped like e's leading dims (or None), bias (V,) or None, one float dtype (outside autocast),
+    one device; ignore_index an int; shift in range; impl known and runnable."""
     if not isinstance(e, Tensor) or e.dim() < 1:
         raise ValueError(f"e must be a tensor of shape (..., D), got {getattr(e, 'shape', type(e))}")
     if not isinstance(c, Tensor) or c.dim() != 2:
         raise ValueError(f"c must be a tensor of shape (V, D), got {getattr(c, 'shape', type(c))}")
     if e.shape[-1] != c.shape[1]:
         raise ValueError(f"D of e ({e.shape[-1]}) differs from D of c ({c.shape[1]})")
-    if not isinstance(targets, Tensor) or targets.is_floating_point() or targets.is_complex() or targets.dtype == torch.bool:
-        raise TypeError(f"targets must be an integer tensor of class indices, got {getattr(targets, 'dtype', type(targets))}")
-    if tuple(targets.shape) != tuple(e.shape[:-1]):
-        raise ValueError(f"targets' shape {tuple(targets.shape)} must equal e's leading dims {tuple(e.shape[:-1])}")
+    if targets is not None:
+        if not isinstance(targets, Tensor) or targets.is_floating_point() or targets.is_complex() \
+                or targets.dtype == torch.bool:
+            raise TypeError(f"targets must be an integer tensor of {targets_are}, got "
+                            f"{getattr(targets, 'dtype', type(targets))}")
+        if tuple(targets.shape) != tuple(e.shape[:-1]):
+            raise ValueError(f"targets' shape {tuple(targets.shape)} must equal e's leading dims {tuple(e.shape[:-1])}")
     if bias is not None and (not isinstance(bias, Tensor) or tuple(bias.shape) != (c.shape[0],)):
         raise ValueError(f"bias must be a tensor of shape (V,) = ({c.shape[0]},), got {getattr(bias, 'shape', type(bias))}")
     for name, t in (("e", e), ("c", c), ("bias", bias)):
@@ -469,26 +475,11 @@ def _check_inputs(e, c, targets, bias, ignore_index, softcap, reduction, shift, 
         for name, t in (("c", c), ("bias", bias)):
             if t is not None and t.dtype != e.dtype:
                 raise TypeError(f"{name} must have e's dtype {e.dtype}, got {t.dtype} (or use torch.autocast)")
-    tensors = [("e", e), ("c", c), ("targets", targets)] + ([("bias", bias)] if bias is not None else [])
-    devices = {t.device for _, t in tensors}
-    if len(devices) > 1:
+    tensors = [(n, t) for n, t in (("e", e), ("c", c), ("targets", targets), ("bias", bias)) if t is not None]
+    if len({t.device for _, t in tensors}) > 1:
         raise ValueError("e, c, targets and bias must be on one device, got " + ", ".join(f"{n} on {t.device}" for n, t in tensors))
     if not isinstance(ignore_index, int) or isinstance(ignore_index, bool):
         raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
-    try:  # a non-number fails the comparison: name the argument rather than the operator
-        softcap_ok = softcap is None or softcap > 0
-    except TypeError:
-        raise TypeError(f"softcap must be None or a number > 0, got {softcap!r}") from None
-    if not softcap_ok:
-        raise ValueError(f"softcap must be None or > 0, got {softcap!r}")
-    try:  # as F.cross_entropy: above 1 is an error, anything else not above 0 (NaN too) means none
-        smoothing_too_large = label_smoothing > 1.0
-    except TypeError:
-        raise TypeError(f"label_smoothing must be a number <= 1, got {label_smoothing!r}") from None
-    if smoothing_too_large:
-        raise ValueError(f"label_smoothing must be between 0.0 and 1.0. Got: {label_smoothing}")
     if not isinstance(shift, int) or isinstance(shift, bool) or shift < 0:
         raise ValueError(f"shift must be an int >= 0, got {shift!r}")
     if shift and (e.dim() < 2 or shift >= e.shape[-2]):
@@ -503,6 +494,26 @@ def _check_inputs(e, c, targets, bias, ignore_index, softcap, reduction, shift, 
             f"impl='triton' needs CUDA tensors and importable Triton kernels (or TRITON_INTERPRET=1 "
             f"on the CPU); got tensors on {e.device}"
         )
+
+
+def _check_inputs(e, c, targets, bias, ignore_index, softcap, reduction, shift, label_smoothing, impl):
+    if targets is None:
+        raise TypeError("targets must be an integer tensor of class indices, got None")
+    check_operands(e, c, targets, bias, ignore_index, shift, impl)
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    try:  # a non-number fails the comparison: name the argument rather than the operator
+        softcap_ok = softcap is None or softcap > 0
+    except TypeError:
+        raise TypeError(f"softcap must be None or a number > 0, got {softcap!r}") from None
+    if not softcap_ok:
+        raise ValueError(f"softcap must be None or > 0, got {softcap!r}")
+    try:  # as F.cross_entropy: above 1 is an error, anything else not above 0 (NaN too) means none
+        smoothing_too_large = label_smoothing > 1.0
+    except TypeError:
+        raise TypeError(f"label_smoothing must be a number <= 1, got {label_smoothing!r}") from None
+    if smoothing_too_large:
+        raise ValueError(f"label_smoothing must be between 0.0 and 1.0. Got: {label_smoothing}")
 
 
 def linear_cross_entropy(

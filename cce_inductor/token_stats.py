@@ -35,7 +35,6 @@ from torch import Tensor
 from . import ops
 from .reference import TOKEN_CHUNK, _chunks, _compute_dtype, _logits, _vocab_chunk
 
-IMPLS = ops.IMPLS
 
 
 class TokenStats(NamedTuple):
@@ -433,12 +432,7 @@ for _device_type in ("cpu", "cuda"):
 
 
 def _check_inputs(e, c, targets, bias, ignore_index, softcap, temperature, shift, wants, impl):
-    if not isinstance(e, Tensor) or e.dim() < 1:
-        raise ValueError(f"e must be a tensor of shape (..., D), got {getattr(e, 'shape', type(e))}")
-    if not isinstance(c, Tensor) or c.dim() != 2:
-        raise ValueError(f"c must be a tensor of shape (V, D), got {getattr(c, 'shape', type(c))}")
-    if e.shape[-1] != c.shape[1]:
-        raise ValueError(f"D of e ({e.shape[-1]}) differs from D of c ({c.shape[1]})")
+    ops.check_operands(e, c, targets, bias, ignore_index, shift, impl, targets_are="token ids")
     if c.shape[0] == 0:
         raise ValueError("the vocabulary is empty (c has 0 rows)")
     for name, want in zip(("logprob", "entropy", "argmax", "lse"), wants):
@@ -446,33 +440,8 @@ def _check_inputs(e, c, targets, bias, ignore_index, softcap, temperature, shift
             raise TypeError(f"{name} must be a bool, got {want!r}")
     if not any(wants):
         raise ValueError("ask for at least one of logprob, entropy, argmax, lse")
-    if targets is None:
-        if wants[0]:
-            raise ValueError("logprob=True needs targets (the token ids whose log-probabilities to return)")
-    else:
-        if not isinstance(targets, Tensor) or targets.is_floating_point() or targets.is_complex() \
-                or targets.dtype == torch.bool:
-            raise TypeError("targets must be an integer tensor of token ids, got "
-                            f"{getattr(targets, 'dtype', type(targets))}")
-        if tuple(targets.shape) != tuple(e.shape[:-1]):
-            raise ValueError(f"targets' shape {tuple(targets.shape)} must equal e's leading dims {tuple(e.shape[:-1])}")
-    if bias is not None and (not isinstance(bias, Tensor) or tuple(bias.shape) != (c.shape[0],)):
-        raise ValueError(f"bias must be a tensor of shape (V,) = ({c.shape[0]},), got "
-                         f"{getattr(bias, 'shape', type(bias))}")
-    for name, t in (("e", e), ("c", c), ("bias", bias)):
-        if t is not None and t.dtype not in ops._FLOAT_DTYPES:
-            raise TypeError(f"{name} must be float32, bfloat16 or float16, got {t.dtype}")
-    autocast = e.device.type in ("cpu", "cuda") and torch.is_autocast_enabled(e.device.type)
-    if not autocast:
-        for name, t in (("c", c), ("bias", bias)):
-            if t is not None and t.dtype != e.dtype:
-                raise TypeError(f"{name} must have e's dtype {e.dtype}, got {t.dtype} (or use torch.autocast)")
-    tensors = [("e", e), ("c", c)] + [(n, t) for n, t in (("targets", targets), ("bias", bias)) if t is not None]
-    if len({t.device for _, t in tensors}) > 1:
-        raise ValueError("e, c, targets and bias must be on one device, got "
-                         + ", ".join(f"{n} on {t.device}" for n, t in tensors))
-    if not isinstance(ignore_index, int) or isinstance(ignore_index, bool):
-        raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
+    if targets is None and wants[0]:
+        raise ValueError("logprob=True needs targets (the token ids whose log-probabilities to return)")
     if softcap is not None and (isinstance(softcap, bool) or not isinstance(softcap, (int, float)) or not softcap > 0):
         raise ValueError(f"softcap must be None or a number > 0, got {softcap!r}")
     if isinstance(temperature, Tensor):
@@ -483,16 +452,6 @@ def _check_inputs(e, c, targets, bias, ignore_index, softcap, temperature, shift
     elif temperature is not None and (isinstance(temperature, bool) or not isinstance(temperature, (int, float))
                                       or not temperature > 0):
         raise ValueError(f"temperature must be None, a number > 0 or a tensor, got {temperature!r}")
-    if not isinstance(shift, int) or isinstance(shift, bool) or shift < 0:
-        raise ValueError(f"shift must be an int >= 0, got {shift!r}")
-    if shift and (e.dim() < 2 or shift >= e.shape[-2]):
-        raise ValueError(f"shift={shift} is out of range: it needs a token dim (the second-to-last of e) longer "
-                         f"than shift, e has shape {tuple(e.shape)}")
-    if impl not in IMPLS:
-        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
-    if impl == "triton" and not ops._triton_runs_on(e.device):
-        raise ValueError(f"impl='triton' needs CUDA tensors and importable Triton kernels (or TRITON_INTERPRET=1 "
-                         f"on the CPU); got tensors on {e.device}")
 
 
 def _apply_tensor_temperature(e: Tensor, bias: Tensor | None, temperature: Tensor, softcap):
