@@ -35,34 +35,28 @@ def _close(a, b, what):
     assert err <= 1e-5, (what, err)
 
 
+def _program(head, form):
+    def fn(h, y, w):
+        z = head(h).view(-1, V)
+        if form == "nll_loss":
+            return F.nll_loss(F.log_softmax(z, -1), y.view(-1), weight=w)
+        if form == "smoothing":
+            return F.cross_entropy(z, y.view(-1), weight=w, label_smoothing=0.2)
+        return F.cross_entropy(z, y.view(-1), weight=w, reduction=form)
+
+    return fn
+
+
 @pytest.mark.parametrize("form", ["mean", "sum", "none", "smoothing", "nll_loss"])
 def test_class_weights_are_rewritten_and_equal_eager(form):
     lin, h, y, w = _setup()
-
-    def fn(h, y, w):
-        z = lin(h).view(-1, V)
-        if form == "nll_loss":
-            return F.nll_loss(F.log_softmax(z, -1), y.view(-1), weight=w)
-        if form == "smoothing":
-            return F.cross_entropy(z, y.view(-1), weight=w, label_smoothing=0.2)
-        return F.cross_entropy(z, y.view(-1), weight=w, reduction=form)
-
-    params = [h, lin.weight, lin.bias]
-    out, grads, code = compiled_step(fn, params, (h, y, w))
+    fn = _program(lin, form)
+    out, grads, code = compiled_step(fn, [h, lin.weight, lin.bias], (h, y, w))
     assert uses_op(code) and nxv_buffers(code, B * T, V) == []
     double = nn.Linear(D, V).double()
     double.load_state_dict(lin.state_dict())
-    ref_params = [h.detach().double().requires_grad_(), double.weight, double.bias]
-
-    def ref(h, y, w):
-        z = double(h).view(-1, V)
-        if form == "nll_loss":
-            return F.nll_loss(F.log_softmax(z, -1), y.view(-1), weight=w)
-        if form == "smoothing":
-            return F.cross_entropy(z, y.view(-1), weight=w, label_smoothing=0.2)
-        return F.cross_entropy(z, y.view(-1), weight=w, reduction=form)
-
-    ref_out, ref_grads = run_step(ref, ref_params, (ref_params[0], y, w.double()))
+    h64 = h.detach().double().requires_grad_()
+    ref_out, ref_grads = run_step(_program(double, form), [h64, double.weight, double.bias], (h64, y, w.double()))
     _close(out, ref_out, "loss")
     for g, r, name in zip(grads, ref_grads, ("h", "W", "b")):
         _close(g, r, name)
