@@ -4,6 +4,7 @@ under the Triton interpreter on the CPU) and equals eager."""
 import pytest
 import torch
 import torch.nn.functional as F
+from torch._inductor.utils import run_and_get_code
 
 import cce_inductor
 
@@ -71,3 +72,27 @@ def test_explain_says_how_the_loss_is_computed(options, mode):
         report = cce_inductor.explain(_head_loss, h, w, y)
     (site,) = report.rewritten
     assert site.details["mode"].startswith(mode), site.details["mode"]
+
+
+def test_default_workspace_with_returned_logits_deferred():
+    """A Hugging Face model compiled as a module on the Triton path (the interpreter here): the loss
+    runs the workspace op, the returned logits are deferred, and loss, gradients and logits (when
+    read) equal eager's."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    model = transformers.LlamaForCausalLM(config)
+    ids = torch.randint(0, 97, (2, 11))
+    ref = model(input_ids=ids, labels=ids)
+    ref_grads = torch.autograd.grad(ref.loss, list(model.parameters()))
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="cce", options={"impl": "triton"})
+    out, code = run_and_get_code(lambda: compiled(input_ids=ids, labels=ids))
+    grads = torch.autograd.grad(out.loss, list(model.parameters()))
+    assert any("lce_fused_reduced" in c for c in code)
+    assert type(out.logits).__name__ == "DeferredLogits"
+    assert_close(out.loss, ref.loss, what="loss")
+    for a, b in zip(grads, ref_grads):
+        assert_close(a, b, what="grad")
+    assert_close(out.logits, ref.logits, what="logits")
