@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
 # Everything a GPU run needs, in one call: install, GPU tests, benchmarks. Logs and JSON go to $1.
-#   scripts/gpu_run.sh OUT_DIR [stage ...]      stages: tests bench models convergence examples (default: all)
+#   scripts/gpu_run.sh OUT_DIR [stage ...]      stages: tests bench models rl vp convergence examples (default: all)
 # BENCH_ARGS / MODEL_ARGS pass extra arguments to the benchmark and the model step; TESTS_TIMEOUT and
 # EXAMPLE_TIMEOUT bound the tests and each example (seconds).
 # Peer wheels (cut-cross-entropy, liger-kernel) are taken from .whl/ when it is there (README, "Benchmarks").
 set -uo pipefail
 out=${1:?usage: scripts/gpu_run.sh OUT_DIR [stage ...]}
 shift
-stages=${*:-tests bench models convergence examples}
+stages=${*:-tests bench models rl vp convergence examples}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
 
@@ -31,8 +31,10 @@ for stage in $stages; do
         bench) python3 -m benchmarks.lce_bench --out "$out/bench.json" ${BENCH_ARGS:-} 2>&1 | tee "$out/bench.log"
                python3 -m benchmarks.plot "$out/bench.json" --out "$out/bench.png" ;;
         models) python3 -m benchmarks.model_step --out "$out/model_step.json" ${MODEL_ARGS:-} 2>&1 | tee "$out/model_step.log" ;;
+        rl) python3 -m benchmarks.rl_bench --out "$out/rl.json" 2>&1 | tee "$out/rl.log" ;;
+        vp) python3 -m benchmarks.vocab_parallel_bench --out "$out/vp.json" 2>&1 | tee "$out/vp.log" ;;
         convergence) python3 examples/convergence.py --out "$out" 2>&1 | tee "$out/convergence.log" ;;
-        examples) for ex in quickstart hf_causal_lm nanogpt classifier explain_model; do
+        examples) for ex in quickstart hf_causal_lm nanogpt classifier explain_model grpo; do
                       echo "--- examples/$ex.py (GPU size)"; timeout "${EXAMPLE_TIMEOUT:-300}" python3 "examples/$ex.py" || status=1
                   done 2>&1 | tee "$out/examples.log" ;;
         *) echo "unknown stage $stage"; status=1 ;;
