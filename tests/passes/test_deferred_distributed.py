@@ -2,7 +2,8 @@
 
 Each rank compiles an unmodified HF Llama wrapped in DDP, or sharded with ``fully_shard`` per
 decoder layer and at the root (with and without ``reshard_after_forward``), with
-``backend="cce"``, keeps the output through the backward as a training loop does, and checks:
+``backend="cce"`` (on the torch path, and for FSDP2 also on the Triton path under the interpreter,
+where the default runs the workspace op), keeps the output through the backward as a training loop does, and checks:
 the logits are deferred and unread after the backward (under FSDP2, which frees the head's
 unsharded weight after the forward or the backward, with a copy of that weight); the loss and the (gathered) gradients equal
 a single-process eager run on the same batch; the logits, read afterwards, equal eager's.
@@ -21,7 +22,9 @@ transformers = pytest.importorskip("transformers")
 dist = pytest.importorskip("torch.distributed")
 
 WORLD = 2
-CASES = ("ddp", "fsdp2_reshard", "fsdp2_keep")
+# fsdp2_workspace: the Triton path (the interpreter on these CPUs), where the default runs the
+# workspace op, whose gradients are formed in the forward and handed to FSDP2 in the backward.
+CASES = ("ddp", "fsdp2_reshard", "fsdp2_keep", "fsdp2_workspace")
 
 
 def _free_port() -> int:
@@ -53,6 +56,11 @@ def _worker(rank: int, port: int) -> None:
         from torch.distributed.fsdp import fully_shard
         from torch.nn.parallel import DistributedDataParallel
 
+        from cce_inductor.kernels import workspace
+
+        fused_calls = []
+        fused = workspace.lce_fused_reduced
+        workspace.lce_fused_reduced = lambda *a, **k: fused_calls.append(1) or fused(*a, **k)
         ids = _ids()
         ref = _llama()
         expected = ref(input_ids=ids, labels=ids)
@@ -64,14 +72,17 @@ def _worker(rank: int, port: int) -> None:
                 wrapped = DistributedDataParallel(model)
             else:
                 for layer in model.model.layers:
-                    fully_shard(layer, reshard_after_forward=case == "fsdp2_reshard")
-                wrapped = fully_shard(model, reshard_after_forward=case == "fsdp2_reshard")
-            compiled = torch.compile(wrapped, backend="cce")
+                    fully_shard(layer, reshard_after_forward=case != "fsdp2_keep")
+                wrapped = fully_shard(model, reshard_after_forward=case != "fsdp2_keep")
+            options = {"impl": "triton"} if case == "fsdp2_workspace" else None
+            fused_calls.clear()
+            compiled = torch.compile(wrapped, backend="cce", options=options)
             out = compiled(input_ids=ids, labels=ids)
             out.loss.backward()
             # FSDP2 frees the head's unsharded weight after the forward or the backward: the
             # deferred logits keep a copy of it (V x D, smaller than N x V here) instead.
             assert isinstance(out.logits, DeferredLogits) and not out.logits.formed, case
+            assert bool(fused_calls) == (case == "fsdp2_workspace"), case
             _close(out.loss.detach(), expected.loss.detach(), f"{case} loss")
             for (name, p), q in zip(model.named_parameters(), ref.parameters()):
                 grad = p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad
