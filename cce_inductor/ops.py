@@ -34,7 +34,7 @@ from torch import Tensor
 from . import filter_choice, reference
 
 REDUCTIONS = ("none", "sum", "mean")
-_AUTO = -1  # lce_fused_reduced's encoding of max_workspace_bytes="auto" (kernels.workspace.AUTO)
+_AUTO = -1  # lce_fused_reduced's encoding of max_workspace_bytes="auto"
 IMPLS = ("auto", "torch", "triton")
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -308,7 +308,7 @@ def lce_fused_reduced(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """The reduced loss (0-dim float32: mean over non-ignored targets, or sum) and its gradients
     w.r.t. e, c, bias (an empty tensor for each not needed), formed in the forward chunk by chunk in
-    a logits buffer of at most ``max_workspace_bytes`` (see ``kernels/workspace.py``; ``workspace.AUTO``:
+    a logits buffer of at most ``max_workspace_bytes`` (see ``kernels/workspace.py``; ``_AUTO``:
     the "auto" budget, from the number of tokens, the vocabulary and the device's memory). Triton only.
     Its backward scales the returned gradient tensors in place (no second copy of dC), so a caller of
     the raw op must not keep them; ``linear_cross_entropy`` returns only the loss. Targets are checked
@@ -317,7 +317,7 @@ def lce_fused_reduced(
 
     with _on_device_of(e):
         _check_targets(targets, c.shape[0], ignore_index)
-        if max_workspace_bytes == workspace.AUTO:
+        if max_workspace_bytes == _AUTO:
             max_workspace_bytes = workspace.auto_workspace_bytes(e.shape[0], c.shape[0], e.element_size(),
                                                                  _device_memory(e.device))
         out = workspace.lce_fused_reduced(e, c, bias, targets, ignore_index, softcap, label_smoothing, mean,

@@ -66,13 +66,12 @@ _ROW_ALIGN = 128
 
 
 # ``max_workspace_bytes="auto"`` (the backend's default): the budget follows the problem and the device.
-# A quarter of the logits: the loss then keeps at least three quarters of the logits' bytes out of the
-# step's peak, and at the anchor shapes (N >= 8192) the chunks are >= 2048 rows, where the three GEMMs
-# run near cuBLAS's full speed (smaller chunks pay an extra read-modify-write of dC per chunk).
+# A quarter of the logits: at the anchor shapes (N >= 8192) chunks of >= 2048 rows, the smallest at
+# which the path kept torch.compile's speed (smaller chunks pay a read-modify-write of dC per chunk;
+# docs/PERF_NOTES.md, "The default's workspace size").
 # At most 1/32 of the device's memory, so that a huge N x V stays a bounded buffer; at least
 # AUTO_MIN_ROWS rows (short inputs: small logits anyway), and where even those do not fit in the
 # device's share, no workspace (the exact mode, O(N + V) memory).
-AUTO = -1  # the custom op's encoding of "auto"
 AUTO_LOGITS_SHARE = 4
 AUTO_DEVICE_SHARE = 32
 AUTO_MIN_ROWS = 512
@@ -371,4 +370,4 @@ def scale_(x: Tensor, scale: Tensor) -> None:
                                num_warps=8 if x.device.type == "cuda" else 1)
 
 
-__all__ = ["AUTO", "auto_fits", "auto_workspace_bytes", "lce_fused_reduced", "scale_", "workspace_rows"]
+__all__ = ["auto_fits", "auto_workspace_bytes", "lce_fused_reduced", "scale_", "workspace_rows"]

@@ -349,14 +349,15 @@ def test_auto_budget_rule():
 
 
 @interpreter
-@pytest.mark.parametrize("n", [37, 2 * 512 + 3])
-def test_auto_runs_chunks_of_a_quarter(n, spy):
+@pytest.mark.parametrize("n, chunks", [(37, [13, 13, 11]), (100, [25] * 4)])
+def test_auto_runs_chunks_of_a_quarter(n, chunks, spy, monkeypatch):
+    """The op sizes "auto" per call: a quarter of the rows (100 -> 25), at least AUTO_MIN_ROWS (set to
+    16 here, so that the interpreter runs small inputs: 37 -> 16 rows, spread evenly over 3 chunks)."""
+    monkeypatch.setattr(workspace, "AUTO_MIN_ROWS", 16)
     e, c, y, b = _case_inputs(bias=False, n=n)
     ours = linear_cross_entropy(e.requires_grad_(), c, y, impl="triton", max_workspace_bytes="auto")
     assert ours.item() == pytest.approx(linear_cross_entropy(e, c, y, impl="torch").item(), rel=1e-5)
-    budget = workspace.auto_workspace_bytes(n, INTERPRETER_V, 4, None)
-    assert spy == [(r, INTERPRETER_V) for r in _expected_chunks(n, budget // (INTERPRETER_V * 4))]
-    assert len(spy) == (1 if n < 512 else 3)  # 512 rows, not a quarter (257): 37 in one chunk, 1027 in 3
+    assert spy == [(r, INTERPRETER_V) for r in chunks]
 
 
 @interpreter
