@@ -54,6 +54,13 @@ def _triton_runs_on(device: torch.device) -> bool:
     return device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
 
 
+def resolve_impl(impl: str, device: torch.device) -> str:
+    """``impl`` with "auto" resolved: Triton for CUDA tensors where the kernels import, else torch."""
+    if impl != "auto":
+        return impl
+    return "triton" if device.type == "cuda" and _triton_runs_on(device) else "torch"
+
+
 def _on_device_of(t: Tensor):
     """Makes t's CUDA device current for the call. Triton launches on the current device and its
     current stream, not on the tensors' device: a model split over GPUs (e.g. device_map="auto")
@@ -421,8 +428,7 @@ def describe_mode(num_tokens: int | None, vocab: int, dtype: torch.dtype, device
                   max_workspace_bytes="auto") -> str:
     """How ``linear_cross_entropy`` computes a loss of this shape with these options, in words
     (explain()); ``num_tokens`` None: unknown (dynamic)."""
-    if impl == "auto":
-        impl = "triton" if device.type == "cuda" and _triton_runs_on(device) else "torch"
+    impl = resolve_impl(impl, device)
     if impl == "torch":
         return "torch path (chunked over the vocabulary, exact)"
     if workspace_mode(vocab, dtype, device, reduction, False, impl, exact, grads, max_workspace_bytes):
@@ -647,8 +653,7 @@ def linear_cross_entropy(
         not isinstance(max_workspace_bytes, int) or isinstance(max_workspace_bytes, bool) or max_workspace_bytes < 0
     ):
         raise ValueError(f'max_workspace_bytes must be None, "auto" or an int >= 0, got {max_workspace_bytes!r}')
-    if impl == "auto":
-        impl = "triton" if e.device.type == "cuda" and _triton_runs_on(e.device) else "torch"
+    impl = resolve_impl(impl, e.device)
 
     # int64 before padding: ignore_index (e.g. -100) may not fit a narrower dtype (uint8 wraps it
     # into a valid class id).

@@ -535,8 +535,7 @@ def linear_token_stats(
     """
     wants = (logprob, entropy, argmax, lse)
     _check_inputs(e, c, targets, bias, ignore_index, softcap, temperature, shift, wants, impl)
-    if impl == "auto":
-        impl = "triton" if e.device.type == "cuda" and ops._triton_runs_on(e.device) else "torch"
+    impl = ops.resolve_impl(impl, e.device)
     inv_temp = 1.0
     learnable = isinstance(temperature, Tensor) and temperature.requires_grad and torch.is_grad_enabled()
     if isinstance(temperature, Tensor):

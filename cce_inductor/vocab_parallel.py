@@ -451,8 +451,7 @@ def vocab_parallel_cross_entropy(
     for name, v in (("exact", exact), ("return_lse", return_lse)):
         if not isinstance(v, bool):
             raise TypeError(f"{name} must be a bool, got {v!r}")
-    if impl == "auto":
-        impl = "triton" if e.device.type == "cuda" and ops._triton_runs_on(e.device) else "torch"
+    impl = ops.resolve_impl(impl, e.device)
     aligned = targets.long()
     if shift:
         pad = aligned.new_full((*targets.shape[:-1], shift), ignore_index)
