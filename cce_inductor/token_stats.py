@@ -277,6 +277,12 @@ def _triton_stats():
     return kernels
 
 
+def _triton_stats_workspace():
+    from .kernels import token_stats_workspace as kernels
+
+    return kernels
+
+
 @torch.library.custom_op("cce_inductor::token_stats_forward", mutates_args=())
 def token_stats_forward(
     e: Tensor,
@@ -291,24 +297,31 @@ def token_stats_forward(
     argmax: bool,
     variance: bool,
     impl: str,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    max_workspace_bytes: int = 0,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """e (N, D), c (V, D), targets (N,) int64 or None (needed with ``logprob``), bias (V,) or None;
     softcap 0 means none; the logits are multiplied by ``inv_temp`` after the softcap.
-    Returns (logprob (N,) float32, entropy (N,), argmax (N,) int64, lse (N,), variance (N,)); entropy,
-    lse and variance (of the logits under the softmax; not differentiable: a learnable temperature's
-    gradient coefficient) in ``stat_dtype(e.dtype, impl)``; an empty tensor (of the same dtype) for
-    each of logprob, entropy, argmax and variance not asked for. Targets are checked as
-    ``ops.lce_forward`` checks them."""
+    Returns (logprob (N,) float32, entropy (N,), argmax (N,) int64, lse (N,), variance (N,), kept);
+    entropy, lse and variance (of the logits under the softmax; not differentiable: a learnable
+    temperature's gradient coefficient) in ``stat_dtype(e.dtype, impl)``; an empty tensor (of the same
+    dtype) for each of logprob, entropy, argmax and variance not asked for. ``kept``: the logits of the
+    first ``num_kept(...)`` tokens (K, V) in e's dtype, for the backward (``max_workspace_bytes``: 0
+    none, ``ops._AUTO`` "auto", else a budget in bytes; Triton, bfloat16 and float32 only; see
+    ``kernels/token_stats_workspace.py``). Targets are checked as ``ops.lce_forward`` checks them."""
+    k = num_kept(e, c, impl, max_workspace_bytes)
     with ops._on_device_of(e):
         if logprob:
             ops._check_targets(targets, c.shape[0], ignore_index)
-        if impl == "triton":
-            out = _triton_stats().stats_forward(e, c, bias, targets, ignore_index, softcap, inv_temp, logprob,
-                                                entropy, argmax, variance)
+        if k:
+            out = _triton_stats_workspace().stats_forward_kept(e, c, bias, targets, ignore_index, softcap, inv_temp,
+                                                               logprob, entropy, argmax, variance, k)
+        elif impl == "triton":
+            out = (*_triton_stats().stats_forward(e, c, bias, targets, ignore_index, softcap, inv_temp, logprob,
+                                                  entropy, argmax, variance), None)
         else:
-            out = chunked_stats_forward(e, c, bias, targets, ignore_index, softcap, inv_temp, logprob, entropy,
-                                        argmax, variance)
-    lp, h, am, lse, var = out
+            out = (*chunked_stats_forward(e, c, bias, targets, ignore_index, softcap, inv_temp, logprob, entropy,
+                                          argmax, variance), None)
+    lp, h, am, lse, var, kept = out
     sd = stat_dtype(e.dtype, impl)
     return (
         e.new_empty(0, dtype=torch.float32) if lp is None else lp.contiguous(),
@@ -316,11 +329,13 @@ def token_stats_forward(
         e.new_empty(0, dtype=torch.int64) if am is None else am.contiguous(),
         lse.contiguous(),
         e.new_empty(0, dtype=sd) if var is None else var.contiguous(),
+        e.new_empty(0, c.shape[0]) if kept is None else kept,
     )
 
 
 @token_stats_forward.register_fake
-def _(e, c, targets, bias, ignore_index, softcap, inv_temp, logprob, entropy, argmax, variance, impl):
+def _(e, c, targets, bias, ignore_index, softcap, inv_temp, logprob, entropy, argmax, variance, impl,
+      max_workspace_bytes=0):
     n, sd = e.shape[0], stat_dtype(e.dtype, impl)
     return (
         e.new_empty(n if logprob else 0, dtype=torch.float32),
@@ -328,7 +343,18 @@ def _(e, c, targets, bias, ignore_index, softcap, inv_temp, logprob, entropy, ar
         e.new_empty(n if argmax else 0, dtype=torch.int64),
         e.new_empty(n, dtype=sd),
         e.new_empty(n if variance else 0, dtype=sd),
+        e.new_empty(num_kept(e, c, impl, max_workspace_bytes), c.shape[0]),
     )
+
+
+def num_kept(e: Tensor, c: Tensor, impl: str, max_workspace_bytes: int):
+    """The tokens whose logits ``token_stats_forward`` keeps for the backward (a SymInt under fake
+    tensors): ``kernels/token_stats_workspace.kept_rows`` on the Triton path for bfloat16 and float32
+    inputs (the dtype the op computes in: autocast may have cast them), else 0."""
+    if not max_workspace_bytes or impl != "triton" or e.dtype not in (torch.bfloat16, torch.float32):
+        return 0
+    return _triton_stats_workspace().kept_rows(e.shape[0], c.shape[0], e.element_size(), max_workspace_bytes,
+                                               ops._device_memory(e.device))
 
 
 @torch.library.custom_op("cce_inductor::token_stats_backward", mutates_args=())
@@ -349,13 +375,23 @@ def token_stats_backward(
     needs_e: bool,
     needs_c: bool,
     needs_bias: bool,
+    kept: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Gradients of sum(grad_logprob * logprob + grad_entropy * entropy + grad_lse * lse) w.r.t. e, c,
     bias in one recompute of the logits (a None upstream gradient: that output gets none; entropy is
-    the forward's, needed with grad_entropy); an empty tensor for each gradient not needed."""
+    the forward's, needed with grad_entropy); an empty tensor for each gradient not needed. ``kept``:
+    the forward's kept logits; with rows, the backward of ``kernels/token_stats_workspace.py``
+    (which recomputes lse and entropy from them, and does not modify them)."""
     needs_bias = needs_bias and bias is not None
     with ops._on_device_of(e):
-        if impl == "triton":
+        if kept is not None and kept.shape[0] > 0:
+            g_lp, a, g_h, _, _ = _stat_coefficients(targets, lse, entropy, grad_logprob, grad_entropy, grad_lse,
+                                                   ignore_index, c.shape[0], torch.float32)
+            grads = _triton_stats_workspace().stats_backward_kept(
+                e, c, bias, targets, kept, g_lp if grad_logprob is not None and targets is not None else None, a,
+                g_h if grad_entropy is not None else None, ignore_index, softcap, inv_temp, needs_e, needs_c,
+                needs_bias)
+        elif impl == "triton":
             grads = _triton_stats().stats_backward(e, c, bias, targets, lse, entropy, grad_logprob, grad_entropy,
                                                    grad_lse, ignore_index, softcap, inv_temp, needs_e, needs_c,
                                                    needs_bias)
@@ -367,7 +403,7 @@ def token_stats_backward(
 
 @token_stats_backward.register_fake
 def _(e, c, targets, bias, lse, entropy, grad_logprob, grad_entropy, grad_lse, ignore_index, softcap, inv_temp,
-      impl, needs_e, needs_c, needs_bias):
+      impl, needs_e, needs_c, needs_bias, kept=None):
     return (
         ops._dense_like(e) if needs_e else e.new_empty(0),
         ops._dense_like(c) if needs_c else e.new_empty(0),
@@ -376,10 +412,10 @@ def _(e, c, targets, bias, lse, entropy, grad_logprob, grad_entropy, grad_lse, i
 
 
 def _setup_context(ctx, inputs, output):
-    e, c, targets, bias, ignore_index, softcap, inv_temp, logprob, entropy, argmax, variance, impl = inputs
-    _, h, am, lse, var = output
-    ctx.mark_non_differentiable(am, var)
-    ctx.save_for_backward(e, c, targets, bias, lse, h)
+    e, c, targets, bias, ignore_index, softcap, inv_temp, logprob, entropy, argmax, variance, impl = inputs[:12]
+    _, h, am, lse, var, kept = output
+    ctx.mark_non_differentiable(am, var, kept)
+    ctx.save_for_backward(e, c, targets, bias, lse, h, kept)
     ctx.options = (ignore_index, softcap, inv_temp, impl)
     ctx.outputs = (logprob, entropy)
 
@@ -389,8 +425,8 @@ def _grad_or_none(grad: Tensor | None, like: Tensor) -> Tensor | None:
     return None if grad is None else grad.to(like.dtype).contiguous()
 
 
-def _backward(ctx, grad_logprob, grad_entropy, _grad_argmax, grad_lse, _grad_variance):
-    e, c, targets, bias, lse, h = ctx.saved_tensors
+def _backward(ctx, grad_logprob, grad_entropy, _grad_argmax, grad_lse, _grad_variance, _grad_kept):
+    e, c, targets, bias, lse, h, kept = ctx.saved_tensors
     want_logprob, want_entropy = ctx.outputs
     grad_logprob = _grad_or_none(grad_logprob, lse) if want_logprob else None
     grad_entropy = _grad_or_none(grad_entropy, lse) if want_entropy else None
@@ -400,14 +436,14 @@ def _backward(ctx, grad_logprob, grad_entropy, _grad_argmax, grad_lse, _grad_var
         grads = (None, None, None)
     else:
         grads = token_stats_backward(e, c, targets, bias, lse, h if want_entropy else None, grad_logprob,
-                                     grad_entropy, grad_lse, *ctx.options, needs_e, needs_c, needs_bias)
+                                     grad_entropy, grad_lse, *ctx.options, needs_e, needs_c, needs_bias, kept)
     de, dc, dbias = grads
     return (
         de if needs_e else None,
         dc if needs_c else None,
         None,
         dbias if needs_bias else None,
-        None, None, None, None, None, None, None, None,
+        None, None, None, None, None, None, None, None, None,
     )
 
 
@@ -431,8 +467,19 @@ for _device_type in ("cpu", "cuda"):
 # ----------------------------------------------------------------------------- public function
 
 
-def _check_inputs(e, c, targets, bias, ignore_index, softcap, temperature, shift, wants, impl):
+def _workspace_budget(max_workspace_bytes) -> int:
+    """The op's encoding of ``max_workspace_bytes``: 0 none, ``ops._AUTO``, or a number of bytes."""
+    if max_workspace_bytes == "auto":
+        return ops._AUTO
+    return int(max_workspace_bytes or 0)
+
+
+def _check_inputs(e, c, targets, bias, ignore_index, softcap, temperature, shift, wants, impl, max_workspace_bytes):
     ops.check_operands(e, c, targets, bias, ignore_index, shift, impl, targets_are="token ids")
+    if not (max_workspace_bytes is None or max_workspace_bytes == "auto" or (
+            isinstance(max_workspace_bytes, int) and not isinstance(max_workspace_bytes, bool)
+            and max_workspace_bytes >= 0)):
+        raise ValueError(f'max_workspace_bytes must be None, "auto" or an int >= 0, got {max_workspace_bytes!r}')
     if c.shape[0] == 0:
         raise ValueError("the vocabulary is empty (c has 0 rows)")
     for name, want in zip(("logprob", "entropy", "argmax", "lse"), wants):
@@ -498,6 +545,7 @@ def linear_token_stats(
     argmax: bool = False,
     lse: bool = False,
     impl: str = "auto",
+    max_workspace_bytes: int | str | None = None,
 ) -> TokenStats:
     """Per-token statistics of softmax(z), z = e @ c.T + bias (softcapped, then divided by the
     temperature), computed without the N x V logits, in one pass over the vocabulary (and one
@@ -526,6 +574,13 @@ def linear_token_stats(
             e; every returned field then covers the first T - shift positions of the token dim.
         logprob, entropy, argmax, lse: which fields to compute; at least one.
         impl: "triton", "torch" (chunked pure torch) or "auto" (Triton for CUDA tensors).
+        max_workspace_bytes: where a gradient is to be formed (Triton path, bfloat16 or float32):
+            ``"auto"`` (the backend's default) keeps the logits of a quarter of the tokens (at
+            most 1/32 of the GPU's memory) from the forward for the backward, which then recomputes
+            only the rest, through a buffer of the same size (cuBLAS logits and a row kernel:
+            ``kernels/token_stats_workspace.py``); an int keeps as many rows as fit in that many
+            bytes, at most half the tokens; None or 0 (the default): the minimum memory, O(N + V),
+            one fused recompute of every logit in the backward.
 
     Returns:
         ``TokenStats(logprob, entropy, argmax, lse)``, each shaped like the (shifted) targets, None
@@ -534,7 +589,7 @@ def linear_token_stats(
         inputs, as eager's logits are, ties to the first index.
     """
     wants = (logprob, entropy, argmax, lse)
-    _check_inputs(e, c, targets, bias, ignore_index, softcap, temperature, shift, wants, impl)
+    _check_inputs(e, c, targets, bias, ignore_index, softcap, temperature, shift, wants, impl, max_workspace_bytes)
     impl = ops.resolve_impl(impl, e.device)
     inv_temp = 1.0
     learnable = isinstance(temperature, Tensor) and temperature.requires_grad and torch.is_grad_enabled()
@@ -554,8 +609,12 @@ def linear_token_stats(
         flat_targets = aligned.reshape(-1)
     e2d = e.reshape(-1, e.shape[-1])
     with_h = entropy or (learnable and (logprob or lse))  # the temperature's coefficients need H
-    lp, h, am, out_lse, var = token_stats_forward(e2d, c, flat_targets, bias, ignore_index, float(softcap or 0.0),
-                                                  inv_temp, logprob, with_h, argmax, learnable and entropy, impl)
+    grads = torch.is_grad_enabled() and (logprob or entropy or lse) and any(
+        t is not None and t.requires_grad for t in (e, c, bias))
+    budget = _workspace_budget(max_workspace_bytes) if grads else 0
+    lp, h, am, out_lse, var, _ = token_stats_forward(e2d, c, flat_targets, bias, ignore_index, float(softcap or 0.0),
+                                                     inv_temp, logprob, with_h, argmax, learnable and entropy, impl,
+                                                     budget)
     shape = e.shape[:-1]
     out = TokenStats(
         ops._unshift(lp, shape, shift) if logprob else None,

@@ -243,8 +243,9 @@ def test_opcheck():
     for args in ((e, c, y, b, -100, 2.0, 0.5, True, True, True, True, "torch"),
                  (e, c, None, None, -100, 0.0, 1.0, False, True, False, False, "torch")):
         torch.library.opcheck(torch.ops.cce_inductor.token_stats_forward.default, args)
-    lp, h, am, lse, _ = torch.ops.cce_inductor.token_stats_forward(e, c, y, b, -100, 2.0, 0.5, True, True, True,
-                                                                   False, "torch")
+    lp, h, am, lse, _, kept = torch.ops.cce_inductor.token_stats_forward(e, c, y, b, -100, 2.0, 0.5, True, True,
+                                                                         True, False, "torch", -1)
+    assert kept.shape == (0, 13)  # the torch path keeps no logits
     grads = [torch.randn(9, dtype=t.dtype) for t in (lp, h, lse)]
     bw = (e.detach(), c.detach(), y, b.detach(), lse.detach(), h.detach(), *grads, -100, 2.0, 0.5, "torch",
           True, True, True)
@@ -393,7 +394,7 @@ def test_rl_bench_small_runs_on_cpu(tmp_path, monkeypatch):
     data = json.loads(out.read_text())
     assert data["device"] and data["versions"]["torch"] and data["date"]
     methods = {r["method"]: r for r in data["results"]}
-    assert set(methods) == {"cce_inductor", "torch.compile"}
+    assert set(methods) == {"cce_inductor", "cce_inductor_half", "cce_inductor_exact", "torch.compile"}
     assert all(r["status"] == "ok" and r["fwdbwd_ms"] > 0 for r in methods.values())
     # the two methods compute the same loss and gradients
     assert methods["cce_inductor"]["max_rel_err_vs_torch"] < 1e-4

@@ -841,7 +841,7 @@ def _apply(graph: Graph, site: StatsSite, options: Options) -> None:
             out = b.function(
                 linear_token_stats, e, weight, targets if wants["logprob"] else None, bias,
                 ignore_index=site.ignore_index, softcap=None if site.softcap is None else float(site.softcap),
-                temperature=temperature, impl=options.impl, **wants,
+                temperature=temperature, impl=options.impl, max_workspace_bytes=options.max_workspace_bytes, **wants,
             )
             fields = {name: b.function(operator.getitem, out, i) for name, i in _FIELDS.items() if wants[name]}
             for c in site.consumers:

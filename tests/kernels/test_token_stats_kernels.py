@@ -144,13 +144,106 @@ def test_opcheck_triton():
     e, c, b, y = _raw_inputs(n=19, v=37)
     e.requires_grad_(), c.requires_grad_(), b.requires_grad_()
     utils = ("test_schema", "test_faketensor", "test_autograd_registration")
-    args = (e, c, y, b, -100, 2.0, 0.5, True, True, True, True, "triton")
-    torch.library.opcheck(torch.ops.cce_inductor.token_stats_forward.default, args, test_utils=utils)
-    lp, h, am, lse, _ = torch.ops.cce_inductor.token_stats_forward(*args)
-    grads = [torch.randn(19) for _ in range(3)]
-    bw = (e.detach(), c.detach(), y, b.detach(), lse.detach(), h.detach(), *grads, -100, 2.0, 0.5, "triton",
-          True, True, True)
-    torch.library.opcheck(torch.ops.cce_inductor.token_stats_backward.default, bw, test_utils=utils)
+    for budget, rows in ((0, 0), (-1, 19 // 4), (10**9, 19 // 2), (3 * 37 * 4, 3)):  # none, auto, capped, 3 rows
+        args = (e, c, y, b, -100, 2.0, 0.5, True, True, True, True, "triton", budget)
+        torch.library.opcheck(torch.ops.cce_inductor.token_stats_forward.default, args, test_utils=utils)
+        lp, h, am, lse, _, kept = torch.ops.cce_inductor.token_stats_forward(*args)
+        assert kept.shape == (rows, 37) and kept.dtype == e.dtype
+        grads = [torch.randn(19) for _ in range(3)]
+        bw = (e.detach(), c.detach(), y, b.detach(), lse.detach(), h.detach(), *grads, -100, 2.0, 0.5, "triton",
+              True, True, True, kept)
+        torch.library.opcheck(torch.ops.cce_inductor.token_stats_backward.default, bw, test_utils=utils)
+
+
+# ----------------------------------------------------------------------------- the kept logits
+
+
+@interpreter
+@pytest.mark.parametrize("budget", ["auto", 10**9], ids=["auto_quarter", "half"])
+@pytest.mark.parametrize("case", KERNEL_CASES, ids=lambda c: c.name)
+def test_interpreter_kept_logits_match_float64(case, budget):
+    """max_workspace_bytes: the first K tokens' logits kept from the forward (cuBLAS-like torch.mm, the
+    row kernel's statistics), the backward over them and over chunks of K recomputed rows."""
+    check(case, "triton", max_workspace_bytes=budget)
+
+
+@interpreter
+@pytest.mark.parametrize("case, dtype", [(KERNEL_CASES[0], torch.bfloat16), (KERNEL_CASES[1], torch.bfloat16),
+                                         (KERNEL_CASES[6], torch.bfloat16)],
+                         ids=["plain-bfloat16", "peaked-bfloat16", "softcap_temperature-bfloat16"])
+def test_interpreter_kept_logits_low_precision_no_worse_than_torch(case, dtype):
+    check(case, "triton", dtype, max_workspace_bytes="auto")
+
+
+def _kept_run(e, c, b, y, budget, retain=False):
+    leaves = [t.detach().clone().requires_grad_() for t in (e, c, b)]
+    out = linear_token_stats(leaves[0], leaves[1], y, leaves[2], softcap=3.0, temperature=0.8, entropy=True,
+                             lse=True, impl="triton", max_workspace_bytes=budget)
+    g = torch.Generator().manual_seed(3)
+    loss = sum((f * torch.randn(f.shape, generator=g)).sum() for f in (out.logprob, out.entropy, out.lse))
+    grads = torch.autograd.grad(loss, leaves, retain_graph=retain)
+    if retain:  # a second backward through the same graph: the kept logits were not overwritten
+        again = torch.autograd.grad(loss, leaves)
+        for a, b2 in zip(grads, again):
+            assert torch.equal(a, b2)
+    return grads
+
+
+@interpreter
+def test_kept_logits_chunks_sizes_and_second_backward():
+    """K rows kept, the rest recomputed in chunks of K (the last partial): the gradients equal the
+    minimum-memory path's whatever K (1, 3, N/2 rows) and a second backward gives the same."""
+    e, c, b, y = _raw_inputs()
+    exact = _kept_run(e, c, b, y, 0)
+    row_bytes = 101 * 4
+    for rows in (1, 3, 100):
+        kept = _kept_run(e, c, b, y, rows * row_bytes, retain=rows == 3)
+        for a, r in zip(kept, exact):
+            assert rel(a, r) <= 1e-5, rows
+
+
+def test_kept_rows_rule():
+    """K: a quarter of the tokens under "auto" within 1/32 of the device's memory; a budget's rows at
+    most half the tokens; none for 0 (and none on the torch path or for float16: num_kept)."""
+    from cce_inductor.kernels.token_stats_workspace import kept_rows
+    from cce_inductor.token_stats import num_kept
+
+    assert kept_rows(16384, 151936, 2, -1, 80 * 2**30) == 4096
+    assert kept_rows(16384, 151936, 2, -1, 16 * 2**30) == 16 * 2**30 // 32 // (151936 * 2)
+    assert kept_rows(16384, 151936, 2, -1, None) == 4096
+    assert kept_rows(16384, 151936, 2, 10**12, None) == 8192
+    assert kept_rows(16384, 151936, 2, 151936 * 2 * 10, None) == 10
+    assert kept_rows(3, 100, 2, -1, None) == 0 and kept_rows(100, 100, 2, 0, None) == 0
+    e, c = torch.empty(64, 8), torch.empty(100, 8)
+    assert num_kept(e, c, "triton", -1) == 16 and num_kept(e, c, "torch", -1) == 0
+    assert num_kept(e.half(), c.half(), "triton", -1) == 0 and num_kept(e, c, "triton", 0) == 0
+
+
+@interpreter
+def test_kept_logits_only_where_a_gradient_is_formed():
+    """Under no_grad, or with no input requiring grad, no logits are kept (the op's kept output empty)."""
+    e, c, b, y = _raw_inputs()
+    seen = []
+    real = torch.ops.cce_inductor.token_stats_forward
+
+    class Spy:
+        def __call__(self, *args):
+            out = real(*args)
+            seen.append(out[5].shape[0])
+            return out
+
+    import cce_inductor.token_stats as ts
+
+    original, ts.token_stats_forward = ts.token_stats_forward, Spy()
+    try:
+        linear_token_stats(e, c, y, impl="triton", max_workspace_bytes="auto")
+        with torch.no_grad():
+            linear_token_stats(e.requires_grad_(), c, y, impl="triton", max_workspace_bytes="auto")
+        linear_token_stats(e, c, y, impl="triton", max_workspace_bytes="auto")
+        linear_token_stats(e, c, y, impl="triton", max_workspace_bytes=0)
+    finally:
+        ts.token_stats_forward = original
+    assert seen == [0, 0, 37 // 4, 0]
 
 
 # ----------------------------------------------------------------------------- CUDA
@@ -164,8 +257,16 @@ def test_gpu_cases_match_float64(case, dtype):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("case", KERNEL_CASES, ids=lambda c: c.name)
+def test_gpu_kept_logits_cases(case, dtype):
+    check(case, "triton", dtype, "cuda", max_workspace_bytes="auto")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("budget", [None, "auto", 10**12], ids=["exact", "auto", "half"])
 @pytest.mark.parametrize("regime", ["uniform", "lm"])
-def test_gpu_realistic_head_no_worse_than_torch(regime):
+def test_gpu_realistic_head_no_worse_than_torch(regime, budget):
     """N = 2048, D = 2048, V = 128256, bfloat16, logprob + entropy + lse with a random weighting:
     values and gradients against float32 math on the same inputs, no worse than the usual eager
     code's (bfloat16 logits upcast to float32), and the op's peak memory a fraction of the logits'."""
@@ -182,7 +283,7 @@ def test_gpu_realistic_head_no_worse_than_torch(regime):
         return logp.gather(-1, y[:, None])[:, 0], -(logp.exp() * logp).sum(-1), z.logsumexp(-1)
 
     def ours(e, c, y):
-        out = linear_token_stats(e, c, y, entropy=True, lse=True)
+        out = linear_token_stats(e, c, y, entropy=True, lse=True, max_workspace_bytes=budget)
         return out.logprob, out.entropy, out.lse
 
     def run(fn):
@@ -206,5 +307,7 @@ def test_gpu_realistic_head_no_worse_than_torch(regime):
     for name, a, p, r in zip(("logprob", "entropy", "lse", "de", "dc"), mine, plain, gold):
         assert rel(a, r) <= 1.25 * rel(p, r) + 1e-6, (name, rel(a, r), rel(p, r))
     grads_bytes = (n + v) * d * 2
-    # above the leaves (copies of e and c) and their gradients: an eighth of the float32 logits at most
-    assert peak - 2 * grads_bytes < n * v * 4 / 8, peak
+    # above the leaves (copies of e and c) and their gradients: an eighth of the float32 logits at most,
+    # and with kept logits those (K rows) and the backward's buffer of as many
+    kept = {None: 0, "auto": n // 4, 10**12: n // 2}[budget] * v * 2
+    assert peak - 2 * grads_bytes - 2 * kept < n * v * 4 / 8, peak
