@@ -467,6 +467,29 @@ for _device_type in ("cpu", "cuda"):
 # ----------------------------------------------------------------------------- public function
 
 
+def describe_mode(num_tokens: int | None, vocab: int, dtype: torch.dtype, device: torch.device, grads: bool,
+                  impl: str = "auto", max_workspace_bytes=None) -> str:
+    """How ``linear_token_stats`` computes statistics of this shape, in words (explain());
+    ``num_tokens`` None: unknown (dynamic)."""
+    impl = ops.resolve_impl(impl, device)
+    if impl == "torch":
+        return "torch path (chunked over the vocabulary)"
+    if not grads:
+        return "fused forward (no gradient), O(N + V) memory"
+    budget = _workspace_budget(max_workspace_bytes)
+    auto = " (auto)" if budget == ops._AUTO else ""
+    if budget and dtype in (torch.bfloat16, torch.float32):
+        if num_tokens is None:
+            return f"kept logits{auto}: the first tokens' logits kept for the backward, chosen per call"
+        kept = _triton_stats_workspace().kept_rows(num_tokens, vocab, dtype.itemsize, budget,
+                                                   ops._device_memory(device))
+        if kept:
+            return (f"kept logits{auto}: {kept} of {num_tokens} tokens' logits "
+                    f"({kept * vocab * dtype.itemsize / 1e6:.1f} MB) kept for the backward, which recomputes "
+                    f"the rest in chunks of {kept} tokens")
+    return "fused forward, one fused recompute in the backward, O(N + V) memory"
+
+
 def _workspace_budget(max_workspace_bytes) -> int:
     """The op's encoding of ``max_workspace_bytes``: 0 none, ``ops._AUTO``, or a number of bytes."""
     if max_workspace_bytes == "auto":

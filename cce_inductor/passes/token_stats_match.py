@@ -43,7 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch.fx import Graph, Node
 
-from ..token_stats import linear_token_stats
+from ..token_stats import describe_mode, linear_token_stats
 from . import nodes as N
 from .matcher import (
     SUPPORTED_DTYPES,
@@ -195,6 +195,7 @@ def rewrite_token_stats(graph: Graph, options: Options) -> list[tuple[SiteReport
                 report.status, report.reason = "skipped", str(reason)
             else:
                 report.status = "rewritten"
+                report.details["mode"] = _mode(site, report, options)
         found.append((report, site))
     return found
 
@@ -977,6 +978,15 @@ def _report(site: StatsSite) -> SiteReport:
     if site.problem is None:
         report.bytes_avoided = _bytes_avoided(site)
     return report
+
+
+def _mode(site: StatsSite, report: SiteReport, options: Options) -> str:
+    """How the op will compute this site's statistics (``token_stats.describe_mode``)."""
+    x, z = N.tensor_value(site.x), N.tensor_value(site.projection)
+    if report.vocab is None or x is None or z is None:
+        return "chosen per call"
+    return describe_mode(report.tokens, int(report.vocab), z.dtype, x.device, z.requires_grad, options.impl,
+                         options.max_workspace_bytes)
 
 
 def _user_location(node: Node) -> str:

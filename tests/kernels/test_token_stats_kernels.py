@@ -311,3 +311,37 @@ def test_gpu_realistic_head_no_worse_than_torch(regime, budget):
     # and with kept logits those (K rows) and the backward's buffer of as many
     kept = {None: 0, "auto": n // 4, 10**12: n // 2}[budget] * v * 2
     assert peak - 2 * grads_bytes - 2 * kept < n * v * 4 / 8, peak
+
+
+@interpreter
+@pytest.mark.parametrize("dynamic", [False, True], ids=["static", "dynamic"])
+def test_compiled_rl_loss_keeps_logits_and_matches_eager(dynamic):
+    """backend="cce" (max_workspace_bytes "auto") on an RL loss, with static and dynamic shapes (the
+    op's fake sizes its kept logits from a symbolic N): eager's loss and gradients, and explain()
+    says how many tokens' logits are kept."""
+    import cce_inductor
+
+    torch.manual_seed(0)
+    head = torch.nn.Linear(16, 101, bias=False)
+
+    def loss_fn(h, y, adv):
+        logp = head(h).log_softmax(-1)
+        lp = logp.gather(-1, y[:, None])[:, 0]
+        ent = -(logp.exp() * logp).sum(-1)
+        return -(adv * lp).mean() - 0.01 * ent.mean()
+
+    compiled = torch.compile(loss_fn, backend="cce", options={"impl": "triton"}, dynamic=dynamic)
+    for n in (64, 40):
+        h = torch.randn(n, 16, requires_grad=True)
+        y, adv = torch.randint(0, 101, (n,)), torch.randn(n)
+        ours = compiled(h, y, adv)
+        ours_grads = torch.autograd.grad(ours, [h, head.weight])
+        gold = loss_fn(h, y, adv)
+        gold_grads = torch.autograd.grad(gold, [h, head.weight])
+        torch.testing.assert_close(ours, gold)
+        for a, b in zip(ours_grads, gold_grads):
+            torch.testing.assert_close(a, b)
+    with cce_inductor.enable(impl="triton"):
+        text = str(cce_inductor.explain(loss_fn, torch.randn(64, 16, requires_grad=True),
+                                        torch.randint(0, 101, (64,)), torch.randn(64)))
+    assert "kept logits (auto): 16 of 64 tokens' logits" in text, text
