@@ -74,7 +74,8 @@ def _time_ms(fn, device: str, reps: int) -> float:
     if device == "cuda":
         import triton.testing
 
-        return float(triton.testing.do_bench(fn, return_mode="median"))
+        # about ten timed calls of a ~0.1 s step (do_bench's default 100 ms would time one)
+        return float(triton.testing.do_bench(fn, warmup=200, rep=1000, return_mode="median"))
     fn()  # warm-up (compiles)
     times = []
     for _ in range(reps):

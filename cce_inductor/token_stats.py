@@ -415,6 +415,8 @@ def _setup_context(ctx, inputs, output):
     e, c, targets, bias, ignore_index, softcap, inv_temp, logprob, entropy, argmax, variance, impl = inputs[:12]
     _, h, am, lse, var, kept = output
     ctx.mark_non_differentiable(am, var, kept)
+    # an unused output's gradient stays None: materialized, the kept logits' would be K x V zeros
+    ctx.set_materialize_grads(False)
     ctx.save_for_backward(e, c, targets, bias, lse, h, kept)
     ctx.options = (ignore_index, softcap, inv_temp, impl)
     ctx.outputs = (logprob, entropy)

@@ -45,7 +45,7 @@ from torch import Tensor
 
 from .common import prepare_inputs, sm_count
 from .token_stats import stats_forward
-from .workspace import _capped_log2, _gpu_block_v, _round_by_hand, _store_rounded
+from .workspace import _capped_log2, _gpu_block_v, _load_block, _round_by_hand, _store_rounded
 
 # Of the tokens, the share whose logits the forward keeps under "auto" (a quarter of the logits' bytes,
 # as cross-entropy's workspace) and the most it keeps under any budget (half: never all the logits).
@@ -111,10 +111,14 @@ def _rows_kernel(
         run_q = tl.zeros((), tl.float32)
         best = tl.full((), float("-inf"), tl.float32)
         best_id = tl.zeros((), tl.int64)
+        # the next block's load issued before this block's math: two loads in flight per program
+        raw_next = _load_block(z_row, 0, V, BLOCK_V, False)
         for b in range(0, num_blocks):
             offs_v = b * BLOCK_V + tl.arange(0, BLOCK_V)  # [BLOCK_V]
             mask_v = offs_v < V
-            u = tl.load(z_row + offs_v, mask=mask_v, other=0.0).to(tl.float32)
+            raw = raw_next
+            raw_next = _load_block(z_row, b + 1, V, BLOCK_V, False)
+            u = raw.to(tl.float32)
             z2, _ = _capped_log2(u, softcap, HAS_SOFTCAP, FAST_RCP)
             if HAS_TEMP:
                 z2 = z2 * inv_temp
@@ -175,10 +179,13 @@ def _rows_kernel(
             if ENTROPY:
                 g_h = tl.load(GradEntropy + row)
             g_row = G + row * stride_gm
+            raw_next = _load_block(z_row, num_blocks - 1, V, BLOCK_V, True)
             for b in range(0, num_blocks):
                 offs_v = (num_blocks - 1 - b) * BLOCK_V + tl.arange(0, BLOCK_V)  # [BLOCK_V]
                 mask_v = offs_v < V
-                u = tl.load(z_row + offs_v, mask=mask_v, other=0.0).to(tl.float32)
+                raw = raw_next
+                raw_next = _load_block(z_row, num_blocks - 2 - b, V, BLOCK_V, True)
+                u = raw.to(tl.float32)
                 z2, slope = _capped_log2(u, softcap, HAS_SOFTCAP, FAST_RCP)
                 if HAS_TEMP:
                     z2 = z2 * inv_temp
@@ -193,21 +200,24 @@ def _rows_kernel(
                     g = g * inv_temp
                 if HAS_SOFTCAP:
                     g = g * slope
-                _store_rounded(g_row + offs_v, g, mask_v, ROUND_BF16)
+                _store_rounded(g_row + offs_v, g, mask_v, ROUND_BF16, True)
 
 
 def _launch_rows(z: Tensor, g: Tensor | None, targets: Tensor | None, coefficients, outputs, ignore_index: int,
                  softcap: float, inv_temp: float, logprob: bool, entropy: bool, argmax: bool, variance: bool,
-                 round_argmax: bool):
+                 round_argmax: bool, *, block_bytes: int | None = None, warps: int | None = None,
+                 programs_per_sm: int | None = None):
     """The row kernel over z's rows: statistics into ``outputs`` (logprob, entropy, argmax, lse,
     variance; None where not asked for) when ``g`` is None, else the gradient rows into g with
-    ``coefficients`` (g_lp, a, g_H; float32, one per row)."""
+    ``coefficients`` (g_lp, a, g_H; float32, one per row). Keywords for measurements, on a GPU:
+    ``block_bytes`` of a row per block load, ``warps``, ``programs_per_sm`` (None: the defaults)."""
     rows, vocab = z.shape
     if rows == 0:
         return
     if z.device.type == "cuda":
-        block_v = _gpu_block_v(vocab, z.element_size())
-        programs, warps = min(rows, _GPU_PROGRAMS_PER_SM * sm_count(z.device)), _GPU_WARPS
+        block_v = _gpu_block_v(vocab, z.element_size(), block_bytes)
+        programs = min(rows, (programs_per_sm or _GPU_PROGRAMS_PER_SM) * sm_count(z.device))
+        warps = warps or _GPU_WARPS
     else:
         block_v, programs, warps = _INTERPRETER_BLOCK_V, min(rows, _INTERPRETER_PROGRAMS), 1
     write_grad = g is not None

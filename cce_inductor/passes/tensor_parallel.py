@@ -74,11 +74,24 @@ def passes_through(node: Node) -> bool:
     """A ``DTensor.redistribute`` of the logits (the same global values in another layout), or the
     ``to_local()`` of replicated logits (the global values themselves, on every rank: what
     ``ColwiseParallel(output_layouts=Replicate())`` gives a loss outside ``loss_parallel()``)."""
-    if node.op != "call_method" or not node.args or not is_dtensor_node(node.args[0]):
+    if not node.args or not is_dtensor_node(node.args[0]):
         return False
-    if node.target == "redistribute":
+    name = _dtensor_method(node)
+    if name == "redistribute":
         return True
-    return node.target == "to_local" and _replicated(N.tensor_value(node.args[0]))
+    return name == "to_local" and _replicated(N.tensor_value(node.args[0]))
+
+
+def _dtensor_method(node: Node) -> str | None:
+    """"redistribute" / "to_local" for those DTensor methods as Dynamo records them: a method call,
+    or (in older torch, e.g. 2.11) a call of an on-the-fly function named prim_redistribute /
+    prim_to_local that closes over the arguments."""
+    if node.op == "call_method":
+        return node.target
+    if node.op == "call_function":
+        name = getattr(node.target, "__name__", "")
+        return name[len("prim_"):] if name in ("prim_redistribute", "prim_to_local") else None
+    return None
 
 
 def _replicated(t) -> bool:

@@ -345,3 +345,29 @@ def test_compiled_rl_loss_keeps_logits_and_matches_eager(dynamic):
         text = str(cce_inductor.explain(loss_fn, torch.randn(64, 16, requires_grad=True),
                                         torch.randint(0, 101, (64,)), torch.randn(64)))
     assert "kept logits (auto): 16 of 64 tokens' logits" in text, text
+
+
+@interpreter
+def test_kept_path_backward_materializes_no_zero_gradient_for_the_kept_logits():
+    """The kept logits are an op output no one differentiates: autograd must not hand the backward a
+    K x V tensor of zeros for them (outside the op, nothing of that size is made)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    e, c, _, y = _raw_inputs(n=64)
+    e.requires_grad_(), c.requires_grad_()
+    kept_numel = (64 // 4) * 101
+    seen = []
+
+    class Log(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for o in out if isinstance(out, (tuple, list)) else [out]:
+                if isinstance(o, torch.Tensor) and o.numel() >= kept_numel and o.shape[-1] == 101:
+                    seen.append((str(func), tuple(o.shape)))
+            return out
+
+    out = linear_token_stats(e, c, y, entropy=True, impl="triton", max_workspace_bytes="auto")
+    loss = out.logprob.sum() + out.entropy.sum()
+    with Log():
+        loss.backward()
+    assert seen == [], seen

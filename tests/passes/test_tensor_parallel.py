@@ -397,3 +397,23 @@ def _gpu_worker(rank: int, port: int) -> None:
 @pytest.mark.skipif(not dist.is_available() or not dist.is_nccl_available(), reason="needs NCCL")
 def test_gpu_tensor_parallel_head_world_size_one():
     torch.multiprocessing.spawn(_gpu_worker, args=(_free_port(),), nprocs=1, join=True)
+
+
+def test_redistribute_and_to_local_as_older_dynamo_records_them():
+    """torch 2.11's Dynamo records DTensor.redistribute / to_local as calls of on-the-fly functions
+    named prim_redistribute / prim_to_local; newer torch as method calls: both are recognized."""
+    from torch.fx import Graph
+
+    from cce_inductor.passes.tensor_parallel import _dtensor_method
+
+    def prim_redistribute(x):
+        return x
+
+    def prim_to_local(x):
+        return x
+
+    g = Graph()
+    x = g.placeholder("x")
+    nodes = [g.call_function(prim_redistribute, (x,)), g.call_function(prim_to_local, (x,)),
+             g.call_method("redistribute", (x,)), g.call_method("to_local", (x,)), g.call_function(torch.neg, (x,))]
+    assert [_dtensor_method(n) for n in nodes] == ["redistribute", "to_local", "redistribute", "to_local", None]
