@@ -159,8 +159,9 @@ def test_opcheck_triton():
 
 
 @interpreter
-@pytest.mark.parametrize("budget", ["auto", 10**9], ids=["auto_quarter", "half"])
-@pytest.mark.parametrize("case", KERNEL_CASES, ids=lambda c: c.name)
+@pytest.mark.parametrize("case, budget", [(c, "auto") for c in KERNEL_CASES]
+                         + [(c, 10**9) for c in KERNEL_CASES if c.name in ("plain", "softcap_temperature", "shift_3d")],
+                         ids=lambda x: x.name if hasattr(x, "name") else ("half" if x == 10**9 else "auto_quarter"))
 def test_interpreter_kept_logits_match_float64(case, budget):
     """max_workspace_bytes: the first K tokens' logits kept from the forward (cuBLAS-like torch.mm, the
     row kernel's statistics), the backward over them and over chunks of K recomputed rows."""
@@ -192,11 +193,12 @@ def _kept_run(e, c, b, y, budget, retain=False):
 @interpreter
 def test_kept_logits_chunks_sizes_and_second_backward():
     """K rows kept, the rest recomputed in chunks of K (the last partial): the gradients equal the
-    minimum-memory path's whatever K (1, 3, N/2 rows) and a second backward gives the same."""
+    minimum-memory path's whatever K (3: 13 chunks, the last of one row; N/2) and a second backward
+    gives the same."""
     e, c, b, y = _raw_inputs()
     exact = _kept_run(e, c, b, y, 0)
     row_bytes = 101 * 4
-    for rows in (1, 3, 100):
+    for rows in (3, 100):
         kept = _kept_run(e, c, b, y, rows * row_bytes, retain=rows == 3)
         for a, r in zip(kept, exact):
             assert rel(a, r) <= 1e-5, rows
