@@ -43,27 +43,23 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .common import prepare_inputs, sm_count
+from .common import prepare_inputs
 from .token_stats import stats_forward
-from .workspace import _capped_log2, _gpu_block_v, _load_block, _round_by_hand, _store_rounded
+from .workspace import (
+    AUTO_DEVICE_SHARE, _capped_log2, _load_block, _round_by_hand, _store_rounded, add_chunk_gradients, logits_into,
+    row_launch,
+)
 
 # Of the tokens, the share whose logits the forward keeps under "auto" (a quarter of the logits' bytes,
 # as cross-entropy's workspace) and the most it keeps under any budget (half: never all the logits).
 KEPT_SHARE_AUTO = 4
 KEPT_SHARE_MAX = 2
-DEVICE_SHARE = 32  # at most 1/32 of the device's memory (as workspace.AUTO_DEVICE_SHARE)
-
-_GPU_WARPS = 8
-_GPU_PROGRAMS_PER_SM = 2
-_INTERPRETER_BLOCK_V = 16  # small test rows span several blocks and the masked tail
-_INTERPRETER_PROGRAMS = 3
-_LN2 = 0.6931471805599453
 
 
 def kept_rows(num_tokens, vocab: int, element_size: int, max_workspace_bytes: int, device_memory: int | None):
     """K, the tokens whose logits the forward keeps: ``max_workspace_bytes`` -1 ("auto"): a quarter
-    of the tokens, at most 1/DEVICE_SHARE of ``device_memory`` (None: no device limit); > 0: as
-    many rows as fit, at most half the tokens; 0: none. ``num_tokens`` may be a SymInt (the op's
+    of the tokens, at most 1/AUTO_DEVICE_SHARE of ``device_memory`` (as cross-entropy's "auto"; None:
+    no device limit); > 0: as many rows as fit, at most half the tokens; 0: none. ``num_tokens`` may be a SymInt (the op's
     fake): no comparison of it is made, only ``torch.sym_min``."""
     row_bytes = vocab * element_size
     if max_workspace_bytes == 0 or row_bytes == 0:
@@ -71,7 +67,7 @@ def kept_rows(num_tokens, vocab: int, element_size: int, max_workspace_bytes: in
     if max_workspace_bytes < 0:
         rows = num_tokens // KEPT_SHARE_AUTO
         if device_memory is not None:
-            rows = torch.sym_min(rows, device_memory // DEVICE_SHARE // row_bytes)
+            rows = torch.sym_min(rows, device_memory // AUTO_DEVICE_SHARE // row_bytes)
         return rows
     return torch.sym_min(num_tokens // KEPT_SHARE_MAX, max_workspace_bytes // row_bytes)
 
@@ -157,7 +153,8 @@ def _rows_kernel(
                 tl.store(Entropy + row, entropy)
             if VARIANCE:  # Var(z) = ln2^2 (q / s - (t / s)^2)
                 mean = run_t / run_sum
-                tl.store(Variance + row, tl.maximum(run_q / run_sum - mean * mean, 0.0) * (0.6931471805599453 * 0.6931471805599453))
+                variance2 = tl.maximum(run_q / run_sum - mean * mean, 0.0)
+                tl.store(Variance + row, variance2 * (0.6931471805599453 * 0.6931471805599453))
             if ARGMAX:
                 tl.store(Argmax + row, best_id)
             if LOGPROB:  # the target logit from the same stored value as the sweep saw
@@ -214,12 +211,7 @@ def _launch_rows(z: Tensor, g: Tensor | None, targets: Tensor | None, coefficien
     rows, vocab = z.shape
     if rows == 0:
         return
-    if z.device.type == "cuda":
-        block_v = _gpu_block_v(vocab, z.element_size(), block_bytes)
-        programs = min(rows, (programs_per_sm or _GPU_PROGRAMS_PER_SM) * sm_count(z.device))
-        warps = warps or _GPU_WARPS
-    else:
-        block_v, programs, warps = _INTERPRETER_BLOCK_V, min(rows, _INTERPRETER_PROGRAMS), 1
+    block_v, programs, warps = row_launch(z, block_bytes, warps, programs_per_sm)  # as workspace.py's
     write_grad = g is not None
     g_lp, a, g_h = coefficients if write_grad else (z, z, z)
     lp, h, am, lse, var = outputs if not write_grad else (z,) * 5
@@ -235,13 +227,6 @@ def _launch_rows(z: Tensor, g: Tensor | None, targets: Tensor | None, coefficien
         ARGMAX=argmax, ROUND_ARGMAX=round_argmax, VARIANCE=variance, WRITE_GRAD=write_grad,
         ROUND_BF16=_round_by_hand(g if write_grad else z), FAST_RCP=z.device.type == "cuda", num_warps=warps,
     )
-
-
-def _logits_into(out: Tensor, e_rows: Tensor, c: Tensor, bias: Tensor | None) -> None:
-    if bias is None:
-        torch.mm(e_rows, c.T, out=out)
-    else:
-        torch.addmm(bias, e_rows, c.T, out=out)
 
 
 def stats_forward_kept(e: Tensor, c: Tensor, bias: Tensor | None, targets: Tensor | None, ignore_index: int,
@@ -269,7 +254,7 @@ def stats_forward_kept(e: Tensor, c: Tensor, bias: Tensor | None, targets: Tenso
         torch.empty(k, **f32) if want_variance else None,
     )
     if k:
-        _logits_into(kept, e[:k], c, bias)
+        logits_into(kept, e[:k], c, bias)
         _launch_rows(kept, None, targets[:k], None, head, ignore_index, softcap, inv_temp, want_logprob,
                      want_entropy, want_argmax, want_variance, round_argmax)
     if k == num_tokens:
@@ -307,19 +292,11 @@ def stats_backward_kept(e: Tensor, c: Tensor, bias: Tensor | None, targets: Tens
             z = kept
         else:
             z = g
-            _logits_into(z, e_rows, c, bias)
+            logits_into(z, e_rows, c, bias)
         coefficients = tuple(None if t is None else t[n0:n1] for t in (grad_logprob, grad_softmax, grad_entropy))
         _launch_rows(z, g, targets[n0:n1] if with_logprob else None, coefficients, None, ignore_index, softcap,
                      inv_temp, with_logprob, with_entropy, False, False, False)
-        if needs_e:
-            torch.mm(g, c, out=de[n0:n1])
-        if needs_c:
-            if n0 == 0:
-                torch.mm(g.T, e_rows, out=dc)
-            else:
-                dc.addmm_(g.T, e_rows)
-        if needs_bias:
-            dbias32 += g.sum(0, dtype=torch.float32)
+        add_chunk_gradients(g, e_rows, c, n0, de, dc, dbias32)
     return de, dc, (dbias32.to(bias.dtype) if needs_bias else None)
 
 

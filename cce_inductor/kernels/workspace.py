@@ -268,6 +268,19 @@ def _gpu_block_v(vocab: int, element_size: int, block_bytes: int | None = None) 
     return min(triton.next_power_of_2(vocab), (block_bytes or _GPU_BLOCK_BYTES) // element_size)
 
 
+def row_launch(z: Tensor, block_bytes: int | None = None, warps: int | None = None,
+               programs_per_sm: int | None = None) -> tuple[int, int, int]:
+    """(logits per block load, programs, warps) of a row kernel over z's rows: on a GPU
+    ``block_bytes`` of a row per load (None: _GPU_BLOCK_BYTES), ``programs_per_sm`` programs per SM
+    (None: _GPU_PROGRAMS_PER_SM) of ``warps`` warps (None: _GPU_WARPS), grid-striding over the rows;
+    under the interpreter tiny blocks and a few programs."""
+    rows, vocab = z.shape
+    if z.device.type != "cuda":
+        return _INTERPRETER_BLOCK_V, min(rows, _INTERPRETER_PROGRAMS), 1
+    programs = min(rows, (programs_per_sm or _GPU_PROGRAMS_PER_SM) * sm_count(z.device))
+    return _gpu_block_v(vocab, z.element_size(), block_bytes), programs, warps or _GPU_WARPS
+
+
 def _launch_rows(z: Tensor, targets: Tensor, weight: Tensor, loss: Tensor, ignore_index: int, softcap: float,
                  label_smoothing: float, write_grad: bool, *, block_bytes: int | None = None,
                  warps: int | None = None, programs_per_sm: int | None = None, prefetch: bool = True,
@@ -280,12 +293,7 @@ def _launch_rows(z: Tensor, targets: Tensor, weight: Tensor, loss: Tensor, ignor
     ``prefetch``, ``evict_sweep2`` and ``programs_per_sm`` leave the results bit for bit;
     ``block_bytes`` and ``warps`` change the order of the row's sums (the last bits)."""
     rows, vocab = z.shape
-    if z.device.type == "cuda":
-        block_v = _gpu_block_v(vocab, z.element_size(), block_bytes)
-        programs = min(rows, (programs_per_sm or _GPU_PROGRAMS_PER_SM) * sm_count(z.device))
-        warps = warps or _GPU_WARPS
-    else:
-        block_v, programs, warps = _INTERPRETER_BLOCK_V, min(rows, _INTERPRETER_PROGRAMS), 1
+    block_v, programs, warps = row_launch(z, block_bytes, warps, programs_per_sm)
     return _fused_rows_kernel[(programs,)](
         z, targets, weight, loss,
         rows, vocab, z.stride(0),
@@ -294,6 +302,30 @@ def _launch_rows(z: Tensor, targets: Tensor, weight: Tensor, loss: Tensor, ignor
         ROUND_BF16=_round_by_hand(z), PREFETCH=prefetch, EVICT_SWEEP2=evict_sweep2,
         FAST_RCP=z.device.type == "cuda", num_warps=warps,
     )
+
+
+def logits_into(out: Tensor, e_rows: Tensor, c: Tensor, bias: Tensor | None) -> None:
+    """out = e_rows @ c.T (+ bias), cuBLAS, in out's dtype (bias in e's dtype)."""
+    if bias is None:
+        torch.mm(e_rows, c.T, out=out)
+    else:
+        torch.addmm(bias, e_rows, c.T, out=out)
+
+
+def add_chunk_gradients(g: Tensor, e_rows: Tensor, c: Tensor, n0: int, de: Tensor | None, dc: Tensor | None,
+                        dbias32: Tensor | None) -> None:
+    """From the logits' gradient g of the tokens [n0, n0 + len(g)): dE's rows written
+    (de[n0:] = g @ C), dC formed at the first chunk (n0 == 0) and added to after (cuBLAS addmm: one
+    rounding of the running sum per chunk), float32 dbias added to; None: not needed."""
+    if de is not None:
+        torch.mm(g, c, out=de[n0 : n0 + g.shape[0]])
+    if dc is not None:
+        if n0 == 0:
+            torch.mm(g.T, e_rows, out=dc)
+        else:
+            dc.addmm_(g.T, e_rows)
+    if dbias32 is not None:
+        dbias32 += g.sum(0, dtype=torch.float32)
 
 
 def lce_fused_reduced(
@@ -334,21 +366,10 @@ def lce_fused_reduced(
     for n0 in range(0, num_tokens, max(rows, 1)):
         n1 = min(num_tokens, n0 + rows)
         z, e_chunk = workspace[: n1 - n0], e[n0:n1]
-        if bias is None:
-            torch.mm(e_chunk, c.T, out=z)
-        else:
-            torch.addmm(bias, e_chunk, c.T, out=z)
+        logits_into(z, e_chunk, c, bias)
         _launch_rows(z, targets[n0:n1], weight, loss_rows[n0:n1], ignore_index, softcap, label_smoothing,
                      write_grad)
-        if needs_e:
-            torch.mm(z, c, out=de[n0:n1])
-        if needs_c:
-            if n0 == 0:
-                torch.mm(z.T, e_chunk, out=dc)
-            else:
-                dc.addmm_(z.T, e_chunk)
-        if needs_bias:
-            dbias32 += z.sum(0, dtype=torch.float32)
+        add_chunk_gradients(z, e_chunk, c, n0, de, dc, dbias32)
     if needs_c and num_tokens == 0:
         dc.zero_()
 
@@ -370,4 +391,5 @@ def scale_(x: Tensor, scale: Tensor) -> None:
                                num_warps=8 if x.device.type == "cuda" else 1)
 
 
-__all__ = ["auto_fits", "auto_workspace_bytes", "lce_fused_reduced", "scale_", "workspace_rows"]
+__all__ = ["add_chunk_gradients", "auto_fits", "auto_workspace_bytes", "lce_fused_reduced", "logits_into", "row_launch",
+           "scale_", "workspace_rows"]
