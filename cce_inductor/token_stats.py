@@ -7,7 +7,8 @@ divided by a temperature, and p_i = softmax(z_i):
     entropy_i = -sum_j p_ij log p_ij = lse_i - S_i,   S_i = sum_j p_ij z_ij
     argmax_i  = the first j with the largest z_ij (as torch.argmax); no gradient
     lse_i     = log sum_j exp z_ij
-Their gradients w.r.t. the logits, formed together in one recompute of the logits:
+Their gradients w.r.t. the logits, formed together in one recompute of the logits (of those not kept
+from the forward: ``max_workspace_bytes``):
     dz_ij = g_lp_i (onehot_ij - p_ij) + g_H_i p_ij (S_i - z_ij) + g_lse_i p_ij
           = g_lp_i onehot_ij + p_ij (g_lse_i - g_lp_i + g_H_i ((lse_i - z_ij) - H_i))
 then times 1 / temperature, and under a softcap times 1 - tanh^2; dE = dz @ C, dC = dz^T @ E, dbias = sum_i dz.
@@ -17,6 +18,8 @@ Layers, bottom up (as ``ops.py``):
   ``chunked_stats_forward`` / ``chunked_stats_backward``  the torch path: the vocabulary walked in
       chunks with an online log-sum-exp (bounded memory; float64 accumulation for float32 inputs)
   ``kernels/token_stats.py``  the Triton path (CUDA; the CPU under TRITON_INTERPRET=1)
+  ``kernels/token_stats_workspace.py``  its ``max_workspace_bytes`` mode: the first tokens' logits
+      kept from the forward, the backward recomputing only the rest
   ``cce_inductor::token_stats_forward`` / ``token_stats_backward``  the torch.library custom ops
   ``linear_token_stats``  the public function: validation, temperature, shift, reshaping
 
@@ -308,7 +311,7 @@ def token_stats_forward(
     first ``num_kept(...)`` tokens (K, V) in e's dtype, for the backward (``max_workspace_bytes``: 0
     none, ``ops._AUTO`` "auto", else a budget in bytes; Triton, bfloat16 and float32 only; see
     ``kernels/token_stats_workspace.py``). Targets are checked as ``ops.lce_forward`` checks them."""
-    k = num_kept(e, c, impl, max_workspace_bytes)
+    k = num_kept(e, c, bias, impl, max_workspace_bytes)
     with ops._on_device_of(e):
         if logprob:
             ops._check_targets(targets, c.shape[0], ignore_index)
@@ -343,15 +346,17 @@ def _(e, c, targets, bias, ignore_index, softcap, inv_temp, logprob, entropy, ar
         e.new_empty(n if argmax else 0, dtype=torch.int64),
         e.new_empty(n, dtype=sd),
         e.new_empty(n if variance else 0, dtype=sd),
-        e.new_empty(num_kept(e, c, impl, max_workspace_bytes), c.shape[0]),
+        e.new_empty(num_kept(e, c, bias, impl, max_workspace_bytes), c.shape[0]),
     )
 
 
-def num_kept(e: Tensor, c: Tensor, impl: str, max_workspace_bytes: int):
+def num_kept(e: Tensor, c: Tensor, bias: Tensor | None, impl: str, max_workspace_bytes: int):
     """The tokens whose logits ``token_stats_forward`` keeps for the backward (a SymInt under fake
     tensors): ``kernels/token_stats_workspace.kept_rows`` on the Triton path for bfloat16 and float32
-    inputs (the dtype the op computes in: autocast may have cast them), else 0."""
-    if not max_workspace_bytes or impl != "triton" or e.dtype not in (torch.bfloat16, torch.float32):
+    inputs of one dtype (the dtype the op computes in: autocast may have cast them), else 0."""
+    one_dtype = c.dtype == e.dtype and (bias is None or bias.dtype == e.dtype)
+    if not max_workspace_bytes or impl != "triton" or e.dtype not in (torch.bfloat16, torch.float32) \
+            or not one_dtype:
         return 0
     return _triton_stats_workspace().kept_rows(e.shape[0], c.shape[0], e.element_size(), max_workspace_bytes,
                                                ops._device_memory(e.device))
@@ -378,7 +383,7 @@ def token_stats_backward(
     kept: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Gradients of sum(grad_logprob * logprob + grad_entropy * entropy + grad_lse * lse) w.r.t. e, c,
-    bias in one recompute of the logits (a None upstream gradient: that output gets none; entropy is
+    bias in one recompute of the logits not kept (a None upstream gradient: that output gets none; entropy is
     the forward's, needed with grad_entropy); an empty tensor for each gradient not needed. ``kept``:
     the forward's kept logits; with rows, the backward of ``kernels/token_stats_workspace.py``
     (which recomputes lse and entropy from them, and does not modify them)."""
@@ -574,7 +579,7 @@ def linear_token_stats(
 ) -> TokenStats:
     """Per-token statistics of softmax(z), z = e @ c.T + bias (softcapped, then divided by the
     temperature), computed without the N x V logits, in one pass over the vocabulary (and one
-    recompute for all the gradients).
+    recompute, of the logits not kept from the forward, for all the gradients).
 
     Equals, with ``logits = z`` materialized: ``logprob = log_softmax(z).gather(-1, targets)`` (0
     where targets == ignore_index), ``entropy = -(softmax(z) * log_softmax(z)).sum(-1)``,
@@ -604,8 +609,10 @@ def linear_token_stats(
             most 1/32 of the GPU's memory) from the forward for the backward, which then recomputes
             only the rest, through a buffer of the same size (cuBLAS logits and a row kernel:
             ``kernels/token_stats_workspace.py``); an int keeps as many rows as fit in that many
-            bytes, at most half the tokens; None or 0 (the default): the minimum memory, O(N + V),
-            one fused recompute of every logit in the backward.
+            bytes, at most half the tokens (none below 128 rows); None or 0 (the default): the
+            minimum memory, O(N + V), one fused recompute of every logit in the backward. Kept
+            logits live as long as the outputs' autograd graph, backward or not: compute
+            statistics that are not differentiated (e.g. a reference policy's) under no_grad.
 
     Returns:
         ``TokenStats(logprob, entropy, argmax, lse)``, each shaped like the (shifted) targets, None

@@ -7,8 +7,8 @@ are known only in the backward, so unlike cross-entropy's workspace path (``work
 gradients cannot be formed in the forward; a recompute of the logits stays. What this path saves is
 part of that recompute, and the Triton recompute's small buffer (``token_stats.py``'s backward):
 
-Forward, the first K tokens (``kept_rows``: a quarter of them under "auto", at most half, within the
-budget and 1/32 of the device's memory):
+Forward, the first K tokens (``kept_rows``: a quarter of them under "auto", within 1/32 of the
+device's memory; under a budget in bytes as many as fit, at most half; see ``kept_rows``):
   1. Z = E[:K] @ C^T (+ bias)                         cuBLAS, in the input dtype      # [K, V]
      -- returned by the op and kept by autograd for the backward;
   2. ``_rows_kernel`` (STATS) reads each row of Z once: online max, sum of exp, the entropy's and the
@@ -30,10 +30,13 @@ logits.
 Cost (counting): forward (K/N) T by cuBLAS plus one read of Z, and (1 - K/N) T fused; backward
 (1 - K/N) T of recompute, 2T of gradient GEMMs and three passes over each row (read, read, write).
 Memory: Z (K rows) from forward to backward, W (K rows) during the backward, O(N + V) floats.
-Limits: the logits of the first K rows are rounded to the input dtype before the softmax (as a plain
-bf16 torch computation; float32 inputs go through cuBLAS with torch's TF32 setting); dC is rounded
-once per chunk (16-bit); the arg-max compares the logits rounded to the input dtype (as
-``token_stats.py``). Row offsets are int64.
+Memory held: Z lives as long as the outputs' autograd graph, whether or not a backward runs (compute
+statistics that are not differentiated under ``torch.no_grad()``: then nothing is kept).
+Limits: dC's 16-bit running sum is rounded once per chunk (about four chunks under "auto", more
+where the device share binds); the logits of the first K rows are rounded to the input dtype before
+the softmax (as a plain bf16 torch computation; float32 inputs go through cuBLAS with torch's TF32
+setting); the arg-max compares the logits as eager does (capped and scaled, rounded to a 16-bit
+input dtype). Row offsets are int64.
 """
 
 from __future__ import annotations
@@ -54,12 +57,17 @@ from .workspace import (
 # as cross-entropy's workspace) and the most it keeps under any budget (half: never all the logits).
 KEPT_SHARE_AUTO = 4
 KEPT_SHARE_MAX = 2
+# A budget (or a device share) of fewer rows keeps none: each chunk rounds dC's running sum once more
+# (16-bit) and small GEMMs are slow; the fused recompute is then the better path. A quarter of few
+# tokens is still kept (at most four chunks).
+MIN_BUDGET_ROWS = 128
 
 
 def kept_rows(num_tokens, vocab: int, element_size: int, max_workspace_bytes: int, device_memory: int | None):
     """K, the tokens whose logits the forward keeps: ``max_workspace_bytes`` -1 ("auto"): a quarter
     of the tokens, at most 1/AUTO_DEVICE_SHARE of ``device_memory`` (as cross-entropy's "auto"; None:
-    no device limit); > 0: as many rows as fit, at most half the tokens; 0: none. ``num_tokens`` may be a SymInt (the op's
+    no device limit); > 0: as many rows as fit in that many bytes (no device share), at most half the
+    tokens; 0: none; and none where the budget or the device share holds fewer than MIN_BUDGET_ROWS. ``num_tokens`` may be a SymInt (the op's
     fake): no comparison of it is made, only ``torch.sym_min``."""
     row_bytes = vocab * element_size
     if max_workspace_bytes == 0 or row_bytes == 0:
@@ -67,9 +75,11 @@ def kept_rows(num_tokens, vocab: int, element_size: int, max_workspace_bytes: in
     if max_workspace_bytes < 0:
         rows = num_tokens // KEPT_SHARE_AUTO
         if device_memory is not None:
-            rows = torch.sym_min(rows, device_memory // AUTO_DEVICE_SHARE // row_bytes)
+            fit = device_memory // AUTO_DEVICE_SHARE // row_bytes
+            rows = torch.sym_min(rows, fit) if fit >= MIN_BUDGET_ROWS else 0
         return rows
-    return torch.sym_min(num_tokens // KEPT_SHARE_MAX, max_workspace_bytes // row_bytes)
+    fit = max_workspace_bytes // row_bytes
+    return torch.sym_min(num_tokens // KEPT_SHARE_MAX, fit) if fit >= MIN_BUDGET_ROWS else 0
 
 
 @triton.jit
@@ -81,7 +91,8 @@ def _rows_kernel(
     # constants
     ignore_index, softcap, inv_temp,
     BLOCK_V: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_TEMP: tl.constexpr, LOGPROB: tl.constexpr,
-    ENTROPY: tl.constexpr, ARGMAX: tl.constexpr, ROUND_ARGMAX: tl.constexpr, VARIANCE: tl.constexpr,
+    ENTROPY: tl.constexpr, ARGMAX: tl.constexpr, CAPPED_ARGMAX: tl.constexpr, ROUND_ARGMAX: tl.constexpr,
+    VARIANCE: tl.constexpr,
     WRITE_GRAD: tl.constexpr, ROUND_BF16: tl.constexpr, FAST_RCP: tl.constexpr,
 ):
     """STATS (WRITE_GRAD false): per row, the statistics asked for. GRAD: per row, dz into G from the
@@ -133,9 +144,11 @@ def _rows_kernel(
             run_sum = run_sum * alpha + tl.sum(p)
             run_max = new_max
             if ARGMAX:
-                if ROUND_ARGMAX:  # the logits as eager holds them: rounded to the input dtype
-                    z_cmp = (z2 * 0.6931471805599453).to(Z.dtype.element_ty).to(tl.float32)
-                else:
+                if CAPPED_ARGMAX:  # the capped / scaled logits, as eager compares them
+                    z_cmp = z2 * 0.6931471805599453
+                    if ROUND_ARGMAX:  # rounded to the input dtype, as eager holds them
+                        z_cmp = z_cmp.to(Z.dtype.element_ty).to(tl.float32)
+                else:  # the stored logits themselves
                     z_cmp = u
                 z_cmp = tl.where(mask_v, z_cmp, float("-inf"))
                 block_best = tl.max(z_cmp, axis=0)
@@ -202,7 +215,7 @@ def _rows_kernel(
 
 def _launch_rows(z: Tensor, g: Tensor | None, targets: Tensor | None, coefficients, outputs, ignore_index: int,
                  softcap: float, inv_temp: float, logprob: bool, entropy: bool, argmax: bool, variance: bool,
-                 round_argmax: bool, *, block_bytes: int | None = None, warps: int | None = None,
+                 *, block_bytes: int | None = None, warps: int | None = None,
                  programs_per_sm: int | None = None):
     """The row kernel over z's rows: statistics into ``outputs`` (logprob, entropy, argmax, lse,
     variance; None where not asked for) when ``g`` is None, else the gradient rows into g with
@@ -224,7 +237,8 @@ def _launch_rows(z: Tensor, g: Tensor | None, targets: Tensor | None, coefficien
         rows, vocab, z.stride(0), g.stride(0) if write_grad else 0,
         ignore_index, float(softcap), float(inv_temp),
         BLOCK_V=block_v, HAS_SOFTCAP=softcap != 0.0, HAS_TEMP=inv_temp != 1.0, LOGPROB=logprob, ENTROPY=entropy,
-        ARGMAX=argmax, ROUND_ARGMAX=round_argmax, VARIANCE=variance, WRITE_GRAD=write_grad,
+        ARGMAX=argmax, CAPPED_ARGMAX=softcap != 0.0 or inv_temp != 1.0,
+        ROUND_ARGMAX=z.dtype in (torch.bfloat16, torch.float16), VARIANCE=variance, WRITE_GRAD=write_grad,
         ROUND_BF16=_round_by_hand(g if write_grad else z), FAST_RCP=z.device.type == "cuda", num_warps=warps,
     )
 
@@ -235,8 +249,6 @@ def stats_forward_kept(e: Tensor, c: Tensor, bias: Tensor | None, targets: Tenso
     """(logprob, entropy, argmax, lse, variance, kept): the statistics of ``token_stats.stats_forward``
     (None where not asked for) and the logits of the first ``num_kept`` tokens, (num_kept, V) in e's
     dtype, for ``stats_backward_kept``."""
-    # eager's capped or scaled logits are rounded to the input dtype; the plain ones are Z's values
-    round_argmax = e.dtype in (torch.bfloat16, torch.float16) and (softcap != 0.0 or inv_temp != 1.0)
     num_tokens = e.shape[0]
     if targets is None:  # never read without LOGPROB; prepare_inputs wants one
         targets = torch.empty(num_tokens, dtype=torch.int64, device=e.device)
@@ -256,7 +268,7 @@ def stats_forward_kept(e: Tensor, c: Tensor, bias: Tensor | None, targets: Tenso
     if k:
         logits_into(kept, e[:k], c, bias)
         _launch_rows(kept, None, targets[:k], None, head, ignore_index, softcap, inv_temp, want_logprob,
-                     want_entropy, want_argmax, want_variance, round_argmax)
+                     want_entropy, want_argmax, want_variance)
     if k == num_tokens:
         return (*head, kept)
     tail = stats_forward(e[k:], c, bias, targets[k:], ignore_index, softcap, inv_temp, want_logprob, want_entropy,
@@ -280,6 +292,8 @@ def stats_backward_kept(e: Tensor, c: Tensor, bias: Tensor | None, targets: Tens
         bias = bias.to(e.dtype)
     needs_bias = needs_bias and bias is not None
     k, vocab = kept.shape
+    if not (needs_e or needs_c or needs_bias):
+        return None, None, None
     de = torch.empty(num_tokens, e.shape[1], dtype=e.dtype, device=e.device) if needs_e else None
     dc = torch.empty(vocab, c.shape[1], dtype=c.dtype, device=e.device) if needs_c else None
     dbias32 = torch.zeros(vocab, dtype=torch.float32, device=e.device) if needs_bias else None
@@ -295,7 +309,7 @@ def stats_backward_kept(e: Tensor, c: Tensor, bias: Tensor | None, targets: Tens
             logits_into(z, e_rows, c, bias)
         coefficients = tuple(None if t is None else t[n0:n1] for t in (grad_logprob, grad_softmax, grad_entropy))
         _launch_rows(z, g, targets[n0:n1] if with_logprob else None, coefficients, None, ignore_index, softcap,
-                     inv_temp, with_logprob, with_entropy, False, False, False)
+                     inv_temp, with_logprob, with_entropy, False, False)
         add_chunk_gradients(g, e_rows, c, n0, de, dc, dbias32)
     return de, dc, (dbias32.to(bias.dtype) if needs_bias else None)
 

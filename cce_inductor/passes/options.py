@@ -33,7 +33,10 @@ class Options:
             instead of four), its size chosen per call from the shapes and the device (a quarter of
             the logits' bytes, at most 1/32 of the device's memory; see ``linear_cross_entropy``),
             with exact=True on the Triton path for a reduced loss. ``0`` (or None): the minimum
-            memory, O(N + V): the exact recompute. A positive int: at most that many bytes.
+            memory, O(N + V): the exact recompute. A positive int: at most that many bytes. At a
+            per-token statistics site (``linear_token_stats``) it sets how many tokens' logits the
+            forward keeps for the backward ("auto": a quarter of them, at most 1/32 of the device's
+            memory).
     """
 
     detach_logits: bool = False

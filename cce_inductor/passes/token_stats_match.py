@@ -985,8 +985,9 @@ def _mode(site: StatsSite, report: SiteReport, options: Options) -> str:
     x, z = N.tensor_value(site.x), N.tensor_value(site.projection)
     if report.vocab is None or x is None or z is None:
         return "chosen per call"
-    return describe_mode(report.tokens, int(report.vocab), z.dtype, x.device, z.requires_grad, options.impl,
-                         options.max_workspace_bytes)
+    differentiable = any(c.kind != "argmax" for c in site.consumers)  # an arg-max alone has no gradient
+    return describe_mode(report.tokens, int(report.vocab), z.dtype, x.device, z.requires_grad and differentiable,
+                         options.impl, options.max_workspace_bytes)
 
 
 def _user_location(node: Node) -> str:

@@ -140,7 +140,10 @@ def test_targets_none_and_fields_alone():
 
 
 @interpreter
-def test_opcheck_triton():
+def test_opcheck_triton(monkeypatch):
+    from cce_inductor.kernels import token_stats_workspace
+
+    monkeypatch.setattr(token_stats_workspace, "MIN_BUDGET_ROWS", 1)  # a budget of 3 rows keeps 3
     e, c, b, y = _raw_inputs(n=19, v=37)
     e.requires_grad_(), c.requires_grad_(), b.requires_grad_()
     utils = ("test_schema", "test_faketensor", "test_autograd_registration")
@@ -196,10 +199,27 @@ def _kept_run(e, c, b, y, budget, retain=False):
 
 
 @interpreter
-def test_kept_logits_chunks_sizes_and_second_backward():
+def test_kept_rows_argmax_compares_the_capped_logits_as_eager():
+    """float32 with a softcap: logits that the cap saturates tie, and the first of them wins, in the
+    kept rows as in the fused rows and eager (not the larger raw logit)."""
+    e = torch.zeros(8, 4)
+    e[:, 0] = 1.0
+    c = torch.zeros(50, 4)
+    c[5, 0], c[30, 0] = 400.0, 800.0  # 100 and 200 x the cap: both tanh to exactly 1 in float32
+    for budget in ("auto", 0):
+        am = linear_token_stats(e.requires_grad_(), c, logprob=False, argmax=True, lse=True, softcap=4.0,
+                                impl="triton", max_workspace_bytes=budget).argmax
+        assert am.tolist() == [5] * 8, (budget, am)
+
+
+@interpreter
+def test_kept_logits_chunks_sizes_and_second_backward(monkeypatch):
     """K rows kept, the rest recomputed in chunks of K (the last partial): the gradients equal the
     minimum-memory path's whatever K (3: 13 chunks, the last of one row; N/2) and a second backward
     gives the same."""
+    from cce_inductor.kernels import token_stats_workspace
+
+    monkeypatch.setattr(token_stats_workspace, "MIN_BUDGET_ROWS", 1)
     e, c, b, y = _raw_inputs()
     exact = _kept_run(e, c, b, y, 0)
     row_bytes = 101 * 4
@@ -219,11 +239,16 @@ def test_kept_rows_rule():
     assert kept_rows(16384, 151936, 2, -1, 16 * 2**30) == 16 * 2**30 // 32 // (151936 * 2)
     assert kept_rows(16384, 151936, 2, -1, None) == 4096
     assert kept_rows(16384, 151936, 2, 10**12, None) == 8192
-    assert kept_rows(16384, 151936, 2, 151936 * 2 * 10, None) == 10
+    assert kept_rows(16384, 151936, 2, 151936 * 2 * 200, None) == 200
+    # fewer than MIN_BUDGET_ROWS rows in the budget or in the device's share: none kept
+    assert kept_rows(16384, 151936, 2, 151936 * 2 * 10, None) == 0
+    assert kept_rows(16384, 151936, 2, -1, 2**30) == 0
     assert kept_rows(3, 100, 2, -1, None) == 0 and kept_rows(100, 100, 2, 0, None) == 0
-    e, c = torch.empty(64, 8), torch.empty(100, 8)
-    assert num_kept(e, c, "triton", -1) == 16 and num_kept(e, c, "torch", -1) == 0
-    assert num_kept(e.half(), c.half(), "triton", -1) == 0 and num_kept(e, c, "triton", 0) == 0
+    e, c, b = torch.empty(64, 8), torch.empty(100, 8), torch.empty(100)
+    assert num_kept(e, c, b, "triton", -1) == 16 and num_kept(e, c, None, "torch", -1) == 0
+    assert num_kept(e.half(), c.half(), None, "triton", -1) == 0 and num_kept(e, c, None, "triton", 0) == 0
+    # operands of two dtypes (the raw op; the public function and autocast pass one): none kept
+    assert num_kept(e.bfloat16(), c, None, "triton", -1) == 0 and num_kept(e, c, b.bfloat16(), "triton", -1) == 0
 
 
 @interpreter
