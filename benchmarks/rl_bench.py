@@ -13,10 +13,11 @@ The loss, forward + backward w.r.t. e and c:
   * ``torch.compile``: the same loss from materialized logits (``log_softmax`` + ``gather`` and
     ``-(p * logp).sum(-1)`` of ``(e @ c.T).float()``), compiled with ``--compile-backend`` (Inductor;
     ``--small``: aot_eager, to run in seconds on a CPU).
-Per method: the median forward time (grad enabled, no backward) and fw+bw time (``triton.testing.do_bench`` on CUDA, ``time.perf_counter`` on the
-CPU), its ratio to T (the cuBLAS N x V x D logits GEMM, measured in the same run), the peak memory
-above the inputs (CUDA; gradients included), and the largest norm-wise relative difference of the
-loss and gradients from the torch.compile method's. A table is printed; JSON (device, versions,
+Per method: the median forward time (grad enabled, no backward) and fw+bw time
+(``timing.median_ms``: ``triton.testing.do_bench`` on CUDA, ``time.perf_counter`` on the CPU), its
+ratio to T (the cuBLAS N x V x D logits GEMM, measured in the same run), the peak memory above the
+inputs (CUDA; gradients included), and the largest norm-wise relative difference of the loss and
+gradients from the torch.compile method's. A table is printed; JSON (device, versions,
 date, command) is written to ``--out``.
 """
 
@@ -27,15 +28,15 @@ import datetime
 import functools
 import json
 import platform
-import statistics
 import sys
-import time
 from dataclasses import asdict, dataclass
 
 import torch
 
 from cce_inductor import linear_token_stats
 from cce_inductor.testing import make_inputs
+
+from .timing import median_ms
 
 ENTROPY_COEF = 0.01
 
@@ -71,18 +72,8 @@ def plain_loss(e, c, targets, adv):
 
 
 def _time_ms(fn, device: str, reps: int) -> float:
-    if device == "cuda":
-        import triton.testing
-
-        # about ten timed calls of a ~0.1 s step (do_bench's default 100 ms would time one)
-        return float(triton.testing.do_bench(fn, warmup=200, rep=1000, return_mode="median"))
-    fn()  # warm-up (compiles)
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
+    # about ten timed calls of a ~0.1 s step on CUDA (do_bench's default 100 ms would time one)
+    return median_ms(fn, device, reps=reps, warmup_ms=200, rep_ms=1000)
 
 
 def _rel(a, b) -> float:

@@ -24,9 +24,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import statistics
 import sys
-import time
 from dataclasses import asdict, dataclass
 
 import torch
@@ -34,6 +32,8 @@ import torch
 from cce_inductor import linear_cross_entropy
 from cce_inductor import vocab_parallel as vp
 from cce_inductor.testing import make_inputs
+
+from .timing import median_ms
 
 
 @dataclass(frozen=True)
@@ -50,21 +50,7 @@ SPLITS = (1, 2, 8)
 
 
 def _timer(device: torch.device):
-    if device.type == "cuda":
-        from triton.testing import do_bench
-
-        return lambda fn: float(do_bench(fn, warmup=25, rep=100, return_mode="median"))
-
-    def cpu(fn, reps=3):
-        fn()
-        times = []
-        for _ in range(reps):
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-        return statistics.median(times)
-
-    return cpu
+    return lambda fn: median_ms(fn, device.type)
 
 
 def _shard_step(e, c, y, impl, backward: bool):
