@@ -188,12 +188,26 @@ def chunked_backward(
     dz = (grad_loss + grad_lse) * p - grad_loss * ((1 - ls) * onehot(y) + ls / V),
     times sech^2(u / cap) under a softcap; dE = dz @ C, dC = dz^T @ E, dbias = sum_n dz.
     The gradients are contiguous, in the dtypes of e, c and bias."""
+    vocab = c.shape[0]
+    coef_loss, coef_p, safe_targets = _token_coefficients(targets, grad_loss, grad_lse, ignore_index, vocab,
+                                                          _compute_dtype(e.dtype))
+    lse = lse.to(_compute_dtype(e.dtype))
+
+    def logit_grad(e_rows, c_chunk, b_chunk, v0, v1, rows):
+        return _logit_grad(e_rows, c_chunk, b_chunk, v0, vocab, softcap, label_smoothing, lse[rows],
+                           coef_loss[rows], coef_p[rows], safe_targets[rows])
+
+    return chunked_gradients(e, c, bias, logit_grad, needs_e, needs_c, needs_bias)
+
+
+def chunked_gradients(e: Tensor, c: Tensor, bias: Tensor | None, logit_grad, needs_e: bool, needs_c: bool,
+                      needs_bias: bool) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    """dE = G @ C, dC = G^T @ E, dbias = sum_n G (None where not needed) for a logits' gradient G
+    formed block by block: ``logit_grad(e_rows, c_chunk, b_chunk, v0, v1, rows)`` returns the block
+    of G for the tokens ``rows`` (a slice) and the vocabulary [v0, v1), with e_rows and c_chunk
+    already in the compute dtype. The gradients are contiguous, in the dtypes of e, c and bias."""
     num_tokens, vocab = e.shape[0], c.shape[0]
     acc = dict(dtype=_compute_dtype(e.dtype), device=e.device)
-    coef_loss, coef_p, safe_targets = _token_coefficients(targets, grad_loss, grad_lse, ignore_index, vocab,
-                                                          acc["dtype"])
-    lse = lse.to(acc["dtype"])
-
     # The vocabulary is the outer loop so that each chunk of dC is finished before the next starts:
     # the accumulators are one vocab chunk of dC plus dE (N x D), never V x D.
     de = torch.zeros(e.shape, **acc) if needs_e else None
@@ -201,17 +215,14 @@ def chunked_backward(
     # strides of a transposed c, e.g. W.t() of a weight stored (D, V)).
     dc = c.new_empty(c.shape) if needs_c else None
     dbias = bias.new_empty(bias.shape) if needs_bias else None
-    vocab_step = _vocab_chunk(min(num_tokens, TOKEN_CHUNK), vocab)
-    for v0, v1 in _chunks(vocab, vocab_step):
+    for v0, v1 in _chunks(vocab, _vocab_chunk(min(num_tokens, TOKEN_CHUNK), vocab)):
         c_chunk = c[v0:v1].to(acc["dtype"])
         b_chunk = None if bias is None else bias[v0:v1]
         dc_chunk = torch.zeros(v1 - v0, c.shape[1], **acc) if needs_c else None
         db_chunk = torch.zeros(v1 - v0, **acc) if needs_bias else None
         for n0, n1 in _chunks(num_tokens, TOKEN_CHUNK):
-            rows = slice(n0, n1)
-            e_rows = e[rows].to(acc["dtype"])
-            g = _logit_grad(e_rows, c_chunk, b_chunk, v0, vocab, softcap, label_smoothing, lse[rows],
-                            coef_loss[rows], coef_p[rows], safe_targets[rows])
+            e_rows = e[n0:n1].to(acc["dtype"])
+            g = logit_grad(e_rows, c_chunk, b_chunk, v0, v1, slice(n0, n1))
             if needs_e:
                 de[n0:n1] += g @ c_chunk
             if needs_c:

@@ -36,7 +36,7 @@ import torch
 from torch import Tensor
 
 from . import ops
-from .reference import TOKEN_CHUNK, _chunks, _compute_dtype, _logits, _vocab_chunk
+from .reference import TOKEN_CHUNK, _chunks, _compute_dtype, _logits, _vocab_chunk, chunked_gradients
 
 
 
@@ -215,54 +215,37 @@ def chunked_stats_backward(
 ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
     """Gradients of sum(g_lp * logprob + g_H * entropy + g_lse * lse) w.r.t. e, c, bias (None where
     not needed; a missing upstream gradient counts as 0), from the forward's lse and entropy; the
-    vocabulary is the outer loop, as in ``reference.chunked_backward``. Contiguous, in the inputs'
+    vocabulary is the outer loop (``reference.chunked_gradients``). Contiguous, in the inputs'
     dtypes."""
-    num_tokens, vocab = e.shape[0], c.shape[0]
-    acc = dict(dtype=_compute_dtype(e.dtype), device=e.device)
-    lse = lse.to(acc["dtype"])
+    vocab = c.shape[0]
+    dtype = _compute_dtype(e.dtype)
+    lse = lse.to(dtype)
     g_lp, a, g_h, h, safe = _stat_coefficients(targets, lse, entropy, grad_logprob, grad_entropy, grad_lse,
-                                               ignore_index, vocab, acc["dtype"])
+                                               ignore_index, vocab, dtype)
     with_entropy = grad_entropy is not None
-    de = torch.zeros(e.shape, **acc) if needs_e else None
-    dc = c.new_empty(c.shape) if needs_c else None
-    dbias = bias.new_empty(bias.shape) if needs_bias else None
-    for v0, v1 in _chunks(vocab, _vocab_chunk(min(num_tokens, TOKEN_CHUNK), vocab)):
-        c_chunk = c[v0:v1].to(acc["dtype"])
-        b_chunk = None if bias is None else bias[v0:v1]
-        dc_chunk = torch.zeros(v1 - v0, c.shape[1], **acc) if needs_c else None
-        db_chunk = torch.zeros(v1 - v0, **acc) if needs_bias else None
-        for n0, n1 in _chunks(num_tokens, TOKEN_CHUNK):
-            e_rows = e[n0:n1].to(acc["dtype"])
-            z, dcap = _logits(e_rows, c_chunk, b_chunk, softcap)
-            if inv_temp != 1.0:
-                z.mul_(inv_temp)
-            lse_r = lse[n0:n1, None]
-            gap = z.neg_().add_(lse_r)  # lse - z >= 0, in place
-            g = torch.exp(-gap)  # p
-            if with_entropy:
-                g.mul_(a[n0:n1, None] + g_h[n0:n1, None] * (gap - h[n0:n1, None]))
-            else:
-                g.mul_(a[n0:n1, None])
-            if safe is not None:
-                t = safe[n0:n1]
-                in_chunk = (t >= v0) & (t < v1)
-                onehot = torch.where(in_chunk, g_lp[n0:n1], torch.zeros_like(g_lp[n0:n1]))
-                g.scatter_add_(1, (t - v0).clamp(0, v1 - v0 - 1)[:, None], onehot[:, None])
-            if inv_temp != 1.0:
-                g.mul_(inv_temp)
-            if softcap:
-                g.mul_(dcap)
-            if needs_e:
-                de[n0:n1] += g @ c_chunk
-            if needs_c:
-                dc_chunk += g.T @ e_rows
-            if needs_bias:
-                db_chunk += g.sum(0)
-        if needs_c:
-            dc[v0:v1] = dc_chunk
-        if needs_bias:
-            dbias[v0:v1] = db_chunk
-    return (de.to(e.dtype) if needs_e else None), dc, dbias
+
+    def logit_grad(e_rows, c_chunk, b_chunk, v0, v1, rows):
+        z, dcap = _logits(e_rows, c_chunk, b_chunk, softcap)
+        if inv_temp != 1.0:
+            z.mul_(inv_temp)
+        gap = z.neg_().add_(lse[rows, None])  # lse - z >= 0, in place
+        g = torch.exp(-gap)  # p
+        if with_entropy:
+            g.mul_(a[rows, None] + g_h[rows, None] * (gap - h[rows, None]))
+        else:
+            g.mul_(a[rows, None])
+        if safe is not None:
+            t = safe[rows]
+            in_chunk = (t >= v0) & (t < v1)
+            onehot = torch.where(in_chunk, g_lp[rows], torch.zeros_like(g_lp[rows]))
+            g.scatter_add_(1, (t - v0).clamp(0, v1 - v0 - 1)[:, None], onehot[:, None])
+        if inv_temp != 1.0:
+            g.mul_(inv_temp)
+        if softcap:
+            g.mul_(dcap)
+        return g
+
+    return chunked_gradients(e, c, bias, logit_grad, needs_e, needs_c, needs_bias)
 
 
 # ----------------------------------------------------------------------------- custom ops
