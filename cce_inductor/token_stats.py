@@ -588,7 +588,7 @@ def linear_token_stats(
         logprob, entropy, argmax, lse: which fields to compute; at least one.
         impl: "triton", "torch" (chunked pure torch) or "auto" (Triton for CUDA tensors).
         max_workspace_bytes: where a gradient is to be formed (Triton path, bfloat16 or float32):
-            ``"auto"`` (the backend's default) keeps the logits of a quarter of the tokens (at
+            ``"auto"`` (the backend's default) keeps the logits of half of the tokens (at
             most 1/32 of the GPU's memory) from the forward for the backward, which then recomputes
             only the rest, through a buffer of the same size (cuBLAS logits and a row kernel:
             ``kernels/token_stats_workspace.py``); an int keeps as many rows as fit in that many

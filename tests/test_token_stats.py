@@ -394,7 +394,7 @@ def test_rl_bench_small_runs_on_cpu(tmp_path, monkeypatch):
     data = json.loads(out.read_text())
     assert data["device"] and data["versions"]["torch"] and data["date"]
     methods = {r["method"]: r for r in data["results"]}
-    assert set(methods) == {"cce_inductor", "cce_inductor_half", "cce_inductor_exact", "torch.compile"}
+    assert set(methods) == {"cce_inductor", "cce_inductor_quarter", "cce_inductor_exact", "torch.compile"}
     assert all(r["status"] == "ok" and r["fwdbwd_ms"] > 0 for r in methods.values())
     # the two methods compute the same loss and gradients
     assert methods["cce_inductor"]["max_rel_err_vs_torch"] < 1e-4

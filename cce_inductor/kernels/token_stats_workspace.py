@@ -7,7 +7,7 @@ are known only in the backward, so unlike cross-entropy's workspace path (``work
 gradients cannot be formed in the forward; a recompute of the logits stays. What this path saves is
 part of that recompute, and the Triton recompute's small buffer (``token_stats.py``'s backward):
 
-Forward, the first K tokens (``kept_rows``: a quarter of them under "auto", within 1/32 of the
+Forward, the first K tokens (``kept_rows``: half of them under "auto", within 1/32 of the
 device's memory; under a budget in bytes as many as fit, at most half; see ``kept_rows``):
   1. Z = E[:K] @ C^T (+ bias)                         cuBLAS, in the input dtype      # [K, V]
      -- returned by the op and kept by autograd for the backward;
@@ -32,7 +32,7 @@ Cost (counting): forward (K/N) T by cuBLAS plus one read of Z, and (1 - K/N) T f
 Memory: Z (K rows) from forward to backward, W (K rows) during the backward, O(N + V) floats.
 Memory held: Z lives as long as the outputs' autograd graph, whether or not a backward runs (compute
 statistics that are not differentiated under ``torch.no_grad()``: then nothing is kept).
-Limits: dC's 16-bit running sum is rounded once per chunk (about four chunks under "auto", more
+Limits: dC's 16-bit running sum is rounded once per chunk (two chunks under "auto", more
 where the device share binds); the logits of the first K rows are rounded to the input dtype before
 the softmax (as a plain bf16 torch computation; float32 inputs go through cuBLAS with torch's TF32
 setting); the arg-max compares the logits as eager does (capped and scaled, rounded to a 16-bit
@@ -53,18 +53,21 @@ from .workspace import (
     row_launch,
 )
 
-# Of the tokens, the share whose logits the forward keeps under "auto" (a quarter of the logits' bytes,
-# as cross-entropy's workspace) and the most it keeps under any budget (half: never all the logits).
-KEPT_SHARE_AUTO = 4
+# Of the tokens, the most whose logits the forward keeps under any budget (half: never all the logits),
+# and the share "auto" keeps: also half. The path costs about 3 T + (1 - K/N) T plus its row passes,
+# and torch.compile of the plain loss about 4 T, so "auto" must keep enough to beat it: at a Qwen-like
+# head K = N/4 ran slower than torch.compile, K = N/2 faster, in a fraction of its memory
+# (docs/RESULTS.md, "Per-token log-probs and entropy").
 KEPT_SHARE_MAX = 2
+KEPT_SHARE_AUTO = KEPT_SHARE_MAX
 # A budget (or a device share) of fewer rows keeps none: each chunk rounds dC's running sum once more
-# (16-bit) and small GEMMs are slow; the fused recompute is then the better path. A quarter of few
-# tokens is still kept (at most four chunks).
+# (16-bit) and small GEMMs are slow; the fused recompute is then the better path. Half of few tokens
+# is still kept (two chunks).
 MIN_BUDGET_ROWS = 128
 
 
 def kept_rows(num_tokens, vocab: int, element_size: int, max_workspace_bytes: int, device_memory: int | None):
-    """K, the tokens whose logits the forward keeps: ``max_workspace_bytes`` -1 ("auto"): a quarter
+    """K, the tokens whose logits the forward keeps: ``max_workspace_bytes`` -1 ("auto"): half
     of the tokens, at most 1/AUTO_DEVICE_SHARE of ``device_memory`` (as cross-entropy's "auto"; None:
     no device limit); > 0: as many rows as fit in that many bytes (no device share), at most half the
     tokens; 0: none; and none where the budget or the device share holds fewer than MIN_BUDGET_ROWS. ``num_tokens`` may be a SymInt (the op's

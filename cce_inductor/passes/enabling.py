@@ -112,7 +112,7 @@ def enable(**options) -> Enabled:
         filter_dc: the op's ``filter_dc=`` (with exact=False: dC filtered too, recompute skipped).
         impl: the op's ``impl=`` ("auto", "triton", "torch").
         max_workspace_bytes: the op's ``max_workspace_bytes=`` ("auto", the default: a bounded logits
-            workspace sized per call, and at statistics sites a quarter of the tokens' logits kept
+            workspace sized per call, and at statistics sites half of the tokens' logits kept
             for the backward; 0: the minimum memory, O(N + V)).
     """
     graph_pass = CCEGraphPass(Options.from_kwargs(**options))

@@ -35,7 +35,7 @@ class Options:
             with exact=True on the Triton path for a reduced loss. ``0`` (or None): the minimum
             memory, O(N + V): the exact recompute. A positive int: at most that many bytes. At a
             per-token statistics site (``linear_token_stats``) it sets how many tokens' logits the
-            forward keeps for the backward ("auto": a quarter of them, at most 1/32 of the device's
+            forward keeps for the backward ("auto": half of them, at most 1/32 of the device's
             memory).
     """
 
