@@ -188,10 +188,9 @@ def chunked_backward(
     dz = (grad_loss + grad_lse) * p - grad_loss * ((1 - ls) * onehot(y) + ls / V),
     times sech^2(u / cap) under a softcap; dE = dz @ C, dC = dz^T @ E, dbias = sum_n dz.
     The gradients are contiguous, in the dtypes of e, c and bias."""
-    vocab = c.shape[0]
-    coef_loss, coef_p, safe_targets = _token_coefficients(targets, grad_loss, grad_lse, ignore_index, vocab,
-                                                          _compute_dtype(e.dtype))
-    lse = lse.to(_compute_dtype(e.dtype))
+    vocab, dtype = c.shape[0], _compute_dtype(e.dtype)
+    coef_loss, coef_p, safe_targets = _token_coefficients(targets, grad_loss, grad_lse, ignore_index, vocab, dtype)
+    lse = lse.to(dtype)
 
     def logit_grad(e_rows, c_chunk, b_chunk, v0, v1, rows):
         return _logit_grad(e_rows, c_chunk, b_chunk, v0, vocab, softcap, label_smoothing, lse[rows],
